@@ -1,0 +1,60 @@
+"""What the engine tells its subscribers (the headless progress view, the TUI).
+
+Subscribers receive these synchronously on the engine's task; they must not
+block. The TUI forwards them as Textual messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from loopterm.core.records import IterationRecord
+
+
+class RunStarted(BaseModel):
+    kind: Literal["run_started"] = "run_started"
+    run_id: str
+    loop: str
+    model: str
+    max_iterations: int
+    resumed_from: int = 0
+
+
+class IterationStarted(BaseModel):
+    kind: Literal["iteration_started"] = "iteration_started"
+    run_id: str
+    n: int
+
+
+class ModelRetry(BaseModel):
+    kind: Literal["model_retry"] = "model_retry"
+    run_id: str
+    n: int
+    attempt: int
+    error: str
+    delay_s: float
+
+
+class IterationCommitted(BaseModel):
+    kind: Literal["iteration_committed"] = "iteration_committed"
+    record: IterationRecord
+
+
+class Escalated(BaseModel):
+    kind: Literal["escalated"] = "escalated"
+    run_id: str
+    n: int
+    packet: dict[str, Any]
+
+
+class RunFinished(BaseModel):
+    kind: Literal["run_finished"] = "run_finished"
+    run_id: str
+    status: str
+    reason: str
+    message: str
+
+
+EngineEvent = RunStarted | IterationStarted | ModelRetry | IterationCommitted | Escalated | RunFinished

@@ -1,0 +1,99 @@
+"""A loop definition: what a user writes in a short Python file.
+
+    loop = Loop(name="fixit", goal="...", state=MyState, tools=[write_file],
+                gates=[CommandGate(name="tests", argv=["{python}", "-m", "pytest", "-q"])],
+                invariants=[...], model="openai/gpt-4o-mini")
+
+Validated by pydantic so a malformed definition is one clear error, not a
+traceback halfway through a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loopterm.core.budget import Budget
+from loopterm.core.gates import CommandGate, GateResult
+from loopterm.core.invariants import Invariant
+from loopterm.core.state import LoopState
+from loopterm.core.tools import Tool
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the decision step of a supervised loop. Each turn you see the task, "
+    "the invariants you must keep, your working memory and the result of the last "
+    "verification. Choose exactly one next action from the tools listed."
+)
+
+
+class Loop(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    goal: str = Field(min_length=1)
+    state: type[LoopState] = LoopState
+    tools: list[Tool] = Field(default_factory=list)
+    gates: list[CommandGate] = Field(default_factory=list)
+    invariants: list[Invariant] = Field(default_factory=list)
+    model: str = ""  # litellm model string; default "scripted/<name>" when a script is given
+    script: Path | None = None  # scripted replies for the offline `scripted/<name>` model
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_iterations: int = Field(default=10, ge=1)
+    budget: Budget = Field(default_factory=Budget)
+    prompt_token_budget: int = Field(default=6_000, ge=256)  # the prompt is pruned to fit this
+    max_output_tokens: int = Field(default=1_024, ge=16)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    stall_window: int = Field(default=3, ge=2)  # k identical actions / subgoals / outcomes in a row
+    max_repairs: int = Field(default=2, ge=0)  # repair attempts for an invalid reply
+    workspace_files: Path | None = None  # copied into each run's workspace before it starts
+    converged: Callable[[LoopState, list[GateResult]], bool] | None = None
+    initial_state: Callable[[], LoopState] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[Tool]) -> list[Tool]:
+        names = [t.name for t in tools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes)}")
+        return tools
+
+    @model_validator(mode="after")
+    def _default_model(self) -> "Loop":
+        if not self.model:
+            if self.script is None:
+                raise ValueError("set `model` (a litellm model string) or give a `script` for the offline model")
+            self.model = f"scripted/{self.name}"
+        return self
+
+    def tool(self, name: str) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+    def new_state(self) -> LoopState:
+        state = self.initial_state() if self.initial_state else self.state()
+        state.task = self.goal
+        state.schema_version = self.state.VERSION
+        return state
+
+    def is_converged(self, state: LoopState, gates: list[GateResult]) -> bool:
+        """Gates decide, never the model's claim: by default every gate ran and passed."""
+        if self.converged is not None:
+            return bool(self.converged(state, gates))
+        return bool(gates) and len(gates) == len(self.gates) and all(g.passed for g in gates)
+
+    def spec_hash(self) -> str:
+        """Identifies the immutable task spec: goal, tools, gates, invariants by name."""
+        spec: dict[str, Any] = {
+            "name": self.name,
+            "goal": self.goal,
+            "state": self.state.model_json_schema(),
+            "tools": {t.name: t.schema() for t in self.tools},
+            "gates": [g.model_dump() for g in self.gates],
+            "invariants": [i.name for i in self.invariants],
+            "system_prompt": self.system_prompt,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""The journal the engine writes to. `loopterm.store.Store` implements it.
+
+Defined in core so the engine never depends on SQLite; tests may pass any
+implementation. Every method commits before returning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from loopterm.core.records import (
+    CommandRecord,
+    EventRecord,
+    Intent,
+    IterationRecord,
+    RunRecord,
+    ToolCallRecord,
+)
+
+
+class Journal(Protocol):
+    def create_run(self, run: RunRecord) -> None: ...
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def update_run(self, run_id: str, **fields: Any) -> None: ...
+
+    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any]) -> None:
+        """Atomically: insert the iteration, update the run's totals, drop the intent for it."""
+        ...
+
+    def get_iteration(self, run_id: str, n: int) -> IterationRecord | None: ...
+
+    def last_iterations(self, run_id: str, k: int) -> list[IterationRecord]:
+        """The last k committed iterations, oldest first."""
+        ...
+
+    def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> EventRecord: ...
+
+    def save_intent(self, intent: Intent) -> None: ...
+
+    def load_intent(self, run_id: str, n: int) -> Intent | None: ...
+
+    def tool_call(self, key: str) -> ToolCallRecord | None: ...
+
+    def tool_call_started(self, record: ToolCallRecord) -> None: ...
+
+    def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float) -> None: ...
+
+    def pending_commands(self, run_id: str) -> list[CommandRecord]: ...
+
+    def consume_command(self, command_id: int) -> None: ...

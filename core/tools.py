@@ -1,0 +1,165 @@
+"""Tools with typed arguments, and the executor that runs them exactly once.
+
+The executor keys every call (run, iteration, tool, arguments) and journals it
+before and after running it. On resume a finished call is answered from the
+journal; a side-effecting call that was interrupted mid-flight is never run a
+second time unless the tool declared itself idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from loopterm.core.persistence import Journal
+from loopterm.core.records import ToolCallRecord
+from loopterm.core.state import ToolRecord
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about where it runs."""
+
+    run_id: str
+    iteration: int
+    workspace: Path
+    idempotency_key: str = ""
+
+
+@dataclass
+class Tool:
+    name: str
+    fn: Callable[..., Any]
+    description: str
+    args_model: type[BaseModel]
+    wants_context: bool
+    side_effects: bool = False
+    idempotent: bool = True  # safe to run again if interrupted mid-flight
+    timeout: float = 30.0
+    output_cap: int = 16_000
+    needs_approval: bool = False
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema of the arguments, shown to the model."""
+        return self.args_model.model_json_schema()
+
+    def validate_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Raise ValueError with a readable reason when args do not fit the signature."""
+        try:
+            return self.args_model.model_validate(args).model_dump()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(args)'}: {err['msg']}" for err in exc.errors()[:5]
+            )
+            raise ValueError(f"invalid arguments for tool {self.name!r}: {problems}") from None
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    side_effects: bool = False,
+    idempotent: bool | None = None,
+    timeout: float = 30.0,
+    output_cap: int = 16_000,
+    needs_approval: bool = False,
+) -> Any:
+    """Declare a tool. Its typed parameters (after an optional `ctx: ToolContext`) are its arguments."""
+
+    def wrap(f: Callable[..., Any]) -> Tool:
+        sig = inspect.signature(f)
+        params = list(sig.parameters.values())
+        wants_context = bool(params) and (params[0].name == "ctx" or params[0].annotation in (ToolContext, "ToolContext"))
+        fields: dict[str, Any] = {}
+        hints = inspect.get_annotations(f, eval_str=True)
+        for p in params[1:] if wants_context else params:
+            annotation = hints.get(p.name, Any)
+            default = ... if p.default is inspect.Parameter.empty else p.default
+            fields[p.name] = (annotation, default)
+        model = create_model(f"{f.__name__}_args", __config__=ConfigDict(extra="forbid"), **fields)
+        doc = inspect.getdoc(f) or ""
+        return Tool(
+            name=name or f.__name__,
+            fn=f,
+            description=doc.splitlines()[0] if doc else "",
+            args_model=model,
+            wants_context=wants_context,
+            side_effects=side_effects,
+            idempotent=(not side_effects) if idempotent is None else idempotent,
+            timeout=timeout,
+            output_cap=output_cap,
+            needs_approval=needs_approval,
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def idempotency_key(run_id: str, iteration: int, tool_name: str, args: dict[str, Any]) -> str:
+    payload = json.dumps({"run": run_id, "n": iteration, "tool": tool_name, "args": args}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+class InterruptedSideEffect(Exception):
+    """A side-effecting call started before a crash and never finished: a person must decide."""
+
+    def __init__(self, record: ToolCallRecord) -> None:
+        super().__init__(
+            f"tool {record.tool!r} (iteration {record.iteration}) was interrupted mid-call and has side effects; "
+            "it may or may not have taken effect"
+        )
+        self.record = record
+
+
+def cap_text(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
+
+
+@dataclass
+class ToolExecutor:
+    journal: Journal
+    run_id: str
+    clock: Callable[[], float] = field(default=time.time)
+
+    async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path) -> tuple[ToolRecord, str]:
+        """Run (or recall) one call; returns the record and its idempotency key."""
+        key = idempotency_key(self.run_id, iteration, tool.name, args)
+        known = self.journal.tool_call(key)
+        if known is not None and known.status == "done" and known.result is not None:
+            return ToolRecord.model_validate({**known.result, "reused": True}), key
+        if known is not None and known.status == "started" and not tool.idempotent:
+            raise InterruptedSideEffect(known)
+        self.journal.tool_call_started(
+            ToolCallRecord(
+                key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=args,
+                status="started", started_at=self.clock(),
+            )
+        )
+        record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key))
+        self.journal.tool_call_finished(key, record.model_dump(), self.clock())
+        return record, key
+
+    async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext) -> ToolRecord:
+        call_args = (ctx,) if tool.wants_context else ()
+        base = {"iteration": ctx.iteration, "tool": tool.name, "args": args}
+        try:
+            if inspect.iscoroutinefunction(tool.fn):
+                awaitable: Awaitable[Any] = tool.fn(*call_args, **args)
+            else:
+                awaitable = asyncio.to_thread(tool.fn, *call_args, **args)
+            output = await asyncio.wait_for(awaitable, timeout=tool.timeout)
+        except asyncio.TimeoutError:
+            return ToolRecord(**base, ok=False, error=f"timed out after {tool.timeout:g}s")
+        except Exception as exc:  # a tool's failure is information for the next iteration
+            return ToolRecord(**base, ok=False, error=cap_text(f"{exc.__class__.__name__}: {exc}", tool.output_cap))
+        text = output if isinstance(output, str) else json.dumps(output, default=str)
+        return ToolRecord(**base, ok=True, output=cap_text(text, tool.output_cap))
