@@ -27,10 +27,26 @@ class ConfigError(LooptermError):
 class ModelError(LooptermError):
     """A model call that failed, already classified."""
 
-    def __init__(self, message: str, kind: ErrorKind, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        kind: ErrorKind,
+        status: int | None = None,
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
+        calls: int = 0,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
+        # A finer reason the engine can act on: "context_window" (the prompt is too long,
+        # shrink it), "circuit_open" (the provider was not called), "bad_reply", "exhausted".
+        self.code = code
+        # Seconds the caller should wait before trying again, when known (Retry-After, breaker).
+        self.retry_after = retry_after
+        # Provider calls made before giving up (retries included), so call counters stay right.
+        self.calls = calls
 
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})

@@ -79,11 +79,9 @@ def tool(
         params = list(sig.parameters.values())
         wants_context = bool(params) and (params[0].name == "ctx" or params[0].annotation in (ToolContext, "ToolContext"))
         fields: dict[str, Any] = {}
-        hints = inspect.get_annotations(f, eval_str=True)
         for p in params[1:] if wants_context else params:
-            annotation = hints.get(p.name, Any)
             default = ... if p.default is inspect.Parameter.empty else p.default
-            fields[p.name] = (annotation, default)
+            fields[p.name] = (_resolve(f, p), default)
         model = create_model(f"{f.__name__}_args", __config__=ConfigDict(extra="forbid"), **fields)
         doc = inspect.getdoc(f) or ""
         return Tool(
@@ -100,6 +98,19 @@ def tool(
         )
 
     return wrap(fn) if fn is not None else wrap
+
+
+def _resolve(f: Callable[..., Any], p: inspect.Parameter) -> Any:
+    """One parameter's annotation; only argument annotations are evaluated, never ctx's."""
+    annotation = p.annotation
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if isinstance(annotation, str):
+        try:
+            return eval(annotation, getattr(f, "__globals__", {}))  # noqa: S307 - the tool author's own annotation
+        except Exception as exc:
+            raise TypeError(f"tool {f.__name__!r}: cannot resolve the annotation of {p.name!r} ({annotation}): {exc}") from None
+    return annotation
 
 
 def idempotency_key(run_id: str, iteration: int, tool_name: str, args: dict[str, Any]) -> str:

@@ -1,0 +1,480 @@
+"""The engine: observe -> decide -> act -> verify -> (iterate | terminate | escalate).
+
+One `Engine` drives one run. Every iteration is committed to the journal before
+the next starts; a model reply is journalled (as an intent) before its tool
+runs, so a resume after a crash neither pays for the reply again nor re-fires
+the tool. Subscribers (headless progress, the TUI) get events; they never own
+state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from loopterm.core.budget import Spend, over_budget
+from loopterm.core.decision import Decision, DecisionError, parse_decision
+from loopterm.core.errors import ErrorKind, ModelError
+from loopterm.core.events import (
+    EngineEvent,
+    Escalated,
+    IterationCommitted,
+    IterationStarted,
+    ModelRetry,
+    RunFinished,
+    RunStarted,
+)
+from loopterm.core.gates import GateResult
+from loopterm.core.invariants import Invariant, Remediation
+from loopterm.core.loop import Loop
+from loopterm.core.persistence import Journal
+from loopterm.core.prompt import build_messages, read_rules, repair_messages
+from loopterm.core.records import Intent, IterationRecord, RunRecord
+from loopterm.core.state import LoopState, ToolRecord
+from loopterm.core.termination import Status, TerminationReason, status_for
+from loopterm.core.tools import InterruptedSideEffect, ToolExecutor
+
+Subscriber = Callable[[EngineEvent], None]
+
+MAX_FACTS = 12
+
+
+class _Stop(Exception):
+    """Ends the run from deep inside an iteration, with a reason and one human line."""
+
+    def __init__(self, reason: TerminationReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class _Outcome:
+    """What one iteration looked like, for stall detection."""
+
+    action: str
+    subgoal: str
+    verdict: str | None  # a digest of the gate results; None when no gate ran
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _outcome(record: IterationRecord) -> _Outcome:
+    decision = record.decision or {}
+    action = decision.get("action") or {}
+    verdict = None
+    if record.gate_results:
+        gates = [(g["name"], g["passed"], g.get("exit_code"), (g.get("stderr") or "")[-500:], (g.get("stdout") or "")[-500:])
+                 for g in record.gate_results]
+        verdict = hashlib.sha256(json.dumps(gates).encode()).hexdigest()
+    return _Outcome(
+        action=(action.get("tool") or "(none)") + json.dumps(action.get("args") or {}, sort_keys=True, default=str),
+        subgoal=str(decision.get("subgoal", "")),
+        verdict=verdict,
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        loop: Loop,
+        journal: Journal,
+        run: RunRecord,
+        *,
+        client: Any = None,
+        subscribers: list[Subscriber] | None = None,
+        workdir: Path | None = None,
+        relaxed: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.loop = loop
+        self.journal = journal
+        self.run_record = run
+        self.run_id = run.id
+        self.workspace = Path(run.workspace)
+        self.subscribers = list(subscribers or [])
+        self.workdir = workdir or Path.cwd()
+        self.relaxed = dict(relaxed or {})
+        self.clock = clock
+        self.max_iterations = run.max_iterations
+        self.budget = loop.budget.model_validate(run.budget) if run.budget else loop.budget
+        self.temperature = loop.temperature
+        self.strategy_note: str | None = None
+        self._client = client
+        self._stop_requested: str | None = None
+        self.executor = ToolExecutor(journal, run.id, clock=clock)
+        self.spend = Spend(
+            tokens_in=run.tokens_in, tokens_out=run.tokens_out, cost_usd=run.cost_usd, elapsed_s=run.elapsed_s
+        )
+        recent = journal.last_iterations(run.id, loop.stall_window)
+        self.recent: deque[_Outcome] = deque((_outcome(r) for r in recent), maxlen=loop.stall_window)
+        self.confidences: deque[float] = deque(
+            (float((r.decision or {}).get("confidence", 0.0)) for r in recent), maxlen=10
+        )
+        self.state = self._load_state(recent[-1] if recent else None)
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(
+        cls,
+        loop: Loop,
+        journal: Journal,
+        *,
+        loop_ref: str,
+        model: str | None = None,
+        max_iterations: int | None = None,
+        budget: dict[str, Any] | None = None,
+        workspace_root: Path | None = None,
+        **kwargs: Any,
+    ) -> "Engine":
+        """Record a new run (status created) and prepare its workspace."""
+        run_id = new_run_id()
+        root = workspace_root or Path.cwd() / ".loopterm" / "workspaces"
+        workspace = (root / run_id).resolve()
+        workspace.mkdir(parents=True, exist_ok=True)
+        if loop.workspace_files is not None:
+            shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+        merged_budget = {**loop.budget.model_dump(), **(budget or {})}
+        now = time.time()
+        run = RunRecord(
+            id=run_id,
+            loop=loop.name,
+            loop_ref=loop_ref,
+            goal=loop.goal,
+            spec_hash=loop.spec_hash(),
+            model=model or loop.model,
+            status=Status.CREATED.value,
+            workspace=str(workspace),
+            created_at=now,
+            updated_at=now,
+            max_iterations=max_iterations or loop.max_iterations,
+            budget=merged_budget,
+        )
+        journal.create_run(run)
+        journal.append_event(run_id, "run_created", {"loop_ref": loop_ref, "model": run.model, "budget": merged_budget})
+        return cls(loop, journal, run, **kwargs)
+
+    def _load_state(self, last: IterationRecord | None) -> LoopState:
+        if last is None:
+            return self.loop.new_state()
+        return self.loop.state.model_validate(last.state)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from loopterm.core.model import ModelClient  # lazy: litellm loads only when a run starts
+
+            self._client = ModelClient(
+                self.run_record.model,
+                temperature=self.temperature,
+                max_tokens=self.loop.max_output_tokens,
+                on_retry=self._on_retry,
+            )
+        return self._client
+
+    # ------------------------------------------------------------------ control
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.append(subscriber)
+
+    def request_stop(self, reason: str = "stopped by a person") -> None:
+        """Stop at the next iteration boundary (the iteration in flight completes)."""
+        self._stop_requested = reason
+
+    def _emit(self, event: EngineEvent) -> None:
+        for sub in self.subscribers:
+            sub(event)
+
+    def _on_retry(self, attempt: int, error: ModelError, delay: float) -> None:
+        n = self.state.iteration + 1
+        self.journal.append_event(
+            self.run_id, "model_retry", {"attempt": attempt, "error": str(error), "delay_s": round(delay, 3)}, n
+        )
+        self._emit(ModelRetry(run_id=self.run_id, n=n, attempt=attempt, error=str(error), delay_s=delay))
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> RunRecord:
+        """Iterate until a termination reason; returns the final run record."""
+        resumed_from = self.state.iteration
+        self.journal.update_run(self.run_id, status=Status.RUNNING.value, updated_at=self.clock(), message=None)
+        self.journal.append_event(
+            self.run_id, "run_resumed" if resumed_from else "run_started", {"from_iteration": resumed_from}
+        )
+        self._emit(
+            RunStarted(
+                run_id=self.run_id, loop=self.loop.name, model=self.run_record.model,
+                max_iterations=self.max_iterations, resumed_from=resumed_from,
+            )
+        )
+        self._session_start = time.monotonic()
+        self._elapsed_base = self.spend.elapsed_s
+        try:
+            while True:
+                self._tick()
+                self._check_boundary()
+                await self._iteration(self.state.iteration + 1)
+        except _Stop as stop:
+            return self._finish(stop.reason, stop.message)
+        except ModelError as exc:
+            return self._finish(TerminationReason.FATAL_ERROR, str(exc))
+        except InterruptedSideEffect as exc:
+            return self._finish(TerminationReason.WAITING, f"{exc}; a person must decide before it resumes")
+        except asyncio.CancelledError:
+            self._finish(TerminationReason.STOPPED, "interrupted; `loopterm resume` continues it")
+            raise
+
+    def _tick(self) -> None:
+        self.spend.elapsed_s = self._elapsed_base + (time.monotonic() - self._session_start)
+
+    def _check_boundary(self) -> None:
+        """Everything that can end the run between iterations, before any spend."""
+        for command in self.journal.pending_commands(self.run_id):
+            self.journal.consume_command(command.id or 0)
+            if command.kind == "stop":
+                self._stop_requested = str(command.payload.get("reason") or "stopped by a person")
+        if self._stop_requested:
+            raise _Stop(TerminationReason.STOPPED, self._stop_requested)
+        if self.state.iteration >= self.max_iterations:
+            raise _Stop(TerminationReason.MAX_ITERATIONS, f"reached the maximum of {self.max_iterations} iterations")
+        reason = over_budget(self.budget, self.spend)
+        if reason:
+            raise _Stop(TerminationReason(reason), self._budget_message(reason))
+        stalled = self._stalled()
+        if stalled:
+            raise _Stop(TerminationReason.STALLED, stalled)
+
+    def _stalled(self) -> str | None:
+        k = self.loop.stall_window
+        if len(self.recent) < k:
+            return None
+        last = list(self.recent)
+        if len({o.action for o in last}) == 1:
+            return f"stalled: the same action was chosen {k} times in a row"
+        if len({o.subgoal for o in last}) == 1 and last[0].subgoal:
+            return f"stalled: the same subgoal was pursued {k} times in a row"
+        if last[0].verdict is not None and len({o.verdict for o in last}) == 1:
+            return f"stalled: no progress (identical verification results) in {k} iterations"
+        return None
+
+    def _budget_message(self, reason: str, projected: tuple[int, float] | None = None) -> str:
+        b, s = self.budget, self.spend
+        extra = f" (next call projected at {projected[0]} tokens, ${projected[1]:.6f})" if projected else ""
+        if reason == "budget_tokens":
+            return f"token budget reached: {s.tokens} of {b.tokens} used{extra}"
+        if reason == "budget_usd":
+            return f"cost budget reached: ${s.cost_usd:.6f} of ${b.usd} used{extra}"
+        return f"wall-time budget reached: {s.elapsed_s:.1f}s of {b.wall_seconds}s"
+
+    async def _iteration(self, n: int) -> None:
+        self._emit(IterationStarted(run_id=self.run_id, n=n))
+        started = self.clock()
+        intent = self.journal.load_intent(self.run_id, n)
+        if intent is None:
+            intent = await self._decide(n, started)
+            self.journal.save_intent(intent)
+        else:
+            self.journal.append_event(self.run_id, "intent_reused", {"n": n}, n)
+        decision = Decision.model_validate(intent.decision)
+
+        tool_record: ToolRecord | None = None
+        tool_call: dict[str, Any] | None = None
+        if decision.action is not None:
+            tool = self.loop.tool(decision.action.tool)
+            assert tool is not None  # parse_decision checked the name
+            tool_record, key = await self.executor.execute(tool, decision.action.args, n, self.workspace)
+            tool_call = {"tool": tool.name, "args": decision.action.args, "key": key}
+
+        gates: list[GateResult] = []
+        for gate in self.loop.gates:
+            result = await gate.run(self.workspace)
+            gates.append(result)
+            if not result.passed:
+                break
+
+        state = self._next_state(n, decision, tool_record, gates)
+        status, violated = self._check_invariants(state)
+        state.invariant_status = status
+        remediations, stop = self._remediate(state, violated)
+        converged = self.loop.is_converged(state, gates) and not violated
+        if stop is None and converged:
+            stop = _Stop(TerminationReason.CONVERGED, f"converged at iteration {n}: every gate passed")
+        if stop is not None:
+            state.termination_reason = stop.reason.value
+
+        self.spend.add(intent.tokens_in, intent.tokens_out, intent.cost_usd)
+        self._tick()
+        record = IterationRecord(
+            run_id=self.run_id, n=n, started_at=intent.started_at, ended_at=self.clock(),
+            prompt=intent.prompt, raw_response=intent.raw_response, decision=intent.decision,
+            repairs=intent.repairs, tool_call=tool_call,
+            tool_result=tool_record.model_dump() if tool_record else None,
+            gate_results=[g.model_dump() for g in gates], invariant_status=status,
+            remediations=[r.value for r in remediations], tokens_in=intent.tokens_in,
+            tokens_out=intent.tokens_out, cost_usd=intent.cost_usd, latency_ms=intent.latency_ms,
+            model=intent.model, state=state.model_dump(mode="json"),
+        )
+        self.journal.commit_iteration(
+            record,
+            {
+                "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,
+                "cost_usd": self.spend.cost_usd, "elapsed_s": self.spend.elapsed_s, "updated_at": self.clock(),
+            },
+        )
+        self.state = state
+        self.recent.append(_outcome(record))
+        self.confidences.append(decision.confidence)
+        self._emit(IterationCommitted(record=record))
+        if stop is not None:
+            if stop.reason is TerminationReason.WAITING:
+                self._escalate(n, state, violated, stop.message)
+            raise stop
+
+    async def _decide(self, n: int, started: float) -> Intent:
+        """Ask the model, with a bounded repair for invalid replies; budget-checked before every call."""
+        messages = build_messages(
+            self.loop, self.state, rules=read_rules(self.workdir), relaxed=self.relaxed,
+            strategy_note=self.strategy_note, max_iterations=self.max_iterations,
+        )
+        tool_names = {t.name for t in self.loop.tools}
+        call_index, repairs = 0, 0
+        tokens_in = tokens_out = 0
+        cost = latency = 0.0
+        while True:
+            projected = self.client.estimate(messages, self.loop.max_output_tokens)
+            pending = Spend(
+                tokens_in=self.spend.tokens_in + tokens_in, tokens_out=self.spend.tokens_out + tokens_out,
+                cost_usd=self.spend.cost_usd + cost, elapsed_s=self.spend.elapsed_s,
+            )
+            reason = over_budget(self.budget, pending, projected[0], projected[1])
+            if reason:
+                self.spend = pending  # a repair that was paid for still counts
+                raise _Stop(TerminationReason(reason), self._budget_message(reason, projected))
+            if getattr(self.client, "temperature", None) is not None:
+                self.client.temperature = self.temperature
+            reply = await self.client.complete(messages, iteration=n, call_index=call_index)
+            call_index += max(1, reply.calls)
+            tokens_in += reply.tokens_in
+            tokens_out += reply.tokens_out
+            cost += reply.cost_usd
+            latency += reply.latency_ms
+            try:
+                decision = parse_decision(reply.text, tool_names)
+                if decision.action is not None:
+                    tool = self.loop.tool(decision.action.tool)
+                    assert tool is not None
+                    try:
+                        decision.action.args = tool.validate_args(decision.action.args)
+                    except ValueError as exc:
+                        raise DecisionError(str(exc)) from None
+            except DecisionError as exc:
+                self.journal.append_event(
+                    self.run_id, "invalid_reply", {"error": str(exc), "repair": repairs + 1, "reply": reply.text[:2_000]}, n
+                )
+                if repairs >= self.loop.max_repairs:
+                    self.spend.add(tokens_in, tokens_out, cost)
+                    raise _Stop(
+                        TerminationReason.FATAL_ERROR,
+                        f"the model's reply was still invalid after {repairs} repair attempt(s): {exc}",
+                    ) from None
+                repairs += 1
+                messages = repair_messages(messages, reply.text, str(exc))
+                continue
+            return Intent(
+                run_id=self.run_id, n=n, prompt=messages, raw_response=reply.text,
+                decision=decision.model_dump(mode="json"), repairs=repairs, tokens_in=tokens_in,
+                tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
+            )
+
+    def _next_state(self, n: int, decision: Decision, tool_record: ToolRecord | None, gates: list[GateResult]) -> LoopState:
+        """Fold the iteration's observations into a new state (the old one is never mutated)."""
+        state = self.state.model_copy(deep=True)
+        state.iteration = n
+        state.memory.subgoal = decision.subgoal
+        if tool_record is not None:
+            state.tool_results = [*state.tool_results, tool_record]
+        failed = next((g for g in gates if not g.passed), None)
+        state.last_gate_failure = failed.feedback() if failed else None
+        verdict = ", ".join(f"{g.name} {'passed' if g.passed else 'failed'}" for g in gates) or "no gates"
+        action = f"{tool_record.tool} {'ok' if tool_record.ok else 'error: ' + (tool_record.error or '')[:120]}" if tool_record else "no action"
+        state.memory.facts = [*state.memory.facts, f"iteration {n}: {action}; {verdict}"][-MAX_FACTS:]
+        return state
+
+    def _check_invariants(self, state: LoopState) -> tuple[dict[str, bool], list[Invariant]]:
+        status: dict[str, bool] = {}
+        violated: list[Invariant] = []
+        for inv in self.loop.invariants:
+            ok = inv.holds(state)
+            status[inv.name] = ok
+            if not ok and inv.name not in self.relaxed:
+                violated.append(inv)
+        return status, violated
+
+    def _remediate(self, state: LoopState, violated: list[Invariant]) -> tuple[list[Remediation], _Stop | None]:
+        applied: list[Remediation] = []
+        stop: _Stop | None = None
+        for inv in violated:
+            remedy = inv.remediation
+            applied.append(remedy)
+            self.journal.append_event(
+                self.run_id, "invariant_violated", {"invariant": inv.name, "remediation": remedy.value}, state.iteration
+            )
+            if remedy is Remediation.PRUNE_CONTEXT:
+                state.memory.facts = state.memory.facts[-3:]
+                state.memory.contradictions = state.memory.contradictions[-3:]
+            elif remedy is Remediation.CHANGE_STRATEGY:
+                self.temperature = min(2.0, self.temperature + 0.3)
+                self.strategy_note = f"the last approach broke invariant {inv.name!r}; take a different approach"
+            elif remedy is Remediation.CUSTOM and inv.custom is not None:
+                patched = inv.custom(state)
+                for name in type(state).model_fields:
+                    setattr(state, name, getattr(patched, name))
+            elif remedy is Remediation.ABORT and stop is None:
+                stop = _Stop(TerminationReason.FATAL_ERROR, f"invariant {inv.name!r} violated; its remediation aborts the run")
+            elif remedy is Remediation.ESCALATE and stop is None:
+                stop = _Stop(TerminationReason.WAITING, f"invariant {inv.name!r} violated; waiting on a person")
+        return applied, stop
+
+    def _escalate(self, n: int, state: LoopState, violated: list[Invariant], message: str) -> None:
+        packet = {
+            "run_id": self.run_id,
+            "iteration": n,
+            "summary": message,
+            "failing_invariants": [{"name": i.name, "description": i.description} for i in violated],
+            "confidence_trajectory": list(self.confidences),
+            "last_gate_failure": state.last_gate_failure,
+            "suggested_interventions": [
+                "add a fact to working memory",
+                "override the subgoal",
+                *[f"relax invariant {i.name!r}" for i in violated],
+                "patch state",
+                "resume",
+                "abort",
+            ],
+            "state": state.model_dump(mode="json"),
+        }
+        self.journal.append_event(self.run_id, "escalated", packet, n)
+        self._emit(Escalated(run_id=self.run_id, n=n, packet=packet))
+
+    def _finish(self, reason: TerminationReason, message: str) -> RunRecord:
+        status = status_for(reason)
+        self._tick()
+        self.journal.update_run(
+            self.run_id, status=status.value, termination_reason=reason.value, message=message,
+            updated_at=self.clock(), elapsed_s=self.spend.elapsed_s, tokens_in=self.spend.tokens_in,
+            tokens_out=self.spend.tokens_out, cost_usd=self.spend.cost_usd,
+        )
+        self.journal.append_event(self.run_id, "run_finished", {"status": status.value, "reason": reason.value, "message": message})
+        self._emit(RunFinished(run_id=self.run_id, status=status.value, reason=reason.value, message=message))
+        return self.journal.get_run(self.run_id)

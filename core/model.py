@@ -1,0 +1,369 @@
+"""Model access: every call goes through litellm, retried and classified here.
+
+litellm takes seconds to import, so it is imported lazily through ``_litellm()``
+and never at module import time. We never pass litellm's ``num_retries`` and we
+pass ``max_retries=0`` (else the OpenAI SDK under litellm retries 429/5xx twice on
+its own): our RetryPolicy retries transient failures only (408/409/429/5xx, no
+answer), behind a per-model circuit breaker. No API key is ever put in a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from loopterm.core.errors import ConfigError, ErrorKind, ModelError, classify_status
+from loopterm.core.retry import CircuitBreaker, RetryPolicy, breaker_for
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+log = logging.getLogger("loopterm.model")
+
+OnRetry = Callable[[int, ModelError, float], None]
+Sleep = Callable[[float], Awaitable[Any]]
+
+EXAMPLE_MODEL = "openai/gpt-4o-mini"
+
+# Providers whose credentials litellm can find outside the environment (cloud
+# profiles, a local server with a default address): a "missing" variable there
+# is not a reason to refuse the run; the first call says so if it is.
+_CREDENTIALS_ELSEWHERE = frozenset(
+    {"ollama", "ollama_chat", "bedrock", "bedrock_mantle", "sagemaker", "vertex_ai", "vertex_ai_beta"}
+)
+# Providers whose listed variables are alternatives, not all required.
+_ANY_OF_KEYS = frozenset({"gemini"})
+
+_MAX_MESSAGE = 300
+
+
+def _litellm() -> ModuleType:
+    """Import litellm on first use, offline-safe and quiet."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else it fetches prices over the network
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+# ----------------------------------------------------------------------------- secrets
+
+_SECRET_PATTERNS = (
+    re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"(?i)\b(api[_-]?key|x-api-key|authorization|bearer)([\"':= ]+)(bearer\s+)?[^\s\"',;]+"),
+)
+_SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Remove anything that looks like a credential, and the values of secret-named env vars."""
+    for name, value in os.environ.items():
+        if value and len(value) >= 6 and _SECRET_ENV.search(name) and value in text:
+            text = text.replace(value, "[redacted]")
+    text = _SECRET_PATTERNS[0].sub("[redacted]", text)
+    return _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}[redacted]", text)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+_PREFIX = re.compile(r"^(litellm\.)?[A-Za-z]*(Error|Exception|Timeout)\s*:\s*")
+
+
+def _describe(exc: BaseException, status: int | None) -> str:
+    """'503 OpenAIException - unavailable': status and the provider's words, no litellm noise."""
+    raw = str(getattr(exc, "message", "") or exc) or type(exc).__name__
+    raw = raw.split("\n")[0]
+    previous = None
+    while previous != raw:
+        previous, raw = raw, _PREFIX.sub("", raw, count=1)
+    raw = redact(raw.strip()) or type(exc).__name__
+    return _one_line(f"{status} {raw}" if status is not None else f"{type(exc).__name__}: {raw}")
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """A Retry-After hint in seconds from the provider's response headers, if any."""
+    headers: Any = getattr(exc, "litellm_response_headers", None)
+    if not headers:
+        response = getattr(exc, "response", None)
+        headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return float(headers.get("retry-after-ms")) / 1000.0
+        if headers.get("retry-after") is not None:
+            return float(headers.get("retry-after"))
+    except (TypeError, ValueError, AttributeError):  # an HTTP date or junk: ignore the hint
+        return None
+    return None
+
+
+def classify(exc: BaseException, model: str, litellm: ModuleType) -> ModelError:
+    """Turn anything litellm raised into a ModelError whose kind decides what happens next."""
+    if isinstance(exc, ModelError):
+        return exc
+    if isinstance(exc, litellm.ContextWindowExceededError):
+        return ModelError(
+            f"{model}: the prompt does not fit the context window: {_describe(exc, 400)}",
+            ErrorKind.PERMANENT,
+            400,
+            code="context_window",
+        )
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        status = None
+    if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)):
+        kind, code = ErrorKind.TRANSIENT, "timeout"
+    elif isinstance(exc, litellm.APIConnectionError) or (status is None and isinstance(exc, OSError)):
+        kind, code = ErrorKind.TRANSIENT, "connection"
+    elif status is None and not _is_litellm_error(exc, litellm):
+        # A bug (TypeError, KeyError...) is not worth retrying: say what it was.
+        return ModelError(
+            f"{model}: unexpected {_describe(exc, None)}", ErrorKind.PERMANENT, None, code="unexpected"
+        )
+    else:
+        kind, code = classify_status(status), None
+    message = f"{model}: {_describe(exc, status)}"
+    if status in (401, 403):
+        message += "; check the API key for this provider"
+    elif status == 404:
+        message += "; check the model name"
+    return ModelError(message, kind, status, code=code, retry_after=_retry_after(exc))
+
+
+def _is_litellm_error(exc: BaseException, litellm: ModuleType) -> bool:
+    return any(isinstance(exc, t) for t in litellm.LITELLM_EXCEPTION_TYPES)
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class ModelReply(BaseModel):
+    """One successful model answer with what it cost."""
+
+    text: str
+    tokens_in: int = Field(ge=0)
+    tokens_out: int = Field(ge=0)
+    cost_usd: float = Field(ge=0.0)
+    latency_ms: float = Field(ge=0.0)  # wall time of complete(), retries and backoff included
+    model: str
+    calls: int = Field(ge=1)  # provider calls made, retries included
+
+
+class ModelClient:
+    """Calls one model through litellm with our retry policy and circuit breaker."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        api_base: str | None = None,
+        on_retry: OnRetry | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.model = model
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.api_base = api_base
+        self.on_retry = on_retry
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.breaker = breaker or breaker_for(model)
+
+    async def complete(self, messages: list[dict[str, Any]], *, iteration: int, call_index: int = 0) -> ModelReply:
+        """Ask the model; retry transient failures; raise a classified ModelError otherwise.
+
+        ``call_index`` is how many provider calls this iteration already made;
+        attempt a (1-based) is tagged ``call = call_index + a - 1`` so the
+        scripted provider (and logs) can tell retries and repairs apart.
+        """
+        litellm = _litellm()
+        started = time.monotonic()
+        attempts = self.retry.max_attempts
+        calls = 0
+        for attempt in range(1, attempts + 1):
+            try:
+                self.breaker.before_call()
+            except ModelError as exc:
+                exc.calls = calls
+                raise
+            calls += 1
+            try:
+                response = await litellm.acompletion(**self._request(messages, iteration, call_index + attempt - 1))
+                reply = self._reply(response, litellm, started, calls)
+            except asyncio.CancelledError:
+                self.breaker.release()
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is classified below
+                error = classify(exc, self.model, litellm)
+            else:
+                self.breaker.record_success()
+                return reply
+
+            error.calls = calls
+            if error.kind is not ErrorKind.TRANSIENT:
+                self.breaker.record_success()  # the provider answered; it is up
+                raise error
+            self.breaker.record_failure()
+            if attempt == attempts:
+                break
+            delay = self.retry.delay(attempt, self.rng, error.retry_after)
+            log.info("model %s attempt %d failed (%s); retrying in %.2fs", self.model, attempt, error, delay)
+            if self.on_retry is not None:
+                self.on_retry(attempt, error, delay)
+            await self.sleep(delay)
+
+        raise ModelError(
+            f"{self.model} failed after {calls} attempt{'s' if calls != 1 else ''}: "
+            f"{str(error).removeprefix(self.model + ': ')}",
+            error.kind,
+            error.status,
+            code=error.code,
+            retry_after=error.retry_after,
+            calls=calls,
+        )
+
+    def _request(self, messages: list[dict[str, Any]], iteration: int, call: int) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "timeout": self.timeout,
+            "metadata": {"loopterm": {"iteration": iteration, "call": call}},
+            # litellm forwards this to the provider SDK, whose own default (the OpenAI
+            # client's 2) would silently retry 429/5xx under us: one attempt = one request.
+            "max_retries": 0,
+        }
+        if self.api_base is not None:
+            request["api_base"] = self.api_base
+        return request
+
+    def _reply(self, response: Any, litellm: ModuleType, started: float, calls: int) -> ModelReply:
+        """Validate the provider's answer; a malformed one is TRANSIENT (ask again)."""
+        choices = getattr(response, "choices", None)
+        if not choices:
+            raise ModelError(f"{self.model}: reply has no choices", ErrorKind.TRANSIENT, code="bad_reply")
+        message = getattr(choices[0], "message", None)
+        if message is None or not hasattr(message, "content"):
+            raise ModelError(f"{self.model}: reply has no message content", ErrorKind.TRANSIENT, code="bad_reply")
+        content = message.content
+        text = "" if content is None else str(content)
+
+        usage = getattr(response, "usage", None)
+        tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+        tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        return ModelReply(
+            text=text,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=self._cost(response, litellm, tokens_in, tokens_out),
+            latency_ms=(time.monotonic() - started) * 1000.0,
+            model=self.model,  # the litellm string the person chose, not the provider's alias
+            calls=calls,
+        )
+
+    def _cost(self, response: Any, litellm: ModuleType, tokens_in: int, tokens_out: int) -> float:
+        """litellm's own cost for this reply; 0.0 when it has no price for the model."""
+        hidden = getattr(response, "_hidden_params", None) or {}
+        cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
+        if cost is None:
+            try:
+                cost = litellm.completion_cost(completion_response=response, model=self.model)
+            except Exception:  # noqa: BLE001 - fall back to the per-token price below
+                cost = None
+        if cost is None:
+            cost = self._price(litellm, tokens_in, tokens_out)
+        try:
+            return max(0.0, float(cost or 0.0))
+        except (TypeError, ValueError):
+            return 0.0
+
+    def _price(self, litellm: ModuleType, tokens_in: int, tokens_out: int) -> float:
+        """USD for these token counts at litellm's price for the model; 0.0 when it has none."""
+        try:
+            cost_in, cost_out = litellm.cost_per_token(
+                model=self.model, prompt_tokens=tokens_in, completion_tokens=tokens_out
+            )
+            return float(cost_in) + float(cost_out)
+        except Exception:  # noqa: BLE001 - no price known for this model: uncosted, not a crash
+            return 0.0
+
+    def estimate(self, messages: list[dict[str, Any]], max_output_tokens: int) -> tuple[int, float]:
+        """Projected (tokens, USD) of the next call, for the budget check before it is made."""
+        litellm = _litellm()
+        try:
+            prompt_tokens = int(litellm.token_counter(model=self.model, messages=messages))
+        except Exception:  # noqa: BLE001 - a tokenizer hiccup must not stop the run: rough count
+            prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4
+        return prompt_tokens + max_output_tokens, self._price(litellm, prompt_tokens, max_output_tokens)
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def check_model(model: str, script: Path | None = None, *, api_base: str | None = None) -> None:
+    """Refuse a run that cannot make its first call: one ConfigError line saying what to do."""
+    if not model or not model.strip():
+        raise ConfigError(f"no model given; use a litellm model string such as {EXAMPLE_MODEL}")
+    if model.startswith("scripted/"):
+        from loopterm.core.scripted import register_script, registered_script
+
+        name = model.removeprefix("scripted/")
+        if script is not None:
+            register_script(name, Path(script))
+        elif registered_script(name) is None:
+            raise ConfigError(
+                f"model {model} has no script; scripted models answer from a script file "
+                f"(the examples ship one), or pick another --model such as {EXAMPLE_MODEL}"
+            )
+        return
+
+    litellm = _litellm()
+    try:
+        _, provider, _, _ = litellm.get_llm_provider(model=model, api_base=api_base)
+    except Exception:  # noqa: BLE001 - litellm raises BadRequestError for an unknown provider
+        if "/" in model:
+            prefix = model.split("/", 1)[0]
+            raise ConfigError(
+                f"unknown model {model!r}: litellm does not know provider {prefix!r}; "
+                f"use a litellm model string such as {EXAMPLE_MODEL}"
+            ) from None
+        raise ConfigError(
+            f"unknown model {model!r}: litellm cannot tell its provider; "
+            f"use a litellm model string such as {EXAMPLE_MODEL}"
+        ) from None
+
+    if provider in _CREDENTIALS_ELSEWHERE:
+        return
+    try:
+        env = litellm.validate_environment(model=model, api_base=api_base)
+    except Exception:  # noqa: BLE001 - cannot tell: let the first call report it
+        return
+    missing = [k for k in env.get("missing_keys", []) if isinstance(k, str)]
+    if missing:
+        joiner = " or " if provider in _ANY_OF_KEYS else " and "
+        names = joiner.join(missing) if len(missing) <= 2 else ", ".join(missing[:-1]) + joiner + missing[-1]
+        raise ConfigError(
+            f"model {model} needs {names} in the environment; set it or pick another --model"
+        )

@@ -1,0 +1,153 @@
+"""The decision prompt: what the model sees each iteration, pruned to a token budget.
+
+The task, the invariants and the reply format are never pruned; working memory,
+recent tool output, the last gate failure and the project's rules are, oldest
+and longest first. Facts, not narratives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from loopterm.core.decision import DECISION_FORMAT
+from loopterm.core.loop import Loop
+from loopterm.core.state import LoopState
+
+RULES_FILE = Path(".loopterm") / "RULES.md"
+RECENT_TOOL_RESULTS = 3
+
+
+def approx_tokens(text: str) -> int:
+    """A cheap upper-ish estimate (4 characters a token) for pruning decisions.
+
+    The exact count for the budget check comes from litellm, once per call.
+    """
+    return len(text) // 4 + 1
+
+
+def read_rules(workdir: Path) -> str | None:
+    path = workdir / RULES_FILE
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def system_message(loop: Loop) -> str:
+    lines = [loop.system_prompt, "", "Tools:"]
+    for t in loop.tools:
+        schema = t.schema()
+        args = json.dumps(schema.get("properties", {}), sort_keys=True)
+        effects = " (side effects)" if t.side_effects else ""
+        lines.append(f"- {t.name}{effects}: {t.description} args={args} required={schema.get('required', [])}")
+    if not loop.tools:
+        lines.append("- (none: set action to null)")
+    lines += ["", DECISION_FORMAT]
+    return "\n".join(lines)
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "[...]\n" + text[-limit:]
+
+
+class _Sections:
+    """The prunable parts of the user message, each shrinkable one step at a time."""
+
+    def __init__(self, state: LoopState, rules: str | None, strategy_note: str | None) -> None:
+        self.facts = list(state.memory.facts)
+        self.contradictions = list(state.memory.contradictions)
+        self.tools = [r for r in state.tool_results[-RECENT_TOOL_RESULTS:]]
+        self.tool_limit = 2_000
+        self.gate = state.last_gate_failure
+        self.gate_limit = 4_000
+        self.rules = rules
+        self.rules_limit = 4_000
+        self.strategy_note = strategy_note
+
+    def shrink(self) -> bool:
+        """Remove the least useful piece; False when nothing prunable is left."""
+        if len(self.tools) > 1:
+            self.tools.pop(0)
+        elif len(self.facts) > 3:
+            del self.facts[: max(1, len(self.facts) // 3)]
+        elif self.tool_limit > 200:
+            self.tool_limit //= 2
+        elif self.rules and self.rules_limit > 200:
+            self.rules_limit //= 2
+        elif self.gate and self.gate_limit > 300:
+            self.gate_limit //= 2
+        elif self.facts:
+            self.facts.pop(0)
+        elif self.tools:
+            self.tools.pop(0)
+        elif self.rules:
+            self.rules = None
+        else:
+            return False
+        return True
+
+
+def user_message(loop: Loop, state: LoopState, s: _Sections, relaxed: dict[str, str], max_iterations: int) -> str:
+    out = [f"# Task\n{state.task or loop.goal}", "# Invariants (must hold every iteration)"]
+    for inv in loop.invariants:
+        note = f" [relaxed by a person: {relaxed[inv.name]}]" if inv.name in relaxed else ""
+        out.append(f"- {inv.name}: {inv.description or 'see name'}{note}")
+    if not loop.invariants:
+        out.append("- (none)")
+    if s.rules:
+        out.append(f"# Project rules ({RULES_FILE})\n{_tail(s.rules, s.rules_limit)}")
+    mem = state.memory
+    out.append("# Working memory")
+    out.append(f"Current subgoal: {mem.subgoal or '(none yet)'}")
+    if s.facts:
+        out.append("Facts:\n" + "\n".join(f"- {f}" for f in s.facts))
+    if s.contradictions:
+        out.append("Contradictions:\n" + "\n".join(f"- {c}" for c in s.contradictions))
+    if s.strategy_note:
+        out.append(f"Strategy: {s.strategy_note}")
+    if s.tools:
+        out.append("# Recent tool results")
+        for r in s.tools:
+            body = r.output if r.ok else f"ERROR {r.error}"
+            out.append(f"- iteration {r.iteration} {r.tool}: {_tail(body, s.tool_limit)}")
+    out.append("# Last verification")
+    if state.iteration == 0:
+        out.append("Nothing has been verified yet.")
+    elif s.gate:
+        out.append(_tail(s.gate, s.gate_limit))
+    else:
+        out.append("All gates passed.")
+    out.append(f"# Iteration\n{state.iteration + 1} of at most {max_iterations}")
+    return "\n\n".join(out)
+
+
+def build_messages(
+    loop: Loop,
+    state: LoopState,
+    *,
+    rules: str | None = None,
+    relaxed: dict[str, str] | None = None,
+    strategy_note: str | None = None,
+    max_iterations: int | None = None,
+    count: Callable[[str], int] = approx_tokens,
+) -> list[dict[str, Any]]:
+    """The messages for this iteration, pruned until they fit loop.prompt_token_budget."""
+    relaxed = relaxed or {}
+    limit = max_iterations or loop.max_iterations
+    system = system_message(loop)
+    sections = _Sections(state, rules, strategy_note)
+    user = user_message(loop, state, sections, relaxed, limit)
+    while count(system) + count(user) > loop.prompt_token_budget and sections.shrink():
+        user = user_message(loop, state, sections, relaxed, limit)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def repair_messages(messages: list[dict[str, Any]], bad_reply: str, error: str) -> list[dict[str, Any]]:
+    """The conversation for a repair attempt: the model sees its reply and what was wrong with it."""
+    return [
+        *messages,
+        {"role": "assistant", "content": bad_reply[:4_000]},
+        {"role": "user", "content": f"Your reply was not a valid decision: {error}. Reply again with only the JSON object."},
+    ]

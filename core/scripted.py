@@ -1,0 +1,357 @@
+"""The offline ``scripted/<name>`` model: answers from a JSON script, through litellm.
+
+Registered with litellm as a custom provider, so the demo and the tests run with
+no key and no network while token counts, cost and error mapping still come from
+litellm itself (the same code paths a real provider goes through).
+
+Script format (JSON)::
+
+    {"price": {"input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07},
+     "turns": [TURN, ...],
+     "after_end": "repeat_last" | "error"}          # default "error"
+
+TURN is a STEP or a list of STEPs; STEP is a string (the reply text) or
+``{"content": str | object, "delay": 0}`` (an object is sent as its JSON text) or
+``{"error": {"status": 503, "message": "..."}, "delay": 0}``. The caller passes
+``metadata={"loopterm": {"iteration": n, "call": k}}``: iteration n (1-based)
+picks turns[n-1]; within a list turn, provider call k (0-based, retries and
+repairs included) picks step min(k, len-1).
+
+litellm is imported lazily (see ``loopterm.core.model._litellm``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loopterm.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+PROVIDER = "scripted"
+
+# Statuses litellm's custom-provider path keeps as they are. Any other 4xx comes
+# out of that path as a 400 BadRequestError, which would turn a retryable 409
+# into a permanent error; those are raised as litellm.APIError(status) instead,
+# which litellm passes through untouched (as its OpenAI path does for a 409).
+_KEPT_BY_CUSTOM_PATH = frozenset({400, 401, 402, 403, 404, 408, 429})
+
+# Markers that make a scripted 400 a context-window error, as litellm's OpenAI
+# path would report it (litellm.ContextWindowExceededError).
+_CONTEXT_MARKERS = ("context length", "context window", "context_length_exceeded", "prompt is too long")
+
+
+class ScriptedError(BaseModel):
+    """An HTTP error the scripted provider answers with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: int = Field(ge=400, le=599)
+    message: str = "scripted error"
+
+
+class Step(BaseModel):
+    """One provider answer: content (text or JSON object) or an error, after an optional delay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: Any = None
+    error: ScriptedError | None = None
+    delay: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Step:
+        has_content = "content" in self.model_fields_set
+        if has_content == (self.error is not None):
+            raise ValueError("a step needs exactly one of 'content' or 'error'")
+        return self
+
+    def text(self) -> str | None:
+        """The reply text: strings as they are, any other JSON value as its JSON text, null as None."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return json.dumps(self.content, ensure_ascii=False)
+
+
+class Price(BaseModel):
+    """Per-token prices (and context sizes) registered with litellm for this script's model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_cost_per_token: float = Field(default=0.0, ge=0.0)
+    output_cost_per_token: float = Field(default=0.0, ge=0.0)
+    max_input_tokens: int = Field(default=128_000, ge=1)
+    max_output_tokens: int = Field(default=16_384, ge=1)
+
+
+def _as_step(value: Any) -> Any:
+    return {"content": value} if isinstance(value, str) else value
+
+
+class Script(BaseModel):
+    """A validated script file. Every turn is held as a list of steps (a single step is a list of one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    price: Price = Field(default_factory=Price)
+    turns: list[list[Step]] = Field(min_length=1)
+    after_end: Literal["repeat_last", "error"] = "error"
+
+    @field_validator("turns", mode="before")
+    @classmethod
+    def _shorthand(cls, turns: Any) -> Any:
+        """Expand the string shorthand and wrap single steps, so errors point at real fields."""
+        if not isinstance(turns, list):
+            return turns
+        out: list[Any] = []
+        for turn in turns:
+            if isinstance(turn, list):
+                if not turn:
+                    raise ValueError("a list turn needs at least one step")
+                out.append([_as_step(s) for s in turn])
+            else:
+                out.append([_as_step(turn)])
+        return out
+
+    def step(self, iteration: int, call: int) -> Step | None:
+        """The step for provider call ``call`` of iteration ``iteration``; None when exhausted."""
+        index = max(1, iteration) - 1
+        if index >= len(self.turns):
+            if self.after_end == "error":
+                return None
+            index = len(self.turns) - 1
+        turn = self.turns[index]
+        return turn[min(max(0, call), len(turn) - 1)]
+
+
+def _where(loc: tuple[Any, ...], single_turns: set[int]) -> str:
+    """'turns.2.error.status': the path as written in the file (no index inside a single-step turn)."""
+    parts = list(loc)
+    if len(parts) >= 3 and parts[0] == "turns" and parts[1] in single_turns and parts[2] == 0:
+        del parts[2]
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+def load_script(path: Path) -> Script:
+    """Read and validate a script file; any problem is one ConfigError line naming the file."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"script {path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"script {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    turns = data.get("turns") if isinstance(data, dict) else None
+    single_turns = {i for i, t in enumerate(turns) if not isinstance(t, list)} if isinstance(turns, list) else set()
+    try:
+        return Script.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = _where(tuple(err["loc"]), single_turns)
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        problem = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"script {path} is invalid at {where}: {problem}{more}") from None
+
+
+_scripts: dict[str, Script] = {}
+_lock = threading.Lock()
+_provider_registered = False
+
+
+def registered_script(name: str) -> Script | None:
+    """The script registered under ``name`` (the part after ``scripted/``), if any."""
+    return _scripts.get(name)
+
+
+def register_script(name: str, path: Path) -> None:
+    """Load the script, register its price and (once) the scripted provider with litellm.
+
+    Idempotent: registering a name again re-reads the file and replaces the script.
+    """
+    if not name or "/" in name:
+        raise ConfigError(f"bad scripted model name {name!r}: use scripted/<name> with a plain name")
+    script = load_script(path)
+    from loopterm.core.model import _litellm  # the one place litellm is imported
+
+    litellm = _litellm()
+    litellm_log = logging.getLogger("LiteLLM")
+    with _lock:
+        _scripts[name] = script
+        level = litellm_log.level
+        litellm_log.setLevel(logging.ERROR)  # it warns that a custom price has no cache-token cost
+        try:
+            litellm.register_model(
+                {
+                    f"{PROVIDER}/{name}": {
+                        "input_cost_per_token": script.price.input_cost_per_token,
+                        "output_cost_per_token": script.price.output_cost_per_token,
+                        "litellm_provider": PROVIDER,
+                        "mode": "chat",
+                        "max_tokens": script.price.max_output_tokens,
+                        "max_input_tokens": script.price.max_input_tokens,
+                        "max_output_tokens": script.price.max_output_tokens,
+                    }
+                }
+            )
+        finally:
+            litellm_log.setLevel(level)
+        _register_provider(litellm)
+
+
+def _register_provider(litellm: ModuleType) -> None:
+    """Add the scripted handler to litellm.custom_provider_map exactly once."""
+    global _provider_registered
+    if _provider_registered or any(
+        item.get("provider") == PROVIDER for item in litellm.custom_provider_map
+    ):
+        _provider_registered = True
+        return
+    litellm.custom_provider_map = [
+        *litellm.custom_provider_map,
+        {"provider": PROVIDER, "custom_handler": _handler_class(litellm)()},
+    ]
+    # Make get_llm_provider / token_counter / cost lookups know the provider too,
+    # not only the completion path (which runs this setup itself).
+    from litellm.utils import custom_llm_setup
+
+    custom_llm_setup()
+    _provider_registered = True
+
+
+def _selection(litellm_params: dict[str, Any] | None) -> tuple[int, int]:
+    """(iteration, call) from the caller's metadata; (1, 0) when absent (a bare litellm call)."""
+    metadata = (litellm_params or {}).get("metadata") or {}
+    ours = metadata.get("loopterm") or {}
+    try:
+        return int(ours.get("iteration", 1)), int(ours.get("call", 0))
+    except (TypeError, ValueError):
+        return 1, 0
+
+
+def _timeout_seconds(timeout: Any) -> float | None:
+    if isinstance(timeout, (int, float)) and timeout > 0:
+        return float(timeout)
+    return None
+
+
+def _handler_class(litellm: ModuleType) -> type:
+    """Build the litellm.CustomLLM subclass (lazily: its base class lives in litellm)."""
+    from litellm.llms.custom_llm import CustomLLMError
+
+    class ScriptedLLM(litellm.CustomLLM):  # type: ignore[name-defined,misc]
+        """Answers ``scripted/<name>`` calls from the registered script."""
+
+        def _plan(self, model: str, litellm_params: dict[str, Any] | None) -> tuple[Step | None, str]:
+            script = _scripts.get(model)
+            if script is None:
+                raise litellm.NotFoundError(
+                    message=f"no script registered for {PROVIDER}/{model}", model=model, llm_provider=PROVIDER
+                )
+            iteration, call = _selection(litellm_params)
+            return script.step(iteration, call), (
+                f"script for {PROVIDER}/{model} exhausted: iteration {iteration} "
+                f"but it has {len(script.turns)} turn(s)"
+            )
+
+        def _error(self, model: str, status: int, message: str) -> Exception:
+            """An exception that comes out of litellm with exactly ``status``, like a real provider's."""
+            if status == 400 and any(m in message.lower() for m in _CONTEXT_MARKERS):
+                return litellm.ContextWindowExceededError(message=message, model=model, llm_provider=PROVIDER)
+            if status in _KEPT_BY_CUSTOM_PATH or 500 <= status <= 599:
+                return CustomLLMError(status_code=status, message=message)
+            return litellm.APIError(status_code=status, message=message, llm_provider=PROVIDER, model=model)
+
+        def _answer(
+            self, model: str, step: Step, messages: list[Any], model_response: Any
+        ) -> Any:
+            if step.error is not None:
+                raise self._error(model, step.error.status, step.error.message)
+            content = step.text()
+            full = f"{PROVIDER}/{model}"
+            model_response.choices[0].message.content = content
+            model_response.choices[0].finish_reason = "stop"
+            model_response.model = full
+            prompt_tokens = litellm.token_counter(model=full, messages=messages)
+            completion_tokens = (
+                litellm.token_counter(model=full, text=content, count_response_tokens=True) if content else 0
+            )
+            model_response.usage = litellm.Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            return model_response
+
+        async def acompletion(  # type: ignore[override]
+            self,
+            model: str,
+            messages: list[Any],
+            api_base: str,
+            custom_prompt_dict: dict[str, Any],
+            model_response: Any,
+            print_verbose: Any,
+            encoding: Any,
+            api_key: Any,
+            logging_obj: Any,
+            optional_params: dict[str, Any],
+            acompletion: Any = None,
+            litellm_params: dict[str, Any] | None = None,
+            logger_fn: Any = None,
+            headers: dict[str, Any] | None = None,
+            timeout: Any = None,
+            client: Any = None,
+        ) -> Any:
+            step, exhausted = self._plan(model, litellm_params)
+            if step is None:
+                raise self._error(model, 400, exhausted)
+            limit = _timeout_seconds(timeout)
+            if step.delay:
+                if limit is not None and step.delay > limit:
+                    await asyncio.sleep(limit)
+                    raise self._error(model, 408, f"scripted reply took longer than the {limit:g}s timeout")
+                await asyncio.sleep(step.delay)
+            return self._answer(model, step, messages, model_response)
+
+        def completion(  # type: ignore[override]
+            self,
+            model: str,
+            messages: list[Any],
+            api_base: str,
+            custom_prompt_dict: dict[str, Any],
+            model_response: Any,
+            print_verbose: Any,
+            encoding: Any,
+            api_key: Any,
+            logging_obj: Any,
+            optional_params: dict[str, Any],
+            acompletion: Any = None,
+            litellm_params: dict[str, Any] | None = None,
+            logger_fn: Any = None,
+            headers: dict[str, Any] | None = None,
+            timeout: Any = None,
+            client: Any = None,
+        ) -> Any:
+            step, exhausted = self._plan(model, litellm_params)
+            if step is None:
+                raise self._error(model, 400, exhausted)
+            limit = _timeout_seconds(timeout)
+            if step.delay:
+                if limit is not None and step.delay > limit:
+                    time.sleep(limit)
+                    raise self._error(model, 408, f"scripted reply took longer than the {limit:g}s timeout")
+                time.sleep(step.delay)
+            return self._answer(model, step, messages, model_response)
+
+    return ScriptedLLM

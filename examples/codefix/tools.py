@@ -1,0 +1,57 @@
+"""File tools for the codefix loop, confined to the run's workspace.
+
+The model's arguments are untrusted: every path is resolved (symlinks
+included) and refused unless it stays inside `ctx.workspace`, so a reply can
+never write or read outside the scratch directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from loopterm.core.tools import ToolContext, tool
+
+
+def confine(workspace: Path, path: str) -> Path:
+    """Resolve `path` inside `workspace` or raise ValueError saying why it is refused."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("path is empty; give a file name relative to the workspace, e.g. 'solution.py'")
+    if "\x00" in path:
+        raise ValueError("path contains a NUL byte; give a plain relative file name")
+    posix, windows = PurePosixPath(path), PureWindowsPath(path)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or path.startswith(("/", "\\")):
+        raise ValueError(f"path {path!r} is absolute; give a path relative to the workspace")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ValueError(f"path {path!r} contains '..'; paths must stay inside the workspace")
+    root = workspace.resolve()
+    target = (root / posix).resolve()  # follows symlinks, so a link pointing out is caught here
+    if target == root:
+        raise ValueError(f"path {path!r} is the workspace directory itself; name a file")
+    if root not in target.parents:
+        raise ValueError(f"path {path!r} resolves outside the workspace (through a symlink); refused")
+    return target
+
+
+@tool(side_effects=True, idempotent=True)
+def write_file(ctx: ToolContext, path: str, content: str) -> str:
+    """Write a UTF-8 text file in the workspace (whole content, replacing any previous version).
+
+    Idempotent because writing the same content twice leaves the same file.
+    """
+    target = confine(ctx.workspace, path)
+    if target.is_dir():
+        raise ValueError(f"path {path!r} is a directory; name a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode("utf-8")
+    target.write_bytes(data)
+    lines = content.count("\n") + (0 if content.endswith("\n") or not content else 1)
+    return f"wrote {len(data)} bytes ({lines} lines) to {path}"
+
+
+@tool
+def read_file(ctx: ToolContext, path: str) -> str:
+    """Read a text file from the workspace (e.g. the tests, or your previous solution)."""
+    target = confine(ctx.workspace, path)
+    if not target.is_file():
+        raise FileNotFoundError(f"no file {path!r} in the workspace")
+    return target.read_text(encoding="utf-8", errors="replace")

@@ -1,0 +1,46 @@
+"""Map the pydantic records of core to SQLite rows and back.
+
+Scalars go to typed columns so SQL can filter and sum them; nested values
+(prompt, state, ...) go to TEXT columns as JSON. The mapping is lossless:
+reading a row back validates into a model equal to the one written.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from loopterm.store.schema import JSON_COLUMNS
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def dump_json(value: Any) -> str:
+    """JSON text for a column; non-ASCII kept as is so large unicode stays compact."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def to_row(table: str, record: BaseModel) -> dict[str, Any]:
+    """One row for `table`; None stays SQL NULL, even in a JSON column."""
+    return encode(table, record.model_dump())
+
+
+def encode(table: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Encode the JSON columns among `fields` (a whole row or a partial update)."""
+    json_columns = JSON_COLUMNS[table]
+    return {
+        name: dump_json(value) if name in json_columns and value is not None else value
+        for name, value in fields.items()
+    }
+
+
+def from_row(table: str, model: type[M], row: dict[str, Any]) -> M:
+    """Validate a row back into its record."""
+    json_columns = JSON_COLUMNS[table]
+    decoded = {
+        name: json.loads(value) if name in json_columns and value is not None else value
+        for name, value in row.items()
+    }
+    return model.model_validate(decoded)

@@ -1,0 +1,156 @@
+"""Headless progress: one line per committed iteration, a live status while one is in flight.
+
+Everything the model wrote is rendered as plain `Text` (markup off): model
+output is untrusted. Status is always a glyph plus a colour.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.status import Status as Spinner
+from rich.table import Table
+from rich.text import Text
+
+from loopterm.core.events import (
+    EngineEvent,
+    Escalated,
+    IterationCommitted,
+    IterationStarted,
+    ModelRetry,
+    RunFinished,
+    RunStarted,
+)
+from loopterm.core.records import IterationRecord, RunRecord
+
+PASS, FAIL, WAIT = ("✓", "green"), ("✗", "red"), ("⏸", "yellow")
+STATUS_STYLE = {
+    "converged": ("✓", "green"),
+    "running": ("▶", "cyan"),
+    "created": ("·", "dim"),
+    "escalated": ("⏸", "yellow"),
+    "stopped": ("■", "yellow"),
+    "terminated": ("■", "magenta"),
+    "failed": ("✗", "red"),
+    "paused": ("⏸", "yellow"),
+}
+
+
+def status_text(status: str) -> Text:
+    glyph, style = STATUS_STYLE.get(status, ("?", "white"))
+    return Text(f"{glyph} {status}", style=style)
+
+
+def action_label(record: IterationRecord) -> str:
+    call = record.tool_call
+    if not call:
+        return "(no action)"
+    args = call.get("args") or {}
+    first = next(iter(args.values()), "") if args else ""
+    shown = str(first).splitlines()[0][:40] if first else ""
+    return f"{call['tool']}({shown})"
+
+
+def gates_text(record: IterationRecord) -> Text:
+    text = Text()
+    for g in record.gate_results:
+        glyph, style = PASS if g["passed"] else FAIL
+        text.append(f"{glyph} {g['name']} ", style=style)
+    return text or Text("-", style="dim")
+
+
+def invariants_text(record: IterationRecord) -> Text:
+    text = Text()
+    for name, ok in record.invariant_status.items():
+        glyph, style = PASS if ok else FAIL
+        text.append(glyph, style=style)
+    return text or Text("-", style="dim")
+
+
+class HeadlessProgress:
+    """An engine subscriber that draws progress on a rich console."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.spinner: Spinner | None = None
+        self.max_iterations = 0
+
+    def __call__(self, event: EngineEvent) -> None:
+        if isinstance(event, RunStarted):
+            self.max_iterations = event.max_iterations
+            head = Text.assemble(("loopterm ", "bold"), (event.loop, "bold cyan"), f"  run {event.run_id}  model ",
+                                 (event.model, "cyan"), f"  up to {event.max_iterations} iterations")
+            if event.resumed_from:
+                head.append(f"  (resumed after iteration {event.resumed_from})", style="yellow")
+            self.console.print(head)
+        elif isinstance(event, IterationStarted):
+            self._spin(f"iteration {event.n}/{self.max_iterations}: deciding, acting, verifying ...")
+        elif isinstance(event, ModelRetry):
+            self.console.print(Text(f"    ↻ model call failed ({event.error[:120]}); retry {event.attempt} in {event.delay_s:.1f}s",
+                                    style="yellow"))
+        elif isinstance(event, IterationCommitted):
+            self._stop_spin()
+            self.console.print(self._row(event.record))
+        elif isinstance(event, Escalated):
+            self._stop_spin()
+            failing = ", ".join(i["name"] for i in event.packet.get("failing_invariants", [])) or "-"
+            self.console.print(Text(f"  ⏸ escalated at iteration {event.n}: {event.packet['summary']} (failing: {failing})",
+                                    style="yellow"))
+        elif isinstance(event, RunFinished):
+            self._stop_spin()
+
+    def _row(self, r: IterationRecord) -> Text:
+        """Two lines that fit 80 columns: what was done and verified; why, and what it cost."""
+        decision = r.decision or {}
+        row = Text(f"  {r.n:>3}  ")
+        row.append(f"{action_label(r):<26.26} ")
+        row.append_text(gates_text(r))
+        row.append(" inv ", style="dim")
+        row.append_text(invariants_text(r))
+        row.append(f"  conf {float(decision.get('confidence', 0)):.2f}", style="dim")
+        if r.repairs:
+            row.append(f"  {r.repairs} repair", style="yellow")
+        row.append("\n       ")
+        subgoal = str(decision.get("subgoal", "")) or "-"
+        row.append(Text(subgoal[:38] + ("…" if len(subgoal) > 38 else ""), style="italic"))  # untrusted: plain Text, never markup
+        row.append(f" · {r.tokens_in + r.tokens_out:,} tok · ${r.cost_usd:.6f} · {r.latency_ms:.0f} ms", style="dim")
+        row.no_wrap = True
+        row.overflow = "ellipsis"
+        return row
+
+    def _spin(self, message: str) -> None:
+        if not self.console.is_terminal:
+            return
+        if self.spinner is None:
+            self.spinner = self.console.status(message)
+            self.spinner.start()
+        else:
+            self.spinner.update(message)
+
+    def _stop_spin(self) -> None:
+        if self.spinner is not None:
+            self.spinner.stop()
+            self.spinner = None
+
+
+def summary(run: RunRecord) -> Panel:
+    table = Table.grid(padding=(0, 2))
+    table.add_row("status", status_text(run.status))
+    table.add_row("reason", Text(run.message or run.termination_reason or "-"))
+    table.add_row("iterations", f"{run.iterations} of {run.max_iterations}")
+    budget = run.budget or {}
+    tokens = f"{run.tokens_in + run.tokens_out:,} ({run.tokens_in:,} in, {run.tokens_out:,} out)"
+    if budget.get("tokens") is not None:
+        tokens += f" of {budget['tokens']:,}"
+    cost = f"${run.cost_usd:.6f}" + (f" of ${budget['usd']}" if budget.get("usd") is not None else "")
+    table.add_row("tokens", tokens)
+    table.add_row("cost", cost)
+    table.add_row("time", f"{run.elapsed_s:.1f}s")
+    table.add_row("workspace", Text(run.workspace))
+    return Panel(table, title=f"run {run.id} · {run.loop}", expand=False)
+
+
+def as_json(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)
