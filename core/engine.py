@@ -306,7 +306,7 @@ class Engine:
         state = self._next_state(n, decision, tool_record, gates)
         status, violated = self._check_invariants(state)
         state.invariant_status = status
-        remediations, stop = self._remediate(state, violated)
+        state, remediations, stop = self._remediate(state, violated)
         converged = self.loop.is_converged(state, gates) and not violated
         if stop is None and converged:
             stop = _Stop(TerminationReason.CONVERGED, f"converged at iteration {n}: every gate passed")
@@ -398,18 +398,31 @@ class Engine:
             )
 
     def _next_state(self, n: int, decision: Decision, tool_record: ToolRecord | None, gates: list[GateResult]) -> LoopState:
-        """Fold the iteration's observations into a new state (the old one is never mutated)."""
-        state = self.state.model_copy(deep=True)
-        state.iteration = n
-        state.memory.subgoal = decision.subgoal
-        if tool_record is not None:
-            state.tool_results = [*state.tool_results, tool_record]
+        """Fold the iteration's observations into a new state; the old one is never mutated.
+
+        A shallow copy is enough: tool records are append-only and never edited,
+        and working memory gets a fresh object. Deep-copying a state whose tool
+        log grows every iteration made each iteration slower than the last.
+        """
         failed = next((g for g in gates if not g.passed), None)
-        state.last_gate_failure = failed.feedback() if failed else None
         verdict = ", ".join(f"{g.name} {'passed' if g.passed else 'failed'}" for g in gates) or "no gates"
-        action = f"{tool_record.tool} {'ok' if tool_record.ok else 'error: ' + (tool_record.error or '')[:120]}" if tool_record else "no action"
-        state.memory.facts = [*state.memory.facts, f"iteration {n}: {action}; {verdict}"][-MAX_FACTS:]
-        return state
+        if tool_record is None:
+            action = "no action"
+        else:
+            action = f"{tool_record.tool} {'ok' if tool_record.ok else 'error: ' + (tool_record.error or '')[:120]}"
+        memory = self.state.memory.model_copy(update={
+            "subgoal": decision.subgoal,
+            "facts": [*self.state.memory.facts, f"iteration {n}: {action}; {verdict}"][-MAX_FACTS:],
+            "contradictions": list(self.state.memory.contradictions),
+        })
+        updates: dict[str, Any] = {
+            "iteration": n,
+            "memory": memory,
+            "last_gate_failure": failed.feedback() if failed else None,
+        }
+        if tool_record is not None:
+            updates["tool_results"] = [*self.state.tool_results, tool_record]
+        return self.state.model_copy(update=updates)
 
     def _check_invariants(self, state: LoopState) -> tuple[dict[str, bool], list[Invariant]]:
         status: dict[str, bool] = {}
@@ -421,7 +434,10 @@ class Engine:
                 violated.append(inv)
         return status, violated
 
-    def _remediate(self, state: LoopState, violated: list[Invariant]) -> tuple[list[Remediation], _Stop | None]:
+    def _remediate(
+        self, state: LoopState, violated: list[Invariant]
+    ) -> tuple[LoopState, list[Remediation], _Stop | None]:
+        """Apply each violated invariant's remediation; returns the (possibly replaced) state."""
         applied: list[Remediation] = []
         stop: _Stop | None = None
         for inv in violated:
@@ -437,14 +453,12 @@ class Engine:
                 self.temperature = min(2.0, self.temperature + 0.3)
                 self.strategy_note = f"the last approach broke invariant {inv.name!r}; take a different approach"
             elif remedy is Remediation.CUSTOM and inv.custom is not None:
-                patched = inv.custom(state)
-                for name in type(state).model_fields:
-                    setattr(state, name, getattr(patched, name))
+                state = type(state).model_validate(inv.custom(state).model_dump())
             elif remedy is Remediation.ABORT and stop is None:
                 stop = _Stop(TerminationReason.FATAL_ERROR, f"invariant {inv.name!r} violated; its remediation aborts the run")
             elif remedy is Remediation.ESCALATE and stop is None:
                 stop = _Stop(TerminationReason.WAITING, f"invariant {inv.name!r} violated; waiting on a person")
-        return applied, stop
+        return state, applied, stop
 
     def _escalate(self, n: int, state: LoopState, violated: list[Invariant], message: str) -> None:
         packet = {

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -322,36 +321,6 @@ def _handler_class(litellm: ModuleType) -> type:
                     await asyncio.sleep(limit)
                     raise self._error(model, 408, f"scripted reply took longer than the {limit:g}s timeout")
                 await asyncio.sleep(step.delay)
-            return self._answer(model, step, messages, model_response)
-
-        def completion(  # type: ignore[override]
-            self,
-            model: str,
-            messages: list[Any],
-            api_base: str,
-            custom_prompt_dict: dict[str, Any],
-            model_response: Any,
-            print_verbose: Any,
-            encoding: Any,
-            api_key: Any,
-            logging_obj: Any,
-            optional_params: dict[str, Any],
-            acompletion: Any = None,
-            litellm_params: dict[str, Any] | None = None,
-            logger_fn: Any = None,
-            headers: dict[str, Any] | None = None,
-            timeout: Any = None,
-            client: Any = None,
-        ) -> Any:
-            step, exhausted = self._plan(model, litellm_params)
-            if step is None:
-                raise self._error(model, 400, exhausted)
-            limit = _timeout_seconds(timeout)
-            if step.delay:
-                if limit is not None and step.delay > limit:
-                    time.sleep(limit)
-                    raise self._error(model, 408, f"scripted reply took longer than the {limit:g}s timeout")
-                time.sleep(step.delay)
             return self._answer(model, step, messages, model_response)
 
     return ScriptedLLM
