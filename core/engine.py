@@ -21,9 +21,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loopterm.core.budget import Spend, over_budget
+from pydantic import ValidationError
+
 from loopterm.core.decision import Decision, DecisionError, parse_decision
-from loopterm.core.errors import ErrorKind, ModelError
+from loopterm.core.errors import ModelError
+from loopterm.core.control import (
+    AddFact,
+    Approve,
+    Command,
+    Deny,
+    EditState,
+    Pause,
+    Relax,
+    Restore,
+    Resume,
+    SetSubgoal,
+    Step,
+    Stop,
+    parse_command,
+)
 from loopterm.core.events import (
+    ApprovalNeeded,
+    CommandApplied,
     EngineEvent,
     Escalated,
     IterationCommitted,
@@ -31,20 +50,41 @@ from loopterm.core.events import (
     ModelRetry,
     RunFinished,
     RunStarted,
+    StatusChanged,
 )
 from loopterm.core.gates import GateResult
 from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.loop import Loop
 from loopterm.core.persistence import Journal
 from loopterm.core.prompt import build_messages, read_rules, repair_messages
-from loopterm.core.records import Intent, IterationRecord, RunRecord
+from loopterm.core.records import EventRecord, Intent, IterationRecord, RunRecord
 from loopterm.core.state import LoopState, ToolRecord
 from loopterm.core.termination import Status, TerminationReason, status_for
-from loopterm.core.tools import InterruptedSideEffect, ToolExecutor
+from loopterm.core.migrations import migrate_state
+from loopterm.core.tools import (
+    InterruptedSideEffect,
+    PriorCalls,
+    SideEffectNeedsDecision,
+    Tool,
+    ToolExecutor,
+    idempotency_key,
+)
 
 Subscriber = Callable[[EngineEvent], None]
 
 MAX_FACTS = 12
+HEARTBEAT_S = 2.0  # an executing engine touches its run this often, even while paused or waiting
+STALE_AFTER_S = 10.0
+
+
+def alive(run: RunRecord, now: float | None = None) -> bool:
+    """Whether some engine is executing this run now: a fresh heartbeat on an unfinished run.
+
+    A run killed with SIGKILL keeps its last status; its heartbeat going stale is what tells.
+    """
+    if Status(run.status).finished:
+        return False
+    return (now if now is not None else time.time()) - run.updated_at < STALE_AFTER_S
 
 
 class _Stop(Exception):
@@ -84,6 +124,28 @@ def _outcome(record: IterationRecord) -> _Outcome:
     )
 
 
+def relaxed_from(events: list[EventRecord]) -> tuple[dict[str, str], dict[str, int]]:
+    """The invariants a person relaxed (and did not restore), with reasons and any expiry iteration."""
+    relaxed: dict[str, str] = {}
+    until: dict[str, int] = {}
+    for event in events:
+        name = str(event.data.get("invariant", ""))
+        if event.kind == "invariant_relaxed":
+            relaxed[name] = str(event.data.get("reason", ""))
+            until.pop(name, None)
+            if event.data.get("until") is not None:
+                until[name] = int(event.data["until"])
+        elif event.kind == "invariant_restored":
+            relaxed.pop(name, None)
+            until.pop(name, None)
+    return relaxed, until
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Engine:
     def __init__(
         self,
@@ -96,6 +158,11 @@ class Engine:
         workdir: Path | None = None,
         relaxed: dict[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        prior: PriorCalls | None = None,
+        replaying: bool = False,
+        side_effect_answers: dict[str, str] | None = None,
+        wait_on_person: bool = False,
+        poll_interval: float = 0.2,
     ) -> None:
         self.loop = loop
         self.journal = journal
@@ -104,7 +171,22 @@ class Engine:
         self.workspace = Path(run.workspace)
         self.subscribers = list(subscribers or [])
         self.workdir = workdir or Path.cwd()
-        self.relaxed = dict(relaxed or {})
+        history = journal.events(run.id)
+        relaxed_before, self.relax_until = relaxed_from(history)
+        self.relaxed = {**relaxed_before, **(relaxed or {})}
+        # A person's answers survive a restart: they are in the event log.
+        self.approvals: dict[str, Approve | Deny] = {}
+        for event in history:
+            if event.kind in ("approved", "denied"):
+                self.approvals[str(event.data["key"])] = parse_command(
+                    "approve" if event.kind == "approved" else "deny", event.data
+                )  # type: ignore[assignment]
+        self.wait_on_person = wait_on_person
+        self.poll_interval = poll_interval
+        self.paused = False
+        self.stepping = False
+        self.awaiting_person = False
+        self._wake = asyncio.Event()
         self.clock = clock
         self.max_iterations = run.max_iterations
         self.budget = loop.budget.model_validate(run.budget) if run.budget else loop.budget
@@ -112,7 +194,9 @@ class Engine:
         self.strategy_note: str | None = None
         self._client = client
         self._stop_requested: str | None = None
-        self.executor = ToolExecutor(journal, run.id, clock=clock)
+        self.executor = ToolExecutor(
+            journal, run.id, clock=clock, prior=prior, replaying=replaying, answers=dict(side_effect_answers or {})
+        )
         self.spend = Spend(
             tokens_in=run.tokens_in, tokens_out=run.tokens_out, cost_usd=run.cost_usd, elapsed_s=run.elapsed_s
         )
@@ -121,7 +205,7 @@ class Engine:
         self.confidences: deque[float] = deque(
             (float((r.decision or {}).get("confidence", 0.0)) for r in recent), maxlen=10
         )
-        self.state = self._load_state(recent[-1] if recent else None)
+        self.state = self._load_state(recent[-1] if recent else None, history)
 
     # ------------------------------------------------------------------ creation
 
@@ -165,10 +249,18 @@ class Engine:
         journal.append_event(run_id, "run_created", {"loop_ref": loop_ref, "model": run.model, "budget": merged_budget})
         return cls(loop, journal, run, **kwargs)
 
-    def _load_state(self, last: IterationRecord | None) -> LoopState:
+    def _load_state(self, last: IterationRecord | None, history: list[EventRecord]) -> LoopState:
+        """The state to continue from: the last committed one (a branch's parent's, at the fork
+        point, until it commits its own), migrated to the loop's current schema, with a
+        branch's patches applied until its first own iteration."""
         if last is None:
-            return self.loop.new_state()
-        return self.loop.state.model_validate(last.state)
+            state = self.loop.new_state()
+        else:
+            state = self.loop.state.model_validate(migrate_state(self.loop, last.state))
+        for event in history:  # a fork's patch, a person's edit, fact or subgoal since that commit
+            if event.data.get("patched_state") is not None and event.iteration == state.iteration:
+                state = self.loop.state.model_validate(migrate_state(self.loop, event.data["patched_state"]))
+        return state
 
     @property
     def client(self) -> Any:
@@ -191,6 +283,11 @@ class Engine:
     def request_stop(self, reason: str = "stopped by a person") -> None:
         """Stop at the next iteration boundary (the iteration in flight completes)."""
         self._stop_requested = reason
+        self.wake()
+
+    def wake(self) -> None:
+        """Look at the control channel now (an in-process sender just wrote to it)."""
+        self._wake.set()
 
     def _emit(self, event: EngineEvent) -> None:
         for sub in self.subscribers:
@@ -220,30 +317,52 @@ class Engine:
         )
         self._session_start = time.monotonic()
         self._elapsed_base = self.spend.elapsed_s
+        heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while True:
                 self._tick()
-                self._check_boundary()
+                await self._boundary()
                 await self._iteration(self.state.iteration + 1)
         except _Stop as stop:
             return self._finish(stop.reason, stop.message)
         except ModelError as exc:
             return self._finish(TerminationReason.FATAL_ERROR, str(exc))
         except InterruptedSideEffect as exc:
-            return self._finish(TerminationReason.WAITING, f"{exc}; a person must decide before it resumes")
+            self._pending_side_effect(exc.key, "interrupted", exc.record.tool, exc.record.args, exc.record.run_id,
+                                      exc.record.iteration)
+            return self._finish(
+                TerminationReason.WAITING,
+                f"{exc}; `loopterm resume {self.run_id} --side-effects reexecute` runs it again",
+            )
+        except SideEffectNeedsDecision as exc:
+            self._pending_side_effect(exc.key, "already_made", exc.tool, exc.call_args, exc.earlier.run_id,
+                                      exc.earlier.iteration)
+            return self._finish(
+                TerminationReason.WAITING,
+                f"{exc} (`loopterm resume {self.run_id} --side-effects reuse|reexecute`)",
+            )
         except asyncio.CancelledError:
             self._finish(TerminationReason.STOPPED, "interrupted; `loopterm resume` continues it")
             raise
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            self.journal.update_run(self.run_id, updated_at=self.clock())
 
     def _tick(self) -> None:
         self.spend.elapsed_s = self._elapsed_base + (time.monotonic() - self._session_start)
 
-    def _check_boundary(self) -> None:
-        """Everything that can end the run between iterations, before any spend."""
-        for command in self.journal.pending_commands(self.run_id):
-            self.journal.consume_command(command.id or 0)
-            if command.kind == "stop":
-                self._stop_requested = str(command.payload.get("reason") or "stopped by a person")
+    async def _boundary(self) -> None:
+        """Everything between iterations: a person's commands, a pause, then every reason to end."""
+        self._obey()
+        while (self.paused or self.awaiting_person) and not self._stop_requested:
+            await self._wait()
+        for name, until in list(self.relax_until.items()):
+            if self.state.iteration >= until:
+                self._apply(Restore(invariant=name, reason=f"relaxation expired at iteration {until}"))
         if self._stop_requested:
             raise _Stop(TerminationReason.STOPPED, self._stop_requested)
         if self.state.iteration >= self.max_iterations:
@@ -254,6 +373,95 @@ class Engine:
         stalled = self._stalled()
         if stalled:
             raise _Stop(TerminationReason.STALLED, stalled)
+
+    async def _wait(self) -> None:
+        """Sleep until woken or the poll interval passes, then read the control channel."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        except asyncio.TimeoutError:
+            pass
+        self._obey()
+
+    def _obey(self) -> None:
+        for row in self.journal.pending_commands(self.run_id):
+            self.journal.consume_command(row.id or 0)
+            try:
+                command = parse_command(row.kind, row.payload)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                self._applied(row.kind, False, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+                continue
+            self._apply(command)
+
+    def _applied(self, kind: str, ok: bool, detail: str) -> None:
+        if not ok:
+            self.journal.append_event(self.run_id, "command_rejected", {"command": kind, "error": detail},
+                                      self.state.iteration)
+        self._emit(CommandApplied(run_id=self.run_id, command=kind, ok=ok, detail=detail))
+
+    def _set_status(self, status: Status, message: str = "") -> None:
+        self.journal.update_run(self.run_id, status=status.value, message=message or None, updated_at=self.clock())
+        self.journal.append_event(self.run_id, "status_changed", {"status": status.value, "message": message},
+                                  self.state.iteration)
+        self._emit(StatusChanged(run_id=self.run_id, status=status.value, message=message))
+
+    def _patched(self, kind: str, state: LoopState, data: dict[str, Any]) -> None:
+        """Adopt a person's change to the state; the event holds the result so a restart keeps it."""
+        self.state = state
+        self.journal.append_event(self.run_id, kind, {**data, "patched_state": state.model_dump(mode="json")},
+                                  state.iteration)
+
+    def _apply(self, command: Command) -> None:
+        """One command from a person; refusals change nothing and say why."""
+        if isinstance(command, Pause):
+            self.paused, self.stepping = True, False
+            self._set_status(Status.PAUSED, "paused by a person")
+        elif isinstance(command, Resume):
+            self.paused = self.stepping = self.awaiting_person = False
+            self._set_status(Status.RUNNING)
+        elif isinstance(command, Step):
+            self.paused, self.stepping, self.awaiting_person = False, True, False
+            self._set_status(Status.STEPPING, "one iteration, then pause")
+        elif isinstance(command, Stop):
+            self._stop_requested = command.reason
+            self.awaiting_person = False
+        elif isinstance(command, EditState):
+            try:
+                edited = self.loop.state.model_validate({**command.state, "iteration": self.state.iteration})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                self._applied(command.kind, False, f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}")
+                return
+            self._patched("state_edited", edited, {"reason": command.reason})
+        elif isinstance(command, Relax):
+            if self.loop.invariants and command.invariant not in {i.name for i in self.loop.invariants}:
+                self._applied(command.kind, False, f"no invariant {command.invariant!r}")
+                return
+            self.relaxed[command.invariant] = command.reason
+            until = self.state.iteration + command.iterations if command.iterations else None
+            if until is not None:
+                self.relax_until[command.invariant] = until
+            self.journal.append_event(self.run_id, "invariant_relaxed",
+                                      {"invariant": command.invariant, "reason": command.reason, "until": until},
+                                      self.state.iteration)
+        elif isinstance(command, Restore):
+            self.relaxed.pop(command.invariant, None)
+            self.relax_until.pop(command.invariant, None)
+            self.journal.append_event(self.run_id, "invariant_restored",
+                                      {"invariant": command.invariant, "reason": command.reason}, self.state.iteration)
+        elif isinstance(command, AddFact):
+            memory = self.state.memory.model_copy(update={"facts": [*self.state.memory.facts, command.fact]})
+            self._patched("fact_added", self.state.model_copy(update={"memory": memory}), {"fact": command.fact})
+        elif isinstance(command, SetSubgoal):
+            memory = self.state.memory.model_copy(update={"subgoal": command.subgoal})
+            self._patched("subgoal_set", self.state.model_copy(update={"memory": memory}), {"subgoal": command.subgoal})
+        elif isinstance(command, (Approve, Deny)):
+            self.approvals[command.key] = command
+            kind = "approved" if isinstance(command, Approve) else "denied"
+            self.journal.append_event(self.run_id, kind, command.model_dump(mode="json", exclude={"kind"}),
+                                      self.state.iteration + 1)
+        self._applied(command.kind, True, "")
 
     def _stalled(self) -> str | None:
         k = self.loop.stall_window
@@ -293,8 +501,19 @@ class Engine:
         if decision.action is not None:
             tool = self.loop.tool(decision.action.tool)
             assert tool is not None  # parse_decision checked the name
-            tool_record, key = await self.executor.execute(tool, decision.action.args, n, self.workspace)
-            tool_call = {"tool": tool.name, "args": decision.action.args, "key": key}
+            args = decision.action.args
+            verdict = await self._approval(tool, args, n) if tool.needs_approval else None
+            if isinstance(verdict, Deny):
+                key = idempotency_key(self.run_id, n, tool.name, args)
+                tool_record = ToolRecord(iteration=n, tool=tool.name, args=args, ok=False,
+                                         error=f"denied by a person: {verdict.reason}")
+            else:
+                if isinstance(verdict, Approve) and verdict.args is not None:
+                    args = tool.validate_args(verdict.args)
+                tool_record, key = await self.executor.execute(tool, args, n, self.workspace)
+            tool_call = {"tool": tool.name, "args": args, "key": key}
+            if verdict is not None:
+                tool_call["approval"] = verdict.kind
 
         gates: list[GateResult] = []
         for gate in self.loop.gates:
@@ -304,6 +523,8 @@ class Engine:
                 break
 
         state = self._next_state(n, decision, tool_record, gates)
+        if self.loop.observe is not None:
+            state = self.loop.observe(state, decision, tool_record, gates)
         status, violated = self._check_invariants(state)
         state.invariant_status = status
         state, remediations, stop = self._remediate(state, violated)
@@ -336,10 +557,41 @@ class Engine:
         self.recent.append(_outcome(record))
         self.confidences.append(decision.confidence)
         self._emit(IterationCommitted(record=record))
+        if stop is not None and stop.reason is TerminationReason.WAITING:
+            self._escalate(n, state, violated, stop.message)
+            if self.wait_on_person:  # wait here for a person's answer (resume or stop), from this screen or `watch`
+                self.awaiting_person = True
+                self._set_status(Status.ESCALATED, stop.message)
+                return
         if stop is not None:
-            if stop.reason is TerminationReason.WAITING:
-                self._escalate(n, state, violated, stop.message)
             raise stop
+        if self.stepping:
+            self.stepping, self.paused = False, True
+            self._set_status(Status.PAUSED, f"paused after stepping iteration {n}")
+
+    async def _approval(self, tool: Tool, args: dict[str, Any], n: int) -> Approve | Deny:
+        """A person's verdict on a call that needs approval; waits for it (or ends the run, waiting)."""
+        key = idempotency_key(self.run_id, n, tool.name, args)
+        if key not in self.approvals:
+            self.journal.append_event(self.run_id, "approval_pending", {"key": key, "tool": tool.name, "args": args}, n)
+            self._emit(ApprovalNeeded(run_id=self.run_id, n=n, key=key, tool=tool.name, args=args))
+            message = f"tool {tool.name!r} needs approval (iteration {n})"
+            if not self.wait_on_person:
+                raise _Stop(TerminationReason.WAITING, f"{message}; approve or deny it from `loopterm watch {self.run_id}`")
+            self._set_status(Status.ESCALATED, message)
+            while key not in self.approvals and not self._stop_requested:
+                await self._wait()
+            if self._stop_requested:
+                raise _Stop(TerminationReason.STOPPED, self._stop_requested)
+            self._set_status(Status.RUNNING)
+        verdict = self.approvals[key]
+        if isinstance(verdict, Approve) and verdict.args is not None:
+            try:
+                tool.validate_args(verdict.args)
+            except ValueError as exc:  # edited arguments that do not fit: refuse the edit, keep the model's
+                self._applied("approve", False, str(exc))
+                return Approve(key=key, reason=verdict.reason)
+        return verdict
 
     async def _decide(self, n: int, started: float) -> Intent:
         """Ask the model, with a bounded repair for invalid replies; budget-checked before every call."""
@@ -480,6 +732,16 @@ class Engine:
         }
         self.journal.append_event(self.run_id, "escalated", packet, n)
         self._emit(Escalated(run_id=self.run_id, n=n, packet=packet))
+
+    def _pending_side_effect(
+        self, key: str, why: str, tool: str, args: dict[str, Any], earlier_run: str, earlier_iteration: int
+    ) -> None:
+        self.journal.append_event(
+            self.run_id, "side_effect_pending",
+            {"key": key, "why": why, "tool": tool, "args": args, "earlier_run": earlier_run,
+             "earlier_iteration": earlier_iteration},
+            self.state.iteration + 1,
+        )
 
     def _finish(self, reason: TerminationReason, message: str) -> RunRecord:
         status = status_for(reason)

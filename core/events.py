@@ -49,6 +49,34 @@ class Escalated(BaseModel):
     packet: dict[str, Any]
 
 
+class StatusChanged(BaseModel):
+    """Paused, stepping, running again, waiting on a person (for approval or an escalation)."""
+
+    kind: Literal["status_changed"] = "status_changed"
+    run_id: str
+    status: str
+    message: str = ""
+
+
+class ApprovalNeeded(BaseModel):
+    kind: Literal["approval_needed"] = "approval_needed"
+    run_id: str
+    n: int
+    key: str
+    tool: str
+    args: dict[str, Any]
+
+
+class CommandApplied(BaseModel):
+    """A person's command took effect (or was refused, with the reason)."""
+
+    kind: Literal["command_applied"] = "command_applied"
+    run_id: str
+    command: str
+    ok: bool
+    detail: str = ""
+
+
 class RunFinished(BaseModel):
     kind: Literal["run_finished"] = "run_finished"
     run_id: str
@@ -57,4 +85,7 @@ class RunFinished(BaseModel):
     message: str
 
 
-EngineEvent = RunStarted | IterationStarted | ModelRetry | IterationCommitted | Escalated | RunFinished
+EngineEvent = (
+    RunStarted | IterationStarted | ModelRetry | IterationCommitted | Escalated | StatusChanged | ApprovalNeeded
+    | CommandApplied | RunFinished
+)

@@ -17,7 +17,13 @@ _SECRET_SUFFIXES = ("_API_KEY", "_API_TOKEN", "_SECRET", "_SECRET_KEY", "_ACCESS
 
 
 def scrubbed_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.upper().endswith(_SECRET_SUFFIXES)}
+    """The environment for tools and gates: no provider keys, and a fixed terminal width so
+    a gate's output (pytest's summary lines) does not depend on where loopterm runs: it
+    reaches the next prompt, and a replay compares prompts."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith(_SECRET_SUFFIXES)}
+    env["COLUMNS"] = "80"
+    env.pop("LINES", None)
+    return env
 
 
 class GateResult(BaseModel):

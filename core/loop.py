@@ -18,9 +18,10 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loopterm.core.budget import Budget
+from loopterm.core.decision import Decision
 from loopterm.core.gates import CommandGate, GateResult
 from loopterm.core.invariants import Invariant
-from loopterm.core.state import LoopState
+from loopterm.core.state import LoopState, ToolRecord
 from loopterm.core.tools import Tool
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -50,6 +51,9 @@ class Loop(BaseModel):
     stall_window: int = Field(default=3, ge=2)  # k identical actions / subgoals / outcomes in a row
     max_repairs: int = Field(default=2, ge=0)  # repair attempts for an invalid reply
     workspace_files: Path | None = None  # copied into each run's workspace before it starts
+    migrations: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = Field(default_factory=dict)
+    # The observation step: fold what happened into the loop's own state fields (pure: return a new state).
+    observe: Callable[[LoopState, Decision, ToolRecord | None, list[GateResult]], LoopState] | None = None
     converged: Callable[[LoopState, list[GateResult]], bool] | None = None
     initial_state: Callable[[], LoopState] | None = None
 

@@ -338,6 +338,15 @@ def check_model(model: str, script: Path | None = None, *, api_base: str | None 
                 f"(the examples ship one), or pick another --model such as {EXAMPLE_MODEL}"
             )
         return
+    if model.startswith("replay/"):
+        from loopterm.core.replay import registered_recording
+
+        if registered_recording(model.removeprefix("replay/")) is None:
+            raise ConfigError(
+                f"model {model} answers only with a recording; use `loopterm replay {model.removeprefix('replay/')}`, "
+                f"or pick another --model such as {EXAMPLE_MODEL}"
+            )
+        return
 
     litellm = _litellm()
     try:

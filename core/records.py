@@ -22,8 +22,9 @@ class RunRecord(BaseModel):
     workspace: str
     created_at: float
     updated_at: float
-    parent_run: str | None = None
-    fork_iteration: int | None = None
+    parent_run: str | None = None  # a fork's parent, or the run a replay re-drives
+    fork_iteration: int | None = None  # the parent's iteration this run continues from (0 = from the start)
+    origin: str = "run"  # "run" | "fork" | "replay"
     max_iterations: int
     budget: dict[str, Any] = Field(default_factory=dict)
     iterations: int = 0

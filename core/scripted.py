@@ -17,7 +17,9 @@ TURN is a STEP or a list of STEPs; STEP is a string (the reply text) or
 picks turns[n-1]; within a list turn, provider call k (0-based, retries and
 repairs included) picks step min(k, len-1).
 
-litellm is imported lazily (see ``loopterm.core.model._litellm``).
+litellm is imported lazily (see ``loopterm.core.model._litellm``). The registration
+and the litellm handler base (``register_custom_model``, ``step_handler_class``)
+are shared with the ``replay/<run>`` provider (``loopterm.core.replay``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -166,7 +168,7 @@ def load_script(path: Path) -> Script:
 
 _scripts: dict[str, Script] = {}
 _lock = threading.Lock()
-_provider_registered = False
+_registered_providers: set[str] = set()
 
 
 def registered_script(name: str) -> Script | None:
@@ -182,54 +184,70 @@ def register_script(name: str, path: Path) -> None:
     if not name or "/" in name:
         raise ConfigError(f"bad scripted model name {name!r}: use scripted/<name> with a plain name")
     script = load_script(path)
+    with _lock:
+        _scripts[name] = script
+    register_custom_model(PROVIDER, name, script.price, _handler_class)
+
+
+# ----------------------------------------------------------------------------- shared with replay
+
+
+def register_custom_model(
+    provider: str, name: str, price: Price, handler_class: Callable[[ModuleType], type]
+) -> None:
+    """Register ``<provider>/<name>`` with litellm at ``price``, and (once) the provider's handler.
+
+    The machinery every offline provider shares (``scripted/``, ``replay/``): the
+    model's price and context sizes go into litellm's model map, so token counts
+    and cost come from litellm itself; ``handler_class(litellm)`` builds the
+    litellm.CustomLLM subclass that answers the provider's calls.
+    """
     from loopterm.core.model import _litellm  # the one place litellm is imported
 
     litellm = _litellm()
     litellm_log = logging.getLogger("LiteLLM")
     with _lock:
-        _scripts[name] = script
         level = litellm_log.level
         litellm_log.setLevel(logging.ERROR)  # it warns that a custom price has no cache-token cost
         try:
             litellm.register_model(
                 {
-                    f"{PROVIDER}/{name}": {
-                        "input_cost_per_token": script.price.input_cost_per_token,
-                        "output_cost_per_token": script.price.output_cost_per_token,
-                        "litellm_provider": PROVIDER,
+                    f"{provider}/{name}": {
+                        "input_cost_per_token": price.input_cost_per_token,
+                        "output_cost_per_token": price.output_cost_per_token,
+                        "litellm_provider": provider,
                         "mode": "chat",
-                        "max_tokens": script.price.max_output_tokens,
-                        "max_input_tokens": script.price.max_input_tokens,
-                        "max_output_tokens": script.price.max_output_tokens,
+                        "max_tokens": price.max_output_tokens,
+                        "max_input_tokens": price.max_input_tokens,
+                        "max_output_tokens": price.max_output_tokens,
                     }
                 }
             )
         finally:
             litellm_log.setLevel(level)
-        _register_provider(litellm)
+        _register_provider(litellm, provider, handler_class)
 
 
-def _register_provider(litellm: ModuleType) -> None:
-    """Add the scripted handler to litellm.custom_provider_map exactly once."""
-    global _provider_registered
-    if _provider_registered or any(
-        item.get("provider") == PROVIDER for item in litellm.custom_provider_map
+def _register_provider(litellm: ModuleType, provider: str, handler_class: Callable[[ModuleType], type]) -> None:
+    """Add the provider's handler to litellm.custom_provider_map exactly once."""
+    if provider in _registered_providers or any(
+        item.get("provider") == provider for item in litellm.custom_provider_map
     ):
-        _provider_registered = True
+        _registered_providers.add(provider)
         return
     litellm.custom_provider_map = [
         *litellm.custom_provider_map,
-        {"provider": PROVIDER, "custom_handler": _handler_class(litellm)()},
+        {"provider": provider, "custom_handler": handler_class(litellm)()},
     ]
     # Make get_llm_provider / token_counter / cost lookups know the provider too,
     # not only the completion path (which runs this setup itself).
     from litellm.utils import custom_llm_setup
 
     custom_llm_setup()
-    _provider_registered = True
+    _registered_providers.add(provider)
 
 
-def _selection(litellm_params: dict[str, Any] | None) -> tuple[int, int]:
+def call_selection(litellm_params: dict[str, Any] | None) -> tuple[int, int]:
     """(iteration, call) from the caller's metadata; (1, 0) when absent (a bare litellm call)."""
     metadata = (litellm_params or {}).get("metadata") or {}
     ours = metadata.get("loopterm") or {}
@@ -245,40 +263,41 @@ def _timeout_seconds(timeout: Any) -> float | None:
     return None
 
 
-def _handler_class(litellm: ModuleType) -> type:
-    """Build the litellm.CustomLLM subclass (lazily: its base class lives in litellm)."""
+_step_classes: dict[int, type] = {}
+
+
+def step_handler_class(litellm: ModuleType) -> type:
+    """The litellm.CustomLLM base of the offline providers (built lazily: its base lives in litellm).
+
+    A subclass sets ``provider`` and implements ``plan(model, messages, iteration, call)``,
+    returning the Step to answer with (content or an HTTP error, after a delay) or
+    raising ``self.error(...)``. Answering, token usage and error mapping are shared,
+    so every offline provider goes through the same litellm code paths as a real one.
+    """
+    cached = _step_classes.get(id(litellm))
+    if cached is not None:
+        return cached
     from litellm.llms.custom_llm import CustomLLMError
 
-    class ScriptedLLM(litellm.CustomLLM):  # type: ignore[name-defined,misc]
-        """Answers ``scripted/<name>`` calls from the registered script."""
+    class StepLLM(litellm.CustomLLM):  # type: ignore[name-defined,misc]
+        provider = ""
 
-        def _plan(self, model: str, litellm_params: dict[str, Any] | None) -> tuple[Step | None, str]:
-            script = _scripts.get(model)
-            if script is None:
-                raise litellm.NotFoundError(
-                    message=f"no script registered for {PROVIDER}/{model}", model=model, llm_provider=PROVIDER
-                )
-            iteration, call = _selection(litellm_params)
-            return script.step(iteration, call), (
-                f"script for {PROVIDER}/{model} exhausted: iteration {iteration} "
-                f"but it has {len(script.turns)} turn(s)"
-            )
+        def plan(self, model: str, messages: list[Any], iteration: int, call: int) -> Step:
+            raise NotImplementedError
 
-        def _error(self, model: str, status: int, message: str) -> Exception:
+        def error(self, model: str, status: int, message: str) -> Exception:
             """An exception that comes out of litellm with exactly ``status``, like a real provider's."""
             if status == 400 and any(m in message.lower() for m in _CONTEXT_MARKERS):
-                return litellm.ContextWindowExceededError(message=message, model=model, llm_provider=PROVIDER)
+                return litellm.ContextWindowExceededError(message=message, model=model, llm_provider=self.provider)
             if status in _KEPT_BY_CUSTOM_PATH or 500 <= status <= 599:
                 return CustomLLMError(status_code=status, message=message)
-            return litellm.APIError(status_code=status, message=message, llm_provider=PROVIDER, model=model)
+            return litellm.APIError(status_code=status, message=message, llm_provider=self.provider, model=model)
 
-        def _answer(
-            self, model: str, step: Step, messages: list[Any], model_response: Any
-        ) -> Any:
+        def _answer(self, model: str, step: Step, messages: list[Any], model_response: Any) -> Any:
             if step.error is not None:
-                raise self._error(model, step.error.status, step.error.message)
+                raise self.error(model, step.error.status, step.error.message)
             content = step.text()
-            full = f"{PROVIDER}/{model}"
+            full = f"{self.provider}/{model}"
             model_response.choices[0].message.content = content
             model_response.choices[0].finish_reason = "stop"
             model_response.model = full
@@ -312,15 +331,41 @@ def _handler_class(litellm: ModuleType) -> type:
             timeout: Any = None,
             client: Any = None,
         ) -> Any:
-            step, exhausted = self._plan(model, litellm_params)
-            if step is None:
-                raise self._error(model, 400, exhausted)
+            iteration, call = call_selection(litellm_params)
+            step = self.plan(model, messages, iteration, call)
             limit = _timeout_seconds(timeout)
             if step.delay:
                 if limit is not None and step.delay > limit:
                     await asyncio.sleep(limit)
-                    raise self._error(model, 408, f"scripted reply took longer than the {limit:g}s timeout")
+                    raise self.error(model, 408, f"{self.provider} reply took longer than the {limit:g}s timeout")
                 await asyncio.sleep(step.delay)
             return self._answer(model, step, messages, model_response)
+
+    _step_classes[id(litellm)] = StepLLM
+    return StepLLM
+
+
+def _handler_class(litellm: ModuleType) -> type:
+    """The handler of ``scripted/<name>`` calls."""
+
+    class ScriptedLLM(step_handler_class(litellm)):  # type: ignore[misc]
+        """Answers ``scripted/<name>`` calls from the registered script."""
+
+        provider = PROVIDER
+
+        def plan(self, model: str, messages: list[Any], iteration: int, call: int) -> Step:
+            script = _scripts.get(model)
+            if script is None:
+                raise litellm.NotFoundError(
+                    message=f"no script registered for {PROVIDER}/{model}", model=model, llm_provider=PROVIDER
+                )
+            step = script.step(iteration, call)
+            if step is None:
+                raise self.error(
+                    model, 400,
+                    f"script for {PROVIDER}/{model} exhausted: iteration {iteration} "
+                    f"but it has {len(script.turns)} turn(s)",
+                )
+            return step
 
     return ScriptedLLM

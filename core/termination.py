@@ -25,6 +25,7 @@ class Status(str, Enum):
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"
+    STEPPING = "stepping"  # running exactly one iteration, then pausing
     ESCALATED = "escalated"
     CONVERGED = "converged"
     TERMINATED = "terminated"  # ended without converging (max iterations, budget, stalled)
@@ -37,7 +38,7 @@ class Status(str, Enum):
 
     @property
     def resumable(self) -> bool:
-        return self in (Status.CREATED, Status.RUNNING, Status.PAUSED, Status.ESCALATED, Status.FAILED)
+        return self not in (Status.CONVERGED,)
 
 
 def status_for(reason: TerminationReason) -> Status:

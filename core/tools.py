@@ -15,13 +15,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from loopterm.core.persistence import Journal
 from loopterm.core.records import ToolCallRecord
 from loopterm.core.state import ToolRecord
+
+
+RewindPolicy = Literal["reuse", "reexecute", "ask"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,20 @@ class Tool:
     timeout: float = 30.0
     output_cap: int = 16_000
     needs_approval: bool = False
+    on_rewind: RewindPolicy | None = None
+    workspace_only: bool = False  # its effects live only in the run's own workspace
+
+    @property
+    def rewind_policy(self) -> RewindPolicy:
+        """What a branch or replay does when it reaches a call an earlier run already made.
+
+        reuse: answer with the recorded result; reexecute: run it again (right for
+        effects confined to the run's own workspace); ask: stop and let a person
+        decide (the default for side-effecting tools).
+        """
+        if self.on_rewind is not None:
+            return self.on_rewind
+        return "ask" if self.side_effects and not self.workspace_only else "reexecute"
 
     def schema(self) -> dict[str, Any]:
         """The JSON schema of the arguments, shown to the model."""
@@ -71,6 +88,8 @@ def tool(
     timeout: float = 30.0,
     output_cap: int = 16_000,
     needs_approval: bool = False,
+    on_rewind: RewindPolicy | None = None,
+    workspace_only: bool = False,
 ) -> Any:
     """Declare a tool. Its typed parameters (after an optional `ctx: ToolContext`) are its arguments."""
 
@@ -95,6 +114,8 @@ def tool(
             timeout=timeout,
             output_cap=output_cap,
             needs_approval=needs_approval,
+            on_rewind=on_rewind,
+            workspace_only=workspace_only,
         )
 
     return wrap(fn) if fn is not None else wrap
@@ -127,6 +148,27 @@ class InterruptedSideEffect(Exception):
             "it may or may not have taken effect"
         )
         self.record = record
+        self.key = record.key
+
+
+class SideEffectNeedsDecision(Exception):
+    """A branch reached a side-effecting call an earlier run already made, and the tool says: ask."""
+
+    def __init__(self, key: str, tool: str, args: dict[str, Any], earlier: ToolCallRecord) -> None:
+        super().__init__(
+            f"tool {tool!r} was already called with these arguments by run {earlier.run_id} at iteration "
+            f"{earlier.iteration}; reuse its result or execute it again?"
+        )
+        self.key = key
+        self.tool = tool
+        self.call_args = args  # not `args`: that is BaseException's, and str() reads it
+        self.earlier = earlier
+
+
+class PriorCalls(Protocol):
+    """Calls that a related run (an ancestor of a branch, the recording of a replay) already made."""
+
+    def find(self, tool: str, args: dict[str, Any], iteration: int) -> ToolCallRecord | None: ...
 
 
 def cap_text(text: str, limit: int) -> str:
@@ -137,9 +179,19 @@ def cap_text(text: str, limit: int) -> str:
 
 @dataclass
 class ToolExecutor:
+    """Runs tool calls exactly once per run, and decides what a rewound run does with earlier calls.
+
+    `answers` holds a person's decisions for pending calls, by idempotency key:
+    "reuse" or "reexecute". `replaying` turns "ask" into "reuse": a replay
+    answers side effects from the recording, it never fires them.
+    """
+
     journal: Journal
     run_id: str
     clock: Callable[[], float] = field(default=time.time)
+    prior: PriorCalls | None = None
+    replaying: bool = False
+    answers: dict[str, str] = field(default_factory=dict)
 
     async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path) -> tuple[ToolRecord, str]:
         """Run (or recall) one call; returns the record and its idempotency key."""
@@ -148,16 +200,37 @@ class ToolExecutor:
         if known is not None and known.status == "done" and known.result is not None:
             return ToolRecord.model_validate({**known.result, "reused": True}), key
         if known is not None and known.status == "started" and not tool.idempotent:
-            raise InterruptedSideEffect(known)
-        self.journal.tool_call_started(
-            ToolCallRecord(
-                key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=args,
-                status="started", started_at=self.clock(),
-            )
+            if self.answers.get(key) != "reexecute":
+                raise InterruptedSideEffect(known)
+        started = ToolCallRecord(
+            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=args,
+            status="started", started_at=self.clock(),
         )
+        earlier = self._earlier(tool, args, iteration)
+        if earlier is not None and self._policy(tool, key, earlier, args) == "reuse":
+            assert earlier.result is not None
+            record = ToolRecord.model_validate({**earlier.result, "iteration": iteration, "reused": True})
+            self.journal.tool_call_started(started)
+            self.journal.tool_call_finished(key, record.model_dump(), self.clock())
+            return record, key
+        self.journal.tool_call_started(started)
         record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key))
         self.journal.tool_call_finished(key, record.model_dump(), self.clock())
         return record, key
+
+    def _earlier(self, tool: Tool, args: dict[str, Any], iteration: int) -> ToolCallRecord | None:
+        if not tool.side_effects or self.prior is None:
+            return None
+        found = self.prior.find(tool.name, args, iteration)
+        return found if found is not None and found.result is not None else None
+
+    def _policy(self, tool: Tool, key: str, earlier: ToolCallRecord, args: dict[str, Any]) -> str:
+        policy: str = tool.rewind_policy
+        if policy == "ask":
+            policy = "reuse" if self.replaying else self.answers.get(key, "ask")
+        if policy == "ask":
+            raise SideEffectNeedsDecision(key, tool.name, args, earlier)
+        return policy
 
     async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext) -> ToolRecord:
         call_args = (ctx,) if tool.wants_context else ()

@@ -1,9 +1,10 @@
-"""Built-in loops shipped in the wheel, addressable by name (`loopterm run codefix`)."""
+"""Built-in loops shipped in the wheel, addressable by name (`loopterm run demo`)."""
 
 # name -> "module:variable"; the loader imports lazily so listing names costs nothing.
 BUILTIN_LOOPS: dict[str, str] = {
+    "demo": "loopterm.examples.demo.loop:loop",
     "codefix": "loopterm.examples.codefix.loop:loop",
 }
 
-# What `loopterm` with no arguments runs.
-DEFAULT_LOOP = "codefix"
+# What `loopterm` with no arguments runs: the demo shows every supervision feature offline.
+DEFAULT_LOOP = "demo"

@@ -6,19 +6,28 @@ the next starts, and a `loopterm watch` in another process must see it.
 Writes start with BEGIN IMMEDIATE so two processes queue on the busy timeout
 instead of failing with "database is locked" when a read upgrades to a write.
 A lock serialises threads that share one Store (the TUI reads from workers).
+
+Schema 2 stores each iteration's state as a delta against the one before, with
+a keyframe every 64 iterations whose long lists are shared content-addressed
+chunks (states.py, delta.py), and prompts by section (prompts.py). Reads are
+lineage-aware: a branch (parent_run P, fork_iteration N) shows P's iterations
+1..N, recursively, then its own, without any of them being copied.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from pydantic import ValidationError
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
@@ -31,11 +40,37 @@ from loopterm.core.records import (
     ToolCallRecord,
 )
 from loopterm.store.guard import OTHER_PATH, check_file, classify, one_line
-from loopterm.store.rows import encode, from_row, to_row
-from loopterm.store.schema import create_schema
+from loopterm.store.migrations import upgrade
+from loopterm.store.prompts import decode_prompt, encode_prompt
+from loopterm.store.rows import args_hash, dump_json, encode, from_row, to_row
+from loopterm.store.schema import SCHEMA_VERSION, create_schema
+from loopterm.store.states import (
+    LINEAGE_SQL,
+    NO_END,
+    DamagedStateError,
+    Head,
+    decode_keyframe,
+    fetch_blobs,
+    load_state,
+    owner,
+    put_state,
+    segments,
+)
+from loopterm.store.delta import apply_copy
 
 BUSY_TIMEOUT_MS = 10_000
 SHOWN_MATCHES = 5
+HEADS_KEPT = 8  # runs whose last committed state is kept in memory for the next delta
+PAGE = 256  # iteration rows fetched per query when streaming
+SECTIONS_KEPT = 4096  # prompt sections kept while streaming iterations
+ITERATION_PAGE_SQL = """
+SELECT iterations.*, states.keyframe AS state_keyframe, states.body AS state_body
+FROM iterations LEFT JOIN states ON states.run_id = iterations.run_id AND states.n = iterations.n
+WHERE iterations.run_id = ? AND iterations.n > ? AND iterations.n <= ?
+ORDER BY iterations.n LIMIT ?
+"""
+EXPORT_TYPE = "loopterm-export"
+EXPORT_VERSION = 1
 
 
 class DuplicateIterationError(ValueError):
@@ -51,6 +86,9 @@ class Store:
         self._path = path
         self._clock = clock
         self._lock = threading.RLock()
+        self._heads: OrderedDict[str, Head] = OrderedDict()
+        self.migrated_from: int | None = None  # the schema version this open upgraded the file from
+        self.backup_path: Path | None = None  # the copy of the file made before that upgrade
 
     # -- opening and closing -------------------------------------------------
 
@@ -62,21 +100,26 @@ class Store:
         not a loopterm database this code can read.
         """
         path = Path(path).expanduser()
-        has_schema = check_file(path, create=create)
+        version = check_file(path, create=create)
         try:
-            if not has_schema:
+            if not version:
                 path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
         except OSError as exc:
             raise ConfigError(f"cannot create {path}: {one_line(exc.strerror or exc)}; check its permissions or {OTHER_PATH}") from None
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}") from None
+        migrated: tuple[int, Path] | None = None
         try:
             db = Database(conn, execute_plugins=False)
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if version and version < SCHEMA_VERSION:
+                # Before foreign keys (a step may rebuild a table) and before any WAL switch,
+                # so a failed upgrade leaves the file byte for byte as it was.
+                migrated = upgrade(db, path)
             db.execute("PRAGMA foreign_keys = ON")
             db.enable_wal()
-            if not has_schema:
+            if not version:
                 cls._init_schema(db, path)
         except ConfigError:
             conn.close()
@@ -84,7 +127,10 @@ class Store:
         except sqlite3.Error as exc:
             conn.close()
             raise ConfigError(f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}") from None
-        return cls(db, path, clock)
+        store = cls(db, path, clock)
+        if migrated is not None:
+            store.migrated_from, store.backup_path = migrated
+        return store
 
     @staticmethod
     def _init_schema(db: Database, path: Path) -> None:
@@ -133,6 +179,21 @@ class Store:
         """Fetch rows eagerly, so no read cursor outlives the lock."""
         with self._lock:
             return list(self._db.table(table).rows_where(where, args, order_by=order_by, limit=limit))
+
+    def _query(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """Run one statement and fetch every row under the lock (inside a write, part of it)."""
+        with self._lock:
+            return self._db.execute(sql, list(params)).fetchall()
+
+    def _dict_rows(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._db.execute(sql, list(params))
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._lock:
+            self._db.conn.executemany(sql, rows)
 
     # -- runs ------------------------------------------------------------------
 
@@ -188,29 +249,187 @@ class Store:
     # -- iterations ------------------------------------------------------------
 
     def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any]) -> None:
-        """Atomically: insert the iteration, update the run's totals, drop the intent for it."""
-        with self._write() as db:
-            if self._rows("iterations", "run_id = ? AND n = ?", [record.run_id, record.n]):
-                raise DuplicateIterationError(f"iteration {record.n} of run {record.run_id} is already committed")
-            db.table("iterations").insert(to_row("iterations", record))
-            self._update_run(record.run_id, run_fields)
-            db.table("intents").delete_where("run_id = ? AND n = ?", [record.run_id, record.n])
+        """Atomically: insert the iteration (its state as a delta), update the run's totals, drop the intent for it."""
+        with self._lock:
+            try:
+                with self._write() as db:
+                    head = self._insert_iteration(record, self._heads)
+                    self._update_run(record.run_id, run_fields)
+                    db.table("intents").delete_where("run_id = ? AND n = ?", [record.run_id, record.n])
+            except BaseException:
+                self._heads.pop(record.run_id, None)  # its state may have moved past what was committed
+                raise
+            self._heads[record.run_id] = head
+            self._heads.move_to_end(record.run_id)
+            while len(self._heads) > HEADS_KEPT:
+                self._heads.popitem(last=False)
+
+    def _insert_iteration(self, record: IterationRecord, heads: dict[str, Head]) -> Head:
+        """The rows of one iteration, inside the caller's write; returns the run's new head."""
+        run_id, n = record.run_id, record.n
+        if self._query("SELECT 1 FROM iterations WHERE run_id = ? AND n = ?", [run_id, n]):
+            raise DuplicateIterationError(f"iteration {n} of run {run_id} is already committed")
+        segs = segments(self._query, run_id, n)
+        holder = owner(segs, n)
+        if segs and holder != run_id:
+            raise DuplicateIterationError(
+                f"iteration {n} of run {run_id} is inherited from run {holder}; a branch's own iterations come after its fork point"
+            )
+        new_blobs: dict[str, str] = {}
+        row = encode("iterations", record.model_dump(exclude={"state", "prompt"}))
+        row["prompt"] = dump_json(encode_prompt(record.prompt, new_blobs))
+        if new_blobs:
+            self._executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
+        self._db.table("iterations").insert(row)
+
+        def base() -> dict[str, Any] | None:
+            if n <= 1:
+                return None
+            try:
+                return load_state(self._query, segs, n - 1)
+            except (KeyError, DamagedStateError):  # no chain to extend: this iteration becomes a keyframe
+                return None
+
+        return put_state(self._query, self._executemany, heads, run_id, n, record.state, base)
 
     def get_iteration(self, run_id: str, n: int) -> IterationRecord | None:
-        rows = self._rows("iterations", "run_id = ? AND n = ?", [run_id, n])
-        return from_row("iterations", IterationRecord, rows[0]) if rows else None
+        """Iteration n of the run's lineage (a branch's n <= fork_iteration comes from its parent, with the parent's run_id)."""
+        with self._lock:
+            segs = segments(self._query, run_id, n)
+            holder = owner(segs, n)
+            if holder is None:
+                return None
+            rows = self._rows("iterations", "run_id = ? AND n = ?", [holder, n])
+            if not rows:
+                return None
+            return self._record(rows[0], load_state(self._query, segs, n), {})
 
     def last_iterations(self, run_id: str, k: int) -> list[IterationRecord]:
-        """The last k committed iterations, oldest first."""
+        """The last k committed iterations of the run's lineage, oldest first."""
         if k <= 0:
             return []
-        rows = self._rows("iterations", "run_id = ?", [run_id], order_by="n DESC", limit=k)
-        return [from_row("iterations", IterationRecord, row) for row in reversed(rows)]
+        with self._lock:
+            first = None
+            for holder, lo, hi in segments(self._query, run_id):
+                rows = self._query(
+                    "SELECT n FROM iterations WHERE run_id = ? AND n > ? AND n <= ? ORDER BY n DESC LIMIT ?", [holder, lo, hi, k]
+                )
+                if rows:
+                    first = rows[-1][0]
+                    k -= len(rows)
+                if k <= 0:
+                    break
+            return [] if first is None else list(self._records(run_id, first=first))
 
-    def iterations(self, run_id: str) -> list[IterationRecord]:
-        """Every committed iteration of this run (not its parent's), by n."""
-        rows = self._rows("iterations", "run_id = ?", [run_id], order_by="n")
-        return [from_row("iterations", IterationRecord, row) for row in rows]
+    def iterations(self, run_id: str, own_only: bool = False) -> list[IterationRecord]:
+        """Every committed iteration of the run's lineage by n (own_only: only those the run itself made).
+
+        Consecutive records share the unchanged parts of their states: treat them as read-only.
+        """
+        return list(self._records(run_id, own_only=own_only))
+
+    def _records(self, run_id: str, *, first: int = 1, own_only: bool = False) -> Iterator[IterationRecord]:
+        """Stream iterations n >= first, a page at a time (no lock held between records).
+
+        Each page reads iterations with their state rows in one statement, so a
+        page is consistent while the run is being written; a delta that does not
+        follow the state before it (a row committed between pages) is resolved
+        by loading that state on its own.
+        """
+        segs = segments(self._query, run_id)
+        state: dict[str, Any] | None = None
+        at = -1
+        chunks: dict[str, list[Any]] = {}
+        sections: dict[str, str] = {}
+        for holder, lo, hi in reversed(segs[:1] if own_only else segs):
+            start = max(lo, first - 1)
+            while start < hi:
+                rows = self._dict_rows(ITERATION_PAGE_SQL, [holder, start, hi, PAGE])
+                for row in rows:
+                    n, keyframe, body = row.pop("n"), row.pop("state_keyframe"), row.pop("state_body")
+                    if body is None:
+                        raise DamagedStateError(f"{self._path}: no stored state for iteration {n} of run {holder}")
+                    if len(chunks) > SECTIONS_KEPT:
+                        chunks.clear()
+                    if keyframe:
+                        state = decode_keyframe(self._query, body, chunks)
+                    elif state is not None and at == n - 1:
+                        state = apply_copy(state, json.loads(body))
+                    else:
+                        state = load_state(self._query, segments(self._query, holder, n), n)
+                    at = n
+                    if len(sections) > SECTIONS_KEPT:
+                        sections.clear()
+                    yield self._record({**row, "n": n}, state, sections)
+                if len(rows) < PAGE:
+                    break
+                start = at
+
+    def _record(self, row: dict[str, Any], state: dict[str, Any], sections: dict[str, str]) -> IterationRecord:
+        """An iteration row back as its record; `sections` caches prompt sections across calls."""
+        prompt = decode_prompt(json.loads(row["prompt"]), sections, lambda hashes: fetch_blobs(self._query, hashes))
+        return from_row("iterations", IterationRecord, {**row, "prompt": prompt, "state": state})
+
+    def state_at(self, run_id: str, n: int) -> dict[str, Any] | None:
+        """The state after iteration n of the run's lineage; None for n = 0 (the loop's initial state).
+
+        Reads one keyframe (its chunks in one query) and at most 63 deltas,
+        however long the run. KeyError if the run or the iteration does not exist.
+        """
+        if n < 0:
+            raise ValueError(f"iteration {n} is negative")
+        with self._lock:
+            segs = segments(self._query, run_id, n)
+            if not segs:
+                self.get_run(run_id)  # KeyError for an unknown run
+                if n == 0:
+                    return None
+            if n == 0:
+                return None
+            try:
+                return load_state(self._query, segs, n)
+            except KeyError:
+                raise KeyError(f"run {run_id} has no iteration {n}") from None
+
+    # -- lineage ---------------------------------------------------------------
+
+    def lineage(self, run_id: str) -> list[RunRecord]:
+        """The run and its ancestors by parent_run, root first and the run last; KeyError for an unknown run."""
+        with self._lock:
+            ids: list[str] = []
+            for ancestor, _, _ in self._query(LINEAGE_SQL, [run_id]):
+                if ancestor in ids:
+                    break
+                ids.append(ancestor)
+            if not ids:
+                raise KeyError(f"no run {run_id!r}")
+            marks = ",".join("?" * len(ids))
+            rows = {row["id"]: row for row in self._rows("runs", f"id IN ({marks})", ids)}
+        return [from_row("runs", RunRecord, rows[ancestor]) for ancestor in reversed(ids)]
+
+    def children(self, run_id: str) -> list[RunRecord]:
+        """The runs whose parent is this one, in creation order."""
+        return [from_row("runs", RunRecord, row) for row in self._rows("runs", "parent_run = ?", [run_id], order_by="rowid")]
+
+    def tree(self) -> list[tuple[int, RunRecord]]:
+        """Every run depth-first under its parent, with its depth (0 for a root), siblings in creation order."""
+        runs = self.list_runs()
+        ids = {run.id for run in runs}
+        kids: dict[str | None, list[RunRecord]] = {}
+        for run in runs:
+            kids.setdefault(run.parent_run if run.parent_run in ids else None, []).append(run)
+        shown: list[tuple[int, RunRecord]] = []
+        seen: set[str] = set()
+        stack = [(0, run) for run in reversed(kids.get(None, []))]
+        while stack:
+            depth, run = stack.pop()
+            if run.id in seen:
+                continue
+            seen.add(run.id)
+            shown.append((depth, run))
+            stack.extend((depth + 1, child) for child in reversed(kids.get(run.id, [])))
+        shown.extend((0, run) for run in runs if run.id not in seen)  # a parent_run cycle (hand-edited file)
+        return shown
 
     # -- events ----------------------------------------------------------------
 
@@ -250,13 +469,34 @@ class Store:
             existing = self._rows("tool_calls", "key = ?", [record.key])
             if existing and existing[0]["status"] == "done":
                 raise ValueError(f"tool call {record.key} already finished; reuse its result instead of running it again")
-            db.table("tool_calls").insert(to_row("tool_calls", record), replace=True)
+            db.table("tool_calls").insert({**to_row("tool_calls", record), "args_hash": args_hash(record.args)}, replace=True)
 
     def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float) -> None:
         with self._write() as db:
             if not self._rows("tool_calls", "key = ?", [key]):
                 raise KeyError(f"no tool call {key!r} was started")
             db.table("tool_calls").update(key, encode("tool_calls", {"status": "done", "result": result, "finished_at": finished_at}))
+
+    def prior_tool_calls(
+        self, run_ids: list[str], tool: str, args: dict[str, Any], after_iteration: dict[str, int] | None = None
+    ) -> list[ToolCallRecord]:
+        """Finished calls of `tool` with equal `args` made by `run_ids` (only at iterations > after_iteration[run]).
+
+        Ordered by the position of their run in `run_ids`, then iteration.
+        """
+        if not run_ids:
+            return []
+        after = after_iteration or {}
+        marks = ",".join("?" * len(run_ids))
+        rows = self._rows(
+            "tool_calls", f"tool = ? AND args_hash = ? AND status = 'done' AND run_id IN ({marks})",
+            [tool, args_hash(args), *run_ids],
+        )
+        position = {run_id: i for i, run_id in reversed(list(enumerate(run_ids)))}
+        calls = [from_row("tool_calls", ToolCallRecord, row) for row in rows]
+        wanted = args_hash(args)
+        calls = [c for c in calls if c.iteration > after.get(c.run_id, -1) and args_hash(c.args) == wanted]
+        return sorted(calls, key=lambda c: (position[c.run_id], c.iteration, c.started_at, c.key))
 
     # -- control channel -------------------------------------------------------
 
@@ -280,6 +520,94 @@ class Store:
             if not self._rows("commands", "id = ?", [command_id]):
                 raise KeyError(f"no command {command_id}")
             db.execute("UPDATE commands SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL", [self._clock(), command_id])
+
+    # -- export and import -----------------------------------------------------
+
+    def export_run(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """The run and its whole lineage as JSON-able dicts, one per line of a JSONL export.
+
+        A header, then for each run of the lineage (root first): the run, its own
+        iterations (full state and prompt), its events (without their local id)
+        and its tool calls. `import_lines` reads it back.
+        """
+        lineage = self.lineage(run_id)
+        yield {"type": EXPORT_TYPE, "version": EXPORT_VERSION}
+        for run in lineage:
+            yield {"type": "run", **run.model_dump()}
+            for record in self._records(run.id, own_only=True):
+                yield {"type": "iteration", **record.model_dump()}
+            for event in self.events(run.id):
+                yield {"type": "event", **event.model_dump(exclude={"id"})}
+            rows = self._rows("tool_calls", "run_id = ?", [run.id], order_by="iteration, started_at, key")
+            for row in rows:
+                yield {"type": "tool_call", **from_row("tool_calls", ToolCallRecord, row).model_dump()}
+
+    def import_lines(self, lines: Iterable[str]) -> list[str]:
+        """Import an export into this database in one transaction; returns the run ids imported.
+
+        Refused with ConfigError, importing nothing: a run id already present,
+        a malformed line (with its number), records of a run the file does not define.
+        """
+        imported: list[str] = []
+        heads: dict[str, Head] = {}  # local: discarded if the import rolls back
+        with self._lock, self._write() as db:
+            header = False
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                where = f"line {number}"
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{where}: not JSON ({exc.msg}); nothing was imported") from None
+                if not isinstance(item, dict):
+                    raise ConfigError(f"{where}: expected a JSON object, got {type(item).__name__}; nothing was imported")
+                kind = item.pop("type", None)
+                if not header:
+                    if kind != EXPORT_TYPE:
+                        raise ConfigError(f"{where}: not a loopterm export (it must start with its header line); nothing was imported")
+                    if item.get("version") != EXPORT_VERSION:
+                        raise ConfigError(
+                            f"{where}: export format version {item.get('version')!r} is not supported "
+                            f"(this loopterm reads version {EXPORT_VERSION}); nothing was imported"
+                        )
+                    header = True
+                    continue
+                try:
+                    self._import_one(db, kind, item, imported, heads)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}; nothing was imported") from None
+                except ValidationError as exc:
+                    error = exc.errors()[0]
+                    field = ".".join(str(part) for part in error["loc"]) or "(record)"
+                    raise ConfigError(f"{where}: invalid {kind} record at {field}: {error['msg']}; nothing was imported") from None
+                except (sqlite3.IntegrityError, ValueError, KeyError, TypeError) as exc:
+                    raise ConfigError(f"{where}: {one_line(exc)}; nothing was imported") from None
+            if not header:
+                raise ConfigError("no loopterm export found (the input is empty); nothing was imported")
+        return imported
+
+    def _import_one(self, db: Database, kind: Any, item: dict[str, Any], imported: list[str], heads: dict[str, Head]) -> None:
+        if kind == "run":
+            run = RunRecord.model_validate(item)
+            if self._query("SELECT 1 FROM runs WHERE id = ?", [run.id]):
+                raise ConfigError(f"run {run.id} is already in {self._path}")
+            db.table("runs").insert(to_row("runs", run))
+            imported.append(run.id)
+            return
+        if kind not in ("iteration", "event", "tool_call"):
+            raise ConfigError(f"unknown record type {kind!r} (expected run, iteration, event or tool_call)")
+        if item.get("run_id") not in imported:
+            raise ConfigError(f"{kind} of run {item.get('run_id')!r}, which no earlier line of this file defines")
+        if kind == "iteration":
+            record = IterationRecord.model_validate(item)
+            heads[record.run_id] = self._insert_iteration(record, heads)
+        elif kind == "event":
+            event = EventRecord.model_validate({**item, "id": None})
+            db.table("events").insert(to_row("events", event))
+        else:
+            call = ToolCallRecord.model_validate(item)
+            db.table("tool_calls").insert({**to_row("tool_calls", call), "args_hash": args_hash(call.args)})
 
 
 def _short(run_id: str, shown: int) -> str:

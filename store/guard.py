@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
-from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES
+from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES_BY_VERSION
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 OTHER_PATH = "pass --db with another path"
@@ -25,9 +25,10 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def check_file(path: Path, *, create: bool) -> bool:
-    """True if `path` holds a usable loopterm database; False if it needs the schema.
+def check_file(path: Path, *, create: bool) -> int:
+    """The schema version of the loopterm database at `path`; 0 if it needs the schema.
 
+    A version below SCHEMA_VERSION is returned as is: the Store migrates it.
     Raises ConfigError (one line: what is wrong, what to do) for anything else.
     """
     missing = f"no loopterm database at {path}; run a loop first or pass --db"
@@ -36,7 +37,7 @@ def check_file(path: Path, *, create: bool) -> bool:
     except FileNotFoundError:
         if not create:
             raise ConfigError(missing) from None
-        return False
+        return 0
     except NotADirectoryError:
         raise ConfigError(f"cannot use {path}: a part of that path is a file, not a folder; {OTHER_PATH}") from None
     except OSError as exc:
@@ -51,7 +52,7 @@ def check_file(path: Path, *, create: bool) -> bool:
     if not header:  # an empty file is an empty SQLite database
         if not create:
             raise ConfigError(missing)
-        return False
+        return 0
     if header != SQLITE_HEADER:
         raise ConfigError(f"{path} is not a SQLite database (it holds other data); {OTHER_PATH}")
     try:
@@ -60,7 +61,7 @@ def check_file(path: Path, *, create: bool) -> bool:
         raise ConfigError(f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}") from None
     try:
         db = Database(conn, recursive_triggers=False, execute_plugins=False)
-        has_schema = classify(db, path)
+        version = classify(db, path)
     except sqlite3.OperationalError as exc:  # locked, unreadable -wal/-shm, ...
         raise ConfigError(f"cannot read {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}") from None
     except sqlite3.DatabaseError as exc:  # corrupt pages, a torn header
@@ -68,9 +69,9 @@ def check_file(path: Path, *, create: bool) -> bool:
         raise ConfigError(f"{path} is a damaged SQLite database ({one_line(exc)}); restore it from a backup or {OTHER_PATH}") from None
     finally:
         conn.close()
-    if not has_schema and not create:
+    if not version and not create:
         raise ConfigError(missing)
-    return has_schema
+    return version
 
 
 def probe_uri(path: Path) -> str:
@@ -88,11 +89,11 @@ def probe_uri(path: Path) -> str:
     return f"{uri}?immutable=1" if wal_format and not sidecar.exists() else f"{uri}?mode=ro"
 
 
-def classify(db: Database, path: Path) -> bool:
-    """True for a loopterm database this code can use, False for an empty one; else ConfigError."""
+def classify(db: Database, path: Path) -> int:
+    """The schema version of a loopterm database this code can use or migrate, 0 for an empty one; else ConfigError."""
     objects = db.execute("SELECT name FROM sqlite_master").fetchall()
     if not objects:
-        return False
+        return 0
     not_ours = f"{path} is a SQLite database but not a loopterm database; {OTHER_PATH}"
     if "meta" not in db.table_names():
         raise ConfigError(not_ours)
@@ -107,12 +108,13 @@ def classify(db: Database, path: Path) -> bool:
         version = int(meta.get("schema_version", ""))
     except ValueError:
         raise ConfigError(f"{damaged} (schema_version {meta.get('schema_version')!r}); restore it from a backup or {OTHER_PATH}") from None
-    # Older versions would be migrated here; version 1 is the first, so none exist yet.
     if version > SCHEMA_VERSION:
         raise ConfigError(f"{path} was written by a newer loopterm (schema {version} > {SCHEMA_VERSION}); upgrade loopterm")
     if version < 1:
         raise ConfigError(f"{damaged} (schema_version {version}); restore it from a backup or {OTHER_PATH}")
-    missing = [name for name in TABLES if name not in db.table_names()]
+    if version not in TABLES_BY_VERSION:
+        raise ConfigError(f"{damaged} (schema_version {version}); restore it from a backup or {OTHER_PATH}")
+    missing = [name for name in TABLES_BY_VERSION[version] if name not in db.table_names()]
     if missing:
         raise ConfigError(f"{damaged} (missing tables: {', '.join(missing)}); restore it from a backup or {OTHER_PATH}")
-    return True
+    return version

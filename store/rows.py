@@ -7,6 +7,7 @@ reading a row back validates into a model equal to the one written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, TypeVar
 
@@ -20,6 +21,12 @@ M = TypeVar("M", bound=BaseModel)
 def dump_json(value: Any) -> str:
     """JSON text for a column; non-ASCII kept as is so large unicode stays compact."""
     return json.dumps(value, ensure_ascii=False)
+
+
+def args_hash(args: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of tool arguments: key order and spacing do not matter."""
+    canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def to_row(table: str, record: BaseModel) -> dict[str, Any]:

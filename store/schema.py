@@ -8,24 +8,25 @@ event log append-only. Row reads and writes go through sqlite-utils.
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlite_utils import Database
 
 APP = "loopterm"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Columns that hold a JSON document (as TEXT); SQL NULL stands for Python None.
+# iterations.prompt (sections by hash) and the state (table `states`) are encoded by the Store.
 JSON_COLUMNS: dict[str, frozenset[str]] = {
     "runs": frozenset({"budget"}),
     "iterations": frozenset(
         {
-            "prompt",
             "decision",
             "tool_call",
             "tool_result",
             "gate_results",
             "invariant_status",
             "remediations",
-            "state",
         }
     ),
     "events": frozenset({"data"}),
@@ -34,9 +35,62 @@ JSON_COLUMNS: dict[str, frozenset[str]] = {
     "commands": frozenset({"payload"}),
 }
 
-TABLES = ("meta", "runs", "iterations", "events", "tool_calls", "intents", "commands")
+# The tables each schema version must have (an older file is migrated, see migrations.py).
+TABLES_BY_VERSION: dict[int, tuple[str, ...]] = {
+    1: ("meta", "runs", "iterations", "events", "tool_calls", "intents", "commands"),
+    2: ("meta", "runs", "iterations", "events", "tool_calls", "intents", "commands", "states", "blobs"),
+}
+TABLES = TABLES_BY_VERSION[SCHEMA_VERSION]
 
-SCHEMA_SQL = """
+# One row per committed iteration. The state is not here but in `states` (a delta
+# or a keyframe per iteration); `prompt` is JSON whose message contents are lists
+# of section references (see prompts.py). Templated so migrations can build it
+# under another name and rename it.
+ITERATIONS_SQL = """
+CREATE TABLE IF NOT EXISTS {name} (
+    run_id           TEXT NOT NULL REFERENCES runs(id),
+    n                INTEGER NOT NULL,
+    started_at       REAL NOT NULL,
+    ended_at         REAL NOT NULL,
+    prompt           TEXT NOT NULL,
+    raw_response     TEXT NOT NULL,
+    decision         TEXT,
+    repairs          INTEGER NOT NULL,
+    tool_call        TEXT,
+    tool_result      TEXT,
+    gate_results     TEXT NOT NULL,
+    invariant_status TEXT NOT NULL,
+    remediations     TEXT NOT NULL,
+    tokens_in        INTEGER NOT NULL,
+    tokens_out       INTEGER NOT NULL,
+    cost_usd         REAL NOT NULL,
+    latency_ms       REAL NOT NULL,
+    model            TEXT NOT NULL,
+    PRIMARY KEY (run_id, n)
+);
+"""
+
+# What schema 2 added to schema 1, apart from the rebuilt iterations table and
+# the two new columns (runs.origin, tool_calls.args_hash).
+V2_ADDITIONS_SQL = """
+CREATE TABLE IF NOT EXISTS states (
+    run_id   TEXT NOT NULL REFERENCES runs(id),
+    n        INTEGER NOT NULL,
+    keyframe INTEGER NOT NULL,
+    body     TEXT NOT NULL,
+    PRIMARY KEY (run_id, n)
+);
+CREATE INDEX IF NOT EXISTS states_keyframes ON states(run_id, n) WHERE keyframe = 1;
+
+CREATE TABLE IF NOT EXISTS blobs (
+    hash TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS tool_calls_by_args ON tool_calls(tool, args_hash);
+"""
+
+_TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -63,33 +117,12 @@ CREATE TABLE IF NOT EXISTS runs (
     cost_usd           REAL NOT NULL,
     elapsed_s          REAL NOT NULL,
     termination_reason TEXT,
-    message            TEXT
+    message            TEXT,
+    origin             TEXT NOT NULL DEFAULT 'run'
 );
 CREATE INDEX IF NOT EXISTS runs_by_parent ON runs(parent_run);
 
-CREATE TABLE IF NOT EXISTS iterations (
-    run_id           TEXT NOT NULL REFERENCES runs(id),
-    n                INTEGER NOT NULL,
-    started_at       REAL NOT NULL,
-    ended_at         REAL NOT NULL,
-    prompt           TEXT NOT NULL,
-    raw_response     TEXT NOT NULL,
-    decision         TEXT,
-    repairs          INTEGER NOT NULL,
-    tool_call        TEXT,
-    tool_result      TEXT,
-    gate_results     TEXT NOT NULL,
-    invariant_status TEXT NOT NULL,
-    remediations     TEXT NOT NULL,
-    tokens_in        INTEGER NOT NULL,
-    tokens_out       INTEGER NOT NULL,
-    cost_usd         REAL NOT NULL,
-    latency_ms       REAL NOT NULL,
-    model            TEXT NOT NULL,
-    state            TEXT NOT NULL,
-    PRIMARY KEY (run_id, n)
-);
-
+{iterations}
 CREATE TABLE IF NOT EXISTS events (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id    TEXT NOT NULL REFERENCES runs(id),
@@ -117,7 +150,8 @@ CREATE TABLE IF NOT EXISTS tool_calls (
     status      TEXT NOT NULL,
     result      TEXT,
     started_at  REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    args_hash   TEXT NOT NULL DEFAULT ''
 );
 
 CREATE TABLE IF NOT EXISTS intents (
@@ -148,6 +182,33 @@ CREATE INDEX IF NOT EXISTS commands_pending ON commands(run_id, id) WHERE consum
 """
 
 
+SCHEMA_SQL = _TABLES_SQL.replace("{iterations}", ITERATIONS_SQL.format(name="iterations")) + V2_ADDITIONS_SQL
+
+
+def statements(script: str) -> list[str]:
+    """Split a script into complete statements (a trigger body's `;` does not end one)."""
+    done: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            done.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:60]!r}")
+    return done
+
+
+def run_script(db: Database, script: str) -> None:
+    """Execute each statement inside the caller's transaction.
+
+    Unlike `executescript`, which commits whatever transaction is open first,
+    this keeps DDL and the rest of a migration in one transaction.
+    """
+    for statement in statements(script):
+        db.execute(statement)
+
+
 def create_schema(db: Database) -> None:
     """Create every table, index and trigger, and stamp the file as ours.
 
@@ -155,7 +216,7 @@ def create_schema(db: Database) -> None:
     the same new file at once both end up with one valid schema. The caller
     holds the write transaction.
     """
-    db.executescript(SCHEMA_SQL)
+    run_script(db, SCHEMA_SQL)
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('app', ?)", [APP])
     db.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",

@@ -325,3 +325,41 @@ class _Forbidden:
 
     async def complete(self, *args: object, **kwargs: object) -> object:
         raise AssertionError("the engine asked the model again on resume")
+
+
+async def test_observe_folds_tool_results_into_the_loops_own_state(tmp_path: Path) -> None:
+    class Notes(LoopState):
+        written: list[str] = []
+
+    def observe(state: LoopState, decision: object, record: object, gates: list) -> LoopState:
+        assert isinstance(state, Notes)
+        text = getattr(record, "args", {}).get("text", "")
+        return state.model_copy(update={"written": [*state.written, text]})
+
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, bad_then_ok(), state=Notes, observe=observe))
+    run = await engine.run()
+    assert run.status == "converged"
+    assert store.iterations(run.id)[-1].state["written"] == ["no", "ok"]
+
+
+async def test_a_running_engine_keeps_a_heartbeat_and_a_killed_one_goes_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import time as _time
+
+    from loopterm.core import engine as engine_module
+    from loopterm.core.engine import alive
+
+    monkeypatch.setattr(engine_module, "HEARTBEAT_S", 0.05)
+    turns = [{"content": decision(text="v", subgoal="s"), "delay": 0.5}]
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, turns, max_iterations=1))
+    task = asyncio.create_task(engine.run())
+    await asyncio.sleep(0.1)
+    first = store.get_run(engine.run_id).updated_at
+    await asyncio.sleep(0.25)
+    during = store.get_run(engine.run_id)
+    assert during.iterations == 0 and during.updated_at > first + 0.15  # touched mid model call
+    assert alive(during)
+    run = await task
+    assert not alive(run)  # finished
+    stale = during.model_copy(update={"updated_at": _time.time() - 60})  # as after a SIGKILL
+    assert not alive(stale)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-iterations", type=_positive_int, metavar="N")
     run.add_argument("--budget-usd", type=_non_negative_float, metavar="X", help="cap on model spend for this run")
     run.add_argument("--budget-tokens", type=_non_negative_int, metavar="N", help="cap on tokens (in + out) for this run")
+    run.add_argument("--no-wait", action="store_true",
+                     help="headless: when the run needs a person (escalation, approval), exit 4 instead of waiting")
 
     runs = sub.add_parser("runs", parents=[db], help="list runs")
     runs.add_argument("--json", action="store_true")
@@ -80,6 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", parents=[db], help="continue a crashed, stopped or escalated run")
     resume.add_argument("run", metavar="RUN")
     resume.add_argument("--max-iterations", type=_positive_int, metavar="N", help="raise the run's iteration cap")
+
+    resume.add_argument("--no-wait", action="store_true", help="exit 4 instead of waiting when a person is needed")
+    resume.add_argument("--side-effects", choices=["reuse", "reexecute"],
+                        help="answer a pending side-effecting call: reuse the recorded result or execute it again")
+
+    fork = sub.add_parser("fork", parents=[db], help="branch a run from one of its iterations",
+                          description="Continue a run from iteration N as a new branch; nothing of the parent is copied.")
+    fork.add_argument("run", metavar="RUN")
+    fork.add_argument("--at", type=_positive_int, required=True, metavar="N", help="the iteration to continue from")
+    fork.add_argument("--set", action="append", default=[], metavar="PATH=JSON",
+                      help="patch the state at N, e.g. memory.subgoal='\"try X\"' (repeatable)")
+    fork.add_argument("--relax", action="append", default=[], metavar="NAME", help="relax an invariant on the branch (repeatable)")
+    fork.add_argument("--model", help="continue with another model")
+    fork.add_argument("--reason", default="", help="why (recorded in the event log)")
+    fork.add_argument("--headless", action="store_true")
+    fork.add_argument("--no-wait", action="store_true", help="exit 4 instead of waiting when a person is needed")
+    fork.add_argument("--dry-run", action="store_true", help="check the fork and list side-effecting calls it may reach again; create nothing")
+
+    export = sub.add_parser("export", parents=[db], help="write a run (its whole lineage) as JSON lines")
+    export.add_argument("run", metavar="RUN")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here instead of standard output")
+
+    imp = sub.add_parser("import", parents=[db], help="import runs from a `loopterm export` file")
+    imp.add_argument("file", type=Path, metavar="FILE")
+
+    replay = sub.add_parser("replay", parents=[db], help="re-drive a run with its recorded model outputs; report divergence",
+                            description="Drive the run's loop (its current definition) with a replay/<run> model that answers "
+                                        "with the recorded responses, and report the first iteration where the decision, gate "
+                                        "results or invariant status diverge. Exit 0 identical, 3 diverged.")
+    replay.add_argument("run", metavar="RUN", help="a run id (a unique prefix is enough)")
+    replay.add_argument("--json", action="store_true")
 
     sub.add_parser("loops", help="list built-in and discovered loops")
     return parser
@@ -117,13 +151,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
-                            budget_tokens=args.budget_tokens)
+                            budget_tokens=args.budget_tokens, wait=not args.no_wait)
     if args.command == "runs":
         return commands.runs(db_path(args), as_json_out=args.json)
     if args.command == "show":
         return commands.show(db_path(args), args.run, iteration=args.iteration, as_json_out=args.json)
     if args.command == "resume":
-        return commands.resume(db_path(args), args.run, max_iterations=args.max_iterations)
+        return commands.resume(db_path(args), args.run, max_iterations=args.max_iterations,
+                               side_effects=args.side_effects, wait=not args.no_wait)
+    if args.command == "fork":
+        return commands.fork(db_path(args), args.run, at=args.at, sets=args.set, relax=args.relax, model=args.model,
+                             reason=args.reason, dry_run=args.dry_run, wait=not args.no_wait)
+    if args.command == "export":
+        return commands.export(db_path(args), args.run, output=args.output)
+    if args.command == "import":
+        return commands.import_file(db_path(args), args.file)
+    if args.command == "replay":
+        return commands.replay(db_path(args), args.run, as_json_out=args.json)
     if args.command == "loops":
         return commands.loops()
     raise AssertionError(args.command)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from loopterm.core.engine import Engine
+from loopterm.core.engine import Engine, new_run_id
+from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import list_loops, load_loop
 from loopterm.core.loop import Loop
+from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
 from loopterm.core.termination import EXIT_CODES, Status
 from loopterm.store import Store
@@ -69,6 +73,7 @@ def run(
     max_iterations: int | None = None,
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
+    wait: bool = True,
 ) -> int:
     loop, ref = load_loop(loop_ref)
     chosen = model or loop.model
@@ -81,12 +86,19 @@ def run(
         budget["tokens"] = budget_tokens
     engine = Engine.create(
         loop, store, loop_ref=ref, model=chosen, max_iterations=max_iterations, budget=budget,
-        workspace_root=db.resolve().parent / "workspaces",
+        workspace_root=db.resolve().parent / "workspaces", wait_on_person=wait,
     )
     return _drive(engine, _console())
 
 
-def resume(db: Path, prefix: str, *, max_iterations: int | None) -> int:
+def _engine_for(store: Store, loop: Loop, run_record: RunRecord, **kwargs: Any) -> Engine:
+    """An engine for an existing run; a branch answers its ancestors' side effects by policy."""
+    prior = AncestorCalls(store, run_record) if run_record.origin == "fork" else None
+    return Engine(loop, store, run_record, prior=prior, **kwargs)
+
+
+def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: str | None = None,
+           wait: bool = True) -> int:
     store = Store.open(db, create=False)
     run_record = store.resolve_run(prefix)
     if run_record.status == Status.CONVERGED.value:
@@ -101,37 +113,123 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None) -> int:
         store.update_run(run_record.id, max_iterations=max_iterations)
         store.append_event(run_record.id, "max_iterations_changed", {"from": run_record.max_iterations, "to": max_iterations})
         run_record = store.get_run(run_record.id)
-    return _drive(Engine(loop, store, run_record), console)
+    answers: dict[str, str] = {}
+    if side_effects is not None:
+        pending = [e for e in store.events(run_record.id) if e.kind == "side_effect_pending"]
+        if not pending:
+            raise ConfigError(f"run {run_record.id} has no pending side-effecting call to answer; drop --side-effects")
+        key = str(pending[-1].data["key"])
+        answers[key] = side_effects
+        store.append_event(run_record.id, "side_effect_answered", {"key": key, "answer": side_effects})
+    return _drive(_engine_for(store, loop, run_record, side_effect_answers=answers, wait_on_person=wait), console)
+
+
+def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], model: str | None, reason: str,
+         dry_run: bool, wait: bool = True) -> int:
+    store = Store.open(db, create=False)
+    parent = store.resolve_run(prefix)
+    loop, _ = load_loop(parent.loop_ref)
+    plan = plan_fork(store, loop, parent, at, sets=sets, relax=relax, model=model, reason=reason)
+    _prepare_model(loop, plan.model)
+    console = _console()
+    if dry_run:
+        console.print(f"fork of run {parent.id} at iteration {at} (model {plan.model}) is valid; nothing was created.")
+        if not plan.may_repeat:
+            console.print("no side-effecting call after that point: the branch cannot repeat one.")
+        for call in plan.may_repeat:
+            console.print(Text(f"  may reach again: iteration {call.n} of run {call.run_id}: {call.tool}"
+                               f"({json.dumps(call.args)[:60]}) -> policy {call.policy}"))
+        return 0
+    run_id = new_run_id()
+    branch = create_fork(store, loop, plan, run_id=run_id, workspace=db.resolve().parent / "workspaces" / run_id)
+    asyncio.run(rebuild_workspace(loop, store, branch))
+    console.print(Text(f"branch {branch.id} of run {parent.id} at iteration {at}"
+                       + (f"; patched {', '.join('.'.join(map(str, p)) for p, _ in plan.patches)}" if plan.patches else "")
+                       + (f"; relaxed {', '.join(plan.relaxed)}" if plan.relaxed else ""), style="cyan"))
+    return _drive(_engine_for(store, loop, branch, wait_on_person=wait), console)
+
+
+def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
+    """Re-drive a run's loop (its current definition) with the recorded model outputs; report the first divergence.
+
+    Exit 0 when the replay is identical, 3 when it diverged.
+    """
+    from loopterm.core.replay import replay as replay_run
+
+    store = Store.open(db, create=False)
+    recorded = store.resolve_run(prefix)
+    if recorded.iterations == 0 and not store.iterations(recorded.id):
+        raise ConfigError(f"run {recorded.id} has no committed iteration to replay; `loopterm runs` lists the others")
+    loop, _ = load_loop(recorded.loop_ref)
+    console = _console()
+    run_id = new_run_id()
+    if not as_json_out:
+        console.print(Text(f"replaying run {recorded.id} ({recorded.iterations} iteration(s), loop {loop.name}) as run {run_id}",
+                           style="cyan"))
+    report = asyncio.run(replay_run(store, loop, recorded, run_id=run_id,
+                                    workspace=db.resolve().parent / "workspaces" / run_id))
+    if as_json_out:
+        print(as_json(report.as_json()))
+        return 0 if report.identical else 3
+    if report.loop_changed:
+        console.print(Text(f"note: loop {loop.name!r} changed since run {recorded.id} was recorded", style="yellow"))
+    d = report.divergence
+    if d is None:
+        console.print(Text.assemble(("✓ identical", "bold green"),
+                                    f": replay {report.replay_run} matches run {report.run} over "
+                                    f"{report.iterations_compared} iteration(s) (decisions, gates, invariants)"))
+        return 0
+    console.print(Text.assemble(("✗ diverged", "bold red"), f" at iteration {d.iteration}: ", (d.kind, "bold"),
+                                f" (replay {report.replay_run} of run {report.run})"))
+    console.print(Text.assemble(("  recorded  ", "bold"), Text(d.recorded)))
+    console.print(Text.assemble(("  replayed  ", "bold"), Text(d.replayed)))
+    if d.detail:
+        console.print(Text(f"  {d.detail}", style="dim"))
+    return 3
 
 
 def runs(db: Path, *, as_json_out: bool) -> int:
-    if not db.exists():
-        records: list[RunRecord] = []
-    else:
-        records = Store.open(db, create=False).list_runs()
+    """Every run, branches indented under their parents."""
+    tree = Store.open(db, create=False).tree() if db.exists() else []
     if as_json_out:
-        print(as_json([r.model_dump() for r in records]))
+        print(as_json([{**r.model_dump(), "depth": depth} for depth, r in tree]))
         return 0
     console = _console()
-    if not records:
+    if not tree:
         console.print(f"no runs yet in {db}; try `loopterm run codefix --headless`")
         return 0
+    labels = {r.id: (("  " * (depth - 1) + f"└ {r.id} @{r.fork_iteration}") if depth else r.id)
+              + (" (replay)" if r.origin == "replay" else "") for depth, r in tree}
     table = Table(box=None, header_style="bold")
-    for col in ("run", "loop", "status", "iter", "tokens", "cost", "model", "started"):
-        table.add_column(col, justify="right" if col in ("iter", "tokens", "cost") else "left")
-    import datetime as dt
-
-    for r in records:
-        started = dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M")
-        table.add_row(r.id, r.loop, status_text(r.status), f"{r.iterations}/{r.max_iterations}",
+    # The id and the tree shape never give way; the other columns shrink first.
+    table.add_column("run", no_wrap=True, min_width=max(len(label) for label in labels.values()))
+    table.add_column("loop", max_width=14, overflow="ellipsis", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for col in ("iter", "tokens", "cost"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("model", max_width=22, overflow="ellipsis", no_wrap=True)
+    table.add_column("started", overflow="ellipsis", no_wrap=True)
+    for _, r in tree:
+        started = dt.datetime.fromtimestamp(r.created_at).strftime("%m-%d %H:%M")
+        table.add_row(labels[r.id], r.loop, status_text(r.status), f"{r.iterations}/{r.max_iterations}",
                       f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.4f}", r.model, started)
     console.print(table)
     return 0
 
 
+def _migrated(run_record: RunRecord, state: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The state as the loop's current schema sees it, or as stored with a note why not."""
+    try:
+        loop, _ = load_loop(run_record.loop_ref)
+        return migrate_state(loop, state), None
+    except ConfigError as exc:
+        return state, f"shown as stored: {exc}"
+
+
 def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> int:
     store = Store.open(db, create=False)
     run_record = store.resolve_run(prefix)
+    lineage = store.lineage(run_record.id)
     console = _console()
     if iteration is not None:
         record = store.get_iteration(run_record.id, iteration)
@@ -139,26 +237,34 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
             raise ConfigError(
                 f"run {run_record.id} has no iteration {iteration} (it has {run_record.iterations}); pick 1..{run_record.iterations}"
             )
+        record.state, note = _migrated(run_record, record.state)
         if as_json_out:
             print(json.dumps(record.model_dump(), indent=2, default=str))
             return 0
         _show_iteration(console, record)
+        if note:
+            console.print(Text(note, style="yellow"))
         return 0
     iterations = store.iterations(run_record.id)
     if as_json_out:
         events = store.events(run_record.id)
-        print(json.dumps({"run": run_record.model_dump(), "iterations": [i.model_dump() for i in iterations],
+        print(json.dumps({"run": run_record.model_dump(), "lineage": [r.id for r in lineage],
+                          "iterations": [i.model_dump() for i in iterations],
                           "events": [e.model_dump() for e in events]}, indent=2, default=str))
         return 0
     console.print(summary(run_record))
+    if len(lineage) > 1:
+        path = " → ".join(f"{r.id}" + (f" @{r.fork_iteration}" if r.parent_run else " (root)") for r in lineage)
+        console.print(Text(f"lineage: {path}", style="cyan"))
     table = Table(box=None, header_style="bold")
-    for col in ("n", "action", "subgoal", "conf", "gates", "inv", "tokens", "cost", "ms"):
+    for col in ("n", "run", "action", "subgoal", "conf", "gates", "inv", "tokens", "cost", "ms"):
         table.add_column(col, justify="right" if col in ("n", "conf", "tokens", "cost", "ms") else "left")
     for r in iterations:
         d = r.decision or {}
-        table.add_row(str(r.n), action_label(r), Text(str(d.get("subgoal", ""))[:50]), f"{float(d.get('confidence', 0)):.2f}",
-                      gates_text(r), invariants_text(r), f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.6f}",
-                      f"{r.latency_ms:.0f}")
+        owner = "" if r.run_id == run_record.id else f"↑{r.run_id[:6]}"
+        table.add_row(str(r.n), owner, action_label(r), Text(str(d.get("subgoal", ""))[:50]),
+                      f"{float(d.get('confidence', 0)):.2f}", gates_text(r), invariants_text(r),
+                      f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.6f}", f"{r.latency_ms:.0f}")
     console.print(table)
     return 0
 
@@ -181,6 +287,37 @@ def _show_iteration(console: Console, r: Any) -> None:
     console.print(Text.assemble(("spend       ", "bold"), f"{r.tokens_in} in, {r.tokens_out} out, ${r.cost_usd:.6f}, {r.latency_ms:.0f} ms"))
     console.print(Text("state", style="bold"))
     console.print(Text(json.dumps(r.state, indent=2)))
+
+
+def export(db: Path, prefix: str, *, output: Path | None) -> int:
+    store = Store.open(db, create=False)
+    run_record = store.resolve_run(prefix)
+    lines = (json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in store.export_run(run_record.id))
+    if output is None:
+        for line in lines:
+            sys.stdout.write(line)
+        return 0
+    partial = output.with_name(output.name + ".partial")
+    try:
+        with partial.open("w", encoding="utf-8") as f:
+            f.writelines(lines)
+        partial.replace(output)  # all or nothing: a failed export never leaves half a file
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}; pick another --output") from None
+    _console().print(f"exported run {run_record.id} to {output}")
+    return 0
+
+
+def import_file(db: Path, path: Path) -> int:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}; check the path") from None
+    store = Store.open(db)
+    imported = store.import_lines(text.splitlines())
+    _console().print(f"imported {len(imported)} run(s) into {db}: {', '.join(imported)}")
+    return 0
 
 
 def loops() -> int:

@@ -22,6 +22,8 @@ from loopterm.core.events import (
     ModelRetry,
     RunFinished,
     RunStarted,
+    StatusChanged,
+    ApprovalNeeded,
 )
 from loopterm.core.records import IterationRecord, RunRecord
 
@@ -35,6 +37,7 @@ STATUS_STYLE = {
     "terminated": ("■", "magenta"),
     "failed": ("✗", "red"),
     "paused": ("⏸", "yellow"),
+    "stepping": ("⏯", "cyan"),
 }
 
 
@@ -98,6 +101,18 @@ class HeadlessProgress:
             failing = ", ".join(i["name"] for i in event.packet.get("failing_invariants", [])) or "-"
             self.console.print(Text(f"  ⏸ escalated at iteration {event.n}: {event.packet['summary']} (failing: {failing})",
                                     style="yellow"))
+        elif isinstance(event, StatusChanged):
+            self._stop_spin()
+            line = status_text(event.status)
+            if event.message:
+                line.append(f"  {event.message}")
+            if event.status == "escalated":
+                line.append(f"  (answer from `loopterm watch {event.run_id}`)", style="dim")
+            self.console.print(Text("  ").append_text(line))
+        elif isinstance(event, ApprovalNeeded):
+            self._stop_spin()
+            self.console.print(Text(f"  ? tool {event.tool} needs approval (iteration {event.n}); args: "
+                                    f"{json.dumps(event.args)[:100]}", style="yellow"))
         elif isinstance(event, RunFinished):
             self._stop_spin()
 

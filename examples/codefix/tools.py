@@ -32,7 +32,8 @@ def confine(workspace: Path, path: str) -> Path:
     return target
 
 
-@tool(side_effects=True, idempotent=True)
+# Its effect is confined to the run's own workspace: a branch rebuilds it, a replay runs it again.
+@tool(side_effects=True, idempotent=True, workspace_only=True)
 def write_file(ctx: ToolContext, path: str, content: str) -> str:
     """Write a UTF-8 text file in the workspace (whole content, replacing any previous version).
 

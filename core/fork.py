@@ -1,0 +1,236 @@
+"""Forks: a branch that continues from any iteration of a run, referencing (not copying) its history.
+
+`plan_fork` validates everything and creates nothing: the iteration exists, the
+`--set` patches make a valid state, the relaxed invariants exist. Only then
+does `create_fork` record the branch. A branch's workspace is rebuilt from the
+journal (the workspace-confined writes of its prefix, replayed in order), and
+the side-effecting calls its ancestors made after the fork point are answered
+by each tool's rewind policy instead of being fired again silently.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from loopterm.core.errors import ConfigError
+from loopterm.core.loop import Loop
+from loopterm.core.migrations import migrate_state
+from loopterm.core.records import IterationRecord, RunRecord, ToolCallRecord
+from loopterm.core.termination import Status
+from loopterm.core.tools import ToolContext
+
+PathPart = str | int
+
+
+class History(Protocol):
+    """What forking reads from and writes to; `loopterm.store.Store` implements it."""
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def create_run(self, run: RunRecord) -> None: ...
+
+    def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> Any: ...
+
+    def state_at(self, run_id: str, n: int) -> dict[str, Any] | None: ...
+
+    def lineage(self, run_id: str) -> list[RunRecord]: ...
+
+    def iterations(self, run_id: str, own_only: bool = False) -> list[IterationRecord]: ...
+
+    def prior_tool_calls(
+        self, run_ids: list[str], tool: str, args: dict[str, Any], after_iteration: dict[str, int] | None = None
+    ) -> list[ToolCallRecord]: ...
+
+
+def parse_set(expr: str) -> tuple[list[PathPart], Any]:
+    """`memory.subgoal="retry"` -> (["memory", "subgoal"], "retry"); list indices are numbers."""
+    path, sep, raw = expr.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set expects PATH=JSON (e.g. memory.subgoal='\"retry\"'), got {expr!r}")
+    parts: list[PathPart] = [int(p) if p.isdigit() else p for p in path.strip().split(".")]
+    if any(p == "" for p in parts):
+        raise ConfigError(f"--set {path}: empty path segment; use dots between field names, e.g. memory.facts")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--set {path}: the value is not JSON ({exc.msg}); quote text as JSON, e.g. {path}='\"text\"'"
+        ) from None
+    return parts, value
+
+
+def apply_set(data: dict[str, Any], path: list[PathPart], value: Any) -> None:
+    """Set one path in a JSON-like tree, in place; a path through nothing is an error."""
+    node: Any = data
+    shown = ".".join(str(p) for p in path)
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, dict) and isinstance(part, str):
+            if last:
+                node[part] = value
+                return
+            if part not in node:
+                raise ConfigError(f"--set {shown}: the state has no field {part!r} at that point")
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int):
+            if part >= len(node):
+                raise ConfigError(f"--set {shown}: index {part} is past the end of a list of {len(node)}")
+            if last:
+                node[part] = value
+                return
+            node = node[part]
+        else:
+            raise ConfigError(f"--set {shown}: cannot index {type(node).__name__} with {part!r}")
+
+
+class SideEffectCall(BaseModel):
+    run_id: str
+    n: int
+    tool: str
+    args: dict[str, Any]
+    policy: str
+
+
+class ForkPlan(BaseModel):
+    parent: RunRecord
+    at: int
+    state: dict[str, Any]
+    patches: list[tuple[list[PathPart], Any]]
+    relaxed: dict[str, str]
+    model: str
+    reason: str
+    may_repeat: list[SideEffectCall]
+
+
+def plan_fork(
+    history: History,
+    loop: Loop,
+    parent: RunRecord,
+    at: int,
+    *,
+    sets: list[str] | None = None,
+    relax: list[str] | None = None,
+    model: str | None = None,
+    reason: str = "",
+) -> ForkPlan:
+    if not 1 <= at <= parent.iterations:
+        raise ConfigError(
+            f"run {parent.id} has iterations 1..{parent.iterations}; --at {at} is outside them"
+            if parent.iterations else f"run {parent.id} has no committed iteration to fork from"
+        )
+    raw = history.state_at(parent.id, at)
+    if raw is None:
+        raise ConfigError(f"run {parent.id} has no stored state at iteration {at}")
+    data = migrate_state(loop, raw)
+    data["termination_reason"] = None
+    patches = [parse_set(expr) for expr in sets or []]
+    for path, value in patches:
+        apply_set(data, path, value)
+    try:
+        state = loop.state.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(state)"
+        raise ConfigError(f"the patched state is invalid at {where}: {err['msg']}; nothing was created") from None
+    names = {inv.name for inv in loop.invariants}
+    for name in relax or []:
+        if name not in names:
+            raise ConfigError(
+                f"loop {loop.name!r} has no invariant {name!r}; its invariants are: {', '.join(sorted(names)) or 'none'}"
+            )
+    return ForkPlan(
+        parent=parent,
+        at=at,
+        state=state.model_dump(mode="json"),
+        patches=patches,
+        relaxed={name: reason or "relaxed at fork" for name in relax or []},
+        model=model or parent.model,
+        reason=reason,
+        may_repeat=side_effects_after(history, loop, parent, at),
+    )
+
+
+def side_effects_after(history: History, loop: Loop, parent: RunRecord, at: int) -> list[SideEffectCall]:
+    """The side-effecting calls the parent's lineage made after `at`: what a branch may reach again."""
+    calls: list[SideEffectCall] = []
+    for run in history.lineage(parent.id):
+        for record in history.iterations(run.id, own_only=True):
+            call = record.tool_call
+            if record.n <= at or not call:
+                continue
+            tool = loop.tool(call["tool"])
+            if tool is not None and tool.side_effects:
+                calls.append(SideEffectCall(run_id=run.id, n=record.n, tool=call["tool"], args=call.get("args") or {},
+                                            policy=tool.rewind_policy))
+    return calls
+
+
+def create_fork(history: History, loop: Loop, plan: ForkPlan, *, run_id: str, workspace: Path) -> RunRecord:
+    """Record the branch and its events; nothing of the parent is copied."""
+    parent = plan.parent
+    now = time.time()
+    run = RunRecord(
+        id=run_id, loop=parent.loop, loop_ref=parent.loop_ref, goal=parent.goal, spec_hash=loop.spec_hash(),
+        model=plan.model, status=Status.CREATED.value, workspace=str(workspace), created_at=now, updated_at=now,
+        parent_run=parent.id, fork_iteration=plan.at, origin="fork",
+        max_iterations=max(parent.max_iterations, plan.at + 1), budget=parent.budget, iterations=plan.at,
+    )
+    history.create_run(run)
+    history.append_event(run_id, "forked", {
+        "parent": parent.id, "at": plan.at, "reason": plan.reason, "model": plan.model,
+        "patches": [{"path": path, "value": value} for path, value in plan.patches],
+        "relaxed": plan.relaxed,
+        "patched_state": plan.state if plan.patches else None,
+    }, plan.at)
+    for name, why in plan.relaxed.items():
+        history.append_event(run_id, "invariant_relaxed", {"invariant": name, "reason": why}, plan.at)
+    history.append_event(parent.id, "branched", {"child": run_id, "at": plan.at, "reason": plan.reason}, plan.at)
+    return run
+
+
+async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int:
+    """Recreate the branch's workspace as it was after the fork point; returns the calls replayed.
+
+    Only tools declared `workspace_only` (their effects live in the run's own
+    workspace) are replayed; anything that touched the world outside it is
+    never fired again, whatever its rewind policy.
+    """
+    workspace = Path(run.workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    if loop.workspace_files is not None:
+        shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+    assert run.parent_run is not None and run.fork_iteration is not None
+    replayed = 0
+    for record in history.iterations(run.parent_run):
+        if record.n > run.fork_iteration or not record.tool_call:
+            continue
+        tool = loop.tool(record.tool_call["tool"])
+        if tool is None or not tool.side_effects or not tool.workspace_only:
+            continue
+        args = record.tool_call.get("args") or {}
+        call_args = (ToolContext(run.id, record.n, workspace, "rebuild"),) if tool.wants_context else ()
+        result = tool.fn(*call_args, **args)
+        if hasattr(result, "__await__"):
+            await result
+        replayed += 1
+    return replayed
+
+
+class AncestorCalls:
+    """The calls a branch's ancestors made after its fork point (for the executor's rewind policy)."""
+
+    def __init__(self, history: History, run: RunRecord) -> None:
+        assert run.parent_run is not None and run.fork_iteration is not None
+        self.history = history
+        self.run_ids = [r.id for r in history.lineage(run.parent_run)]
+        self.after = {run_id: run.fork_iteration for run_id in self.run_ids}
+
+    def find(self, tool: str, args: dict[str, Any], iteration: int) -> ToolCallRecord | None:
+        found = self.history.prior_tool_calls(self.run_ids, tool, args, self.after)
+        return found[0] if found else None

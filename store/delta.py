@@ -1,0 +1,257 @@
+"""State deltas and keyframes: pure functions on JSON trees (dicts with str keys, lists, scalars).
+
+A delta is a list of ops that turns the state at n-1 into the state at n:
+
+    ["s", path, value]   set the dict key or list index at `path` (path [] replaces the root)
+    ["d", path]          delete the dict key at `path`
+    ["a", path, items]   extend the list at `path` with `items`
+    ["t", path, length]  truncate the list at `path` to `length`
+
+A path is a list of dict keys (str) and list indexes (int). `diff` finds an
+append when the old list is a prefix of the new one, so a log that grows by one
+item costs one item, whatever its length.
+
+A keyframe is the whole state with every list longer than CHUNK_ITEMS replaced
+by the hashes of its fixed-boundary chunks ([0:64], [64:128], ...). Chunks are
+stored content-addressed, so the full chunks of a growing list are written once
+and shared by every later keyframe (and every branch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+SET, DELETE, APPEND, TRUNCATE = "s", "d", "a", "t"
+CHUNK_ITEMS = 64  # a list longer than this is chunked in keyframes, this many items a chunk
+SMALL_LIST = 32  # lists up to this length are compared element by element, type-strictly
+MIN_ELEMENT_EDITS = 8  # a list with more edited elements than max(this, len/4) is set whole
+
+Path = list[str | int]
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, non-ASCII kept as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def content_hash(text: str) -> str:
+    """The address of a blob: 128-bit BLAKE2b of its UTF-8 text, hex."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+# -- diff ------------------------------------------------------------------------
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> list[list[Any]]:
+    """The ops that turn `old` into `new` (values in the ops are `new`'s objects, not copies)."""
+    ops: list[list[Any]] = []
+    _diff(old, new, [], ops)
+    return ops
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type, so 1, 1.0 and True stay apart (and 0.0 and -0.0)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or a != b:
+        return False
+    return type(a) is not float or a != 0 or math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
+    if isinstance(new, tuple):
+        new = list(new)
+    if type(old) is dict and isinstance(new, dict):
+        for key in old:
+            if key not in new:
+                ops.append([DELETE, path + [key]])
+        for key, value in new.items():
+            if key in old:
+                before = old[key]
+                if before is not value:
+                    _diff(before, value, path + [key], ops)
+            else:
+                ops.append([SET, path + [key], value])
+    elif type(old) is list and isinstance(new, list):
+        _diff_list(old, new, path, ops)
+    elif not _same(old, new):
+        ops.append([SET, path, new])
+
+
+def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]]) -> None:
+    lo, ln = len(old), len(new)
+    if lo > SMALL_LIST:
+        # C-speed prefix checks for long lists (a growing log is the common case).
+        if ln >= lo and new[:lo] == old:
+            if ln > lo:
+                ops.append([APPEND, path, new[lo:]])
+            return
+        if ln < lo and new == old[:ln]:
+            ops.append([TRUNCATE, path, ln])
+            return
+    common = min(lo, ln)
+    limit = max(MIN_ELEMENT_EDITS, common // 4)
+    edits: list[list[Any]] = []
+    for i in range(common):
+        a, b = old[i], new[i]
+        if a is b:
+            continue
+        if type(a) in (dict, list) and isinstance(b, (dict, list, tuple)):
+            before = len(edits)
+            _diff(a, b, path + [i], edits)
+            if len(edits) == before:
+                continue
+        elif _same(a, b):
+            continue
+        else:
+            edits.append([SET, path + [i], b])
+        if len(edits) > limit:
+            ops.append([SET, path, new])
+            return
+    ops.extend(edits)
+    if ln > lo:
+        ops.append([APPEND, path, new[lo:]])
+    elif ln < lo:
+        ops.append([TRUNCATE, path, ln])
+
+
+# -- apply -----------------------------------------------------------------------
+
+
+def _walk(node: Any, path: Iterable[str | int]) -> Any:
+    for key in path:
+        node = node[key]
+    return node
+
+
+def apply(state: dict[str, Any], ops: list[list[Any]]) -> dict[str, Any]:
+    """Apply ops in place (the ops' values become part of `state`); returns `state`."""
+    for op in ops:
+        code, path = op[0], op[1]
+        if code == SET:
+            if not path:
+                state.clear()
+                state.update(op[2])
+            else:
+                _walk(state, path[:-1])[path[-1]] = op[2]
+        elif code == DELETE:
+            del _walk(state, path[:-1])[path[-1]]
+        elif code == APPEND:
+            _walk(state, path).extend(op[2])
+        elif code == TRUNCATE:
+            del _walk(state, path)[op[2]:]
+        else:
+            raise ValueError(f"unknown delta op {code!r}")
+    return state
+
+
+def apply_copy(state: dict[str, Any], ops: list[list[Any]]) -> dict[str, Any]:
+    """Apply ops to a copy: only the containers on the ops' paths are copied, the rest is shared."""
+    root = dict(state)
+    owned: dict[int, Any] = {id(root): root}  # values keep the copies alive, so ids stay unique
+
+    def own(node: Any, key: str | int) -> Any:
+        child = node[key]
+        if id(child) not in owned:
+            child = dict(child) if type(child) is dict else list(child)
+            node[key] = child
+            owned[id(child)] = child
+        return child
+
+    for op in ops:
+        code, path = op[0], op[1]
+        if code == SET and not path:
+            root = dict(op[2])
+            owned[id(root)] = root
+            continue
+        node = root
+        for key in path if code in (APPEND, TRUNCATE) else path[:-1]:
+            node = own(node, key)
+        if code == SET:
+            node[path[-1]] = op[2]
+        elif code == DELETE:
+            del node[path[-1]]
+        elif code == APPEND:
+            node.extend(op[2])
+        elif code == TRUNCATE:
+            del node[op[2]:]
+        else:
+            raise ValueError(f"unknown delta op {code!r}")
+    return root
+
+
+def touched(memo: dict[tuple[str | int, ...], list[str]], ops: list[list[Any]]) -> None:
+    """Forget the chunk hashes of every list an op changed other than by appending to it."""
+    if not memo:
+        return
+    for op in ops:
+        path = tuple(op[1])
+        for key in list(memo):
+            if op[0] == APPEND and path == key:
+                continue
+            if key[: len(path)] == path or path[: len(key)] == key:
+                del memo[key]
+
+
+# -- keyframes -------------------------------------------------------------------
+
+
+def split_keyframe(
+    state: dict[str, Any], memo: dict[tuple[str | int, ...], list[str]], new_blobs: dict[str, str]
+) -> str:
+    """The keyframe body for `state`; chunks not already in `memo` are added to `new_blobs`.
+
+    `memo` maps a list's path to the hashes of its full chunks as of the last
+    keyframe (kept valid by `touched`), so only new chunks are serialised.
+    """
+    refs: list[list[Any]] = []
+
+    def walk(node: Any, path: Path) -> Any:
+        if isinstance(node, dict):
+            return {key: walk(value, path + [key]) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            if len(node) > CHUNK_ITEMS:
+                refs.append([path, _chunks(node, tuple(path), memo, new_blobs)])
+                return None
+            return [walk(item, path + [i]) for i, item in enumerate(node)]
+        return node
+
+    skeleton = walk(state, [])
+    return dumps({"s": skeleton, "c": refs} if refs else {"s": skeleton})
+
+
+def _chunks(items: Any, key: tuple[str | int, ...], memo: dict[tuple[str | int, ...], list[str]], new_blobs: dict[str, str]) -> list[str]:
+    full = len(items) // CHUNK_ITEMS
+    hashes = list(memo.get(key, [])[:full])
+    for i in range(len(hashes), full):
+        body = dumps(list(items[i * CHUNK_ITEMS : (i + 1) * CHUNK_ITEMS]))
+        digest = content_hash(body)
+        new_blobs[digest] = body
+        hashes.append(digest)
+    memo[key] = list(hashes)
+    if len(items) % CHUNK_ITEMS:
+        body = dumps(list(items[full * CHUNK_ITEMS :]))
+        digest = content_hash(body)
+        new_blobs[digest] = body
+        hashes.append(digest)
+    return hashes
+
+
+def keyframe_hashes(body: dict[str, Any]) -> list[str]:
+    """The chunk hashes a parsed keyframe body refers to."""
+    return [digest for _, hashes in body.get("c", ()) for digest in hashes]
+
+
+def join_keyframe(body: dict[str, Any], chunk: Callable[[str], list[Any]]) -> dict[str, Any]:
+    """The state of a parsed keyframe body; `chunk(hash)` gives a chunk's items (not modified here)."""
+    state: dict[str, Any] = body["s"]
+    for path, hashes in body.get("c", ()):
+        items: list[Any] = []
+        for digest in hashes:
+            items.extend(chunk(digest))
+        _walk(state, path[:-1])[path[-1]] = items
+    return state

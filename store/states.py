@@ -1,0 +1,211 @@
+"""Iteration state in the `states` table: a delta per iteration, a keyframe every KEYFRAME_EVERY.
+
+Writing: the delta of iteration n is taken against the state at n-1 of the
+run's lineage (for a branch's first own iteration, the parent's state at the
+fork point). Iteration n is a keyframe when n is a multiple of KEYFRAME_EVERY,
+or when there is no state at n-1 to take a delta against (n = 1, a gap).
+So every delta chain starts at a keyframe at most KEYFRAME_EVERY - 1
+iterations back, whichever runs of the lineage hold it.
+
+Reading the state at n: the keyframe at or below n (one indexed query, its
+chunks in one `IN` query), then the deltas after it (one range query per
+lineage segment, at most KEYFRAME_EVERY - 1 rows in all).
+
+Everything here takes a `query(sql, params) -> rows` function, so the Store
+decides locking, and runs inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopterm.store.delta import apply, diff, dumps, join_keyframe, keyframe_hashes, split_keyframe, touched
+
+KEYFRAME_EVERY = 64
+PAGE = 512  # state rows fetched per query when streaming
+IN_BATCH = 500  # hashes per `IN (...)` query
+NO_END = 2**62
+
+Query = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+Segment = tuple[str, int, int]  # (run_id, lo, hi): the run's own iterations lo < n <= hi
+
+LINEAGE_SQL = """
+WITH RECURSIVE chain(id, parent_run, fork_iteration, depth) AS (
+    SELECT id, parent_run, fork_iteration, 0 FROM runs WHERE id = ?
+    UNION ALL
+    SELECT runs.id, runs.parent_run, runs.fork_iteration, chain.depth + 1
+    FROM runs JOIN chain ON runs.id = chain.parent_run
+    WHERE chain.depth < 10000
+)
+SELECT id, parent_run, fork_iteration FROM chain ORDER BY depth
+"""
+
+
+class DamagedStateError(ValueError):
+    """The stored states do not form a chain (the file was edited or damaged)."""
+
+
+@dataclass
+class Head:
+    """The last state written for a run, private to the Store (built from decoded JSON, never a caller's object)."""
+
+    n: int
+    state: dict[str, Any]
+    memo: dict[tuple[str | int, ...], list[str]] = field(default_factory=dict)
+
+
+def segments(query: Query, run_id: str, upto: int = NO_END) -> list[Segment]:
+    """Where each iteration <= upto of the run's lineage is stored, the run first.
+
+    A run with a parent and fork_iteration N inherits iterations 1..N from it
+    (recursively); fork_iteration None or 0 inherits nothing. Unknown run: [].
+    """
+    found: list[Segment] = []
+    seen: set[str] = set()
+    hi = upto
+    for run_id_, parent, fork in query(LINEAGE_SQL, [run_id]):
+        if run_id_ in seen:
+            break
+        seen.add(run_id_)
+        inherits = parent is not None and bool(fork)
+        lo = int(fork) if inherits else 0
+        if hi > lo:
+            found.append((run_id_, lo, hi))
+        if not inherits:
+            break
+        hi = min(hi, lo)
+    return found
+
+
+def owner(segs: list[Segment], n: int) -> str | None:
+    """The run of the lineage that holds iteration n."""
+    for run_id, lo, hi in segs:
+        if lo < n <= hi:
+            return run_id
+    return None
+
+
+# -- writing ---------------------------------------------------------------------
+
+
+def put_state(
+    query: Query,
+    executemany: Callable[[str, list[tuple[Any, ...]]], None],
+    heads: dict[str, Head],
+    run_id: str,
+    n: int,
+    state: dict[str, Any],
+    base: Callable[[], dict[str, Any] | None],
+) -> Head:
+    """Store the state of iteration n and return the new head (the caller caches it after commit).
+
+    `heads[run_id]` is used when it holds n-1, else `base()` gives the state at
+    n-1 (None: there is none, so this iteration is a keyframe). The head's
+    state is updated in place: drop it if the transaction fails.
+    """
+    head = heads.get(run_id)
+    if head is None or head.n != n - 1:
+        loaded = base()
+        head = Head(n - 1, loaded) if loaded is not None else None
+    new_blobs: dict[str, str] = {}
+    if head is None:
+        keyframe = True
+        private: dict[str, Any] = json.loads(dumps(state))
+        memo: dict[tuple[str | int, ...], list[str]] = {}
+    else:
+        keyframe = n % KEYFRAME_EVERY == 0
+        ops_text = dumps(diff(head.state, state))
+        ops = json.loads(ops_text)  # private copies of the new values
+        private = apply(head.state, ops)
+        memo = head.memo
+        touched(memo, ops)
+    body = split_keyframe(state, memo, new_blobs) if keyframe else ops_text
+    if new_blobs:
+        executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
+    query("INSERT INTO states (run_id, n, keyframe, body) VALUES (?, ?, ?, ?)", [run_id, n, int(keyframe), body])
+    return Head(n, private, memo)
+
+
+# -- reading ---------------------------------------------------------------------
+
+
+def fetch_blobs(query: Query, hashes: Sequence[str]) -> dict[str, str]:
+    """Blob texts by hash, in as few queries as the parameter limit allows."""
+    found: dict[str, str] = {}
+    unique = list(dict.fromkeys(hashes))
+    for start in range(0, len(unique), IN_BATCH):
+        batch = unique[start : start + IN_BATCH]
+        marks = ",".join("?" * len(batch))
+        found.update(query(f"SELECT hash, body FROM blobs WHERE hash IN ({marks})", batch))
+    missing = [digest for digest in unique if digest not in found]
+    if missing:
+        raise DamagedStateError(f"missing blob {missing[0]}")
+    return found
+
+
+def _keyframe(query: Query, segs: list[Segment], n: int) -> tuple[str, int, str] | None:
+    """The latest keyframe at or below n in the lineage: (its run, its n, its body)."""
+    for run_id, lo, hi in segs:
+        top = min(hi, n)
+        if top <= lo:
+            continue
+        rows = query(
+            "SELECT n, body FROM states WHERE run_id = ? AND keyframe = 1 AND n > ? AND n <= ? ORDER BY n DESC LIMIT 1",
+            [run_id, lo, top],
+        )
+        if rows:
+            return run_id, rows[0][0], rows[0][1]
+    return None
+
+
+def decode_keyframe(query: Query, body_text: str, cache: dict[str, list[Any]] | None) -> dict[str, Any]:
+    """The state of a keyframe. With `cache` (parsed chunks by hash, filled here), chunk items are
+    shared with other states decoded through the same cache; without, everything is fresh."""
+    body = json.loads(body_text)
+    hashes = keyframe_hashes(body)
+    if not hashes:
+        return join_keyframe(body, lambda digest: [])
+    if cache is None:  # one state: fresh objects for the caller, even where two lists share a chunk
+        texts = fetch_blobs(query, hashes)
+        return join_keyframe(body, lambda digest: json.loads(texts[digest]))
+    missing = [digest for digest in hashes if digest not in cache]
+    if missing:
+        for digest, text in fetch_blobs(query, missing).items():
+            cache[digest] = json.loads(text)
+    return join_keyframe(body, cache.__getitem__)
+
+
+def _rows(query: Query, segs_root_first: list[Segment], after: int, upto: int) -> Iterator[tuple[str, int, int, str]]:
+    """State rows after < n <= upto along the lineage: (run_id, n, keyframe, body), by n."""
+    for run_id, lo, hi in segs_root_first:
+        start, end = max(lo, after), min(hi, upto)
+        while start < end:
+            rows = query(
+                "SELECT n, keyframe, body FROM states WHERE run_id = ? AND n > ? AND n <= ? ORDER BY n LIMIT ?",
+                [run_id, start, end, PAGE],
+            )
+            for n, keyframe, body in rows:
+                yield run_id, n, keyframe, body
+            if len(rows) < PAGE:
+                break
+            start = rows[-1][0]
+
+
+def load_state(query: Query, segs: list[Segment], n: int) -> dict[str, Any]:
+    """The state at iteration n of the lineage `segs` (fresh objects); KeyError if n is not stored."""
+    found = _keyframe(query, segs, n)
+    if found is None:
+        raise KeyError(n)
+    _, at, body = found
+    state = decode_keyframe(query, body, None)
+    for _, m, keyframe, text in _rows(query, segs[::-1], at, n):
+        if keyframe or m != at + 1:
+            raise DamagedStateError(f"state chain broken at iteration {m}")
+        apply(state, json.loads(text))
+        at = m
+    if at != n:
+        raise KeyError(n)
+    return state

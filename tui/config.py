@@ -1,0 +1,165 @@
+"""User settings: ``config.toml`` in the config directory.
+
+The config directory is ``$LOOPTERM_CONFIG_DIR`` if set, else
+``$XDG_CONFIG_HOME/loopterm``, else ``~/.config/loopterm``. It holds
+``config.toml`` (these settings) and ``themes/`` (user theme files, see
+``loopterm.themes``).
+
+Reading never fails: a missing file gives the defaults, and a corrupt one gives
+the defaults plus a one-line warning and is left untouched. Saving over a corrupt
+file first keeps a copy of it as ``config.toml.bak``. Nothing here imports
+Textual, so the CLI can read settings cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import tomllib
+
+import tomli_w  # the writer tomllib lacks; small and well kept
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "CONFIG_DIR_ENV",
+    "CONFIG_FILE_NAME",
+    "LooptermSettings",
+    "config_dir",
+    "config_file",
+    "load_settings",
+    "remember_theme",
+    "save_settings",
+]
+
+CONFIG_DIR_ENV = "LOOPTERM_CONFIG_DIR"
+CONFIG_FILE_NAME = "config.toml"
+_HEADER = "# loopterm settings. Written by loopterm; comments here are not kept.\n"
+
+
+class LooptermSettings(BaseModel):
+    """Everything loopterm remembers between sessions.
+
+    Unknown keys are kept (and written back), so a config written by a newer
+    loopterm survives a round trip through an older one.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    theme: str = Field(default="loopterm-dark", min_length=1, max_length=128)
+
+
+def config_dir() -> Path:
+    """Where loopterm keeps config.toml and themes/ (not created here)."""
+    explicit = os.environ.get(CONFIG_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME", "").strip()
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "loopterm"
+    return Path.home() / ".config" / "loopterm"
+
+
+def config_file(directory: Path | str | None = None) -> Path:
+    return (Path(directory) if directory is not None else config_dir()) / CONFIG_FILE_NAME
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read(path: Path) -> LooptermSettings | None:
+    """The settings in ``path``; None if it does not exist; ValueError (one line) if corrupt."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not valid TOML: {exc}") from None
+    try:
+        return LooptermSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False)
+        where = ".".join(str(part) for part in problems[0]["loc"])
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{where}: {problems[0]['msg']}{more}") from None
+
+
+def load_settings(directory: Path | str | None = None, *, warnings: list[str] | None = None) -> LooptermSettings:
+    """The saved settings; the defaults if there are none or the file is corrupt.
+
+    Never raises. A corrupt file is left untouched and one line saying so is
+    appended to ``warnings`` (when given), for the caller to show.
+    """
+    path = config_file(directory)
+    try:
+        settings = _read(path)
+    except ValueError as exc:
+        if warnings is not None:
+            warnings.append(_one_line(f"ignored {path}: {exc}; using default settings"))
+        return LooptermSettings()
+    return settings or LooptermSettings()
+
+
+def _backup_path(path: Path) -> Path:
+    candidate = path.with_name(path.name + ".bak")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.bak.{n}")
+        n += 1
+    return candidate
+
+
+def save_settings(settings: LooptermSettings, directory: Path | str | None = None) -> list[str]:
+    """Write ``settings`` to config.toml (atomically); returns notes, never raises OSError.
+
+    If the file there is corrupt, it is first copied to ``config.toml.bak``
+    (``.bak.1``, ... if that exists) and the note says so.
+    """
+    path = config_file(directory)
+    notes: list[str] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _read(path)
+        except ValueError as exc:
+            backup = _backup_path(path)
+            shutil.copy2(path, backup)
+            notes.append(_one_line(f"{path} was unreadable ({exc}); kept a copy at {backup}"))
+        text = _HEADER + tomli_w.dumps(settings.model_dump(mode="python", exclude_none=True))
+        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml.tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except (OSError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        notes.append(_one_line(f"could not save settings to {path}: {detail}"))
+    return notes
+
+
+def remember_theme(name: str, directory: Path | str | None = None) -> list[str]:
+    """Save ``name`` as the theme to start with next time; returns notes (see save_settings).
+
+    Does nothing if it already is the effective theme, so re-applying the saved
+    theme at startup never rewrites (or backs up) the file.
+    """
+    settings = load_settings(directory)
+    if settings.theme == name:
+        return []
+    try:
+        settings.theme = name
+    except ValidationError as exc:
+        return [_one_line(f"theme name not saved: {exc.errors(include_url=False)[0]['msg']}")]
+    return save_settings(settings, directory)

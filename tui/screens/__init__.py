@@ -1,0 +1,1 @@
+"""Screens of the supervision TUI (modals, the escalation inbox)."""

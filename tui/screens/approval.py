@@ -1,0 +1,71 @@
+"""A tool call waiting for a person: approve (optionally with edited arguments) or deny."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.widgets import Button, Input, Static, TextArea
+
+from loopterm.core.control import Approve, Deny
+from loopterm.tui.screens.dialog import Dialog
+from loopterm.tui.widgets.render import literal, pretty
+
+# (tool, args) -> None when the arguments fit the tool, else why not.
+ArgsValidator = Callable[[str, dict[str, Any]], str | None]
+
+
+class ApprovalScreen(Dialog[Approve | Deny]):
+    def __init__(self, run_id: str, pending: dict[str, Any], *, deny: bool = False,
+                 validate: ArgsValidator | None = None) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.pending = pending
+        self.deny_first = deny
+        self.validate = validate
+        self.title_text = f"Run {run_id} asks to call a tool (iteration {pending.get('n', '?')})"
+
+    def fields(self) -> ComposeResult:
+        head = Text("tool  ", style="bold")
+        head.append(literal(self.pending.get("tool", "?")))
+        head.append("\nEdit the arguments to approve a changed call (checked against the tool's arguments).",
+                    style="italic")
+        yield Static(head, id="approval-tool")
+        yield TextArea(pretty(self.pending.get("args") or {}), id="args", show_line_numbers=False)
+        yield Input(placeholder="why (optional for approve, recorded; a denial says why to the model)", id="reason")
+
+    def buttons(self) -> ComposeResult:
+        yield Button("Approve", variant="success", id="approve")
+        yield Button("Deny", variant="error", id="deny")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#args", TextArea).styles.height = 10
+        self.query_one("#deny" if self.deny_first else "#approve", Button).focus()
+
+    def submit(self, button: str) -> None:
+        reason = self.query_one("#reason", Input).value.strip()
+        key = str(self.pending["key"])
+        if button == "submit":
+            button = "deny" if self.deny_first else "approve"
+        if button == "deny":
+            self.dismiss(Deny(key=key, reason=reason or "denied by a person"))
+            return
+        text = self.query_one("#args", TextArea).text
+        try:
+            args = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.fail(f"the arguments are not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; nothing was sent")
+            return
+        if not isinstance(args, dict):
+            self.fail("the arguments must be a JSON object; nothing was sent")
+            return
+        edited = args if args != (self.pending.get("args") or {}) else None
+        if edited is not None and self.validate is not None:
+            problem = self.validate(str(self.pending.get("tool", "")), edited)
+            if problem:
+                self.fail(f"{problem}; nothing was sent")
+                return
+        self.dismiss(Approve(key=key, args=edited, reason=reason))

@@ -1,0 +1,66 @@
+"""Edit the state the next iteration starts from: JSON in an editor, validated before anything is sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from textual.app import ComposeResult
+from textual.widgets import Button, Input, Static, TextArea
+
+from loopterm.core.control import EditState
+from loopterm.tui.screens.dialog import Dialog
+from loopterm.tui.widgets.render import pretty
+
+# Returns None when the state is valid, else one line per problem.
+StateValidator = Callable[[dict[str, Any]], str | None]
+
+
+class EditStateScreen(Dialog[EditState]):
+    """Dismisses with an `EditState` command, or None. Invalid JSON or state: the error, nothing sent."""
+
+    def __init__(self, run_id: str, state: dict[str, Any], validate: StateValidator | None, note: str = "") -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.initial_state = state
+        self.validate = validate
+        self.note = note
+        self.title_text = f"Edit the state of run {run_id} (used by its next iteration)"
+
+    def fields(self) -> ComposeResult:
+        hint = "Edit the JSON; it is checked against the loop's state model before it is sent. ctrl+s sends, escape cancels."
+        if self.note:
+            hint += f"\n{self.note}"
+        yield Static(hint, classes="hint", markup=False)
+        area = TextArea(pretty(self.initial_state), id="state-json", show_line_numbers=True, tab_behavior="indent")
+        yield area
+        yield Input(placeholder="why (required: recorded with the edit)", id="reason")
+
+    def buttons(self) -> ComposeResult:
+        yield Button("Send edit", variant="primary", id="submit")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#state-json", TextArea).focus()
+
+    def submit(self, button: str) -> None:
+        text = self.query_one("#state-json", TextArea).text
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.fail(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; nothing was sent")
+            return
+        if not isinstance(data, dict):
+            self.fail(f"the state must be a JSON object, not {type(data).__name__}; nothing was sent")
+            return
+        if self.validate is not None:
+            problem = self.validate(data)
+            if problem:
+                self.fail(f"the state does not fit the loop's state model: {problem}; nothing was sent")
+                return
+        reason = self.query_one("#reason", Input).value.strip()
+        if not reason:
+            self.fail("give a reason: every change to a run's state is recorded with why; nothing was sent")
+            self.query_one("#reason", Input).focus()
+            return
+        self.dismiss(EditState(state=data, reason=reason))

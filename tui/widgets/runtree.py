@@ -1,0 +1,84 @@
+"""Runs and their branches as a tree (store.tree()); selecting one shows it."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.widgets import Tree
+from textual.widgets.tree import TreeNode
+
+from loopterm.core.records import RunRecord
+from loopterm.tui.widgets.render import Palette, literal, status_glyph
+
+
+def run_label(run: RunRecord, palette: Palette, owned: bool) -> Text:
+    glyph, variable, fallback = status_glyph(run.status)
+    label = Text(no_wrap=True, overflow="ellipsis")
+    label.append(f"{glyph} ", style=palette.colour(variable, fallback))
+    label.append(run.id[:8], style="bold")
+    label.append(" ")
+    label.append(literal(run.loop))
+    if run.fork_iteration is not None and run.parent_run:
+        label.append(f" @{run.fork_iteration}", style="dim")
+    label.append(f" {run.iterations}it", style="dim")
+    if owned:
+        label.append(" ●", style=palette.accent)
+    return label
+
+
+class RunTree(Tree[str], inherit_bindings=False):
+    """Space is not bound here (it pauses the run everywhere on the main screen)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "select_cursor", "Show run", show=False),
+        Binding("up", "cursor_up", "Cursor up", show=False),
+        Binding("down", "cursor_down", "Cursor down", show=False),
+        Binding("shift+up", "cursor_previous_sibling", "Previous sibling", show=False),
+        Binding("shift+down", "cursor_next_sibling", "Next sibling", show=False),
+    ]
+
+    DEFAULT_CSS = """
+    RunTree { width: 32; }
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(Text("runs"), **kwargs)
+        self.show_root = False
+        self.auto_expand = False
+        self._shape: list[tuple[str, str | None]] = []
+        self._run_nodes: dict[str, TreeNode[str]] = {}
+        self._labels: dict[str, str] = {}
+
+    @property
+    def run_ids(self) -> list[str]:
+        return list(self._run_nodes)
+
+    def update_runs(self, rows: list[tuple[int, RunRecord]], palette: Palette, owned: set[str], current: str | None) -> None:
+        """Rebuild when runs appear; otherwise only relabel the ones whose status or count changed."""
+        shape = [(run.id, run.parent_run) for _, run in rows]
+        if shape != self._shape:
+            self._shape = shape
+            self.clear()
+            self._run_nodes = {}
+            self._labels = {}
+            for _, run in rows:
+                parent = self._run_nodes.get(run.parent_run or "", self.root)
+                node = parent.add(run_label(run, palette, run.id in owned), data=run.id, expand=True)
+                self._run_nodes[run.id] = node
+                self._labels[run.id] = ""
+            self.root.expand_all()
+            if current:
+                self.show_current(current)
+        for _, run in rows:
+            label = run_label(run, palette, run.id in owned)
+            if self._labels.get(run.id) != label.markup:
+                self._labels[run.id] = label.markup
+                self._run_nodes[run.id].set_label(label)
+
+    def show_current(self, run_id: str) -> None:
+        node = self._run_nodes.get(run_id)
+        if node is not None:
+            # A node's line is known only after the tree lays its lines out again.
+            self.call_after_refresh(self.move_cursor, node, False)
