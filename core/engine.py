@@ -181,6 +181,7 @@ class Engine:
                 self.approvals[str(event.data["key"])] = parse_command(
                     "approve" if event.kind == "approved" else "deny", event.data
                 )  # type: ignore[assignment]
+        self._dumped_records: list[tuple[ToolRecord, dict[str, Any]]] = []  # see _dump
         self.wait_on_person = wait_on_person
         self.poll_interval = poll_interval
         self.paused = False
@@ -544,7 +545,7 @@ class Engine:
             gate_results=[g.model_dump() for g in gates], invariant_status=status,
             remediations=[r.value for r in remediations], tokens_in=intent.tokens_in,
             tokens_out=intent.tokens_out, cost_usd=intent.cost_usd, latency_ms=intent.latency_ms,
-            model=intent.model, state=state.model_dump(mode="json"),
+            model=intent.model, state=self._dump(state),
         )
         self.journal.commit_iteration(
             record,
@@ -568,6 +569,22 @@ class Engine:
         if self.stepping:
             self.stepping, self.paused = False, True
             self._set_status(Status.PAUSED, f"paused after stepping iteration {n}")
+
+    def _dump(self, state: LoopState) -> dict[str, Any]:
+        """The state as JSON, in time proportional to the change, not to the run.
+
+        Tool records are append-only and never edited, so their dumps are cached
+        and the list reused when the new state only appended to the old one's.
+        Everything else in the state is small and is dumped whole.
+        """
+        dump = state.model_dump(mode="json", exclude={"tool_results"})
+        old, new = self._dumped_records, state.tool_results
+        k = len(old)
+        if not (len(new) >= k and (k == 0 or new[k - 1] is old[-1][0])):
+            old, k = [], 0  # rewritten (a custom remediation or observe): start over
+        self._dumped_records = old + [(r, r.model_dump(mode="json")) for r in new[k:]]
+        dump["tool_results"] = [d for _, d in self._dumped_records]
+        return dump
 
     async def _approval(self, tool: Tool, args: dict[str, Any], n: int) -> Approve | Deny:
         """A person's verdict on a call that needs approval; waits for it (or ends the run, waiting)."""

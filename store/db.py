@@ -328,6 +328,25 @@ class Store:
         """
         return list(self._records(run_id, own_only=own_only))
 
+    def iteration_tool_calls(
+        self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        """(run_id, n, tool_call) of the lineage's iterations after < n <= upto that called a tool, by n.
+
+        Reads only that column: no state or prompt is rebuilt (what forking
+        needs to find side effects and replay workspace writes).
+        """
+        with self._lock:
+            segs = segments(self._query, run_id, NO_END if upto is None else upto)
+            found: list[tuple[str, int, dict[str, Any]]] = []
+            for holder, lo, hi in reversed(segs[:1] if own_only else segs):
+                rows = self._query(
+                    "SELECT n, tool_call FROM iterations WHERE run_id = ? AND n > ? AND n <= ? AND tool_call IS NOT NULL ORDER BY n",
+                    [holder, max(lo, after), hi],
+                )
+                found.extend((holder, n, json.loads(call)) for n, call in rows)
+            return found
+
     def _records(self, run_id: str, *, first: int = 1, own_only: bool = False) -> Iterator[IterationRecord]:
         """Stream iterations n >= first, a page at a time (no lock held between records).
 

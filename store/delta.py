@@ -6,10 +6,12 @@ A delta is a list of ops that turns the state at n-1 into the state at n:
     ["d", path]          delete the dict key at `path`
     ["a", path, items]   extend the list at `path` with `items`
     ["t", path, length]  truncate the list at `path` to `length`
+    ["h", path, count]   drop the first `count` items of the list at `path`
 
 A path is a list of dict keys (str) and list indexes (int). `diff` finds an
 append when the old list is a prefix of the new one, so a log that grows by one
-item costs one item, whatever its length.
+item costs one item, whatever its length; and a sliding window (items dropped
+at the front, others appended) costs the new items, not the whole window.
 
 A keyframe is the whole state with every list longer than CHUNK_ITEMS replaced
 by the hashes of its fixed-boundary chunks ([0:64], [64:128], ...). Chunks are
@@ -25,10 +27,11 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-SET, DELETE, APPEND, TRUNCATE = "s", "d", "a", "t"
+SET, DELETE, APPEND, TRUNCATE, DROP_FRONT = "s", "d", "a", "t", "h"
 CHUNK_ITEMS = 64  # a list longer than this is chunked in keyframes, this many items a chunk
 SMALL_LIST = 32  # lists up to this length are compared element by element, type-strictly
 MIN_ELEMENT_EDITS = 8  # a list with more edited elements than max(this, len/4) is set whole
+MAX_SHIFT = 8  # a window that slid by up to this many items is found
 
 Path = list[str | int]
 
@@ -82,16 +85,39 @@ def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
         ops.append([SET, path, new])
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """Deep equality that tells 1, 1.0, True (and 0.0, -0.0) apart: for short lists."""
+    if a is b:
+        return True
+    kind = type(a)
+    if kind is dict:
+        return type(b) is dict and a.keys() == b.keys() and all(_equal(value, b[key]) for key, value in a.items())
+    if kind is list:
+        return type(b) is list and len(a) == len(b) and all(map(_equal, a, b))
+    return _same(a, b)
+
+
+def _lists_equal(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(map(_equal, a, b))
+
+
 def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]]) -> None:
     lo, ln = len(old), len(new)
-    if lo > SMALL_LIST:
-        # C-speed prefix checks for long lists (a growing log is the common case).
-        if ln >= lo and new[:lo] == old:
-            if ln > lo:
-                ops.append([APPEND, path, new[lo:]])
-            return
-        if ln < lo and new == old[:ln]:
-            ops.append([TRUNCATE, path, ln])
+    # Long lists are compared at C speed (==, which lets 1 == 1.0 == True inside them); short ones strictly.
+    same = _lists_equal if lo <= SMALL_LIST else list.__eq__
+    if ln >= lo and same(new[:lo], old):
+        if ln > lo:
+            ops.append([APPEND, path, new[lo:]])
+        return
+    if ln < lo and same(new, old[:ln]):
+        ops.append([TRUNCATE, path, ln])
+        return
+    for k in range(1, min(lo - 1, MAX_SHIFT) + 1):
+        kept = lo - k
+        if kept <= ln and _same_first(new, old, k) and same(new[:kept], old[k:]):
+            ops.append([DROP_FRONT, path, k])
+            if ln > kept:
+                ops.append([APPEND, path, new[kept:]])
             return
     common = min(lo, ln)
     limit = max(MIN_ELEMENT_EDITS, common // 4)
@@ -119,6 +145,11 @@ def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]])
         ops.append([TRUNCATE, path, ln])
 
 
+def _same_first(new: list[Any], old: list[Any], k: int) -> bool:
+    """A cheap filter before comparing a whole shifted list."""
+    return bool(new) and (new[0] is old[k] or new[0] == old[k])
+
+
 # -- apply -----------------------------------------------------------------------
 
 
@@ -144,6 +175,8 @@ def apply(state: dict[str, Any], ops: list[list[Any]]) -> dict[str, Any]:
             _walk(state, path).extend(op[2])
         elif code == TRUNCATE:
             del _walk(state, path)[op[2]:]
+        elif code == DROP_FRONT:
+            del _walk(state, path)[: op[2]]
         else:
             raise ValueError(f"unknown delta op {code!r}")
     return state
@@ -169,7 +202,7 @@ def apply_copy(state: dict[str, Any], ops: list[list[Any]]) -> dict[str, Any]:
             owned[id(root)] = root
             continue
         node = root
-        for key in path if code in (APPEND, TRUNCATE) else path[:-1]:
+        for key in path if code in (APPEND, TRUNCATE, DROP_FRONT) else path[:-1]:
             node = own(node, key)
         if code == SET:
             node[path[-1]] = op[2]
@@ -179,6 +212,8 @@ def apply_copy(state: dict[str, Any], ops: list[list[Any]]) -> dict[str, Any]:
             node.extend(op[2])
         elif code == TRUNCATE:
             del node[op[2]:]
+        elif code == DROP_FRONT:
+            del node[: op[2]]
         else:
             raise ValueError(f"unknown delta op {code!r}")
     return root

@@ -115,7 +115,7 @@ def test_headless_no_wait_stops_at_the_escalation_with_exit_4(tmp_path: Path) ->
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 4, done.stdout + done.stderr
     store = Store.open(tmp_path / "db.sqlite")
-    (run,) = store.runs()
+    (run,) = store.list_runs()
     assert (run.status, run.termination_reason, run.iterations) == ("escalated", "waiting_on_person", 3)
     escalated = [e for e in store.events(run.id) if e.kind == "escalated"]
     assert [i["name"] for i in escalated[0].data["failing_invariants"]] == ["solution_only"]

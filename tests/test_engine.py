@@ -25,6 +25,8 @@ async def test_converges_when_gates_pass_and_feeds_gate_failure_forward(tmp_path
     assert first.gate_results[0]["passed"] is False
     assert "flag is no" in second.prompt[-1]["content"]  # stderr of the failed gate reached the next prompt
     assert second.state["termination_reason"] == "converged"
+    assert second.state == engine.state.model_dump(mode="json")  # the incremental dump is exact
+    assert len(second.state["tool_results"]) == 2
     assert run.tokens_in > 0 and run.tokens_out > 0 and run.cost_usd > 0
     assert run.cost_usd == pytest.approx(first.cost_usd + second.cost_usd)
 

@@ -377,6 +377,32 @@ def test_fork_of_fork_and_the_tree(store: Store) -> None:
         store.commit_iteration(it("c", 80, {}), {})
 
 
+def test_iteration_tool_calls_read_no_state(store: Store) -> None:
+    store.create_run(make_run("a"))
+    for n in range(1, 8):
+        call = {"tool": "send", "args": {"n": n}, "key": f"a{n}"} if n % 2 else None
+        store.commit_iteration(it("a", n, {"big": list(range(n * 100))}, tool_call=call), {})
+    store.create_run(make_run("b", parent_run="a", fork_iteration=4, origin="fork"))
+    store.commit_iteration(it("b", 5, {}, tool_call={"tool": "write", "args": {}, "key": "b5"}), {})
+    seen: list[str] = []
+    with store._db.tracer(lambda sql, params: seen.append(sql)):
+        calls = store.iteration_tool_calls("b")
+    assert [(r, n, c["key"]) for r, n, c in calls] == [("a", 1, "a1"), ("a", 3, "a3"), ("b", 5, "b5")]
+    assert not any("states" in sql or "blobs" in sql for sql in seen)
+    assert [n for _, n, _ in store.iteration_tool_calls("a", after=2, upto=6)] == [3, 5]
+    assert [n for _, n, _ in store.iteration_tool_calls("b", own_only=True)] == [5]
+
+
+def test_a_sliding_window_costs_its_new_items(store: Store) -> None:
+    store.create_run(make_run())
+    for n in range(1, 61):
+        facts = [f"fact number {i:04d} " + "x" * 40 for i in range(max(0, n - 12), n)]
+        store.commit_iteration(it("run-0001", n, {"memory": {"facts": facts}}), {})
+    sizes = [len(b) for (b,) in store._db.execute("SELECT body FROM states WHERE keyframe = 0 AND n > 20")]
+    assert max(sizes) < 150  # one new fact and a drop, not the 12-item window
+    assert store.state_at("run-0001", 45) == {"memory": {"facts": [f"fact number {i:04d} " + "x" * 40 for i in range(33, 45)]}}
+
+
 def test_a_branch_reads_its_parent_without_copying_it(store: Store) -> None:
     tree = Tree(store)
     tree.root("root", 200)

@@ -20,14 +20,14 @@ def tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
 
 
-def test_demo_in_a_real_terminal_shows_progress_and_converges(tmp_path: Path) -> None:
+def test_headless_run_in_a_real_terminal_shows_progress_and_converges(tmp_path: Path) -> None:
     session = f"loopterm-{uuid.uuid4().hex[:8]}"
     loopterm = Path(sys.executable).parent / "loopterm"
     assert loopterm.exists(), "the console script is installed with the package"
     env = f"LOOPTERM_DB={tmp_path / 'demo.db'} LITELLM_LOCAL_MODEL_COST_MAP=True"
     tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", "-c", str(tmp_path))
     try:
-        tmux("send-keys", "-t", session, f"env {env} {loopterm}; echo EXIT=$?", "Enter")
+        tmux("send-keys", "-t", session, f"env {env} {loopterm} run codefix --headless; echo EXIT=$?", "Enter")
         deadline = time.monotonic() + 180
         screen = ""
         while time.monotonic() < deadline:
@@ -45,3 +45,47 @@ def test_demo_in_a_real_terminal_shows_progress_and_converges(tmp_path: Path) ->
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     assert os.path.exists(tmp_path / "demo.db")
+
+
+ROW = re.compile(r"^\S*\s*▕?\s+(\d+)\s+write_file", re.MULTILINE)
+
+
+def rows(screen: str) -> int:
+    return len(ROW.findall(screen))
+
+
+def wait_for(session: str, predicate, timeout: float = 60.0) -> str:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = tmux("capture-pane", "-p", "-t", session)
+        if predicate(screen):
+            return screen
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; the screen was:\n{screen}")
+
+
+def test_tui_in_a_real_terminal_pause_step_quit(tmp_path: Path) -> None:
+    session = f"loopterm-{uuid.uuid4().hex[:8]}"
+    loopterm = Path(sys.executable).parent / "loopterm"
+    env = f"LOOPTERM_DB={tmp_path / 'tui.db'} LOOPTERM_CONFIG_DIR={tmp_path / 'cfg'} LITELLM_LOCAL_MODEL_COST_MAP=True"
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "42", "-c", str(tmp_path))
+    try:
+        tmux("send-keys", "-t", session, f"env {env} {loopterm} run codefix; echo EXIT=$?", "Enter")
+        wait_for(session, lambda s: rows(s) >= 1)  # iterations appear live
+        tmux("send-keys", "-t", session, "space")
+        paused = wait_for(session, lambda s: "paused" in s.splitlines()[0])
+        before = rows(paused)
+        time.sleep(2.0)
+        assert rows(tmux("capture-pane", "-p", "-t", session)) == before  # no new iteration while paused
+        tmux("send-keys", "-t", session, "n")
+        after = wait_for(session, lambda s: rows(s) == before + 1 and "stepping" not in s.splitlines()[0])
+        assert rows(after) == before + 1  # exactly one
+        assert any(word in after.splitlines()[0] for word in ("paused", "converged"))
+        time.sleep(1.0)
+        assert rows(tmux("capture-pane", "-p", "-t", session)) == before + 1
+        tmux("send-keys", "-t", session, "q")
+        done = wait_for(session, lambda s: re.search(r"EXIT=\d+", s) is not None, timeout=30)
+        assert "EXIT=0" in done and "Traceback" not in done
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--iteration", type=_positive_int, metavar="N")
     show.add_argument("--json", action="store_true")
 
+    watch = sub.add_parser("watch", parents=[db], help="open the TUI on a run (live or finished), e.g. one running headless")
+    watch.add_argument("run", metavar="RUN")
+
     resume = sub.add_parser("resume", parents=[db], help="continue a crashed, stopped or escalated run")
     resume.add_argument("run", metavar="RUN")
     resume.add_argument("--max-iterations", type=_positive_int, metavar="N", help="raise the run's iteration cap")
@@ -152,6 +155,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
                             budget_tokens=args.budget_tokens, wait=not args.no_wait)
+    if args.command == "watch":
+        return commands.watch(db_path(args), args.run)
     if args.command == "runs":
         return commands.runs(db_path(args), as_json_out=args.json)
     if args.command == "show":

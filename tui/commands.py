@@ -33,7 +33,7 @@ from loopterm.tui.headless import (
     summary,
 )
 
-DEMO_LOOP = "codefix"
+DEMO_LOOP = "demo"
 
 
 def _console() -> Console:
@@ -55,7 +55,27 @@ def _drive(engine: Engine, console: Console) -> int:
 
 
 def demo() -> int:
-    return run(DEMO_LOOP, _default_db())
+    return run(DEMO_LOOP, _default_db(), headless=False)
+
+
+def _has_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _open_tui(db: Path, **kwargs: Any) -> int:
+    from loopterm.tui.app import LooptermApp
+
+    app = LooptermApp(db, **kwargs)
+    app.run()
+    return int(app.return_code or 0)
+
+
+def watch(db: Path, prefix: str) -> int:
+    store = Store.open(db, create=False)
+    run_record = store.resolve_run(prefix)  # a bad id is one line, before any screen
+    if not _has_terminal():
+        raise ConfigError("`loopterm watch` needs a terminal; use `loopterm show RUN` to read a run without one")
+    return _open_tui(db, watch_run=run_record.id)
 
 
 def _default_db() -> Path:
@@ -78,12 +98,17 @@ def run(
     loop, ref = load_loop(loop_ref)
     chosen = model or loop.model
     _prepare_model(loop, chosen)
-    store = Store.open(db)
     budget: dict[str, Any] = {}
     if budget_usd is not None:
         budget["usd"] = budget_usd
     if budget_tokens is not None:
         budget["tokens"] = budget_tokens
+    if not headless:
+        if _has_terminal():
+            Store.open(db).close()  # refuse a bad database before the screen opens
+            return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, max_iterations=max_iterations)
+        print("loopterm: no terminal here, so running headless (pass --headless to say so)", file=sys.stderr)
+    store = Store.open(db)
     engine = Engine.create(
         loop, store, loop_ref=ref, model=chosen, max_iterations=max_iterations, budget=budget,
         workspace_root=db.resolve().parent / "workspaces", wait_on_person=wait,
