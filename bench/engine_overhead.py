@@ -58,7 +58,7 @@ def make_loop(tmp: Path, n: int) -> Loop:
     script.write_text(json.dumps({"price": {"input_cost_per_token": 1e-7, "output_cost_per_token": 2e-7},
                                   "turns": [REPLY], "after_end": "repeat_last"}))
     return Loop(name="bench", goal="iterate", state=LoopState, tools=[noop], script=script,
-                max_iterations=n, stall_window=n + 1)
+                max_iterations=n, stall_window=None)
 
 
 async def measure(loop: Loop, tmp: Path, client: object | None) -> list[float]:

@@ -6,7 +6,7 @@ iteration, run for 10,000 iterations with every iteration durable before the nex
 
   loopterm   the real engine (`Engine`) on the real store (`Store`, SQLite, each iteration
              committed), an in-process client answering instantly (as in engine_overhead.py),
-             a no-op tool, no gates, stall_window larger than the run; the loop's own fields
+             a no-op tool, no gates, stall detection off; the loop's own fields
              live on a `LoopState` subclass and `Loop.observe` appends the item.
   LangGraph  a `StateGraph` with one node looping to itself through a conditional edge that
              ends after N steps, compiled with `SqliteSaver` on a file (WAL, like loopterm's
@@ -159,7 +159,7 @@ def loopterm_phase(n: int, at: int, root: Path) -> dict[str, Any]:
         return state.model_copy(update={"step": i, "checksum": digest(i), "items": [*state.items, item(i)]})
 
     loop = Loop(name="timetravel", goal="grow the list", state=BenchState, tools=[noop], model="instant/bench",
-                max_iterations=n, stall_window=n + 1, observe=observe)
+                max_iterations=n, stall_window=None, observe=observe)
     db = root / "loopterm.db"
     store = Store.open(db)
     engine = Engine.create(loop, store, loop_ref="bench/timetravel.py:loop", workspace_root=root / "ws",

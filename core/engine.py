@@ -172,6 +172,7 @@ class Engine:
         self.subscribers = list(subscribers or [])
         self.workdir = workdir or Path.cwd()
         history = journal.events(run.id)
+        self._started_before = any(e.kind == "run_started" for e in history)
         relaxed_before, self.relax_until = relaxed_from(history)
         self.relaxed = {**relaxed_before, **(relaxed or {})}
         # A person's answers survive a restart: they are in the event log.
@@ -201,8 +202,10 @@ class Engine:
         self.spend = Spend(
             tokens_in=run.tokens_in, tokens_out=run.tokens_out, cost_usd=run.cost_usd, elapsed_s=run.elapsed_s
         )
-        recent = journal.last_iterations(run.id, loop.stall_window)
-        self.recent: deque[_Outcome] = deque((_outcome(r) for r in recent), maxlen=loop.stall_window)
+        recent = journal.last_iterations(run.id, loop.stall_window or 1)  # the last one holds the state
+        self.recent: deque[_Outcome] = deque(
+            (_outcome(r) for r in recent) if loop.stall_window else (), maxlen=loop.stall_window or 1
+        )
         self.confidences: deque[float] = deque(
             (float((r.decision or {}).get("confidence", 0.0)) for r in recent), maxlen=10
         )
@@ -308,8 +311,9 @@ class Engine:
         resumed_from = self.state.iteration
         self.journal.update_run(self.run_id, status=Status.RUNNING.value, updated_at=self.clock(), message=None)
         self.journal.append_event(
-            self.run_id, "run_resumed" if resumed_from else "run_started", {"from_iteration": resumed_from}
+            self.run_id, "run_resumed" if self._started_before else "run_started", {"from_iteration": resumed_from}
         )
+        self._started_before = True
         self._emit(
             RunStarted(
                 run_id=self.run_id, loop=self.loop.name, model=self.run_record.model,
@@ -466,7 +470,7 @@ class Engine:
 
     def _stalled(self) -> str | None:
         k = self.loop.stall_window
-        if len(self.recent) < k:
+        if k is None or len(self.recent) < k:
             return None
         last = list(self.recent)
         if len({o.action for o in last}) == 1:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
 from loopterm.core.migrations import migrate_state
-from loopterm.core.records import IterationRecord, RunRecord, ToolCallRecord
+from loopterm.core.records import RunRecord, ToolCallRecord
 from loopterm.core.termination import Status
 from loopterm.core.tools import ToolContext
 
@@ -41,7 +41,9 @@ class History(Protocol):
 
     def lineage(self, run_id: str) -> list[RunRecord]: ...
 
-    def iterations(self, run_id: str, own_only: bool = False) -> list[IterationRecord]: ...
+    def iteration_tool_calls(
+        self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None
+    ) -> list[tuple[str, int, dict[str, Any]]]: ...
 
     def prior_tool_calls(
         self, run_ids: list[str], tool: str, args: dict[str, Any], after_iteration: dict[str, int] | None = None
@@ -160,13 +162,10 @@ def side_effects_after(history: History, loop: Loop, parent: RunRecord, at: int)
     """The side-effecting calls the parent's lineage made after `at`: what a branch may reach again."""
     calls: list[SideEffectCall] = []
     for run in history.lineage(parent.id):
-        for record in history.iterations(run.id, own_only=True):
-            call = record.tool_call
-            if record.n <= at or not call:
-                continue
+        for run_id, n, call in history.iteration_tool_calls(run.id, own_only=True, after=at):
             tool = loop.tool(call["tool"])
             if tool is not None and tool.side_effects:
-                calls.append(SideEffectCall(run_id=run.id, n=record.n, tool=call["tool"], args=call.get("args") or {},
+                calls.append(SideEffectCall(run_id=run_id, n=n, tool=call["tool"], args=call.get("args") or {},
                                             policy=tool.rewind_policy))
     return calls
 
@@ -207,14 +206,12 @@ async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int
         shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
     assert run.parent_run is not None and run.fork_iteration is not None
     replayed = 0
-    for record in history.iterations(run.parent_run):
-        if record.n > run.fork_iteration or not record.tool_call:
-            continue
-        tool = loop.tool(record.tool_call["tool"])
+    for _, n, call in history.iteration_tool_calls(run.parent_run, upto=run.fork_iteration):
+        tool = loop.tool(call["tool"])
         if tool is None or not tool.side_effects or not tool.workspace_only:
             continue
-        args = record.tool_call.get("args") or {}
-        call_args = (ToolContext(run.id, record.n, workspace, "rebuild"),) if tool.wants_context else ()
+        args = call.get("args") or {}
+        call_args = (ToolContext(run.id, n, workspace, "rebuild"),) if tool.wants_context else ()
         result = tool.fn(*call_args, **args)
         if hasattr(result, "__await__"):
             await result

@@ -48,7 +48,8 @@ class Loop(BaseModel):
     prompt_token_budget: int = Field(default=6_000, ge=256)  # the prompt is pruned to fit this
     max_output_tokens: int = Field(default=1_024, ge=16)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    stall_window: int = Field(default=3, ge=2)  # k identical actions / subgoals / outcomes in a row
+    # k identical actions / subgoals / verification results in a row is a stall; None turns it off
+    stall_window: int | None = Field(default=3, ge=2)
     max_repairs: int = Field(default=2, ge=0)  # repair attempts for an invalid reply
     workspace_files: Path | None = None  # copied into each run's workspace before it starts
     migrations: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = Field(default_factory=dict)

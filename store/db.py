@@ -56,7 +56,7 @@ from loopterm.store.states import (
     put_state,
     segments,
 )
-from loopterm.store.delta import apply_copy
+from loopterm.store.delta import apply_copy, loads
 
 BUSY_TIMEOUT_MS = 10_000
 SHOWN_MATCHES = 5
@@ -344,7 +344,7 @@ class Store:
                     "SELECT n, tool_call FROM iterations WHERE run_id = ? AND n > ? AND n <= ? AND tool_call IS NOT NULL ORDER BY n",
                     [holder, max(lo, after), hi],
                 )
-                found.extend((holder, n, json.loads(call)) for n, call in rows)
+                found.extend((holder, n, loads(call)) for n, call in rows)
             return found
 
     def _records(self, run_id: str, *, first: int = 1, own_only: bool = False) -> Iterator[IterationRecord]:
@@ -373,7 +373,7 @@ class Store:
                     if keyframe:
                         state = decode_keyframe(self._query, body, chunks)
                     elif state is not None and at == n - 1:
-                        state = apply_copy(state, json.loads(body))
+                        state = apply_copy(state, loads(body))
                     else:
                         state = load_state(self._query, segments(self._query, holder, n), n)
                     at = n
@@ -386,7 +386,7 @@ class Store:
 
     def _record(self, row: dict[str, Any], state: dict[str, Any], sections: dict[str, str]) -> IterationRecord:
         """An iteration row back as its record; `sections` caches prompt sections across calls."""
-        prompt = decode_prompt(json.loads(row["prompt"]), sections, lambda hashes: fetch_blobs(self._query, hashes))
+        prompt = decode_prompt(loads(row["prompt"]), sections, lambda hashes: fetch_blobs(self._query, hashes))
         return from_row("iterations", IterationRecord, {**row, "prompt": prompt, "state": state})
 
     def state_at(self, run_id: str, n: int) -> dict[str, Any] | None:
@@ -576,7 +576,7 @@ class Store:
                     continue
                 where = f"line {number}"
                 try:
-                    item = json.loads(line)
+                    item = loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{where}: not JSON ({exc.msg}); nothing was imported") from None
                 if not isinstance(item, dict):

@@ -16,11 +16,10 @@ Joining the sections with "\\n\\n" gives the content back exactly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
-from loopterm.store.delta import content_hash, dumps
+from loopterm.store.delta import content_hash, dumps, loads
 
 INLINE_MAX = 64
 LIST_INLINE_MAX = 4
@@ -71,7 +70,7 @@ def decode_prompt(
             blobs.update(fetch(missing))
 
     need([item["l"] for item in encoded if "l" in item])
-    refs = [json.loads(blobs[item["l"]]) if "l" in item else item.get("s") for item in encoded]
+    refs = [loads(blobs[item["l"]]) if "l" in item else item.get("s") for item in encoded]
     need([ref[1:] for group in refs if group for ref in group if ref[:1] == "#"])
     messages: list[dict[str, Any]] = []
     for item, group in zip(encoded, refs):

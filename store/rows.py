@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from loopterm.store.delta import loads
 from loopterm.store.schema import JSON_COLUMNS
 
 M = TypeVar("M", bound=BaseModel)
@@ -47,7 +48,7 @@ def from_row(table: str, model: type[M], row: dict[str, Any]) -> M:
     """Validate a row back into its record."""
     json_columns = JSON_COLUMNS[table]
     decoded = {
-        name: json.loads(value) if name in json_columns and value is not None else value
+        name: loads(value) if name in json_columns and value is not None else value
         for name, value in row.items()
     }
     return model.model_validate(decoded)

@@ -17,12 +17,11 @@ decides locking, and runs inside the caller's transaction.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopterm.store.delta import apply, diff, dumps, join_keyframe, keyframe_hashes, split_keyframe, touched
+from loopterm.store.delta import apply, diff, dumps, join_keyframe, keyframe_hashes, loads, split_keyframe, touched
 
 KEYFRAME_EVERY = 64
 PAGE = 512  # state rows fetched per query when streaming
@@ -113,12 +112,12 @@ def put_state(
     new_blobs: dict[str, str] = {}
     if head is None:
         keyframe = True
-        private: dict[str, Any] = json.loads(dumps(state))
+        private: dict[str, Any] = loads(dumps(state))
         memo: dict[tuple[str | int, ...], list[str]] = {}
     else:
         keyframe = n % KEYFRAME_EVERY == 0
         ops_text = dumps(diff(head.state, state))
-        ops = json.loads(ops_text)  # private copies of the new values
+        ops = loads(ops_text)  # private copies of the new values
         private = apply(head.state, ops)
         memo = head.memo
         touched(memo, ops)
@@ -164,17 +163,17 @@ def _keyframe(query: Query, segs: list[Segment], n: int) -> tuple[str, int, str]
 def decode_keyframe(query: Query, body_text: str, cache: dict[str, list[Any]] | None) -> dict[str, Any]:
     """The state of a keyframe. With `cache` (parsed chunks by hash, filled here), chunk items are
     shared with other states decoded through the same cache; without, everything is fresh."""
-    body = json.loads(body_text)
+    body = loads(body_text)
     hashes = keyframe_hashes(body)
     if not hashes:
         return join_keyframe(body, lambda digest: [])
     if cache is None:  # one state: fresh objects for the caller, even where two lists share a chunk
         texts = fetch_blobs(query, hashes)
-        return join_keyframe(body, lambda digest: json.loads(texts[digest]))
+        return join_keyframe(body, lambda digest: loads(texts[digest]))
     missing = [digest for digest in hashes if digest not in cache]
     if missing:
         for digest, text in fetch_blobs(query, missing).items():
-            cache[digest] = json.loads(text)
+            cache[digest] = loads(text)
     return join_keyframe(body, cache.__getitem__)
 
 
@@ -204,7 +203,7 @@ def load_state(query: Query, segs: list[Segment], n: int) -> dict[str, Any]:
     for _, m, keyframe, text in _rows(query, segs[::-1], at, n):
         if keyframe or m != at + 1:
             raise DamagedStateError(f"state chain broken at iteration {m}")
-        apply(state, json.loads(text))
+        apply(state, loads(text))
         at = m
     if at != n:
         raise KeyError(n)

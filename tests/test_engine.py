@@ -79,6 +79,13 @@ async def test_stalled_on_repeated_action(tmp_path: Path) -> None:
     assert "same action" in (run.message or "")
 
 
+async def test_stall_detection_can_be_turned_off(tmp_path: Path) -> None:
+    turns = [{"content": decision(text="no", subgoal="same")} for _ in range(5)]
+    engine, _ = make_engine(tmp_path, make_loop(tmp_path, turns, stall_window=None, max_iterations=5))
+    run = await engine.run()
+    assert (run.termination_reason, run.iterations) == ("max_iterations", 5)
+
+
 async def test_stalled_on_same_subgoal(tmp_path: Path) -> None:
     turns = [{"content": decision(text=f"v{i}", subgoal="same")} for i in range(6)]
     engine, _ = make_engine(tmp_path, make_loop(tmp_path, turns, stall_window=3))

@@ -60,6 +60,8 @@ def test_fork_at_first_middle_and_last_iteration(codefix_db: tuple[Path, str], c
     assert shown["run"]["status"] == "converged"  # type: ignore[index]
     forked = [e for e in shown["events"] if e["kind"] == "forked"]  # type: ignore[index]
     assert forked[0]["data"]["reason"] == "try again" and forked[0]["data"]["at"] == at
+    kinds = [e["kind"] for e in shown["events"]]  # type: ignore[index]
+    assert "run_started" in kinds and "run_resumed" not in kinds  # a branch starts; it does not resume
     # The parent's own rows are untouched: still exactly its three iterations.
     parent_rows = cli_json(capsys, "show", parent, "--json", "--db", str(db))["iterations"]  # type: ignore[index]
     assert [it["run_id"] for it in parent_rows] == [parent] * 3
@@ -224,3 +226,27 @@ def test_ask_policy_waits_for_a_person_then_obeys(tmp_path: Path, capsys: pytest
     assert len(sent(tmp_path)) == 3
     assert main(["resume", branch["id"], "--side-effects", "reexecute", "--db", str(db)]) == 0
     assert [line.split()[2] for line in sent(tmp_path)][-1] == "user3@example.com" and len(sent(tmp_path)) == 4
+
+
+def test_export_then_import_round_trips_a_branch_with_its_lineage(
+    codefix_db: tuple[Path, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db, parent = codefix_db
+    assert main(["fork", parent, "--at", "2", "--headless", "--db", str(db)]) == 0
+    branch = next(r for r in run_ids(capsys, db) if r["parent_run"] == parent)["id"]
+    first = tmp_path / "branch.jsonl"
+    assert main(["export", branch, "-o", str(first), "--db", str(db)]) == 0
+    lines = first.read_text().splitlines()
+    kinds = [json.loads(line)["type"] for line in lines]
+    assert kinds[0] == "loopterm-export" and kinds.count("run") == 2  # the whole lineage
+
+    other = tmp_path / "other.db"
+    assert main(["import", str(first), "--db", str(other)]) == 0
+    again = tmp_path / "again.jsonl"
+    assert main(["export", branch, "-o", str(again), "--db", str(other)]) == 0
+    assert again.read_text() == first.read_text()  # exactly
+
+    capsys.readouterr()
+    assert main(["import", str(first), "--db", str(other)]) == 2  # the runs are there already
+    assert "already" in capsys.readouterr().err
+    assert [r["id"] for r in run_ids(capsys, other)] == [parent, branch]

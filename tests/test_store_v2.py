@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopterm.core.errors import ConfigError
-from loopterm.core.records import EventRecord, Intent, IterationRecord, RunRecord, ToolCallRecord
+from loopterm.core.records import EventRecord, Intent, IterationRecord, ToolCallRecord
 from loopterm.store import SCHEMA_VERSION, DuplicateIterationError, Store
 from loopterm.store import delta as delta_module
 from loopterm.store import states as states_module
@@ -688,7 +688,6 @@ def schema_of(path: Path) -> dict[str, Any]:
 def test_v1_database_is_migrated_after_a_backup(tmp_path: Path, wal: bool) -> None:
     path = tmp_path / "old.db"
     written = build_v1(path, wal=wal)
-    original = sha(path)
     with Store.open(path, create=False) as s:
         assert s.migrated_from == 1
         backup = path.with_name("old.db.v1.bak")
@@ -718,7 +717,6 @@ def test_v1_database_is_migrated_after_a_backup(tmp_path: Path, wal: bool) -> No
     assert conn.execute("SELECT count(*) FROM iterations").fetchone()[0] == 140
     assert "state" in [row[1] for row in conn.execute("PRAGMA table_info(iterations)")]
     conn.close()
-    del original
     # same layout as a database created at schema 2
     fresh = tmp_path / "fresh.db"
     Store.open(fresh).close()
