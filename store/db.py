@@ -347,6 +347,11 @@ class Store:
                 found.extend((holder, n, loads(call)) for n, call in rows)
             return found
 
+    def iter_iterations(self, run_id: str, *, first: int = 1) -> Iterator[IterationRecord]:
+        """The lineage's iterations n >= first, streamed a page at a time: each state is rebuilt
+        from its predecessor's, so reading k new rows costs k deltas, not k whole states."""
+        return self._records(run_id, first=first)
+
     def _records(self, run_id: str, *, first: int = 1, own_only: bool = False) -> Iterator[IterationRecord]:
         """Stream iterations n >= first, a page at a time (no lock held between records).
 

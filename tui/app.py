@@ -20,6 +20,8 @@ Architecture (one direction for everything):
 
 from __future__ import annotations
 
+from itertools import islice
+
 import asyncio
 import inspect
 import os
@@ -505,13 +507,8 @@ class LooptermApp(App[None]):
         except KeyError:
             return
         if not view.loading and run.iterations > self.timeline.last_n:
-            rows: list[tuple[RowInfo, float]] = []
-            for n in range(self.timeline.last_n + 1, min(run.iterations, self.timeline.last_n + MAX_ROWS_PER_POLL) + 1):
-                record = self.store.get_iteration(view.run_id, n)
-                if record is None:
-                    break
-                rows.append((summarize(record), record.cost_usd))
-            self._append(view, rows)
+            new = islice(self.store.iter_iterations(view.run_id, first=self.timeline.last_n + 1), MAX_ROWS_PER_POLL)
+            self._append(view, [(summarize(record), record.cost_usd) for record in new])
         if not view.loading:
             waiting = set(view.approvals)
             for event in absorb(view, self.store.events(view.run_id, after_id=view.last_event)):
@@ -1103,8 +1100,7 @@ def _saved_theme(warnings: list[str]) -> str | None:
 
 def _stream_iterations(store: Store, run_id: str) -> Iterable[Any]:
     """The lineage's iterations a page at a time (Store.iterations builds the whole list first)."""
-    stream = getattr(store, "iter_iterations", None) or getattr(store, "_records", None)
-    return stream(run_id) if stream is not None else store.iterations(run_id)
+    return store.iter_iterations(run_id)
 
 
 def _lifecycle_open(events: Iterable[EventRecord]) -> bool:

@@ -390,9 +390,29 @@ def gates_detail(record: IterationRecord, palette: Palette) -> Text:
     return text
 
 
+def _changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Only the top-level fields that changed, and of a list that only grew, only its new tail:
+    diffing two whole states of a long run costs more than a keystroke may."""
+    old: dict[str, Any] = {}
+    new: dict[str, Any] = {}
+    for key in before.keys() | after.keys():
+        a, b = before.get(key), after.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list) and len(b) > len(a) and b[: len(a)] == a:
+            new[f"{key} (appended after item {len(a)})"] = b[len(a):]
+            continue
+        if key in before:
+            old[key] = a
+        if key in after:
+            new[key] = b
+    return old, new
+
+
 def state_diff(before: dict[str, Any] | None, after: dict[str, Any], palette: Palette) -> Text:
-    old = pretty(before if before is not None else {}).splitlines()
-    new = pretty(after).splitlines()
+    changed_old, changed_new = _changed_parts(before if before is not None else {}, after)
+    old = pretty(changed_old).splitlines()
+    new = pretty(changed_new).splitlines()
     lines = list(difflib.unified_diff(old, new, "before", "after", lineterm="", n=2))
     if not lines:
         return Text("no change to the state", style="italic")
