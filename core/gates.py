@@ -16,13 +16,19 @@ from loopterm.core.tools import cap_text
 _SECRET_SUFFIXES = ("_API_KEY", "_API_TOKEN", "_SECRET", "_SECRET_KEY", "_ACCESS_KEY", "_AUTH_TOKEN")
 
 
+# Variables that change how common tools format their output (pytest stops truncating its
+# summary under CI, and wraps to COLUMNS).
+_OUTPUT_SHAPING = ("CI", "BUILD_NUMBER", "LINES")
+
+
 def scrubbed_env() -> dict[str, str]:
-    """The environment for tools and gates: no provider keys, and a fixed terminal width so
-    a gate's output (pytest's summary lines) does not depend on where loopterm runs: it
-    reaches the next prompt, and a replay compares prompts."""
+    """The environment for tools and gates: no provider keys, and output that does not depend on
+    where loopterm runs (a fixed width, no CI markers): a gate's output reaches the next prompt,
+    and a replay compares prompts, so a laptop and CI must see the same text."""
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith(_SECRET_SUFFIXES)}
+    for name in _OUTPUT_SHAPING:
+        env.pop(name, None)
     env["COLUMNS"] = "80"
-    env.pop("LINES", None)
     return env
 
 

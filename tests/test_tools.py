@@ -113,8 +113,11 @@ async def test_gate_that_cannot_start_or_hangs_fails_cleanly(tmp_path: Path) -> 
     assert not slow.passed and slow.error == "timed out after 0.3s"
 
 
-async def test_gates_never_see_provider_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_gates_never_see_provider_keys_and_run_the_same_under_ci(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-should-not-leak")
-    gate = CommandGate(name="env", argv=["{python}", "-c", "import os; print(sorted(os.environ))"])
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("COLUMNS", "200")
+    gate = CommandGate(name="env", argv=["{python}", "-c", "import os; print(sorted(os.environ), os.environ['COLUMNS'])"])
     result = await gate.run(tmp_path)
     assert "OPENAI_API_KEY" not in result.stdout and "PATH" in result.stdout
+    assert "'CI'" not in result.stdout and result.stdout.strip().endswith("80")
