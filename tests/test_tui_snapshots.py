@@ -29,15 +29,7 @@ ESCALATED_ID = "e5ca1a7ede00"
 BASE_TS = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
-def _theme_names() -> dict[str, str]:
-    try:
-        from loopterm.themes import register_all  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        return {"dark": "textual-dark", "light": "textual-light"}
-    return {"dark": "loopterm-dark", "light": "loopterm-light"}
-
-
-THEMES = _theme_names()
+THEMES = {"dark": "loopterm-dark", "light": "loopterm-light"}
 
 
 @pytest.fixture(autouse=True)
