@@ -182,7 +182,8 @@ class Engine:
                 self.approvals[str(event.data["key"])] = parse_command(
                     "approve" if event.kind == "approved" else "deny", event.data
                 )  # type: ignore[assignment]
-        self._dumped_records: list[tuple[ToolRecord, dict[str, Any]]] = []  # see _dump
+        self._dumped_records: list[ToolRecord] = []  # see _dump
+        self._record_dumps: list[dict[str, Any]] = []
         self.wait_on_person = wait_on_person
         self.poll_interval = poll_interval
         self.paused = False
@@ -351,6 +352,7 @@ class Engine:
             raise
         finally:
             heartbeat.cancel()
+            self.journal.flush()  # anything still queued (an exception nobody expected) goes to disk
 
     async def _heartbeat(self) -> None:
         while True:
@@ -496,7 +498,9 @@ class Engine:
         intent = self.journal.load_intent(self.run_id, n)
         if intent is None:
             intent = await self._decide(n, started)
-            self.journal.save_intent(intent)
+            # Queued, not committed: it joins the tool call's start (so it is on disk before the
+            # tool fires), an approval's event, or, with no tool, is dropped by the iteration's commit.
+            self.journal.save_intent(intent, durable=False)
         else:
             self.journal.append_event(self.run_id, "intent_reused", {"n": n}, n)
         decision = Decision.model_validate(intent.decision)
@@ -521,6 +525,8 @@ class Engine:
                 tool_call["approval"] = verdict.kind
 
         gates: list[GateResult] = []
+        if self.loop.gates:
+            self.journal.flush()  # gates take seconds: the reply and the tool's result must not wait on them
         for gate in self.loop.gates:
             result = await gate.run(self.workspace)
             gates.append(result)
@@ -552,7 +558,8 @@ class Engine:
             model=intent.model, state=self._dump(state),
         )
         self.journal.commit_iteration(
-            record,
+            record, handover=True,
+            run_fields=
             {
                 "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,
                 "cost_usd": self.spend.cost_usd, "elapsed_s": self.spend.elapsed_s, "updated_at": self.clock(),
@@ -578,16 +585,19 @@ class Engine:
         """The state as JSON, in time proportional to the change, not to the run.
 
         Tool records are append-only and never edited, so their dumps are cached
-        and the list reused when the new state only appended to the old one's.
-        Everything else in the state is small and is dumped whole.
+        and reused when the new state only appended to the old one's list.
+        The dump is handed over to the journal (commit_iteration(handover=True)):
+        nothing in it is changed afterwards, so each dump gets its own outer list.
         """
         dump = state.model_dump(mode="json", exclude={"tool_results"})
-        old, new = self._dumped_records, state.tool_results
-        k = len(old)
-        if not (len(new) >= k and (k == 0 or new[k - 1] is old[-1][0])):
-            old, k = [], 0  # rewritten (a custom remediation or observe): start over
-        self._dumped_records = old + [(r, r.model_dump(mode="json")) for r in new[k:]]
-        dump["tool_results"] = [d for _, d in self._dumped_records]
+        new = state.tool_results
+        k = len(self._dumped_records)
+        if not (len(new) >= k and (k == 0 or new[k - 1] is self._dumped_records[-1])):
+            self._dumped_records, self._record_dumps, k = [], [], 0  # rewritten (a custom remediation or observe)
+        for r in new[k:]:
+            self._dumped_records.append(r)
+            self._record_dumps.append(r.model_dump(mode="json"))
+        dump["tool_results"] = list(self._record_dumps)
         return dump
 
     async def _approval(self, tool: Tool, args: dict[str, Any], n: int) -> Approve | Deny:

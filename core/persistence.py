@@ -1,7 +1,10 @@
 """The journal the engine writes to. `loopterm.store.Store` implements it.
 
 Defined in core so the engine never depends on SQLite; tests may pass any
-implementation. Every method commits before returning.
+implementation. Every method commits before returning, except the writes a
+caller marks `durable=False`: those join the next write (one commit fewer per
+iteration, where a commit waits for the disk), and the engine calls flush()
+before anything slow.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ class Journal(Protocol):
 
     def update_run(self, run_id: str, **fields: Any) -> None: ...
 
-    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any]) -> None:
-        """Atomically: insert the iteration, update the run's totals, drop the intent for it."""
+    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any], *, handover: bool = False) -> None:
+        """Atomically: insert the iteration, update the run's totals, drop the intent for it.
+
+        handover=True: the caller never mutates `record.state` afterwards, so the
+        journal may keep it instead of a copy.
+        """
         ...
 
     def get_iteration(self, run_id: str, n: int) -> IterationRecord | None: ...
@@ -39,15 +46,26 @@ class Journal(Protocol):
 
     def events(self, run_id: str, after_id: int = 0) -> list[EventRecord]: ...
 
-    def save_intent(self, intent: Intent) -> None: ...
+    def save_intent(self, intent: Intent, *, durable: bool = True) -> None:
+        """durable=False: written with the journal's next write, or by flush(); dropped if the
+        iteration commits first (the iteration then holds everything the intent did)."""
+        ...
 
     def load_intent(self, run_id: str, n: int) -> Intent | None: ...
 
     def tool_call(self, key: str) -> ToolCallRecord | None: ...
 
-    def tool_call_started(self, record: ToolCallRecord) -> None: ...
+    def tool_call_started(self, record: ToolCallRecord, *, power_safe: bool = True) -> None:
+        """power_safe=False: durable against the process dying, not against a power loss (cheaper)."""
+        ...
 
-    def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float) -> None: ...
+    def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float, *, durable: bool = True) -> None:
+        """durable=False: written with the journal's next write, or by flush()."""
+        ...
+
+    def flush(self) -> None:
+        """Write everything queued by durable=False calls now."""
+        ...
 
     def pending_commands(self, run_id: str) -> list[CommandRecord]: ...
 

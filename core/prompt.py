@@ -7,7 +7,6 @@ and longest first. Facts, not narratives.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,11 +36,7 @@ def read_rules(workdir: Path) -> str | None:
 
 def system_message(loop: Loop) -> str:
     lines = [loop.system_prompt, "", "Tools:"]
-    for t in loop.tools:
-        schema = t.schema()
-        args = json.dumps(schema.get("properties", {}), sort_keys=True)
-        effects = " (side effects)" if t.side_effects else ""
-        lines.append(f"- {t.name}{effects}: {t.description} args={args} required={schema.get('required', [])}")
+    lines += [t.prompt_line() for t in loop.tools]
     if not loop.tools:
         lines.append("- (none: set action to null)")
     lines += ["", DECISION_FORMAT]

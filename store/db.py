@@ -16,6 +16,7 @@ lineage-aware: a branch (parent_run P, fork_iteration N) shows P's iterations
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
@@ -87,6 +88,12 @@ class Store:
         self._clock = clock
         self._lock = threading.RLock()
         self._heads: OrderedDict[str, Head] = OrderedDict()
+        self._conn: sqlite3.Connection = db.conn
+        self._lineages: dict[str, list[tuple[str, str | None, int | None]]] = {}  # see _lineage
+        # Writes the engine chose not to wait for (see save_intent, tool_call_finished):
+        # they join the next write transaction, whichever it is, or flush().
+        self._queued_intents: dict[tuple[str, int], Intent] = {}
+        self._queued_finishes: dict[str, tuple[dict[str, Any], float]] = {}
         self.migrated_from: int | None = None  # the schema version this open upgraded the file from
         self.backup_path: Path | None = None  # the copy of the file made before that upgrade
 
@@ -119,6 +126,7 @@ class Store:
                 migrated = upgrade(db, path)
             db.execute("PRAGMA foreign_keys = ON")
             db.enable_wal()
+            db.execute("PRAGMA synchronous = FULL")  # stated, not left to the build: see _write
             if not version:
                 cls._init_schema(db, path)
         except ConfigError:
@@ -149,8 +157,13 @@ class Store:
         return self._path
 
     def close(self) -> None:
-        """Close the connection; safe to call twice."""
+        """Write anything queued, then close the connection; safe to call twice."""
         with self._lock:
+            try:
+                if self._queued_intents or self._queued_finishes:
+                    self.flush()
+            except sqlite3.ProgrammingError:  # already closed
+                pass
             self._db.close()
 
     def __enter__(self) -> Self:
@@ -160,40 +173,93 @@ class Store:
         self.close()
 
     @contextmanager
-    def _write(self) -> Iterator[Database]:
-        """One write transaction: all of it commits, or none of it."""
+    def _write(self, *, power_safe: bool = True) -> Iterator[Database]:
+        """One write transaction: all of it commits, or none of it. Queued writes go first.
+
+        power_safe=False commits with synchronous=NORMAL: in WAL mode that survives
+        the process dying (SIGKILL, OOM) but not the machine losing power, and
+        costs no fsync; the next power-safe commit makes it power-safe too.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            conn = self._conn
+            if not power_safe:
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield self._db
+                with self._transaction(conn):
+                    yield self._db
+            finally:
+                if not power_safe:
+                    conn.execute("PRAGMA synchronous = FULL")
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            queued = self._queued_intents, self._queued_finishes
+            try:
+                self._write_queued()
+                yield
             except BaseException:
-                self._db.rollback()
+                conn.rollback()
+                self._queued_intents, self._queued_finishes = queued  # not written: still queued
                 raise
             try:
-                self._db.commit()
+                conn.commit()
             except BaseException:
-                self._db.rollback()
+                conn.rollback()
+                self._queued_intents, self._queued_finishes = queued
                 raise
+
+    def _write_queued(self) -> None:
+        """Write the queued intents and tool-call results inside the current transaction."""
+        if self._queued_intents:
+            intents, self._queued_intents = self._queued_intents, {}
+            for intent in intents.values():
+                self._insert_row("intents", to_row("intents", intent), replace=True)
+        if self._queued_finishes:
+            finishes, self._queued_finishes = self._queued_finishes, {}
+            for key, (result, finished_at) in finishes.items():
+                self._finish_call(key, result, finished_at)
+
+    def flush(self) -> None:
+        """Make every queued write durable now (before something slow, or on the way out)."""
+        with self._lock:
+            if self._queued_intents or self._queued_finishes:
+                with self._write():
+                    pass
+
+    def _insert_row(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
+        """INSERT one encoded row with plain SQL (sqlite-utils' insert introspects the table on every call,
+        which was most of an iteration's store time); returns its rowid."""
+        names = ", ".join(f"[{name}]" for name in row)
+        marks = ", ".join("?" * len(row))
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        cursor = self._conn.execute(f"{verb} INTO [{table}] ({names}) VALUES ({marks})", list(row.values()))
+        return int(cursor.lastrowid or 0)
 
     def _rows(self, table: str, where: str, args: list[Any], order_by: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Fetch rows eagerly, so no read cursor outlives the lock."""
-        with self._lock:
-            return list(self._db.table(table).rows_where(where, args, order_by=order_by, limit=limit))
+        sql = f"SELECT * FROM [{table}] WHERE {where}"
+        if order_by:
+            sql += f" ORDER BY {order_by}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._dict_rows(sql, args)
 
     def _query(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
         """Run one statement and fetch every row under the lock (inside a write, part of it)."""
         with self._lock:
-            return self._db.execute(sql, list(params)).fetchall()
+            return self._conn.execute(sql, list(params)).fetchall()
 
     def _dict_rows(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         with self._lock:
-            cursor = self._db.execute(sql, list(params))
+            cursor = self._conn.execute(sql, list(params))
             names = [column[0] for column in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self._lock:
-            self._db.conn.executemany(sql, rows)
+            self._conn.executemany(sql, rows)
 
     # -- runs ------------------------------------------------------------------
 
@@ -219,15 +285,18 @@ class Store:
         unknown = sorted(set(fields) - set(RunRecord.model_fields))
         if unknown or "id" in fields:
             raise ValueError(f"cannot update run field(s): {', '.join(unknown or ['id'])}")
-        current = self.get_run(run_id)
-        merged = RunRecord.model_validate({**current.model_dump(), **fields})
-        changed = {name: getattr(merged, name) for name in fields}
-        self._db.table("runs").update(run_id, encode("runs", changed))
+        changed = {name: _run_field(name).validate_python(value) for name, value in fields.items()}
+        row = encode("runs", changed)
+        sets = ", ".join(f"[{name}] = ?" for name in row)
+        cursor = self._conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*row.values(), run_id])
+        if cursor.rowcount == 0:
+            raise KeyError(f"no run {run_id!r}")
+        if "parent_run" in fields or "fork_iteration" in fields:
+            self._lineages.clear()
 
     def list_runs(self) -> list[RunRecord]:
         """Every run, in creation order (forks after their parents)."""
-        with self._lock:
-            rows = list(self._db.table("runs").rows_where(order_by="rowid"))
+        rows = self._dict_rows("SELECT * FROM runs ORDER BY rowid")
         return [from_row("runs", RunRecord, row) for row in rows]
 
     def resolve_run(self, prefix: str) -> RunRecord:
@@ -248,28 +317,48 @@ class Store:
 
     # -- iterations ------------------------------------------------------------
 
-    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any]) -> None:
-        """Atomically: insert the iteration (its state as a delta), update the run's totals, drop the intent for it."""
+    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any], *, handover: bool = False) -> None:
+        """Atomically: insert the iteration (its state as a delta), update the run's totals, drop the intent for it.
+
+        handover=True: the caller will never mutate `record.state` (or anything in
+        it) again, so the Store keeps it as the base of the next delta instead of
+        copying it, and compares unchanged parts by identity (the engine does this).
+        """
         with self._lock:
+            queued = self._queued_intents.pop((record.run_id, record.n), None)
             try:
-                with self._write() as db:
-                    head = self._insert_iteration(record, self._heads)
+                with self._write():
+                    head = self._insert_iteration(record, self._heads, handover=handover)
                     self._update_run(record.run_id, run_fields)
-                    db.table("intents").delete_where("run_id = ? AND n = ?", [record.run_id, record.n])
+                    self._conn.execute("DELETE FROM intents WHERE run_id = ? AND n = ?", [record.run_id, record.n])
             except BaseException:
                 self._heads.pop(record.run_id, None)  # its state may have moved past what was committed
+                if queued is not None:
+                    self._queued_intents.setdefault((record.run_id, record.n), queued)
                 raise
             self._heads[record.run_id] = head
             self._heads.move_to_end(record.run_id)
             while len(self._heads) > HEADS_KEPT:
                 self._heads.popitem(last=False)
 
-    def _insert_iteration(self, record: IterationRecord, heads: dict[str, Head]) -> Head:
+    def _lineage(self, run_id: str) -> list[tuple[str, str | None, int | None]]:
+        """LINEAGE_SQL's rows for a run, cached: a run's parent and fork point never change once it exists."""
+        rows = self._lineages.get(run_id)
+        if rows is None:
+            rows = [tuple(row) for row in self._query(LINEAGE_SQL, [run_id])]  # type: ignore[misc]
+            if rows:
+                if len(self._lineages) > HEADS_KEPT * 8:
+                    self._lineages.clear()
+                self._lineages[run_id] = rows
+        return rows
+
+    def _insert_iteration(self, record: IterationRecord, heads: dict[str, Head], *, handover: bool = False) -> Head:
         """The rows of one iteration, inside the caller's write; returns the run's new head."""
         run_id, n = record.run_id, record.n
-        if self._query("SELECT 1 FROM iterations WHERE run_id = ? AND n = ?", [run_id, n]):
+        if self._conn.execute("SELECT 1 FROM iterations WHERE run_id = ? AND n = ?", [run_id, n]).fetchone():
             raise DuplicateIterationError(f"iteration {n} of run {run_id} is already committed")
-        segs = segments(self._query, run_id, n)
+        lineage = self._lineage(run_id)
+        segs = segments(lambda sql, params: lineage, run_id, n)
         holder = owner(segs, n)
         if segs and holder != run_id:
             raise DuplicateIterationError(
@@ -280,7 +369,7 @@ class Store:
         row["prompt"] = dump_json(encode_prompt(record.prompt, new_blobs))
         if new_blobs:
             self._executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
-        self._db.table("iterations").insert(row)
+        self._insert_row("iterations", row)
 
         def base() -> dict[str, Any] | None:
             if n <= 1:
@@ -290,7 +379,7 @@ class Store:
             except (KeyError, DamagedStateError):  # no chain to extend: this iteration becomes a keyframe
                 return None
 
-        return put_state(self._query, self._executemany, heads, run_id, n, record.state, base)
+        return put_state(self._query, self._executemany, heads, run_id, n, record.state, base, handover=handover)
 
     def get_iteration(self, run_id: str, n: int) -> IterationRecord | None:
         """Iteration n of the run's lineage (a branch's n <= fork_iteration comes from its parent, with the parent's run_id)."""
@@ -459,10 +548,8 @@ class Store:
 
     def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> EventRecord:
         event = EventRecord(run_id=run_id, iteration=iteration, ts=self._clock(), kind=kind, data=data)
-        with self._write() as db:
-            table = db.table("events")
-            table.insert(to_row("events", event))
-            event.id = table.last_rowid
+        with self._write():
+            event.id = self._insert_row("events", to_row("events", event, exclude={"id"}))
         return event
 
     def events(self, run_id: str, after_id: int = 0) -> list[EventRecord]:
@@ -472,12 +559,26 @@ class Store:
 
     # -- intents ---------------------------------------------------------------
 
-    def save_intent(self, intent: Intent) -> None:
-        """Save (or replace) the reply for (run_id, n) before its tool runs."""
-        with self._write() as db:
-            db.table("intents").insert(to_row("intents", intent), replace=True)
+    def save_intent(self, intent: Intent, *, durable: bool = True) -> None:
+        """Save (or replace) the reply for (run_id, n) before its tool runs.
+
+        durable=False queues it for the next write transaction (the tool call's
+        start, an event, the iteration's commit, which drops it instead) or flush():
+        one commit fewer per iteration, and the reply is still on disk before
+        anything that could make it worth keeping.
+        """
+        if not durable:
+            with self._lock:
+                self._queued_intents[(intent.run_id, intent.n)] = intent
+            return
+        with self._write():
+            self._queued_intents.pop((intent.run_id, intent.n), None)
+            self._insert_row("intents", to_row("intents", intent), replace=True)
 
     def load_intent(self, run_id: str, n: int) -> Intent | None:
+        queued = self._queued_intents.get((run_id, n))
+        if queued is not None:
+            return queued
         rows = self._rows("intents", "run_id = ? AND n = ?", [run_id, n])
         return from_row("intents", Intent, rows[0]) if rows else None
 
@@ -485,21 +586,46 @@ class Store:
 
     def tool_call(self, key: str) -> ToolCallRecord | None:
         rows = self._rows("tool_calls", "key = ?", [key])
-        return from_row("tool_calls", ToolCallRecord, rows[0]) if rows else None
+        if not rows:
+            return None
+        call = from_row("tool_calls", ToolCallRecord, rows[0])
+        queued = self._queued_finishes.get(key)
+        if queued is not None:
+            call.status, call.result, call.finished_at = "done", queued[0], queued[1]
+        return call
 
-    def tool_call_started(self, record: ToolCallRecord) -> None:
-        """Record a call about to run; restarting an interrupted one is allowed, redoing a finished one is not."""
-        with self._write() as db:
-            existing = self._rows("tool_calls", "key = ?", [record.key])
-            if existing and existing[0]["status"] == "done":
+    def tool_call_started(self, record: ToolCallRecord, *, power_safe: bool = True) -> None:
+        """Record a call about to run; restarting an interrupted one is allowed, redoing a finished one is not.
+
+        power_safe=False (for a call without side effects: running it twice harms
+        nothing) survives a crash of the process but not a power loss; see _write.
+        """
+        with self._write(power_safe=power_safe):
+            existing = self._conn.execute("SELECT status FROM tool_calls WHERE key = ?", [record.key]).fetchone()
+            if (existing and existing[0] == "done") or record.key in self._queued_finishes:
                 raise ValueError(f"tool call {record.key} already finished; reuse its result instead of running it again")
-            db.table("tool_calls").insert({**to_row("tool_calls", record), "args_hash": args_hash(record.args)}, replace=True)
+            self._insert_row("tool_calls", {**to_row("tool_calls", record), "args_hash": args_hash(record.args)}, replace=True)
 
-    def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float) -> None:
-        with self._write() as db:
-            if not self._rows("tool_calls", "key = ?", [key]):
-                raise KeyError(f"no tool call {key!r} was started")
-            db.table("tool_calls").update(key, encode("tool_calls", {"status": "done", "result": result, "finished_at": finished_at}))
+    def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float, *, durable: bool = True) -> None:
+        """Record a call's result. durable=False queues it for the next write transaction (see save_intent):
+        the engine flushes before anything slow, so what a crash can lose is a moment, not a gate run."""
+        if not durable:
+            with self._lock:
+                if not self._conn.execute("SELECT 1 FROM tool_calls WHERE key = ?", [key]).fetchone():
+                    raise KeyError(f"no tool call {key!r} was started")
+                self._queued_finishes[key] = (result, finished_at)
+            return
+        with self._write():
+            self._finish_call(key, result, finished_at)
+
+    def _finish_call(self, key: str, result: dict[str, Any], finished_at: float) -> None:
+        row = encode("tool_calls", {"status": "done", "result": result, "finished_at": finished_at})
+        cursor = self._conn.execute(
+            "UPDATE tool_calls SET status = ?, result = ?, finished_at = ? WHERE key = ?",
+            [row["status"], row["result"], row["finished_at"], key],
+        )
+        if cursor.rowcount == 0:
+            raise KeyError(f"no tool call {key!r} was started")
 
     def prior_tool_calls(
         self, run_ids: list[str], tool: str, args: dict[str, Any], after_iteration: dict[str, int] | None = None
@@ -527,10 +653,8 @@ class Store:
     def add_command(self, run_id: str, kind: str, payload: dict[str, Any]) -> CommandRecord:
         """Queue a command for the process running `run_id` (pause, stop, ...)."""
         command = CommandRecord(run_id=run_id, ts=self._clock(), kind=kind, payload=payload)
-        with self._write() as db:
-            table = db.table("commands")
-            table.insert(to_row("commands", command))
-            command.id = table.last_rowid
+        with self._write():
+            command.id = self._insert_row("commands", to_row("commands", command, exclude={"id"}))
         return command
 
     def pending_commands(self, run_id: str) -> list[CommandRecord]:
@@ -632,6 +756,13 @@ class Store:
         else:
             call = ToolCallRecord.model_validate(item)
             db.table("tool_calls").insert({**to_row("tool_calls", call), "args_hash": args_hash(call.args)})
+
+
+@functools.cache
+def _run_field(name: str) -> TypeAdapter[Any]:
+    """A validator for one RunRecord field: an update checks only what it changes (RunRecord has
+    no cross-field rules), without reading the row back on every iteration."""
+    return TypeAdapter(RunRecord.model_fields[name].annotation)
 
 
 def _short(run_id: str, shown: int) -> str:

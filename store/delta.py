@@ -57,6 +57,24 @@ def content_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def copy_tree(value: Any) -> Any:
+    """A copy of the containers of a JSON tree (tuples become lists); scalars are shared, being immutable.
+
+    Sharing the leaves is what keeps `diff` fast next time: an unchanged string
+    in a long list is then the same object on both sides, compared by identity.
+    """
+    kind = type(value)
+    if kind is dict:
+        return {key: copy_tree(item) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        return [copy_tree(item) for item in value]
+    if isinstance(value, dict):
+        return {key: copy_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [copy_tree(item) for item in value]
+    return value
+
+
 # -- diff ------------------------------------------------------------------------
 
 

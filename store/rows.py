@@ -30,9 +30,9 @@ def args_hash(args: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def to_row(table: str, record: BaseModel) -> dict[str, Any]:
+def to_row(table: str, record: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
     """One row for `table`; None stays SQL NULL, even in a JSON column."""
-    return encode(table, record.model_dump())
+    return encode(table, record.model_dump(exclude=exclude))
 
 
 def encode(table: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopterm.store.delta import apply, diff, dumps, join_keyframe, keyframe_hashes, loads, split_keyframe, touched
+from loopterm.store.delta import apply, copy_tree, diff, dumps, join_keyframe, keyframe_hashes, loads, split_keyframe, touched
 
 KEYFRAME_EVERY = 64
 PAGE = 512  # state rows fetched per query when streaming
@@ -49,7 +49,8 @@ class DamagedStateError(ValueError):
 
 @dataclass
 class Head:
-    """The last state written for a run, private to the Store (built from decoded JSON, never a caller's object)."""
+    """The last state written for a run: the Store's own copy, or a state handed over for good
+    (see Store.commit_iteration); in both cases nobody else changes it."""
 
     n: int
     state: dict[str, Any]
@@ -98,12 +99,16 @@ def put_state(
     n: int,
     state: dict[str, Any],
     base: Callable[[], dict[str, Any] | None],
+    *,
+    handover: bool = False,
 ) -> Head:
     """Store the state of iteration n and return the new head (the caller caches it after commit).
 
     `heads[run_id]` is used when it holds n-1, else `base()` gives the state at
     n-1 (None: there is none, so this iteration is a keyframe). The head's
-    state is updated in place: drop it if the transaction fails.
+    state is updated in place: drop it if the transaction fails. With
+    `handover`, `state` itself becomes the new head's state (its owner promised
+    not to change it); otherwise the head keeps a copy of its containers.
     """
     head = heads.get(run_id)
     if head is None or head.n != n - 1:
@@ -112,13 +117,13 @@ def put_state(
     new_blobs: dict[str, str] = {}
     if head is None:
         keyframe = True
-        private: dict[str, Any] = loads(dumps(state))
+        private: dict[str, Any] = state if handover else copy_tree(state)
         memo: dict[tuple[str | int, ...], list[str]] = {}
     else:
         keyframe = n % KEYFRAME_EVERY == 0
-        ops_text = dumps(diff(head.state, state))
-        ops = loads(ops_text)  # private copies of the new values
-        private = apply(head.state, ops)
+        ops = diff(head.state, state)
+        ops_text = dumps(ops)
+        private = state if handover else apply(head.state, copy_tree(ops))
         memo = head.memo
         touched(memo, ops)
     body = split_keyframe(state, memo, new_blobs) if keyframe else ops_text

@@ -467,13 +467,17 @@ def test_queries_use_indexes(store: Store) -> None:
         store.commit_iteration(make_iteration("run-0001", n), {})
         store.commit_iteration(make_iteration("run-0002", n + 2), {})
     seen: list[tuple[str, Any]] = []
-    with store._db.tracer(lambda sql, params: seen.append((sql, params))):
+    conn = store._db.conn
+    conn.set_trace_callback(lambda sql: seen.append((sql, None)))  # SQL with its parameters bound
+    try:
         store.events("run-0001", 0)
         store.pending_commands("run-0001")
         store.last_iterations("run-0002", 3)
         store.state_at("run-0002", 2)
         store.get_iteration("run-0002", 4)
         store.prior_tool_calls(["run-0001", "run-0002"], "write", {"p": 1})
+    finally:
+        conn.set_trace_callback(None)
     reads = [(sql, params) for sql, params in seen if sql.lstrip().lower().startswith(("select", "with")) and "sqlite_master" not in sql]
     assert len(reads) >= 8
     for sql, params in reads:
