@@ -412,7 +412,7 @@ async def phase_open(db: Path, run_id: str, n: int, presses: int, trace: bool) -
             timeline = app.timeline
         except Exception:
             return
-        if timeline.row_count > 0 and not timeline._require_update_dimensions:
+        if timeline.row_count > 0 and not getattr(timeline, "_require_update_dimensions", False):  # (a DataTable's)
             marks["first"] = now
             marks["first_rows"] = timeline.row_count
 

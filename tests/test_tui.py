@@ -84,7 +84,7 @@ def pending(app: LooptermApp, run_id: str) -> list[Any]:
 
 
 def cell_text(app: LooptermApp, row: int, column: str) -> str:
-    return app.timeline.get_cell_at((row, [c.key.value for c in app.timeline.ordered_columns].index(column))).plain
+    return app.timeline.cell_text(row, column)
 
 
 async def finished_run(tmp_path: Path, turns: list[Any], **loop_kwargs: Any) -> tuple[Any, str]:

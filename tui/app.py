@@ -14,22 +14,25 @@ Architecture (one direction for everything):
   Engine notices only make that read happen sooner.
 - Model output, tool output and state values are untrusted: they are shown as
   `rich.text.Text` built without markup, control characters escaped.
-- No widget per iteration: the timeline is one DataTable; the detail tabs
-  render only the selected iteration, and only the visible tab.
+- No widget and no object per iteration: the timeline is a virtual list over
+  flat columns (a few bytes a row, drawn only where on screen); the detail
+  tabs render only the selected iteration, and only the visible tab.
 """
 
 from __future__ import annotations
 
-from itertools import islice
-
 import asyncio
+import gc
 import inspect
 import os
 import time
+from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial, wraps
+from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 from pydantic import ValidationError
 from rich.text import Text
@@ -40,6 +43,7 @@ from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Input, Sparkline, Static
 from textual.worker import get_current_worker
 
@@ -77,6 +81,7 @@ TREE_EVERY = 4  # polls between re-reads of the run list (1 s)
 FIRST_BATCH = 50  # timeline rows in the first batch while a stored run loads
 LOAD_BATCH = 1000  # and in each batch after it
 MAX_ROWS_PER_POLL = 400  # iterations read per poll while catching up with a fast run
+FOLLOW_DETAIL_SECONDS = 0.2  # while the cursor follows a fast run, its detail pane catches up this often
 FINISHED = {"converged", "terminated", "failed", "stopped"}
 PATCH_EVENTS = {"state_edited", "fact_added", "subgoal_set", "forked"}
 
@@ -140,7 +145,8 @@ class View:
     run: RunRecord
     loading: bool = True
     last_event: int = 0
-    costs: list[float] = field(default_factory=list)
+    costs: array[float] = field(default_factory=lambda: array("d"))  # spend per iteration (8 bytes each)
+    cost_max: float = 0.0
     approvals: dict[str, dict[str, Any]] = field(default_factory=dict)  # pending, by key
     packet: dict[str, Any] | None = None  # the last escalation packet
     relaxed: dict[str, str] = field(default_factory=dict)
@@ -258,6 +264,7 @@ class LooptermApp(App[None]):
         self._remember_theme = False
         self._last_theme = ""
         self._screen_ready = False
+        self._detail_timer: Timer | None = None
         self.theme_warnings: list[str] = []
 
     # ------------------------------------------------------------------ setup
@@ -485,10 +492,13 @@ class LooptermApp(App[None]):
             return
         view.costs.extend(cost for _, cost in fresh)
         self.timeline.append([info for info, _ in fresh])
-        self.main.query_one("#spend", Sparkline).data = list(view.costs)
-        label = Text("spend/iter ")
-        label.append(money(max(view.costs)) + " max", style="dim")
-        self.main.query_one("#spend-label", Static).update(label)
+        self.main.query_one("#spend", Sparkline).data = spend_series(view.costs)
+        top = max(view.cost_max, max(cost for _, cost in fresh))
+        if top != view.cost_max or len(view.costs) == len(fresh):
+            view.cost_max = top
+            label = Text("spend/iter ")
+            label.append(money(top) + " max", style="dim")
+            self.main.query_one("#spend-label", Static).update(label)
 
     # ------------------------------------------------------------------ following the store
 
@@ -507,14 +517,18 @@ class LooptermApp(App[None]):
         except KeyError:
             return
         if not view.loading and run.iterations > self.timeline.last_n:
-            new = islice(self.store.iter_iterations(view.run_id, first=self.timeline.last_n + 1), MAX_ROWS_PER_POLL)
-            self._append(view, [(summarize(record), record.cost_usd) for record in new])
+            with acyclic_burst():  # each record's state is dropped once summarised
+                new = islice(self.store.iter_iterations(view.run_id, first=self.timeline.last_n + 1), MAX_ROWS_PER_POLL)
+                rows = [(summarize(record), record.cost_usd) for record in new]
+            self._append(view, rows)
         if not view.loading:
-            waiting = set(view.approvals)
+            waiting, relaxed = set(view.approvals), dict(view.relaxed)
             for event in absorb(view, self.store.events(view.run_id, after_id=view.last_event)):
                 self._announce(view, event)
             if set(view.approvals) != waiting:
                 self.refresh_bindings()
+            if view.relaxed != relaxed and view.detail_n is not None:
+                self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed
         old, view.run = view.run, run
         if old.status != run.status or old.iterations != run.iterations:
             self.refresh_tree()
@@ -557,25 +571,51 @@ class LooptermApp(App[None]):
 
     # ------------------------------------------------------------------ detail
 
-    def on_data_table_row_highlighted(self, event: Timeline.RowHighlighted) -> None:
-        if event.data_table.id != "timeline" or event.row_key.value is None:
-            return
-        self._show_detail(int(event.row_key.value))
+    def on_timeline_row_highlighted(self, event: Timeline.RowHighlighted) -> None:
+        """A person's move shows its iteration at once; the cursor following new rows (up to 50 a second)
+        shows the newest at most every FOLLOW_DETAIL_SECONDS: reading a long run's iteration costs a few ms."""
+        if self._detail_timer is not None:
+            self._detail_timer.stop()
+            self._detail_timer = None
+        if event.following and self.view is not None and self.view.detail_n is not None:
+            self._detail_timer = self.set_timer(FOLLOW_DETAIL_SECONDS, self._show_selected)
+        else:
+            self._show_detail(event.n)
+
+    def _show_selected(self) -> None:
+        self._detail_timer = None
+        n = self.timeline.selected_n if self._screen_ready and not self.shutting_down else None
+        if n is not None and self.view is not None and n != self.view.detail_n:
+            self._show_detail(n)
 
     @on_screen
     def _show_detail(self, n: int) -> None:
         view = self.view
         if view is None:
             return
-        record = self.store.get_iteration(view.run_id, n)
+        with acyclic_burst():  # the states read are dropped before it ends: see acyclic_burst
+            context = self._detail_context(view, n)
+        if context is not None:
+            view.detail_n = n
+            self.detail.show(context)
+
+    def _detail_context(self, view: View, n: int) -> DetailContext | None:
+        """Iteration n for the detail pane: the record, and what the State and Diff tabs need of its state."""
+        # Iterations n-1 and n in one read: n's state is rebuilt from n-1's, so the two share what did not
+        # change (one state decoded, not two, and the diff compares shared parts by identity).
+        pair = list(islice(self.store.iter_iterations(view.run_id, first=max(1, n - 1)), 2 if n > 1 else 1))
+        record = pair[-1] if pair and pair[-1].n == n else self.store.get_iteration(view.run_id, n)
         if record is None:
-            return
+            return None
         previous = None
         if n > 1:
-            try:
-                previous = self.store.state_at(view.run_id, n - 1)
-            except KeyError:
-                previous = None
+            if len(pair) == 2 and pair[0].n == n - 1:
+                previous = pair[0].state
+            else:
+                try:
+                    previous = self.store.state_at(view.run_id, n - 1)
+                except KeyError:
+                    previous = None
         else:
             loop = self.loop_for(view.run)
             if loop is not None:
@@ -583,9 +623,8 @@ class LooptermApp(App[None]):
                     previous = loop.new_state().model_dump(mode="json")
                 except Exception:
                     previous = None
-        view.detail_n = n
-        self.detail.show(DetailContext(record=record, previous_state=previous, invariants=self._invariant_infos(view.run),
-                                       relaxed=dict(view.relaxed), palette=self.palette))
+        return DetailContext.of(record, previous, invariants=self._invariant_infos(view.run),
+                                relaxed=dict(view.relaxed), palette=self.palette)
 
     def _invariant_infos(self, run: RunRecord) -> list[InvariantInfo]:
         loop = self.loop_for(run)
@@ -931,7 +970,7 @@ class LooptermApp(App[None]):
         if n is None:
             self.notify("select an iteration to branch from", severity="warning")
             return
-        holder = next((i.holder for i in self.timeline.infos if i.n == n), view.run_id)
+        holder = self.timeline.holder_of(n) or view.run_id
         try:
             parent = self.store.get_run(holder)
         except KeyError:
@@ -1020,8 +1059,8 @@ class LooptermApp(App[None]):
         query = event.value.strip().lower()
         info = self.main.query_one("#search-info", Static)
         if query:
-            count = sum(1 for i in self.timeline.infos if query in i.haystack)
-            info.update(Text(f"{count} of {len(self.timeline.infos)} match (enter)"))
+            count = self.timeline.count_matches(query)
+            info.update(Text(f"{count} of {self.timeline.total} match (enter)"))
         else:
             info.update("")
             if self.timeline.query_text:
@@ -1031,7 +1070,7 @@ class LooptermApp(App[None]):
     def _search_submitted(self, event: Input.Submitted) -> None:
         count = self.timeline.set_filter(event.value)
         info = self.main.query_one("#search-info", Static)
-        info.update(Text(f"{count} of {len(self.timeline.infos)} match" if event.value.strip() else ""))
+        info.update(Text(f"{count} of {self.timeline.total} match" if event.value.strip() else ""))
         if self.timeline.row_count:
             self.timeline.move_cursor(row=0, animate=False)
         self.timeline.focus()
@@ -1096,6 +1135,39 @@ def _saved_theme(warnings: list[str]) -> str | None:
     from loopterm.tui.config import load_settings
 
     return load_settings(warnings=warnings).theme
+
+
+SPEND_POINTS = 512  # the sparkline's data, at most: it draws one bar per column anyway
+
+
+def spend_series(costs: array[float], points: int = SPEND_POINTS) -> list[float]:
+    """The spend per iteration for the sparkline, at most `points` values (each the most spent in its
+    stretch of iterations): a bounded list, however long the run."""
+    if len(costs) <= points:
+        return costs.tolist()
+    step = len(costs) / points
+    return [max(costs[int(i * step):int((i + 1) * step)]) for i in range(points)]
+
+
+@contextmanager
+def acyclic_burst() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a store read builds long-run states that the caller
+    drops before the block ends.
+
+    One iteration's state in a 10,000-iteration run is tens of thousands of dicts and lists. Built
+    with the collector on, they set off dozens of young collections that promote them to the old
+    generation, and every fifth selection then paid a full collection (35-45 ms) in the middle of the
+    keystroke. They are JSON trees (no reference cycles): reference counting frees them at the end of
+    the block, so nothing is left for the collector, and it runs as usual everywhere else (it is
+    enabled again on the way out, also on an error; a block inside another leaves it to the outer).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _stream_iterations(store: Store, run_id: str) -> Iterable[Any]:

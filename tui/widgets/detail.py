@@ -9,11 +9,15 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Static, TabbedContent, TabPane, Tree
+from textual.widgets.tree import TreeNode
 
 from loopterm.core.records import IterationRecord
 from loopterm.tui.widgets.render import (
     InvariantInfo,
     Palette,
+    Shown,
+    changed_parts,
+    diff_text,
     first_line,
     gates_detail,
     invariants_detail,
@@ -21,7 +25,7 @@ from loopterm.tui.widgets.render import (
     prompt_text,
     reasoning_text,
     response_text,
-    state_diff,
+    shown_state,
     tool_text,
 )
 
@@ -35,62 +39,75 @@ TABS = [
     ("diff", "Diff"),
     ("invariants", "Invariants"),
 ]
-MAX_CHILDREN = 200  # per JSON container in the state tree; the rest is summarised
+EXPAND_UP_TO = 20  # top-level containers with at most this many entries open expanded
 
 
 @dataclass
 class DetailContext:
+    """What the tabs show for one iteration. The record's state is not kept: only what the State tab
+    draws (`shown_state`, bounded) and what the Diff tab diffs (`changed_parts`, usually tiny), so a
+    long run's state (tens of thousands of objects) does not stay on the heap while a row is selected."""
+
     record: IterationRecord
-    previous_state: dict[str, Any] | None
+    state: Any
+    changes: tuple[dict[str, Any], dict[str, Any]]
     invariants: list[InvariantInfo] = field(default_factory=list)
     relaxed: dict[str, str] = field(default_factory=dict)
     palette: Palette = field(default_factory=Palette)
 
+    @classmethod
+    def of(cls, record: IterationRecord, previous_state: dict[str, Any] | None, **kwargs: Any) -> "DetailContext":
+        state = record.state
+        return cls(record=record.model_copy(update={"state": {}}), state=shown_state(state),
+                   changes=changed_parts(previous_state if previous_state is not None else {}, state), **kwargs)
 
-class StateTree(Tree[None]):
-    """A JSON value as a tree; labels are literal Text (state values are untrusted)."""
+
+class StateTree(Tree[Shown | None]):
+    """A JSON value as a tree, built lazily: a container's entries are added when it is first expanded.
+    Labels are literal Text (state values are untrusted)."""
 
     def show(self, value: Any) -> None:
         self.clear()
         self.root.set_label(Text("state"))
-        self._add(self.root, value, depth=0)
+        self.root.data = value if isinstance(value, Shown) else None
+        self._fill(self.root)
         self.root.expand()
         for child in self.root.children:
-            if child.allow_expand and len(child.children) <= 20:
+            shown = child.data
+            if shown is not None and len(shown.items) <= EXPAND_UP_TO and shown.total <= EXPAND_UP_TO:
+                self._fill(child)
                 child.expand()
 
-    def _add(self, node: Any, value: Any, depth: int) -> None:
-        items: list[tuple[str, Any]]
-        if isinstance(value, dict):
-            items = [(str(k), v) for k, v in value.items()]
-        elif isinstance(value, list):
-            items = [(f"[{i}]", v) for i, v in enumerate(value)]
-        else:
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded[Shown | None]) -> None:
+        if event.node.tree is self:
+            self._fill(event.node)
+
+    def _fill(self, node: TreeNode[Shown | None]) -> None:
+        """Add a container's entries under its node, once."""
+        shown = node.data
+        if shown is None or node.children:
             return
-        for key, child in items[:MAX_CHILDREN]:
-            if isinstance(child, (dict, list)) and child:
-                size = f"{{{len(child)}}}" if isinstance(child, dict) else f"[{len(child)}]"
-                label = literal(key, "bold")
-                label.append(f" {size}", style="dim")
-                branch = node.add(label)
-                self._add(branch, child, depth + 1)
+        for key, child in shown.items:
+            label = literal(key, "bold")
+            if isinstance(child, Shown):
+                label.append(f" {{{child.total}}}" if child.is_dict else f" [{child.total}]", style="dim")
+                node.add(label, data=child)
+                continue
+            label.append(": ")
+            if isinstance(child, str):
+                text = first_line(child, 200) + (" …" if "\n" in child or len(child) > 200 else "")
+                label.append(literal(f'"{text}"'))
+            elif child is None:
+                label.append("null", style="dim")
+            elif isinstance(child, bool):
+                label.append("true" if child else "false")
+            elif isinstance(child, (dict, list)):
+                label.append("{}" if isinstance(child, dict) else "[]", style="dim")
             else:
-                label = literal(key, "bold")
-                label.append(": ")
-                if isinstance(child, str):
-                    shown = first_line(child, 200) + (" …" if "\n" in child or len(child) > 200 else "")
-                    label.append(literal(f'"{shown}"'))
-                elif child is None:
-                    label.append("null", style="dim")
-                elif isinstance(child, bool):
-                    label.append("true" if child else "false")
-                elif isinstance(child, (dict, list)):
-                    label.append("{}" if isinstance(child, dict) else "[]", style="dim")
-                else:
-                    label.append(literal(child))
-                node.add_leaf(label)
-        if len(items) > MAX_CHILDREN:
-            node.add_leaf(Text(f"… {len(items) - MAX_CHILDREN} more", style="dim"))
+                label.append(literal(child))
+            node.add_leaf(label)
+        if shown.total > len(shown.items):
+            node.add_leaf(Text(f"… {shown.total - len(shown.items)} more", style="dim"))
 
 
 class IterationDetail(Vertical):
@@ -147,7 +164,7 @@ class IterationDetail(Vertical):
         if tab == "gates":
             return gates_detail(record, ctx.palette)
         if tab == "diff":
-            return state_diff(ctx.previous_state, record.state, ctx.palette)
+            return diff_text(*ctx.changes, ctx.palette)
         if tab == "invariants":
             return invariants_detail(record, ctx.invariants, ctx.relaxed, ctx.palette)
         return Text("")
@@ -161,7 +178,7 @@ class IterationDetail(Vertical):
             if self.detail_context is None:
                 tree.clear()
             else:
-                tree.show(self.detail_context.record.state)
+                tree.show(self.detail_context.state)
             return
         self.query_one(f"#body-{tab}", Static).update(self.body(tab))
         self.query_one(f"#scroll-{tab}", VerticalScroll).scroll_home(animate=False)

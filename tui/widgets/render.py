@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -390,7 +391,7 @@ def gates_detail(record: IterationRecord, palette: Palette) -> Text:
     return text
 
 
-def _changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Only the top-level fields that changed, and of a list that only grew, only its new tail:
     diffing two whole states of a long run costs more than a keystroke may."""
     old: dict[str, Any] = {}
@@ -409,8 +410,15 @@ def _changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[
     return old, new
 
 
+_changed_parts = changed_parts  # the name tests/test_render.py knows
+
+
 def state_diff(before: dict[str, Any] | None, after: dict[str, Any], palette: Palette) -> Text:
-    changed_old, changed_new = _changed_parts(before if before is not None else {}, after)
+    return diff_text(*changed_parts(before if before is not None else {}, after), palette)
+
+
+def diff_text(changed_old: dict[str, Any], changed_new: dict[str, Any], palette: Palette) -> Text:
+    """The unified diff of what `changed_parts` found (small, whatever the size of the states)."""
     old = pretty(changed_old).splitlines()
     new = pretty(changed_new).splitlines()
     lines = list(difflib.unified_diff(old, new, "before", "after", lineterm="", n=2))
@@ -428,6 +436,46 @@ def state_diff(before: dict[str, Any] | None, after: dict[str, Any], palette: Pa
         text.append(literal(line, style))
         text.append("\n")
     return text
+
+
+MAX_CHILDREN = 200  # entries shown per JSON container in the state tree; the rest is counted
+MAX_NODES = 4000  # entries kept for the state tree in all: one iteration's state stays small on the heap
+
+
+@dataclass(slots=True)
+class Shown:
+    """A non-empty JSON container as the state tree shows it: its first entries (each a `Shown` when it is
+    itself a non-empty container, else the value) and how many it has. The state tree is drawn from this,
+    so the detail pane never holds a long run's whole state (tens of thousands of objects)."""
+
+    is_dict: bool
+    total: int
+    items: list[tuple[str, Any]]
+
+
+def shown_state(value: Any, per_container: int = MAX_CHILDREN, budget: int = MAX_NODES) -> Any:
+    """`value` cut to what the state tree shows: per_container entries per container, `budget` in all,
+    breadth first (the top-level fields are always there; deep corners of a huge state are counted)."""
+    if not isinstance(value, (dict, list)) or not value:
+        return value
+    root = Shown(isinstance(value, dict), len(value), [])
+    queue: deque[tuple[Any, Shown]] = deque([(value, root)])
+    left = budget
+    while queue:
+        node, shown = queue.popleft()
+        pairs = ((str(k), v) for k, v in node.items()) if isinstance(node, dict) else \
+            ((f"[{i}]", v) for i, v in enumerate(node))
+        for key, child in pairs:
+            if len(shown.items) >= per_container or left <= 0:
+                break
+            left -= 1
+            if isinstance(child, (dict, list)) and child:
+                inner = Shown(isinstance(child, dict), len(child), [])
+                queue.append((child, inner))
+                shown.items.append((key, inner))
+            else:
+                shown.items.append((key, child))
+    return root
 
 
 @dataclass
