@@ -123,7 +123,7 @@ def table_bytes(path: Path) -> tuple[dict[str, int], str]:
 def loopterm_phase(n: int, at: int, root: Path) -> dict[str, Any]:
     from pydantic import Field, create_model
 
-    from loopterm.core import Loop, LoopState, tool
+    from loopterm.core import AppendLog, Loop, LoopState, tool
     from loopterm.core.engine import Engine, new_run_id
     from loopterm.core.events import IterationStarted
     from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
@@ -135,8 +135,9 @@ def loopterm_phase(n: int, at: int, root: Path) -> dict[str, Any]:
                         "reasoning": "bench"})
 
     @tool
-    def noop() -> str:
-        """Do nothing."""
+    async def noop() -> str:
+        """Do nothing (async: a plain function would run on a worker thread, which is right for a
+        tool that may be slow but would time a thread hop here, not the engine)."""
         return "ok"
 
     class InstantClient:
@@ -152,11 +153,13 @@ def loopterm_phase(n: int, at: int, root: Path) -> dict[str, Any]:
                               model="instant", calls=1)
 
     fields: dict[str, Any] = {name: (type(value), value) for name, value in scalar_defaults().items()}
-    BenchState = create_model("BenchState", __base__=LoopState, items=(list[str], Field(default_factory=list)), **fields)
+    # The growing list as loopterm's idiom for it, an AppendLog (as LangGraph's is a reducer, operator.add):
+    # appending is O(1) and the engine knows the old list is a prefix without comparing them.
+    BenchState = create_model("BenchState", __base__=LoopState, items=(AppendLog[str], Field(default_factory=AppendLog)), **fields)
 
     def observe(state: Any, decision: Any, tool_record: Any, gates: Any) -> Any:
         i = state.iteration
-        return state.model_copy(update={"step": i, "checksum": digest(i), "items": [*state.items, item(i)]})
+        return state.model_copy(update={"step": i, "checksum": digest(i), "items": state.items.appended(item(i))})
 
     loop = Loop(name="timetravel", goal="grow the list", state=BenchState, tools=[noop], model="instant/bench",
                 max_iterations=n, stall_window=None, observe=observe)

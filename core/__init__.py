@@ -1,5 +1,6 @@
 """loopterm.core: the loop engine. Never imports textual, the TUI, or (at import time) litellm."""
 
+from loopterm.core.append_log import AppendLog
 from loopterm.core.budget import Budget
 from loopterm.core.decision import Action, Decision
 from loopterm.core.gates import CommandGate, GateResult
@@ -11,6 +12,7 @@ from loopterm.core.tools import Tool, ToolContext, tool
 
 __all__ = [
     "Action",
+    "AppendLog",
     "Budget",
     "CommandGate",
     "Decision",

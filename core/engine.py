@@ -18,10 +18,10 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args, get_origin
 
 from loopterm.core.budget import Spend, over_budget
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from loopterm.core.decision import Decision, DecisionError, parse_decision
 from loopterm.core.errors import ModelError
@@ -55,7 +55,8 @@ from loopterm.core.events import (
 from loopterm.core.gates import GateResult
 from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.loop import Loop
-from loopterm.core.persistence import Journal
+from loopterm.core.append_log import AppendLog
+from loopterm.core.persistence import GrownList, Journal
 from loopterm.core.prompt import build_messages, read_rules, repair_messages
 from loopterm.core.records import EventRecord, Intent, IterationRecord, RunRecord
 from loopterm.core.state import LoopState, ToolRecord
@@ -182,8 +183,18 @@ class Engine:
                 self.approvals[str(event.data["key"])] = parse_command(
                     "approve" if event.kind == "approved" else "deny", event.data
                 )  # type: ignore[assignment]
-        self._dumped_records: list[ToolRecord] = []  # see _dump
-        self._record_dumps: list[dict[str, Any]] = []
+        self._record_dumps: dict[int, tuple[ToolRecord, dict[str, Any]]] = {}  # see _dump
+        self._log_dumps: dict[str, list[Any]] = {}  # see _dump
+        self._log_versions: dict[str, AppendLog[Any]] = {}
+        self._appendlog_fields = {
+            name: TypeAdapter(list[get_args(info.annotation)[0]] if get_args(info.annotation) else list[Any])
+            for name, info in loop.state.model_fields.items()
+            if info.annotation is AppendLog or get_origin(info.annotation) is AppendLog
+        }
+        self._log_fields = [
+            name for name, info in loop.state.model_fields.items()
+            if name != "tool_results" and info.annotation == list[str]
+        ]
         self.wait_on_person = wait_on_person
         self.poll_interval = poll_interval
         self.paused = False
@@ -584,20 +595,41 @@ class Engine:
     def _dump(self, state: LoopState) -> dict[str, Any]:
         """The state as JSON, in time proportional to the change, not to the run.
 
-        Tool records are append-only and never edited, so their dumps are cached
-        and reused when the new state only appended to the old one's list.
+        Tool records are never edited once made, so each one's dump is cached
+        (by identity) and reused while the record is in the state's window.
         The dump is handed over to the journal (commit_iteration(handover=True)):
         nothing in it is changed afterwards, so each dump gets its own outer list.
         """
-        dump = state.model_dump(mode="json", exclude={"tool_results"})
-        new = state.tool_results
-        k = len(self._dumped_records)
-        if not (len(new) >= k and (k == 0 or new[k - 1] is self._dumped_records[-1])):
-            self._dumped_records, self._record_dumps, k = [], [], 0  # rewritten (a custom remediation or observe)
-        for r in new[k:]:
-            self._dumped_records.append(r)
-            self._record_dumps.append(r.model_dump(mode="json"))
-        dump["tool_results"] = list(self._record_dumps)
+        logs, appendlogs = self._log_fields, self._appendlog_fields
+        dump = state.model_dump(mode="json", exclude={"tool_results", *logs, *appendlogs})
+        for name, items in appendlogs.items():  # AppendLog fields: an append is known by construction
+            log: AppendLog[Any] = getattr(state, name)
+            before, version = self._log_dumps.get(name), self._log_versions.get(name)
+            if before is not None and version is not None and log.extends(version) and len(before) == len(version):
+                if isinstance(before, GrownList):
+                    before.base = None
+                dump[name] = GrownList(before, items.dump_python(log[len(version):], mode="json"))
+            else:
+                dump[name] = items.dump_python(list(log), mode="json")
+            self._log_dumps[name], self._log_versions[name] = dump[name], log
+        for name in logs:  # list[str] fields: an append is found with one comparison, not re-dumped
+            value: list[str] = getattr(state, name)
+            before = self._log_dumps.get(name)
+            k = len(before) if before is not None else -1
+            if before is not None and len(value) >= k and value[:k] == before:
+                if isinstance(before, GrownList):
+                    before.base = None  # the journal has taken its delta: keep no chain of old lists
+                dump[name] = GrownList(before, value[k:])
+            else:
+                dump[name] = list(value)
+            self._log_dumps[name] = dump[name]
+        cached = self._record_dumps
+        dumps: dict[int, tuple[ToolRecord, dict[str, Any]]] = {}
+        for record in state.tool_results:
+            hit = cached.get(id(record))
+            dumps[id(record)] = hit if hit is not None and hit[0] is record else (record, record.model_dump(mode="json"))
+        self._record_dumps = dumps  # holds the records, so their ids stay theirs
+        dump["tool_results"] = [dumps[id(record)][1] for record in state.tool_results]
         return dump
 
     async def _approval(self, tool: Tool, args: dict[str, Any], n: int) -> Approve | Deny:
@@ -704,7 +736,9 @@ class Engine:
             "last_gate_failure": failed.feedback() if failed else None,
         }
         if tool_record is not None:
-            updates["tool_results"] = [*self.state.tool_results, tool_record]
+            kept = self.loop.tool_history
+            records = [*self.state.tool_results, tool_record]
+            updates["tool_results"] = records if kept is None or len(records) <= kept else records[-kept:]
         return self.state.model_copy(update=updates)
 
     def _check_invariants(self, state: LoopState) -> tuple[dict[str, bool], list[Invariant]]:

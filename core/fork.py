@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
@@ -42,7 +43,8 @@ class History(Protocol):
     def lineage(self, run_id: str) -> list[RunRecord]: ...
 
     def iteration_tool_calls(
-        self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None
+        self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None,
+        tools: Collection[str] | None = None,
     ) -> list[tuple[str, int, dict[str, Any]]]: ...
 
     def prior_tool_calls(
@@ -161,8 +163,11 @@ def plan_fork(
 def side_effects_after(history: History, loop: Loop, parent: RunRecord, at: int) -> list[SideEffectCall]:
     """The side-effecting calls the parent's lineage made after `at`: what a branch may reach again."""
     calls: list[SideEffectCall] = []
+    effects = {t.name for t in loop.tools if t.side_effects}
+    if not effects:
+        return calls
     for run in history.lineage(parent.id):
-        for run_id, n, call in history.iteration_tool_calls(run.id, own_only=True, after=at):
+        for run_id, n, call in history.iteration_tool_calls(run.id, own_only=True, after=at, tools=effects):
             tool = loop.tool(call["tool"])
             if tool is not None and tool.side_effects:
                 calls.append(SideEffectCall(run_id=run_id, n=n, tool=call["tool"], args=call.get("args") or {},
@@ -206,7 +211,8 @@ async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int
         shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
     assert run.parent_run is not None and run.fork_iteration is not None
     replayed = 0
-    for _, n, call in history.iteration_tool_calls(run.parent_run, upto=run.fork_iteration):
+    replayable = {t.name for t in loop.tools if t.side_effects and t.workspace_only}
+    for _, n, call in history.iteration_tool_calls(run.parent_run, upto=run.fork_iteration, tools=replayable):
         tool = loop.tool(call["tool"])
         if tool is None or not tool.side_effects or not tool.workspace_only:
             continue

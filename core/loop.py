@@ -51,6 +51,10 @@ class Loop(BaseModel):
     # k identical actions / subgoals / verification results in a row is a stall; None turns it off
     stall_window: int | None = Field(default=3, ge=2)
     max_repairs: int = Field(default=2, ge=0)  # repair attempts for an invalid reply
+    # The newest tool records kept in `state.tool_results`; None keeps them all. Every call stays
+    # in the store (iterations, tool_calls) whatever this is: it bounds the state, not the history,
+    # so a state (and its storage, and loading it) does not grow with the run.
+    tool_history: int | None = Field(default=32, ge=1)
     workspace_files: Path | None = None  # copied into each run's workspace before it starts
     migrations: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = Field(default_factory=dict)
     # The observation step: fold what happened into the loop's own state fields (pure: return a new state).

@@ -21,6 +21,24 @@ from loopterm.core.records import (
 )
 
 
+class GrownList(list[Any]):
+    """A list known to be `base` (another list) plus items appended after it.
+
+    The engine builds these for a state's log-like fields (list[str]) after one
+    comparison of its own, and hands the dump over (commit_iteration(handover=
+    True)), so the journal can store an append without comparing the whole
+    list again. `base` is a promise about identity: new[:len(base)] are base's
+    very objects.
+    """
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: list[Any], appended: list[Any]) -> None:
+        super().__init__(base)
+        self.extend(appended)
+        self.base: list[Any] | None = base
+
+
 class Journal(Protocol):
     def create_run(self, run: RunRecord) -> None: ...
 

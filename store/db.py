@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -57,7 +57,7 @@ from loopterm.store.states import (
     put_state,
     segments,
 )
-from loopterm.store.delta import apply_copy, loads
+from loopterm.store.delta import apply_copy, copy_tree, loads
 
 BUSY_TIMEOUT_MS = 10_000
 SHOWN_MATCHES = 5
@@ -408,7 +408,15 @@ class Store:
                     k -= len(rows)
                 if k <= 0:
                     break
-            return [] if first is None else list(self._records(run_id, first=first))
+            if first is None:
+                return []
+            records = list(self._records(run_id, first=first))
+            if records and run_id not in self._heads:
+                # What a resuming engine (or a branch's first iteration) will take its next delta
+                # against: keep a copy now rather than rebuild that state again at its commit.
+                last = records[-1]
+                self._heads[run_id] = Head(last.n, copy_tree(last.state))
+            return records
 
     def iterations(self, run_id: str, own_only: bool = False) -> list[IterationRecord]:
         """Every committed iteration of the run's lineage by n (own_only: only those the run itself made).
@@ -418,20 +426,27 @@ class Store:
         return list(self._records(run_id, own_only=own_only))
 
     def iteration_tool_calls(
-        self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None
+        self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None,
+        tools: Collection[str] | None = None,
     ) -> list[tuple[str, int, dict[str, Any]]]:
-        """(run_id, n, tool_call) of the lineage's iterations after < n <= upto that called a tool, by n.
+        """(run_id, n, tool_call) of the lineage's iterations after < n <= upto that called a tool, by n
+        (only calls of `tools`, when given).
 
         Reads only that column: no state or prompt is rebuilt (what forking
         needs to find side effects and replay workspace writes).
         """
+        if tools is not None and not tools:
+            return []
+        names = sorted(tools) if tools is not None else []
+        only = f" AND json_extract(tool_call, '$.tool') IN ({','.join('?' * len(names))})" if names else ""
         with self._lock:
             segs = segments(self._query, run_id, NO_END if upto is None else upto)
             found: list[tuple[str, int, dict[str, Any]]] = []
             for holder, lo, hi in reversed(segs[:1] if own_only else segs):
                 rows = self._query(
-                    "SELECT n, tool_call FROM iterations WHERE run_id = ? AND n > ? AND n <= ? AND tool_call IS NOT NULL ORDER BY n",
-                    [holder, max(lo, after), hi],
+                    "SELECT n, tool_call FROM iterations WHERE run_id = ? AND n > ? AND n <= ? AND tool_call IS NOT NULL"
+                    f"{only} ORDER BY n",
+                    [holder, max(lo, after), hi, *names],
                 )
                 found.extend((holder, n, loads(call)) for n, call in rows)
             return found

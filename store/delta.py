@@ -29,6 +29,8 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from loopterm.core.persistence import GrownList
+
 SET, DELETE, APPEND, TRUNCATE, DROP_FRONT = "s", "d", "a", "t", "h"
 CHUNK_ITEMS = 64  # a list longer than this is chunked in keyframes, this many items a chunk
 SMALL_LIST = 32  # lists up to this length are compared element by element, type-strictly
@@ -108,7 +110,7 @@ def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
                     _diff(before, value, path + [key], ops)
             else:
                 ops.append([SET, path + [key], value])
-    elif type(old) is list and isinstance(new, list):
+    elif isinstance(old, list) and isinstance(new, list):
         _diff_list(old, new, path, ops)
     elif not _same(old, new):
         ops.append([SET, path, new])
@@ -132,6 +134,10 @@ def _lists_equal(a: list[Any], b: list[Any]) -> bool:
 
 def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]]) -> None:
     lo, ln = len(old), len(new)
+    if type(new) is GrownList and new.base is old:  # its builder vouches for the prefix: see GrownList
+        if ln > lo:
+            ops.append([APPEND, path, new[lo:]])
+        return
     # Long lists are compared at C speed (==, which lets 1 == 1.0 == True inside them); short ones strictly.
     same = _lists_equal if lo <= SMALL_LIST else list.__eq__
     if ln >= lo and same(new[:lo], old):

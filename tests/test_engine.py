@@ -372,3 +372,43 @@ async def test_a_running_engine_keeps_a_heartbeat_and_a_killed_one_goes_stale(tm
     assert not alive(run)  # finished
     stale = during.model_copy(update={"updated_at": _time.time() - 60})  # as after a SIGKILL
     assert not alive(stale)
+
+
+async def test_the_state_keeps_a_window_of_tool_records_and_the_store_keeps_them_all(tmp_path: Path) -> None:
+    turns = [{"content": decision(text=f"v{i}", subgoal=f"s{i}")} for i in range(5)]
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, turns, tool_history=2, max_iterations=5, stall_window=None))
+    run = await engine.run()
+    assert run.iterations == 5
+    last = store.iterations(run.id)[-1].state["tool_results"]
+    assert [r["iteration"] for r in last] == [4, 5]
+    assert [r.tool_result["iteration"] for r in store.iterations(run.id) if r.tool_result] == [1, 2, 3, 4, 5]
+
+
+async def test_log_fields_are_stored_exactly_whatever_observe_does_to_them(tmp_path: Path) -> None:
+    """list[str] fields take the engine's append shortcut; edits in place, in the middle or a
+    shrink must still reach the store exactly."""
+
+    class Log(LoopState):
+        notes: list[str] = []
+
+    def observe(state: LoopState, decision: object, record: object, gates: list) -> LoopState:
+        assert isinstance(state, Log)
+        n = state.iteration
+        notes = state.notes
+        if n == 3:
+            notes[0] = "edited in place"  # the old state's list too: only a comparison can see it
+        elif n == 4:
+            notes = notes[:1]
+        else:
+            notes.append(f"note {n}")  # in place as well
+        return state.model_copy(update={"notes": notes})
+
+    turns = [{"content": decision(text=f"v{i}", subgoal=f"s{i}")} for i in range(6)]
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, turns, state=Log, observe=observe, max_iterations=6, stall_window=None))
+    run = await engine.run()
+    assert run.iterations == 6
+    got = [store.state_at(run.id, n)["notes"] for n in range(1, 7)]
+    assert got == [
+        ["note 1"], ["note 1", "note 2"], ["edited in place", "note 2"], ["edited in place"],
+        ["edited in place", "note 5"], ["edited in place", "note 5", "note 6"],
+    ]

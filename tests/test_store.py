@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -584,3 +585,113 @@ def test_one_store_shared_by_threads(store: Store) -> None:
 
     assert run_threads(writes(1), writes(51), lambda: [store.iterations("run-0001") for _ in range(50)]) == []
     assert [it.n for it in store.iterations("run-0001")] == list(range(1, 101))
+
+
+# -- queued writes (durable=False) ------------------------------------------------
+
+
+def rows_in(path: Path, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    """What another connection (another process, after a crash) would read from the file."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_queued_intent_is_dropped_by_its_iterations_commit_and_never_written(store: Store) -> None:
+    store.create_run(make_run())
+    store.save_intent(make_intent("run-0001", 1), durable=False)
+    assert store.load_intent("run-0001", 1) == make_intent("run-0001", 1)
+    assert rows_in(store.path, "SELECT n FROM intents", []) == []
+    store.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1})
+    assert store.load_intent("run-0001", 1) is None
+    store.flush()
+    assert rows_in(store.path, "SELECT n FROM intents", []) == []
+
+
+def test_queued_writes_join_the_next_write_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "loopterm.db"
+    store = Store.open(path)
+    store.create_run(make_run())
+    call = ToolCallRecord(key="k1", run_id="run-0001", iteration=1, tool="write", args={"p": 1}, status="started", started_at=1.0)
+    store.save_intent(make_intent("run-0001", 1), durable=False)
+    store.tool_call_started(call, power_safe=False)  # the intent goes to disk with the call's start
+    assert rows_in(path, "SELECT n FROM intents", []) == [(1,)]
+    store.tool_call_finished("k1", {"ok": True}, 2.0, durable=False)
+    assert rows_in(path, "SELECT status FROM tool_calls", []) == [("started",)]
+    seen = store.tool_call("k1")  # this Store answers with what it queued
+    assert seen is not None and (seen.status, seen.result) == ("done", {"ok": True})
+    with pytest.raises(ValueError, match="already finished"):
+        store.tool_call_started(call)
+    store.append_event("run-0001", "note", {})
+    assert rows_in(path, "SELECT status, result FROM tool_calls", []) == [("done", '{"ok": true}')]
+    store.save_intent(make_intent("run-0001", 2), durable=False)
+    store.close()
+    assert rows_in(path, "SELECT n FROM intents ORDER BY n", []) == [(1,), (2,)]
+
+
+def test_a_failed_write_keeps_what_was_queued(store: Store) -> None:
+    store.create_run(make_run())
+    store.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1})
+    store.save_intent(make_intent("run-0001", 2), durable=False)
+    with pytest.raises(DuplicateIterationError):
+        store.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1})
+    store.flush()
+    assert rows_in(store.path, "SELECT n FROM intents", []) == [(2,)]
+
+
+def test_a_queued_finish_needs_a_started_call(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.tool_call_finished("nope", {}, 1.0, durable=False)
+
+
+def test_a_handed_over_state_is_kept_not_copied_and_stored_exactly(store: Store) -> None:
+    store.create_run(make_run())
+    items = [f"item {i}" for i in range(200)]
+    first = {"iteration": 1, "items": items}
+    store.commit_iteration(make_iteration("run-0001", 1, state=first), {}, handover=True)
+    second = {"iteration": 2, "items": [*items, "new"]}
+    record = make_iteration("run-0001", 2, state=second)
+    store.commit_iteration(record, {}, handover=True)
+    assert store._heads["run-0001"].state is record.state
+    third = {"iteration": 3, "items": [*items[:5], "edited", *items[6:], "new"]}  # an edit in the middle
+    store.commit_iteration(make_iteration("run-0001", 3, state=third), {}, handover=True)
+    fresh = Store.open(store.path, create=False)
+    try:
+        assert [fresh.state_at("run-0001", n) for n in (1, 2, 3)] == [first, second, third]
+    finally:
+        fresh.close()
+
+
+def test_a_copied_state_is_safe_from_its_callers_later_edits(store: Store) -> None:
+    store.create_run(make_run())
+    items = ["a", "b"]
+    store.commit_iteration(make_iteration("run-0001", 1, state={"items": items}), {})
+    items.append("c")  # in place, after the commit: the store kept its own list
+    store.commit_iteration(make_iteration("run-0001", 2, state={"items": items}), {})
+    assert store.state_at("run-0001", 1) == {"items": ["a", "b"]}
+    assert store.state_at("run-0001", 2) == {"items": ["a", "b", "c"]}
+
+
+def test_iteration_tool_calls_can_read_only_some_tools(store: Store) -> None:
+    store.create_run(make_run())
+    for n, name in enumerate(["read", "write", "read", "write"], 1):
+        store.commit_iteration(make_iteration("run-0001", n, tool_call={"tool": name, "args": {"n": n}, "key": f"k{n}"}), {})
+    assert [n for _, n, _ in store.iteration_tool_calls("run-0001")] == [1, 2, 3, 4]
+    assert [n for _, n, _ in store.iteration_tool_calls("run-0001", tools={"write"})] == [2, 4]
+    assert store.iteration_tool_calls("run-0001", tools=set()) == []
+
+
+def test_an_engines_append_is_stored_as_an_append(store: Store) -> None:
+    """A GrownList whose base is the state last handed over is stored as its new items only."""
+    from loopterm.core.persistence import GrownList
+
+    store.create_run(make_run())
+    first = make_iteration("run-0001", 1, state={"items": [f"item {i}" for i in range(100)]})
+    store.commit_iteration(first, {}, handover=True)
+    grown = GrownList(first.state["items"], ["new"])
+    store.commit_iteration(make_iteration("run-0001", 2, state={"items": grown}), {}, handover=True)
+    body = rows_in(store.path, "SELECT body FROM states WHERE n = 2", [])[0][0]
+    assert json.loads(body) == [["a", ["items"], ["new"]]]
+    assert store.state_at("run-0001", 2) == {"items": [*first.state["items"], "new"]}

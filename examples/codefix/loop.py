@@ -116,5 +116,6 @@ loop = Loop(
     script=HERE / "script.json",
     workspace_files=HERE / "tests",
     max_iterations=8,
+    tool_history=None,  # solution_only judges every write the run ever asked for, so keep them all
     budget=Budget(usd=0.05, tokens=60_000),
 )
