@@ -568,14 +568,12 @@ class Engine:
             tokens_out=intent.tokens_out, cost_usd=intent.cost_usd, latency_ms=intent.latency_ms,
             model=intent.model, state=self._dump(state),
         )
-        self.journal.commit_iteration(
-            record, handover=True,
-            run_fields=
-            {
-                "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,
-                "cost_usd": self.spend.cost_usd, "elapsed_s": self.spend.elapsed_s, "updated_at": self.clock(),
-            },
-        )
+        totals = {
+            "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,
+            "cost_usd": self.spend.cost_usd, "elapsed_s": self.spend.elapsed_s, "updated_at": self.clock(),
+        }
+        # Handed over: neither this dump nor anything in it is changed again (see _dump).
+        self.journal.commit_iteration(record, totals, handover=True)
         self.state = state
         self.recent.append(_outcome(record))
         self.confidences.append(decision.confidence)

@@ -202,6 +202,7 @@ class Store:
             except BaseException:
                 conn.rollback()
                 self._queued_intents, self._queued_finishes = queued  # not written: still queued
+                self._lineages.clear()  # it may hold a run this transaction created (an import)
                 raise
             try:
                 conn.commit()
