@@ -43,7 +43,7 @@ length. One database holds a 1,000- and a 10,000-iteration run. Every measuremen
     python bench/tui_perf.py [--iterations 10000] [--small 1000] [--presses 50] [--rate 50] [--profile]
                               [--cache DIR]
 
---profile runs the watch condition again under cProfile and prints the heaviest functions.
+--profile runs the in-App and the watch conditions again under cProfile and prints the heaviest functions.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -445,7 +446,7 @@ async def phase_open(db: Path, run_id: str, n: int, presses: int, trace: bool) -
     return out
 
 
-async def phase_live_window(db: Path, root: Path, presses: int, rate: float) -> dict[str, Any]:
+async def phase_live_window(db: Path, root: Path, presses: int, rate: float, profile: bool = False) -> dict[str, Any]:
     """A new run executing in the App's own event loop (as `loopterm run` does), paced to `rate` per second."""
     loop = make_loop(100_000)
     app = new_app(db, None, loop)
@@ -458,7 +459,8 @@ async def phase_live_window(db: Path, root: Path, presses: int, rate: float) -> 
         probe.hook()
         app.own(engine)
         await until(lambda: app.timeline.row_count >= presses + 40, "the live run to have rows", timeout=30)
-        out = await keystrokes(app, probe, presses, random.Random(2))
+        with profiled(profile):
+            out = await keystrokes(app, probe, presses, random.Random(2))
         engine.request_stop("bench done")
         await until(lambda: not app.engines, "the engine to stop", timeout=30)
         await app.action_quit()
@@ -480,27 +482,35 @@ async def phase_live_watch(db: Path, run_id: str, n: int, presses: int, rate: fl
             await wait_loaded(app, n)
             await asyncio.sleep(1.0)  # following the store
             probe.hook()
-            if profile:
-                import cProfile
-
-                profiler = cProfile.Profile()
-                profiler.enable()
-            out = await keystrokes(app, probe, presses, random.Random(3))
-            if profiler is not None:
-                profiler.disable()
+            with profiled(profile):
+                out = await keystrokes(app, probe, presses, random.Random(3))
             await app.action_quit()
-        if profiler is not None:
-            import io
-            import pstats
-
-            for key in ("tottime", "cumulative"):
-                buf = io.StringIO()
-                pstats.Stats(profiler, stream=buf).sort_stats(key).print_stats(25)
-                print(buf.getvalue(), file=sys.stderr)
         return out
     finally:
         writer.terminate()
         writer.wait(timeout=30)
+
+
+@contextmanager
+def profiled(profile: bool) -> Iterator[None]:
+    """With `profile`, cProfile the block and print its heaviest functions to stderr."""
+    if not profile:
+        yield
+        return
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(profiler, stream=buf).sort_stats(key).print_stats(25)
+            print(buf.getvalue(), file=sys.stderr)
 
 
 def phase_writer(db: Path, run_id: str, n: int, rate: float) -> None:
@@ -577,7 +587,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1_000, help="the smaller run, for the memory comparison")
     parser.add_argument("--presses", type=int, default=50, help="timed presses per key and condition")
     parser.add_argument("--rate", type=float, default=50.0, help="iterations per second appended while keys are timed")
-    parser.add_argument("--profile", action="store_true", help="run the watch condition again under cProfile")
+    parser.add_argument("--profile", action="store_true", help="run the in-App and watch conditions again under cProfile")
     parser.add_argument("--cache", type=Path, help="keep the built runs in this directory and reuse them next time "
                         "(each bench run works on a copy: the watch condition appends to the big run)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -595,7 +605,7 @@ def main() -> None:
         if args.phase == "open":
             result = asyncio.run(phase_open(db, args.run, args.n, args.presses, args.trace))
         elif args.phase == "window":
-            result = asyncio.run(phase_live_window(db, db.parent, args.presses, args.rate))
+            result = asyncio.run(phase_live_window(db, db.parent, args.presses, args.rate, args.profile))
         elif args.phase == "watch":
             result = asyncio.run(phase_live_watch(db, args.run, args.n, args.presses, args.rate, args.profile))
         else:
@@ -625,6 +635,7 @@ def main() -> None:
             res[name] = child([*common, *extra], env)
             print(f"  {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         if args.profile:
+            child([*common, "--phase", "window", "--profile"], env)
             child([*common, "--phase", "watch", "--run", big_id, "--n", str(args.iterations + 0), "--profile"], env)
     print(f"machine: {machine()}")
     print(f"python bench/tui_perf.py --iterations {args.iterations} --small {args.small} --presses {args.presses} "

@@ -70,6 +70,19 @@ async def test_the_cursor_follows_new_rows_moves_by_key_and_stays_on_screen() ->
         timeline.append([info(2001)])
         assert timeline.selected_n == timeline.cursor_row + 1 and timeline.row_count == 2001
         assert "step 5" in timeline.cell_text(4, "subgoal") and timeline.cell_text(2, "gates") == "✓tests"
+        # rows arriving below the screen: no layout now, the scrollbar catches up a moment later ...
+        await pilot.pause(0.4)
+        height = timeline.virtual_size.height
+        assert height == 1 + 2001
+        timeline.append([info(n) for n in range(2002, 2102)])
+        assert timeline.virtual_size.height == height and timeline.row_count == 2101
+        await pilot.pause(0.4)
+        assert timeline.virtual_size.height == height + 100
+        # ... or at once when the cursor goes there
+        timeline.append([info(n) for n in range(2102, 2112)])
+        await pilot.press("end")
+        assert timeline.selected_n == 2111 and round(timeline.scroll_y) == round(timeline.max_scroll_y)
+        assert timeline.virtual_size.height == height + 110
 
 
 async def test_search_filters_rows_and_keeps_the_selected_iteration() -> None:

@@ -77,7 +77,7 @@ from loopterm.tui.widgets.runtree import RunTree
 from loopterm.tui.widgets.timeline import Timeline
 
 POLL_SECONDS = 0.25  # the screen follows the store at least this often (watch must within 0.5 s)
-TREE_EVERY = 4  # polls between re-reads of the run list (1 s)
+TREE_EVERY = 4  # ticks between re-reads of the run list (1 s)
 FIRST_BATCH = 50  # timeline rows in the first batch while a stored run loads
 LOAD_BATCH = 1000  # and in each batch after it
 MAX_ROWS_PER_POLL = 400  # iterations read per poll while catching up with a fast run
@@ -257,8 +257,10 @@ class LooptermApp(App[None]):
         self._loop_errors: dict[str, str] = {}
         if start is not None:
             self._loops[start[1]] = start[0]
-        self._polls = 0
+        self._ticks = 0
         self._poll_queued = False
+        self._spend_dirty = False
+        self._tree_iterations: int | None = None  # the shown run's iteration count when the tree was drawn
         self._quitting = False
         self._escalated_count = 0
         self._remember_theme = False
@@ -296,7 +298,7 @@ class LooptermApp(App[None]):
             if runs:
                 self.show_run(runs[-1].id)
         self.update_header()
-        self.set_interval(POLL_SECONDS, self.poll)
+        self.set_interval(POLL_SECONDS, self._tick)
         for warning in self.theme_warnings:
             self.notify(warning, severity="warning", timeout=8)
 
@@ -368,6 +370,7 @@ class LooptermApp(App[None]):
 
     _header_note: Text | None = None
     _header_shown: str = ""
+    _header_lines: int = 0
 
     @on_screen
     def update_header(self) -> None:
@@ -383,9 +386,13 @@ class LooptermApp(App[None]):
             text = Text()
             text.append("loopterm  ", style="bold")
             text.append_text(self._header_note)
-        if text.markup != self._header_shown:  # the poll runs 4 times a second: repaint only on change
-            self._header_shown = text.markup
-            self.main.query_one("#run-header", Static).update(text)
+        if text.markup != self._header_shown:  # polls run on every engine event: repaint only on change
+            lines = text.plain.count("\n")
+            # Lines do not wrap (no_wrap): the same number of lines, the same height, so no layout of the
+            # whole screen (a fast run changes the header 50 times a second).
+            same_height = text.no_wrap and self._header_shown != "" and lines == self._header_lines
+            self._header_shown, self._header_lines = text.markup, lines
+            self.main.query_one("#run-header", Static).update(text, layout=not same_height)
 
     def _attention(self, view: View) -> Text | None:
         palette = self.palette
@@ -422,6 +429,7 @@ class LooptermApp(App[None]):
     def refresh_tree(self, force_labels: bool = False) -> None:
         rows = self.store.tree()
         self._escalated_count = sum(1 for _, run in rows if run.status == "escalated")
+        self._tree_iterations = self.view.run.iterations if self.view is not None else None
         tree = self.run_tree
         if force_labels:
             tree._labels.clear()
@@ -480,6 +488,7 @@ class LooptermApp(App[None]):
             absorb(view, events)
             view.loading = False
             self.refresh_bindings()
+            self._paint_spend(view)
             self.update_header()
             if self.timeline.selected_n is not None and view.detail_n is None:
                 self._show_detail(self.timeline.selected_n)
@@ -491,14 +500,34 @@ class LooptermApp(App[None]):
         if not fresh:
             return
         view.costs.extend(cost for _, cost in fresh)
+        view.cost_max = max(view.cost_max, max(cost for _, cost in fresh))
         self.timeline.append([info for info, _ in fresh])
+        self._spend_dirty = True
+        if view.loading and len(view.costs) == len(fresh):
+            self._paint_spend(view)  # the first screen of a stored run
+
+    def _paint_spend(self, view: View) -> None:
+        self._spend_dirty = False
         self.main.query_one("#spend", Sparkline).data = spend_series(view.costs)
-        top = max(view.cost_max, max(cost for _, cost in fresh))
-        if top != view.cost_max or len(view.costs) == len(fresh):
-            view.cost_max = top
-            label = Text("spend/iter ")
-            label.append(money(top) + " max", style="dim")
-            self.main.query_one("#spend-label", Static).update(label)
+        label = Text("spend/iter ")
+        if view.costs:
+            label.append(money(view.cost_max) + " max", style="dim")
+        self.main.query_one("#spend-label", Static).update(label, layout=False)
+
+    @on_screen
+    def _tick(self) -> None:
+        """Every POLL_SECONDS: read the store, then repaint what a fast run changes on every iteration (the
+        header's counts, the tree's, the spend sparkline). Doing that on each of 50 iterations a second
+        made Textual lay out and draw those widgets 50 times a second, and its render caches are what
+        filled the old generation of the garbage collector (a 50-70 ms full collection every second)."""
+        self._ticks += 1
+        self.poll()
+        view = self.view
+        if view is not None and self._spend_dirty and not view.loading:
+            self._paint_spend(view)
+        if self._ticks % TREE_EVERY == 0 or self._tree_iterations != (view.run.iterations if view else None):
+            self.refresh_tree()  # other runs change too (every TREE_EVERY ticks)
+        self.update_header()
 
     # ------------------------------------------------------------------ following the store
 
@@ -506,9 +535,6 @@ class LooptermApp(App[None]):
     def poll(self) -> None:
         """Read only what is new: the run row, iterations after the last shown, events after the last id."""
         self._poll_queued = False
-        self._polls += 1
-        if self._polls % TREE_EVERY == 0:
-            self.refresh_tree()
         view = self.view
         if view is None:
             return
@@ -521,18 +547,20 @@ class LooptermApp(App[None]):
                 new = islice(self.store.iter_iterations(view.run_id, first=self.timeline.last_n + 1), MAX_ROWS_PER_POLL)
                 rows = [(summarize(record), record.cost_usd) for record in new]
             self._append(view, rows)
+        absorbed = False
         if not view.loading:
             waiting, relaxed = set(view.approvals), dict(view.relaxed)
             for event in absorb(view, self.store.events(view.run_id, after_id=view.last_event)):
+                absorbed = True
                 self._announce(view, event)
             if set(view.approvals) != waiting:
                 self.refresh_bindings()
             if view.relaxed != relaxed and view.detail_n is not None:
                 self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed
         old, view.run = view.run, run
-        if old.status != run.status or old.iterations != run.iterations:
+        if old.status != run.status or absorbed:
             self.refresh_tree()
-        self.update_header()
+            self.update_header()  # at once; counts that change every iteration wait for the next _tick
 
     def poll_soon(self) -> None:
         if not self._poll_queued:

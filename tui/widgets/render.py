@@ -396,7 +396,7 @@ def changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[s
     diffing two whole states of a long run costs more than a keystroke may."""
     old: dict[str, Any] = {}
     new: dict[str, Any] = {}
-    for key in before.keys() | after.keys():
+    for key in [*after, *(k for k in before if k not in after)]:  # in the state's own order
         a, b = before.get(key), after.get(key)
         if a == b:
             continue

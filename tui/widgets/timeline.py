@@ -31,10 +31,13 @@ from textual.message import Message
 from textual.renderables.styled import Styled
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+from textual.timer import Timer
 
 from loopterm.tui.widgets.render import TIMELINE_COLUMNS, Palette, RowInfo, row_cells
 
 CELL_PADDING = 1  # blank cells on each side of a column, as DataTable draws them
+SCROLLBAR_SECONDS = 0.25  # while rows arrive below the screen, the scrollbar catches up this often
+LINES_KEPT = 96  # drawn rows kept (a few screens): a repaint of unchanged rows allocates nothing
 INTERNED = 4096  # distinct short values shared between rows (actions, gate results, ...); beyond, equal neighbours only
 
 
@@ -193,9 +196,10 @@ class Timeline(ScrollView, can_focus=True):
         self.query_text = ""
         self.palette = Palette()
         self.cursor_row = 0
-        self._lines: LRUCache[tuple[Any, ...], list[Segment]] = LRUCache(256)
+        self._lines: LRUCache[tuple[Any, ...], Strip] = LRUCache(LINES_KEPT)
         self._generation = 0  # bumped when every row must be drawn again
         self._pseudo: Any = None
+        self._size_timer: Timer | None = None
         self._widths = [width + 2 * CELL_PADDING for _, width in TIMELINE_COLUMNS]
         self._table_width = sum(self._widths)
 
@@ -251,7 +255,7 @@ class Timeline(ScrollView, can_focus=True):
                 self.shown.append(len(self.rows) - 1)
         if self.row_count == before:
             return
-        self._resize()
+        self._resize(first_new=before)
         if following:
             target = self.row_count - 1
             if before == 0 and target == self.cursor_row:  # the first row appeared under the cursor
@@ -356,6 +360,8 @@ class Timeline(ScrollView, can_focus=True):
         return max(1, self.scrollable_content_region.height - self.HEADER_HEIGHT)
 
     def _scroll_to_cursor(self, animate: bool = False) -> None:
+        if self._size_timer is not None:
+            self._sync_size()
         top = round(self.scroll_y)
         if self.cursor_row < top:
             self.scroll_to(y=self.cursor_row, animate=animate, force=True)
@@ -391,8 +397,37 @@ class Timeline(ScrollView, can_focus=True):
 
     # -- drawing -------------------------------------------------------------
 
-    def _resize(self) -> None:
-        self.virtual_size = Size(self._table_width, self.HEADER_HEIGHT + self.row_count)
+    def _resize(self, first_new: int | None = None) -> None:
+        """The scrollable size follows the rows; `first_new`: rows from there on were just appended."""
+        size = Size(self._table_width, self.HEADER_HEIGHT + self.row_count)
+        old = self.virtual_size
+        if size == old:
+            return
+        if first_new is not None and self.show_vertical_scrollbar and self.container_size and size.width == old.width \
+                and size.height > old.height:
+            # A list that already scrolls grew: no layout changes, only the scrollbar's thumb (caught up
+            # every SCROLLBAR_SECONDS) and any new row that came into view. A layout of the whole screen and a
+            # repaint of every row and of the scrollbar on each append, 50 times a second, is what a fast run
+            # used to cost (and the strips drawn each time filled the collector's old generation).
+            if first_new < round(self.scroll_y) + self._page:
+                self.refresh_lines(first_new + self.HEADER_HEIGHT, self.row_count - first_new)
+            if self._size_timer is None:
+                self._size_timer = self.set_timer(SCROLLBAR_SECONDS, self._sync_size)
+            return
+        if self._size_timer is not None:
+            self._size_timer.stop()
+            self._size_timer = None
+        self.virtual_size = size  # a layout: a scrollbar may appear or go
+
+    def _sync_size(self) -> None:
+        """Bring the scrollable size (and the scrollbar) up to the rows held, without a layout."""
+        if self._size_timer is not None:
+            self._size_timer.stop()
+            self._size_timer = None
+        size = Size(self._table_width, self.HEADER_HEIGHT + self.row_count)
+        if size.height > self.virtual_size.height and size.width == self.virtual_size.width:
+            self.set_reactive(Timeline.virtual_size, size)
+            self._scroll_update(size)
 
     def _redraw(self) -> None:
         self._generation += 1
@@ -418,18 +453,18 @@ class Timeline(ScrollView, can_focus=True):
         width = self.size.width
         base_style = self.rich_style
         if y < self.HEADER_HEIGHT:
-            segments = self._line(-1, width, base_style)
+            line = self._line(-1, width, base_style)
         else:
             row = y - self.HEADER_HEIGHT + round(self.scroll_y)
             if row >= self.row_count:
                 return Strip.blank(width, base_style)
-            segments = self._line(row, width, base_style)
+            line = self._line(row, width, base_style)
         scroll_x = round(self.scroll_x)
-        strip = Strip(segments).crop(scroll_x, scroll_x + width)
-        return strip.adjust_cell_length(width, base_style).simplify()
+        return line.crop(scroll_x, scroll_x + width).adjust_cell_length(width, base_style)
 
-    def _line(self, row: int, width: int, base_style: Style) -> list[Segment]:
-        """One row (-1: the header) as segments, cached for the rows on screen."""
+    def _line(self, row: int, width: int, base_style: Style) -> Strip:
+        """One row (-1: the header), the whole table's width, cached for the rows on screen (the strip's own
+        caches then make its crops for a horizontal scroll position)."""
         index = -1 if row < 0 else self._index(row)
         cursor = row >= 0 and row == self.cursor_row
         key = (index, row % 2, cursor, width, base_style, self._pseudo, self._generation)
@@ -456,5 +491,6 @@ class Timeline(ScrollView, can_focus=True):
                                          options)
             segments.extend(lines[0])
         segments.append(Segment(" " * max(0, width - self._table_width), pre))
-        self._lines[key] = segments
-        return segments
+        strip = Strip(segments).simplify()
+        self._lines[key] = strip
+        return strip
