@@ -34,7 +34,12 @@ def test_rows_are_columns_not_objects() -> None:
     assert len(rows) == 5001
     again = rows.info(41)
     assert (again.n, again.subgoal, again.confidence, again.gates) == (42, "step 42", None, (("tests", True),))
-    assert rows.action[0] is rows.action[4000]  # repeated values are stored once
+    assert rows.gates[2] is rows.gates[4001]  # repeated values are stored once
+    # strings live in compressed blocks, and are found in them and in the open one
+    assert rows.texts.get(4241) == ("noop()", "step 4242") and rows.info(5000).subgoal == "step 5001"
+    assert list(rows.texts.matching("reasoning 4242\n")) == [4241]
+    assert list(rows.texts.matching("reasoning 5001\n")) == [5000]
+    assert sum(1 for _ in rows.texts.matching("noop()")) == 5001
 
 
 class TimelineApp(App[None]):

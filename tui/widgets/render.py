@@ -212,6 +212,7 @@ def glyphs(items: Iterable[tuple[str, bool]], palette: Palette, names: bool) -> 
     return text if text.plain else Text("-", style=palette.muted)
 
 
+SUBGOAL_SHOWN = 80  # characters of a subgoal in its timeline row
 # The subgoal comes last: it is the one column that may be cut on a narrow terminal.
 TIMELINE_COLUMNS = [("n", 5), ("action", 24), ("conf", 4), ("gates", 18), ("inv", 5), ("tokens", 7), ("ms", 6),
                     ("subgoal", 48)]
@@ -232,7 +233,7 @@ def row_cells(info: RowInfo, palette: Palette, inherited: bool) -> list[Text]:
         glyphs(info.invariants, palette, names=False),
         Text(f"{info.tokens:,}", justify="right", style=dim),
         Text(f"{info.latency_ms:.0f}", justify="right", style=dim),
-        literal(first_line(info.subgoal, 80), f"italic {dim}".strip()),
+        literal(first_line(info.subgoal, SUBGOAL_SHOWN), f"italic {dim}".strip()),
     ]
 
 

@@ -15,8 +15,9 @@ row, zebra stripes, a row cursor) and keeps its small API: `row_count`,
 from __future__ import annotations
 
 import math
+import zlib
 from array import array
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 from rich.console import RenderableType
 from rich.padding import Padding
@@ -33,29 +34,82 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.timer import Timer
 
-from loopterm.tui.widgets.render import TIMELINE_COLUMNS, Palette, RowInfo, row_cells
+from loopterm.tui.widgets.render import SUBGOAL_SHOWN, TIMELINE_COLUMNS, Palette, RowInfo, first_line, row_cells
 
 CELL_PADDING = 1  # blank cells on each side of a column, as DataTable draws them
 SCROLLBAR_SECONDS = 0.25  # while rows arrive below the screen, the scrollbar catches up this often
 LINES_KEPT = 96  # drawn rows kept (a few screens): a repaint of unchanged rows allocates nothing
-INTERNED = 4096  # distinct short values shared between rows (actions, gate results, ...); beyond, equal neighbours only
+SUBGOAL_KEPT = SUBGOAL_SHOWN  # characters of a subgoal kept for its row (the whole one is in the search text)
+INTERNED = 4096  # distinct gate / invariant results shared between rows; beyond, equal neighbours only
+
+
+class RowTexts:
+    """Each row's strings (action, subgoal, search text), compressed BLOCK rows at a time.
+
+    Strings are most of what a row holds (the search text: lower-cased reasoning, subgoal and action,
+    a few hundred bytes) and only the rows on screen and a search read them. A search decompresses
+    every block (a 10,000-row run: about 40 blocks, a few milliseconds); drawing keeps the few blocks
+    on screen decompressed.
+    """
+
+    BLOCK = 256
+    FIELDS = 3
+
+    def __init__(self) -> None:
+        self._blocks: list[bytes] = []  # zlib of BLOCK rows' fields joined by NUL
+        self._open: list[str] = []  # the last block's fields, until it is full
+        self._unpacked: LRUCache[int, list[str]] = LRUCache(4)
+
+    def __len__(self) -> int:
+        return len(self._blocks) * self.BLOCK + len(self._open) // self.FIELDS
+
+    def append(self, action: str, subgoal: str, search: str) -> None:
+        self._open.extend(text.replace("\0", " ") for text in (action, subgoal, search))
+        if len(self._open) == self.BLOCK * self.FIELDS:
+            self._blocks.append(zlib.compress("\0".join(self._open).encode(), 1))
+            self._open = []
+
+    def _fields(self, block: int) -> list[str]:
+        if block == len(self._blocks):
+            return self._open
+        fields = self._unpacked.get(block)
+        if fields is None:
+            fields = zlib.decompress(self._blocks[block]).decode().split("\0")
+            self._unpacked[block] = fields
+        return fields
+
+    def get(self, i: int) -> tuple[str, str]:
+        """Row i's action and subgoal."""
+        block, row = divmod(i, self.BLOCK)
+        fields = self._fields(block)
+        return fields[row * self.FIELDS], fields[row * self.FIELDS + 1]
+
+    def matching(self, query: str) -> Iterator[int]:
+        """Indexes of the rows whose search text contains `query` (already lower-cased)."""
+        for block in range(len(self._blocks) + 1):
+            fields = self._open if block == len(self._blocks) else \
+                zlib.decompress(self._blocks[block]).decode().split("\0")
+            base = block * self.BLOCK
+            for row, text in enumerate(fields[2::self.FIELDS]):
+                if query in text:
+                    yield base + row
 
 
 class RowColumns:
-    """Every iteration's row as entries in flat columns: about 100 bytes a row plus its two strings.
+    """Every iteration's row as entries in flat columns: about 70 bytes a row, plus its share of a
+    compressed block of text.
 
-    Numbers live in arrays (no object per value); values that repeat
-    (actions, gate and invariant results, approvals, subgoals that stay the
-    same) are stored once and shared. Nothing here is a container per row,
-    so a full garbage collection does not walk the rows.
+    Numbers live in arrays (no object per value); gate and invariant
+    results and approvals, which repeat, are stored once and shared;
+    strings are compressed in blocks (RowTexts). Nothing here is a
+    container per row, so a full garbage collection does not walk the rows.
     """
 
     def __init__(self) -> None:
         self.n = array("q")
         self.holder = array("H")  # index into self.holders
         self.holders: list[str] = []
-        self.action: list[str] = []
-        self.subgoal: list[str] = []
+        self.texts = RowTexts()
         self.confidence = array("d")  # NaN: none
         self.gates: list[tuple[tuple[str, bool], ...]] = []
         self.invariants: list[tuple[tuple[str, bool], ...]] = []
@@ -63,7 +117,6 @@ class RowColumns:
         self.latency_ms = array("d")
         self.repairs = array("H")
         self.approval: list[str | None] = []
-        self.haystack: list[str] = []  # lower-cased reasoning, subgoal and action, for search
         self._shared: dict[Any, Any] = {}
 
     def __len__(self) -> int:
@@ -88,8 +141,7 @@ class RowColumns:
             self.holders.append(info.holder)
         self.n.append(info.n)
         self.holder.append(holder)
-        self.action.append(self._share(info.action, self.action))
-        self.subgoal.append(self._share(info.subgoal, self.subgoal))
+        self.texts.append(info.action, first_line(info.subgoal, SUBGOAL_KEPT), info.haystack)
         self.confidence.append(math.nan if info.confidence is None else info.confidence)
         self.gates.append(self._share(info.gates, self.gates))
         self.invariants.append(self._share(info.invariants, self.invariants))
@@ -97,16 +149,16 @@ class RowColumns:
         self.latency_ms.append(info.latency_ms)
         self.repairs.append(min(info.repairs, 65535))
         self.approval.append(info.approval)
-        self.haystack.append(self._share(info.haystack, self.haystack))
 
     def info(self, i: int) -> RowInfo:
         """Row i as a RowInfo again (only for rows about to be drawn)."""
         confidence = self.confidence[i]
-        return RowInfo(n=self.n[i], holder=self.holders[self.holder[i]], action=self.action[i],
-                       subgoal=self.subgoal[i], confidence=None if math.isnan(confidence) else confidence,
+        action, subgoal = self.texts.get(i)
+        return RowInfo(n=self.n[i], holder=self.holders[self.holder[i]], action=action,
+                       subgoal=subgoal, confidence=None if math.isnan(confidence) else confidence,
                        gates=self.gates[i], invariants=self.invariants[i], tokens=self.tokens[i], cost=0.0,
                        latency_ms=self.latency_ms[i], repairs=self.repairs[i], approval=self.approval[i],
-                       haystack=self.haystack[i])
+                       haystack="")
 
 
 class Timeline(ScrollView, can_focus=True):
@@ -234,7 +286,7 @@ class Timeline(ScrollView, can_focus=True):
 
     def count_matches(self, query: str) -> int:
         query = query.strip().lower()
-        return sum(1 for haystack in self.rows.haystack if query in haystack) if query else len(self.rows)
+        return sum(1 for _ in self.rows.texts.matching(query)) if query else len(self.rows)
 
     def holder_of(self, n: int) -> str | None:
         """The run that made iteration n (a branch shows its ancestors' iterations too)."""
@@ -274,7 +326,7 @@ class Timeline(ScrollView, can_focus=True):
         selected = self.selected_n
         self.query_text = query.strip().lower()
         if self.query_text:
-            self.shown = array("q", (i for i, h in enumerate(self.rows.haystack) if self.query_text in h))
+            self.shown = array("q", self.rows.texts.matching(self.query_text))
         else:
             self.shown = None
         self._resize()
