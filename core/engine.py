@@ -142,6 +142,14 @@ def relaxed_from(events: list[EventRecord]) -> tuple[dict[str, str], dict[str, i
     return relaxed, until
 
 
+def _grown(before: list[Any], appended: list[Any]) -> GrownList:
+    """The next dump of a log field; `before`'s own base is dropped (the journal has taken its
+    delta), so no chain of old lists is kept alive."""
+    if isinstance(before, GrownList):
+        before.base = None
+    return GrownList(before, appended)
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -604,9 +612,7 @@ class Engine:
             log: AppendLog[Any] = getattr(state, name)
             before, version = self._log_dumps.get(name), self._log_versions.get(name)
             if before is not None and version is not None and log.extends(version) and len(before) == len(version):
-                if isinstance(before, GrownList):
-                    before.base = None
-                dump[name] = GrownList(before, items.dump_python(log[len(version):], mode="json"))
+                dump[name] = _grown(before, items.dump_python(log[len(version):], mode="json"))
             else:
                 dump[name] = items.dump_python(list(log), mode="json")
             self._log_dumps[name], self._log_versions[name] = dump[name], log
@@ -615,9 +621,7 @@ class Engine:
             before = self._log_dumps.get(name)
             k = len(before) if before is not None else -1
             if before is not None and len(value) >= k and value[:k] == before:
-                if isinstance(before, GrownList):
-                    before.base = None  # the journal has taken its delta: keep no chain of old lists
-                dump[name] = GrownList(before, value[k:])
+                dump[name] = _grown(before, value[k:])
             else:
                 dump[name] = list(value)
             self._log_dumps[name] = dump[name]

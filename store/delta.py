@@ -65,11 +65,6 @@ def copy_tree(value: Any) -> Any:
     Sharing the leaves is what keeps `diff` fast next time: an unchanged string
     in a long list is then the same object on both sides, compared by identity.
     """
-    kind = type(value)
-    if kind is dict:
-        return {key: copy_tree(item) for key, item in value.items()}
-    if kind is list or kind is tuple:
-        return [copy_tree(item) for item in value]
     if isinstance(value, dict):
         return {key: copy_tree(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
