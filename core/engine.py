@@ -244,15 +244,24 @@ class Engine:
         max_iterations: int | None = None,
         budget: dict[str, Any] | None = None,
         workspace_root: Path | None = None,
+        workspace: Path | None = None,
+        run_id: str | None = None,
         **kwargs: Any,
     ) -> "Engine":
-        """Record a new run (status created) and prepare its workspace."""
-        run_id = new_run_id()
-        root = workspace_root or Path.cwd() / ".loopterm" / "workspaces"
-        workspace = (root / run_id).resolve()
-        workspace.mkdir(parents=True, exist_ok=True)
-        if loop.workspace_files is not None:
-            shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+        """Record a new run (status created) and prepare its workspace.
+
+        `workspace`: a directory someone else prepared (a git worktree for a parallel case); it is
+        used as it is, and the loop's workspace_files are not copied into it.
+        """
+        run_id = run_id or new_run_id()
+        if workspace is None:
+            root = workspace_root or Path.cwd() / ".loopterm" / "workspaces"
+            workspace = (root / run_id).resolve()
+            workspace.mkdir(parents=True, exist_ok=True)
+            if loop.workspace_files is not None:
+                shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+        else:
+            workspace = workspace.resolve()
         merged_budget = {**loop.budget.model_dump(), **(budget or {})}
         now = time.time()
         run = RunRecord(
