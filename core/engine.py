@@ -52,7 +52,11 @@ from loopterm.core.events import (
     RunStarted,
     StatusChanged,
 )
+from loopterm.core.checkers import Asked, GateContext, ModelGate
 from loopterm.core.gates import GateResult
+from loopterm.core.nesting import ChildResult, LoopCycleError, cycle_message
+from loopterm.core.roles import Role
+from loopterm.core.strategy import Strategy
 from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.loop import Loop
 from loopterm.core.append_log import AppendLog
@@ -150,6 +154,10 @@ def _grown(before: list[Any], appended: list[Any]) -> GrownList:
     return GrownList(before, appended)
 
 
+def _norm(value: str) -> str:
+    return " ".join(str(value).lower().split())
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -172,6 +180,8 @@ class Engine:
         side_effect_answers: dict[str, str] | None = None,
         wait_on_person: bool = False,
         poll_interval: float = 0.2,
+        call_stack: tuple[str, ...] = (),
+        workspace_root: Path | None = None,
     ) -> None:
         self.loop = loop
         self.journal = journal
@@ -216,12 +226,32 @@ class Engine:
         self.strategy_note: str | None = None
         self._client = client
         self._stop_requested: str | None = None
+        self.call_stack = (*call_stack, run.loop_ref)  # the chain of loops that called this one, and this
+        self.workspace_root = workspace_root or self.workspace.parent
+        # Long-term memory (core/memory.py), when the journal keeps one (the Store does).
+        self.memory: Any = journal if hasattr(journal, "recall") and hasattr(journal, "remember") else None
         self.executor = ToolExecutor(
-            journal, run.id, clock=clock, prior=prior, replaying=replaying, answers=dict(side_effect_answers or {})
+            journal, run.id, clock=clock, prior=prior, replaying=replaying, answers=dict(side_effect_answers or {}),
+            services={"loop": loop.name, "memory": self.memory, "spawn": self._spawn},
         )
+        self._clients: dict[tuple[str, str], Any] = {}  # role model clients, see _ask
+        self._role_calls: dict[str, int] = {}
+        self.strategy: Strategy | None = None
+        for event in history:
+            if event.kind == "strategy_changed":
+                self.strategy = next((x for x in loop.strategies if x.name == event.data.get("to")), self.strategy)
+        if self.strategy is not None:
+            self._adopt(self.strategy)
         self.spend = Spend(
             tokens_in=run.tokens_in, tokens_out=run.tokens_out, cost_usd=run.cost_usd, elapsed_s=run.elapsed_s
         )
+        # Child runs are runs of their own (their spend is in their records and the ledger), but the
+        # caller's budget covers them: counted here for budget checks only.
+        self.children_spend = Spend()
+        children = getattr(journal, "children", None)
+        for child in children(run.id) if children is not None else []:
+            if child.origin == "child":
+                self.children_spend.add(child.tokens_in, child.tokens_out, child.cost_usd)
         recent = journal.last_iterations(run.id, loop.stall_window or 1)  # the last one holds the state
         self.recent: deque[_Outcome] = deque(
             (_outcome(r) for r in recent) if loop.stall_window else (), maxlen=loop.stall_window or 1
@@ -246,6 +276,8 @@ class Engine:
         workspace_root: Path | None = None,
         workspace: Path | None = None,
         run_id: str | None = None,
+        parent_run: str | None = None,
+        goal: str | None = None,
         **kwargs: Any,
     ) -> "Engine":
         """Record a new run (status created) and prepare its workspace.
@@ -253,6 +285,9 @@ class Engine:
         `workspace`: a directory someone else prepared (a git worktree for a parallel case); it is
         used as it is, and the loop's workspace_files are not copied into it.
         """
+        from loopterm.core.nesting import check_calls
+
+        check_calls(loop, loop_ref)  # a cycle of loops calling each other is refused before anything is created
         run_id = run_id or new_run_id()
         if workspace is None:
             root = workspace_root or Path.cwd() / ".loopterm" / "workspaces"
@@ -268,7 +303,7 @@ class Engine:
             id=run_id,
             loop=loop.name,
             loop_ref=loop_ref,
-            goal=loop.goal,
+            goal=goal or loop.goal,
             spec_hash=loop.spec_hash(),
             model=model or loop.model,
             status=Status.CREATED.value,
@@ -277,10 +312,13 @@ class Engine:
             updated_at=now,
             max_iterations=max_iterations or loop.max_iterations,
             budget=merged_budget,
+            parent_run=parent_run,
+            fork_iteration=0 if parent_run else None,  # a child inherits none of its caller's iterations
+            origin="child" if parent_run else "run",
         )
         journal.create_run(run)
         journal.append_event(run_id, "run_created", {"loop_ref": loop_ref, "model": run.model, "budget": merged_budget})
-        return cls(loop, journal, run, **kwargs)
+        return cls(loop, journal, run, workspace_root=workspace_root, **kwargs)
 
     def _load_state(self, last: IterationRecord | None, history: list[EventRecord]) -> LoopState:
         """The state to continue from: the last committed one (a branch's parent's, at the fork
@@ -288,6 +326,8 @@ class Engine:
         branch's patches applied until its first own iteration."""
         if last is None:
             state = self.loop.new_state()
+            state.task = self.run_record.goal or state.task
+            state.memory.retrieved = self._recall(state.task)
         else:
             state = self.loop.state.model_validate(migrate_state(self.loop, last.state))
         for event in history:  # a fork's patch, a person's edit, fact or subgoal since that commit
@@ -402,10 +442,13 @@ class Engine:
             raise _Stop(TerminationReason.STOPPED, self._stop_requested)
         if self.state.iteration >= self.max_iterations:
             raise _Stop(TerminationReason.MAX_ITERATIONS, f"reached the maximum of {self.max_iterations} iterations")
-        reason = over_budget(self.budget, self.spend)
+        reason = over_budget(self.budget, self._spent())
         if reason:
             raise _Stop(TerminationReason(reason), self._budget_message(reason))
         stalled = self._stalled()
+        if stalled and self._change_strategy(stalled, self.state.iteration):
+            self.recent.clear()  # the new strategy gets a fresh stall window
+            stalled = None
         if stalled:
             raise _Stop(TerminationReason.STALLED, stalled)
 
@@ -511,8 +554,186 @@ class Engine:
             return f"stalled: no progress (identical verification results) in {k} iterations"
         return None
 
+    # ------------------------------------------------------------------ topology services
+
+    def _spent(self, spend: Spend | None = None) -> Spend:
+        """This run's spend plus its child runs': what the run's budget is checked against."""
+        own = spend or self.spend
+        total = Spend(tokens_in=own.tokens_in, tokens_out=own.tokens_out, cost_usd=own.cost_usd,
+                      elapsed_s=own.elapsed_s)
+        c = self.children_spend
+        total.add(c.tokens_in, c.tokens_out, c.cost_usd)
+        return total
+
+    async def _verify(self, n: int, decision: Decision, tool_record: ToolRecord | None) -> list[GateResult]:
+        """Run the gates in order until one fails; a final checker runs only when all the others passed."""
+        gates: list[GateResult] = []
+        if not self.loop.gates:
+            return gates
+        self.journal.flush()  # gates take seconds: the reply and the tool's result must not wait on them
+        self._role_calls.clear()
+        ctx = GateContext(workspace=self.workspace, iteration=n, task=self.state.task or self.loop.goal,
+                          state=self.state, decision=decision, tool_record=tool_record, earlier=gates, ask=self._ask)
+        for gate in self.loop.gates:
+            if isinstance(gate, ModelGate) and gate.when == "final" and not all(g.passed for g in gates):
+                continue
+            result = await gate.check(ctx)
+            gates.append(result)
+            if not result.passed:
+                break
+        return gates
+
+    async def _ask(self, role: Role, messages: list[dict[str, Any]]) -> Asked:
+        """One call of a role's model: budget-checked first, like the maker's; spend goes on the gate."""
+        model = role.model_for(self.run_record.model)
+        client = self._clients.get((model, role.name))
+        if client is None:
+            from loopterm.core.model import ModelClient, check_model
+
+            check_model(model)  # a scripted role's script was registered with the loop's
+            client = self._clients[(model, role.name)] = ModelClient(
+                model, temperature=role.temperature if role.temperature is not None else self.loop.temperature,
+                max_tokens=self.loop.max_output_tokens, on_retry=self._on_retry,
+            )
+        projected = client.estimate(messages, self.loop.max_output_tokens)
+        reason = over_budget(self.budget, self._spent(), projected[0], projected[1])
+        if reason:
+            raise _Stop(TerminationReason(reason), self._budget_message(reason, projected))
+        n = self.state.iteration + 1
+        call = self._role_calls.get(role.name, 0)
+        reply = await client.complete(messages, iteration=n, call_index=call)
+        self._role_calls[role.name] = call + max(1, reply.calls)
+        return Asked(text=reply.text, tokens_in=reply.tokens_in, tokens_out=reply.tokens_out,
+                     cost_usd=reply.cost_usd, model=reply.model)
+
+    def _adopt(self, strategy: Strategy) -> None:
+        self.strategy_note = strategy.note
+        if strategy.temperature is not None:
+            self.temperature = strategy.temperature
+        if strategy.model is not None and strategy.model != self.run_record.model:
+            self.run_record = self.run_record.model_copy(update={"model": strategy.model})
+            self._client = None  # the next call builds a client for the strategy's model
+
+    def _change_strategy(self, why: str, n: int) -> bool:
+        """Move to the loop's next declared strategy; False when it declares none left."""
+        names = [x.name for x in self.loop.strategies]
+        at = names.index(self.strategy.name) + 1 if self.strategy is not None else 0
+        if at >= len(names):
+            return False
+        before, self.strategy = self.strategy, self.loop.strategies[at]
+        if self.strategy.model is not None:
+            from loopterm.core.model import check_model
+
+            check_model(self.strategy.model)
+        self._adopt(self.strategy)
+        data = {"from": before.name if before else None, "to": self.strategy.name, "why": why,
+                "temperature": self.temperature, "model": self.run_record.model}
+        self.journal.append_event(self.run_id, "strategy_changed", data, n)
+        if self.strategy.model is not None:
+            self.journal.update_run(self.run_id, model=self.run_record.model)
+        memory = self.state.memory.model_copy(update={
+            "facts": [*self.state.memory.facts, f"strategy changed to {self.strategy.name} ({_one_line(why, 120)})"]})
+        self.state = self.state.model_copy(update={"memory": memory})
+        return True
+
+    def _recall(self, query: str) -> list[str]:
+        """Long-term memory relevant to the task, for a new run's working memory."""
+        if self.memory is None or self.loop.recall == 0:
+            return []
+        items = self.memory.recall(self.loop.name, query, limit=self.loop.recall)
+        return [f"{i.key}: {_one_line(i.value, 2_000)}" for i in items]
+
+    def _flag_contradictions(self, state: LoopState) -> LoopState:
+        """A fact observed this run whose key long-term memory holds with another value is a contradiction."""
+        known = state.memory.known
+        if not known or self.memory is None:
+            return state
+        remembered = {i.key: i.value for i in self.memory.memories(self.loop.name)}
+        found = list(state.memory.contradictions)
+        for key, value in known.items():
+            if key in remembered and _norm(remembered[key]) != _norm(value):
+                line = f"{key}: observed {value!r}, long-term memory says {remembered[key]!r}"
+                if line not in found:
+                    found.append(line)
+        if found != state.memory.contradictions:
+            state.memory.contradictions = found
+        return state
+
+    def _consolidate(self, status: Status) -> None:
+        """What a finished run leaves for later runs of the same loop (long-term memory)."""
+        if self.memory is None or status not in (Status.CONVERGED, Status.TERMINATED, Status.ESCALATED):
+            return
+        try:
+            if self.loop.consolidate is not None:
+                notes = self.loop.consolidate(self.state, status.value)
+            elif status is Status.CONVERGED:
+                flagged = {c.split(":", 1)[0] for c in self.state.memory.contradictions}
+                notes = [(k, v, "fact") for k, v in self.state.memory.known.items() if k not in flagged]
+                notes.append((f"outcome:{self.loop.name}:{hashlib.sha256(self.state.task.encode()).hexdigest()[:8]}",
+                              f"converged in {self.state.iteration} iterations; last subgoal: "
+                              f"{_one_line(self.state.memory.subgoal, 200)}", "decision"))
+            else:
+                notes = []
+            for key, value, kind in notes:
+                self.memory.remember(self.loop.name, key, value, kind=kind, source_run=self.run_id)
+        except Exception as exc:  # noqa: BLE001 - a failing consolidation must not lose the run's end
+            self.journal.append_event(self.run_id, "consolidation_failed", {"error": _one_line(str(exc))})
+            return
+        if notes:
+            self.journal.append_event(self.run_id, "memory_consolidated", {"keys": [k for k, _, _ in notes]})
+
+    async def _spawn(self, loop_ref: str, goal: str, key: str, item: str) -> ChildResult:
+        """Start (or resume, or read) the child run for `key`; returns what it hands back."""
+        from loopterm.core.loader import load_loop
+        from loopterm.core.model import check_model
+        from loopterm.core.nesting import ref_base, ref_label, resolve_ref
+
+        loop, ref = load_loop(resolve_ref(loop_ref, ref_base(self.run_record.loop_ref)))
+        if ref in self.call_stack:
+            chain = [*self.call_stack[self.call_stack.index(ref):], ref]
+            raise LoopCycleError(cycle_message([ref_label(r) for r in chain]))
+        scripted = self.run_record.model.startswith("scripted/")
+        model = loop.model if scripted else self.run_record.model
+        check_model(model, loop.script if model.startswith("scripted/") else None)
+        started = next((e for e in self.journal.events(self.run_id) if e.kind == "child_run" and e.data.get("key") == key),
+                       None)
+        remaining = {}
+        spent = self._spent()
+        if self.budget.usd is not None:
+            remaining["usd"] = max(0.0, self.budget.usd - spent.cost_usd)
+        if self.budget.tokens is not None:
+            remaining["tokens"] = max(0, self.budget.tokens - spent.tokens)
+        if started is None:
+            engine = Engine.create(
+                loop, self.journal, loop_ref=ref, model=model, budget=remaining, workspace=self.workspace,
+                parent_run=self.run_id, goal=goal, call_stack=self.call_stack, clock=self.clock,
+            )
+            self.journal.append_event(self.run_id, "child_run", {"key": key, "run_id": engine.run_id, "loop": loop.name,
+                                                                 "item": item}, self.state.iteration + 1)
+        else:
+            record = self.journal.get_run(str(started.data["run_id"]))
+            engine = None if Status(record.status).finished else Engine(
+                loop, self.journal, record, call_stack=self.call_stack, clock=self.clock)
+        before = Spend()
+        if engine is not None:
+            before = Spend(tokens_in=engine.spend.tokens_in, tokens_out=engine.spend.tokens_out,
+                           cost_usd=engine.spend.cost_usd)
+            final = await engine.run()
+        else:
+            final = self.journal.get_run(str(started.data["run_id"]))  # type: ignore[union-attr]
+        self.children_spend.add(final.tokens_in - before.tokens_in, final.tokens_out - before.tokens_out,
+                                final.cost_usd - before.cost_usd)
+        last = self.journal.last_iterations(final.id, 1)
+        result: Any = None
+        if last:
+            child_state = loop.state.model_validate(migrate_state(loop, last[-1].state))
+            result = loop.result(child_state) if loop.result is not None else child_state.memory.subgoal
+        return ChildResult(item=item, run_id=final.id, loop=loop.name, status=final.status,
+                           reason=final.termination_reason, iterations=final.iterations,
+                           tokens=final.tokens_in + final.tokens_out, cost_usd=final.cost_usd, result=result)
+
     def _budget_message(self, reason: str, projected: tuple[int, float] | None = None) -> str:
-        b, s = self.budget, self.spend
+        b, s = self.budget, self._spent()
         extra = f" (next call projected at {projected[0]} tokens, ${projected[1]:.6f})" if projected else ""
         if reason == "budget_tokens":
             return f"token budget reached: {s.tokens} of {b.tokens} used{extra}"
@@ -552,18 +773,12 @@ class Engine:
             if verdict is not None:
                 tool_call["approval"] = verdict.kind
 
-        gates: list[GateResult] = []
-        if self.loop.gates:
-            self.journal.flush()  # gates take seconds: the reply and the tool's result must not wait on them
-        for gate in self.loop.gates:
-            result = await gate.run(self.workspace)
-            gates.append(result)
-            if not result.passed:
-                break
+        gates = await self._verify(n, decision, tool_record)
 
         state = self._next_state(n, decision, tool_record, gates)
         if self.loop.observe is not None:
             state = self.loop.observe(state, decision, tool_record, gates)
+        state = self._flag_contradictions(state)
         status, violated = self._check_invariants(state)
         state.invariant_status = status
         state, remediations, stop = self._remediate(state, violated)
@@ -573,7 +788,10 @@ class Engine:
         if stop is not None:
             state.termination_reason = stop.reason.value
 
-        self.spend.add(intent.tokens_in, intent.tokens_out, intent.cost_usd)
+        tokens_in = intent.tokens_in + sum(g.tokens_in for g in gates)
+        tokens_out = intent.tokens_out + sum(g.tokens_out for g in gates)
+        cost = intent.cost_usd + sum(g.cost_usd for g in gates)
+        self.spend.add(tokens_in, tokens_out, cost)
         self._tick()
         record = IterationRecord(
             run_id=self.run_id, n=n, started_at=intent.started_at, ended_at=self.clock(),
@@ -581,8 +799,8 @@ class Engine:
             repairs=intent.repairs, tool_call=tool_call,
             tool_result=tool_record.model_dump() if tool_record else None,
             gate_results=[g.model_dump() for g in gates], invariant_status=status,
-            remediations=[r.value for r in remediations], tokens_in=intent.tokens_in,
-            tokens_out=intent.tokens_out, cost_usd=intent.cost_usd, latency_ms=intent.latency_ms,
+            remediations=[r.value for r in remediations], tokens_in=tokens_in,
+            tokens_out=tokens_out, cost_usd=cost, latency_ms=intent.latency_ms,
             model=intent.model, state=self._dump(state),
         )
         totals = {
@@ -672,6 +890,7 @@ class Engine:
         messages = build_messages(
             self.loop, self.state, rules=read_rules(self.workdir), relaxed=self.relaxed,
             strategy_note=self.strategy_note, max_iterations=self.max_iterations,
+            system_prompt=self.strategy.system_prompt if self.strategy is not None else None,
         )
         tool_names = {t.name for t in self.loop.tools}
         call_index, repairs = 0, 0
@@ -683,7 +902,8 @@ class Engine:
                 tokens_in=self.spend.tokens_in + tokens_in, tokens_out=self.spend.tokens_out + tokens_out,
                 cost_usd=self.spend.cost_usd + cost, elapsed_s=self.spend.elapsed_s,
             )
-            reason = over_budget(self.budget, pending, projected[0], projected[1])
+            with_children = self._spent(pending)
+            reason = over_budget(self.budget, with_children, projected[0], projected[1])
             if reason:
                 self.spend = pending  # a repair that was paid for still counts
                 raise _Stop(TerminationReason(reason), self._budget_message(reason, projected))
@@ -778,8 +998,9 @@ class Engine:
                 state.memory.facts = state.memory.facts[-3:]
                 state.memory.contradictions = state.memory.contradictions[-3:]
             elif remedy is Remediation.CHANGE_STRATEGY:
-                self.temperature = min(2.0, self.temperature + 0.3)
-                self.strategy_note = f"the last approach broke invariant {inv.name!r}; take a different approach"
+                if not self._change_strategy(f"invariant {inv.name!r} violated", state.iteration):
+                    self.temperature = min(2.0, self.temperature + 0.3)
+                    self.strategy_note = f"the last approach broke invariant {inv.name!r}; take a different approach"
             elif remedy is Remediation.CUSTOM and inv.custom is not None:
                 state = type(state).model_validate(inv.custom(state).model_dump())
             elif remedy is Remediation.ABORT and stop is None:
@@ -821,6 +1042,7 @@ class Engine:
 
     def _finish(self, reason: TerminationReason, message: str) -> RunRecord:
         status = status_for(reason)
+        self._consolidate(status)
         self._tick()
         self.journal.update_run(
             self.run_id, status=status.value, termination_reason=reason.value, message=message,

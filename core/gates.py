@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from loopterm.core.checkers import GateContext
 
 from loopterm.core.tools import cap_text
 
@@ -40,6 +45,12 @@ class GateResult(BaseModel):
     stderr: str = ""
     error: str | None = None  # the gate itself could not run (missing command, timeout)
     duration_s: float = 0.0
+    # A model checker's call (see checkers.py); zero for a command gate.
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    model: str | None = None
+    findings: list[dict[str, Any]] = Field(default_factory=list)
 
     def feedback(self) -> str:
         """What the next iteration is told about this gate."""
@@ -59,6 +70,9 @@ class CommandGate(BaseModel):
     argv: list[str]
     timeout: float = 120.0
     output_cap: int = 8_000
+
+    async def check(self, ctx: "GateContext") -> GateResult:
+        return await self.run(ctx.workspace)
 
     async def run(self, workspace: Path) -> GateResult:
         argv = [a.replace("{workspace}", str(workspace)).replace("{python}", sys.executable) for a in self.argv]

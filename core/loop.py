@@ -18,10 +18,12 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loopterm.core.budget import Budget
+from loopterm.core.checkers import ModelGate
 from loopterm.core.decision import Decision
 from loopterm.core.gates import CommandGate, GateResult
 from loopterm.core.invariants import Invariant
 from loopterm.core.state import LoopState, ToolRecord
+from loopterm.core.strategy import Strategy
 from loopterm.core.tools import Tool
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -38,7 +40,7 @@ class Loop(BaseModel):
     goal: str = Field(min_length=1)
     state: type[LoopState] = LoopState
     tools: list[Tool] = Field(default_factory=list)
-    gates: list[CommandGate] = Field(default_factory=list)
+    gates: list[CommandGate | ModelGate] = Field(default_factory=list)
     invariants: list[Invariant] = Field(default_factory=list)
     model: str = ""  # litellm model string; default "scripted/<name>" when a script is given
     script: Path | None = None  # scripted replies for the offline `scripted/<name>` model
@@ -61,6 +63,16 @@ class Loop(BaseModel):
     observe: Callable[[LoopState, Decision, ToolRecord | None, list[GateResult]], LoopState] | None = None
     converged: Callable[[LoopState, list[GateResult]], bool] | None = None
     initial_state: Callable[[], LoopState] | None = None
+    # How the loop adapts on a stall or a change_strategy remediation, in order (see strategy.py).
+    strategies: list[Strategy] = Field(default_factory=list)
+    topology: str = "single"  # a label: single, reflexive, maker-checker, proposer-critic-judge, planner-executors
+    description: str = ""  # one line for `loopterm loops`; default: the goal's first line
+    # Long-term memory: items retrieved into working memory when a run starts (0: none), and what a
+    # finished run leaves behind for later runs of this loop (default: see engine._consolidate).
+    recall: int = Field(default=5, ge=0)
+    consolidate: Callable[[LoopState, str], list[tuple[str, str, str]]] | None = None
+    # What a run of this loop hands back when another loop called it (see nesting.py).
+    result: Callable[[LoopState], Any] | None = None
 
     @field_validator("tools")
     @classmethod
@@ -70,6 +82,28 @@ class Loop(BaseModel):
         if dupes:
             raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes)}")
         return tools
+
+    @model_validator(mode="after")
+    def _checkers_are_not_the_maker(self) -> "Loop":
+        for gate in self.gates:
+            if isinstance(gate, ModelGate) and gate.role.same_profile_as(self.model, self.system_prompt):
+                raise ValueError(
+                    f"gate {gate.name!r}: its role {gate.role.name!r} has the maker's model and system prompt; "
+                    "a maker never validates itself: give the checker its own system_prompt or model"
+                )
+        names = [g.name for g in self.gates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"gate names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def calls(self) -> list[str]:
+        """The loops this loop may start as child runs (by reference), from its tools."""
+        refs: list[str] = []
+        for t in self.tools:
+            refs.extend(r for r in getattr(t, "calls", ()) if r not in refs)
+        return refs
 
     @model_validator(mode="after")
     def _default_model(self) -> "Loop":
@@ -92,7 +126,9 @@ class Loop(BaseModel):
         """Gates decide, never the model's claim: by default every gate ran and passed."""
         if self.converged is not None:
             return bool(self.converged(state, gates))
-        return bool(gates) and len(gates) == len(self.gates) and all(g.passed for g in gates)
+        ran = {g.name for g in gates}
+        required = [g for g in self.gates if not (isinstance(g, ModelGate) and g.advisory)]
+        return bool(gates) and all(g.name in ran for g in required) and all(g.passed for g in gates)
 
     def spec_hash(self) -> str:
         """Identifies the immutable task spec: goal, tools, gates, invariants by name."""

@@ -34,8 +34,8 @@ def read_rules(workdir: Path) -> str | None:
         return None
 
 
-def system_message(loop: Loop) -> str:
-    lines = [loop.system_prompt, "", "Tools:"]
+def system_message(loop: Loop, system_prompt: str | None = None) -> str:
+    lines = [system_prompt or loop.system_prompt, "", "Tools:"]
     lines += [t.prompt_line() for t in loop.tools]
     if not loop.tools:
         lines.append("- (none: set action to null)")
@@ -52,6 +52,8 @@ class _Sections:
 
     def __init__(self, state: LoopState, rules: str | None, strategy_note: str | None) -> None:
         self.facts = list(state.memory.facts)
+        self.retrieved = list(state.memory.retrieved)
+        self.known = dict(state.memory.known)
         self.contradictions = list(state.memory.contradictions)
         self.tools = [r for r in state.tool_results[-RECENT_TOOL_RESULTS:]]
         self.tool_limit = 2_000
@@ -65,6 +67,8 @@ class _Sections:
         """Remove the least useful piece; False when nothing prunable is left."""
         if len(self.tools) > 1:
             self.tools.pop(0)
+        elif len(self.retrieved) > 2:
+            self.retrieved.pop()
         elif len(self.facts) > 3:
             del self.facts[: max(1, len(self.facts) // 3)]
         elif self.tool_limit > 200:
@@ -93,11 +97,15 @@ def user_message(loop: Loop, state: LoopState, s: _Sections, relaxed: dict[str, 
         out.append("- (none)")
     if s.rules:
         out.append(f"# Project rules ({RULES_FILE})\n{_tail(s.rules, s.rules_limit)}")
+    if s.retrieved:
+        out.append("# Long-term memory (from earlier runs of this loop)\n" + "\n".join(f"- {r}" for r in s.retrieved))
     mem = state.memory
     out.append("# Working memory")
     out.append(f"Current subgoal: {mem.subgoal or '(none yet)'}")
     if s.facts:
         out.append("Facts:\n" + "\n".join(f"- {f}" for f in s.facts))
+    if s.known:
+        out.append("Observed:\n" + "\n".join(f"- {k} = {v}" for k, v in s.known.items()))
     if s.contradictions:
         out.append("Contradictions:\n" + "\n".join(f"- {c}" for c in s.contradictions))
     if s.strategy_note:
@@ -127,11 +135,12 @@ def build_messages(
     strategy_note: str | None = None,
     max_iterations: int | None = None,
     count: Callable[[str], int] = approx_tokens,
+    system_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
     """The messages for this iteration, pruned until they fit loop.prompt_token_budget."""
     relaxed = relaxed or {}
     limit = max_iterations or loop.max_iterations
-    system = system_message(loop)
+    system = system_message(loop, system_prompt)
     sections = _Sections(state, rules, strategy_note)
     user = user_message(loop, state, sections, relaxed, limit)
     while count(system) + count(user) > loop.prompt_token_budget and sections.shrink():

@@ -8,7 +8,12 @@ Script format (JSON)::
 
     {"price": {"input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07},
      "turns": [TURN, ...],
-     "after_end": "repeat_last" | "error"}          # default "error"
+     "after_end": "repeat_last" | "error",          # default "error"
+     "roles": {"checker": {"turns": [...]}, ...}}   # optional: scripts of the loop's roles
+
+A role's script answers ``scripted/<name>.<role>`` (see ``loopterm.core.roles``):
+a checker, critic or judge has its own replies, priced like the main script
+unless it gives its own ``price``.
 
 TURN is a STEP or a list of STEPs; STEP is a string (the reply text) or
 ``{"content": str | object, "delay": 0}`` (an object is sent as its JSON text) or
@@ -106,6 +111,19 @@ class Script(BaseModel):
     price: Price = Field(default_factory=Price)
     turns: list[list[Step]] = Field(min_length=1)
     after_end: Literal["repeat_last", "error"] = "error"
+    roles: dict[str, "Script"] = Field(default_factory=dict)
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, roles: dict[str, "Script"]) -> dict[str, "Script"]:
+        import re
+
+        for name, role in roles.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"role name {name!r} must be letters, digits, '_' or '-'")
+            if role.roles:
+                raise ValueError(f"role {name!r} cannot have roles of its own")
+        return roles
 
     @field_validator("turns", mode="before")
     @classmethod
@@ -187,6 +205,11 @@ def register_script(name: str, path: Path) -> None:
     with _lock:
         _scripts[name] = script
     register_custom_model(PROVIDER, name, script.price, _handler_class)
+    for role, role_script in script.roles.items():
+        price = role_script.price if "price" in role_script.model_fields_set else script.price
+        with _lock:
+            _scripts[f"{name}.{role}"] = role_script
+        register_custom_model(PROVIDER, f"{name}.{role}", price, _handler_class)
 
 
 # ----------------------------------------------------------------------------- shared with replay

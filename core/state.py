@@ -18,6 +18,10 @@ class WorkingMemory(BaseModel):
     subgoal: str = ""
     contradictions: list[str] = Field(default_factory=list)
     token_count: int = 0
+    # Facts as key -> value, set by a loop's observation step; a key that long-term memory holds
+    # with another value is flagged in `contradictions` (see engine._flag_contradictions).
+    known: dict[str, str] = Field(default_factory=dict)
+    retrieved: list[str] = Field(default_factory=list)  # long-term memory recalled when the run started
 
 
 class ToolRecord(BaseModel):

@@ -30,12 +30,15 @@ RewindPolicy = Literal["reuse", "reexecute", "ask"]
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a tool may know about where it runs."""
+    """What a tool may know about where it runs, and the engine's services it may use."""
 
     run_id: str
     iteration: int
     workspace: Path
     idempotency_key: str = ""
+    loop: str = ""  # the loop's name (long-term memory is kept per loop)
+    memory: Any = None  # a LongTermMemory (core/memory.py) when the journal keeps one
+    spawn: Any = None  # starts a child run: see nesting.Spawn
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Tool:
     needs_approval: bool = False
     on_rewind: RewindPolicy | None = None
     workspace_only: bool = False  # its effects live only in the run's own workspace
+    calls: tuple[str, ...] = ()  # loops this tool starts as child runs (see nesting.fan_out)
     _schema: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _line: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -206,6 +210,7 @@ class ToolExecutor:
     prior: PriorCalls | None = None
     replaying: bool = False
     answers: dict[str, str] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)  # extra ToolContext fields: loop, memory, spawn
 
     async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path) -> tuple[ToolRecord, str]:
         """Run (or recall) one call; returns the record and its idempotency key."""
@@ -230,7 +235,7 @@ class ToolExecutor:
         # A side effect's start must survive even a power loss before it fires; a call without
         # side effects only needs to survive the process dying (running it twice harms nothing).
         self.journal.tool_call_started(started, power_safe=tool.side_effects)
-        record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key))
+        record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
         # Queued: committed with the iteration, or earlier by the engine's flush before gates.
         self.journal.tool_call_finished(key, record.model_dump(), self.clock(), durable=False)
         return record, key
