@@ -295,6 +295,8 @@ class Engine:
             workspace.mkdir(parents=True, exist_ok=True)
             if loop.workspace_files is not None:
                 shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+            if loop.setup is not None:
+                loop.setup(workspace)
         else:
             workspace = workspace.resolve()
         merged_budget = {**loop.budget.model_dump(), **(budget or {})}

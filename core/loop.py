@@ -58,6 +58,9 @@ class Loop(BaseModel):
     # so a state (and its storage, and loading it) does not grow with the run.
     tool_history: int | None = Field(default=32, ge=1)
     workspace_files: Path | None = None  # copied into each run's workspace before it starts
+    # Prepares a new run's workspace after workspace_files are copied (e.g. builds a sample git
+    # repository); not called for a workspace someone else prepared (a worktree) or on resume.
+    setup: Callable[[Path], None] | None = None
     migrations: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = Field(default_factory=dict)
     # The observation step: fold what happened into the loop's own state fields (pure: return a new state).
     observe: Callable[[LoopState, Decision, ToolRecord | None, list[GateResult]], LoopState] | None = None
@@ -71,6 +74,8 @@ class Loop(BaseModel):
     # finished run leaves behind for later runs of this loop (default: see engine._consolidate).
     recall: int = Field(default=5, ge=0)
     consolidate: Callable[[LoopState, str], list[tuple[str, str, str]]] | None = None
+    # The loop's own state fields as the prompt shows them (e.g. a plan's remaining items).
+    context: Callable[[LoopState], str] | None = None
     # What a run of this loop hands back when another loop called it (see nesting.py).
     result: Callable[[LoopState], Any] | None = None
 

@@ -99,6 +99,8 @@ def user_message(loop: Loop, state: LoopState, s: _Sections, relaxed: dict[str, 
         out.append(f"# Project rules ({RULES_FILE})\n{_tail(s.rules, s.rules_limit)}")
     if s.retrieved:
         out.append("# Long-term memory (from earlier runs of this loop)\n" + "\n".join(f"- {r}" for r in s.retrieved))
+    if loop.context is not None:
+        out.append(f"# Loop state\n{loop.context(state)}")
     mem = state.memory
     out.append("# Working memory")
     out.append(f"Current subgoal: {mem.subgoal or '(none yet)'}")

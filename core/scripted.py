@@ -73,6 +73,9 @@ class Step(BaseModel):
     content: Any = None
     error: ScriptedError | None = None
     delay: float = Field(default=0.0, ge=0.0)
+    # Answer with this step only when the prompt's last message contains this text (see Script.step):
+    # one script can then answer differently per input (a file with a bug, a clean one).
+    match: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> Step:
@@ -141,14 +144,22 @@ class Script(BaseModel):
                 out.append([_as_step(turn)])
         return out
 
-    def step(self, iteration: int, call: int) -> Step | None:
-        """The step for provider call ``call`` of iteration ``iteration``; None when exhausted."""
+    def step(self, iteration: int, call: int, prompt: str = "") -> Step | None:
+        """The step for provider call ``call`` of iteration ``iteration``; None when exhausted.
+
+        In a turn with `match` steps, the first step whose text is in ``prompt`` answers
+        (the call index then picks among matching steps); with none matching, the steps
+        without `match` answer as usual.
+        """
         index = max(1, iteration) - 1
         if index >= len(self.turns):
             if self.after_end == "error":
                 return None
             index = len(self.turns) - 1
         turn = self.turns[index]
+        if any(s.match for s in turn):
+            matched = [s for s in turn if s.match and s.match in prompt]
+            turn = matched or [s for s in turn if not s.match] or turn
         return turn[min(max(0, call), len(turn) - 1)]
 
 
@@ -382,7 +393,8 @@ def _handler_class(litellm: ModuleType) -> type:
                 raise litellm.NotFoundError(
                     message=f"no script registered for {PROVIDER}/{model}", model=model, llm_provider=PROVIDER
                 )
-            step = script.step(iteration, call)
+            last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else ""
+            step = script.step(iteration, call, last if isinstance(last, str) else "")
             if step is None:
                 raise self.error(
                     model, 400,
