@@ -6,7 +6,7 @@ rows and back, and the CLI and TUI read them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -111,3 +111,30 @@ class CommandRecord(BaseModel):
     kind: str  # "stop" | "pause" | "resume" | "step" | ...
     payload: dict[str, Any] = Field(default_factory=dict)
     consumed_at: float | None = None
+
+
+MemoryKind = Literal["fact", "decision", "document"]
+
+
+class MemoryItem(BaseModel):
+    """One entry of a loop's long-term memory (key-value facts and decisions, documents)."""
+
+    id: int
+    loop: str  # the loop name it belongs to (later runs of the same loop read it)
+    kind: MemoryKind
+    key: str  # unique within the loop: remembering a key again replaces its value
+    value: str
+    source_run: str | None = None  # the run that learned it; None when a person added it
+    created_at: float
+    updated_at: float
+    score: float | None = None  # set by a search: higher is a better match
+
+
+class SpendTotal(BaseModel):
+    """Spend ledger rows summed over one group (a day, a loop or a model)."""
+
+    key: str  # the day (YYYY-MM-DD, local), the loop name or the model
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    runs: int = 0  # distinct runs that spent in this group

@@ -7,6 +7,10 @@ Writes start with BEGIN IMMEDIATE so two processes queue on the busy timeout
 instead of failing with "database is locked" when a read upgrades to a write.
 A lock serialises threads that share one Store (the TUI reads from workers).
 
+Schema 3 adds long-term memory (memory.py: a table and its FTS5 index) and
+the spend ledger (ledger.py: one row per change of a run's totals, written in
+the transaction that changes them).
+
 Schema 2 stores each iteration's state as a delta against the one before, with
 a keyframe every 64 iterations whose long lists are shared content-addressed
 chunks (states.py, delta.py), and prompts by section (prompts.py). Reads are
@@ -22,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -32,14 +36,18 @@ from pydantic import TypeAdapter, ValidationError
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
+from loopterm.core.memory import Embed
 from loopterm.core.records import (
     CommandRecord,
     EventRecord,
     Intent,
     IterationRecord,
+    MemoryItem,
     RunRecord,
+    SpendTotal,
     ToolCallRecord,
 )
+from loopterm.store import ledger, memory
 from loopterm.store.guard import OTHER_PATH, check_file, classify, one_line
 from loopterm.store.migrations import upgrade
 from loopterm.store.prompts import decode_prompt, encode_prompt
@@ -276,17 +284,26 @@ class Store:
         return from_row("runs", RunRecord, rows[0])
 
     def update_run(self, run_id: str, **fields: Any) -> None:
+        """Change fields of a run; a change of its totals is ledgered (model: the run's; day: of updated_at or now)."""
         with self._write():
             self._update_run(run_id, fields)
 
-    def _update_run(self, run_id: str, fields: dict[str, Any]) -> None:
-        """Validate the merged run before writing, so a bad field never reaches the file."""
+    def _update_run(self, run_id: str, fields: dict[str, Any], *, spend_model: str | None = None,
+                    spend_at: float | None = None) -> None:
+        """Validate the merged run before writing, so a bad field never reaches the file.
+
+        A change of tokens_in / tokens_out / cost_usd first goes to the spend ledger, in the
+        same transaction (spend_model: the model to charge, default the run's; spend_at: when).
+        """
         if not fields:
             return
         unknown = sorted(set(fields) - set(RunRecord.model_fields))
         if unknown or "id" in fields:
             raise ValueError(f"cannot update run field(s): {', '.join(unknown or ['id'])}")
         changed = {name: _run_field(name).validate_python(value) for name, value in fields.items()}
+        if "tokens_in" in changed or "tokens_out" in changed or "cost_usd" in changed:
+            at = spend_at if spend_at is not None else changed.get("updated_at") or self._clock()
+            ledger.record_change(self._conn, run_id, changed, model=spend_model, at=at)
         row = encode("runs", changed)
         sets = ", ".join(f"[{name}] = ?" for name in row)
         cursor = self._conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*row.values(), run_id])
@@ -330,7 +347,7 @@ class Store:
             try:
                 with self._write():
                     head = self._insert_iteration(record, self._heads, handover=handover)
-                    self._update_run(record.run_id, run_fields)
+                    self._update_run(record.run_id, run_fields, spend_model=record.model or None, spend_at=record.ended_at)
                     self._conn.execute("DELETE FROM intents WHERE run_id = ? AND n = ?", [record.run_id, record.n])
             except BaseException:
                 self._heads.pop(record.run_id, None)  # its state may have moved past what was committed
@@ -684,6 +701,82 @@ class Store:
             if not self._rows("commands", "id = ?", [command_id]):
                 raise KeyError(f"no command {command_id}")
             db.execute("UPDATE commands SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL", [self._clock(), command_id])
+
+    # -- long-term memory (memory.py) ------------------------------------------
+
+    def remember(
+        self, loop: str, key: str, value: str, kind: str = "fact", source_run: str | None = None,
+        at: float | None = None, embedding: Sequence[float] | None = None,
+    ) -> MemoryItem:
+        """Store `value` under (loop, key); remembering a key again replaces value, kind and source
+        (created_at kept, updated_at changed; a stored embedding is dropped if the value changed)."""
+        with self._write():
+            return memory.remember(self._conn, loop, key, value, kind, source_run, self._clock() if at is None else at, embedding)
+
+    def recall(self, loop: str, query: str, limit: int = 5, embed: Embed | None = None) -> list[MemoryItem]:
+        """The loop's memories matching free text, best first (score: higher is better); [] for no words.
+
+        Full-text (FTS5, bm25, key words weigh double); any text is a valid query.
+        With `embed` (texts -> vectors), the full-text candidates and the items with
+        stored embeddings are ranked by cosine similarity blended with bm25, and
+        vectors computed for items are stored for next time.
+        """
+        if embed is None:
+            return memory.search(self._query, loop, query, limit)
+        return memory.semantic_search(self._query, loop, query, limit, embed, self._save_embeddings)
+
+    def _save_embeddings(self, pairs: list[tuple[str, int]]) -> None:
+        with self._write():  # an item forgotten meanwhile is simply not updated
+            self._conn.executemany("UPDATE memory SET embedding = ? WHERE id = ?", pairs)
+
+    def memories(self, loop: str, kind: str | None = None) -> list[MemoryItem]:
+        """Everything the loop remembers (only `kind`, if given), most recently updated first."""
+        return memory.memories(self._query, loop, kind)
+
+    def forget(self, loop: str, key_or_id: str) -> bool:
+        """Delete the loop's memory with this key (or, failing that, this numeric id); False if there is none."""
+        with self._write():
+            return memory.forget(self._conn, loop, key_or_id)
+
+    def memory_loops(self) -> list[str]:
+        """The loops that remember anything, by name."""
+        return memory.memory_loops(self._query)
+
+    # -- spend ledger and daily budget (ledger.py) -----------------------------
+
+    def spend_by(self, group: str, since_day: str | None = None) -> list[SpendTotal]:
+        """Ledger totals grouped by "day" (oldest first), "loop" or "model" (most expensive first),
+        from since_day (YYYY-MM-DD, local) on."""
+        with self._lock:
+            return ledger.spend_by(self._conn, group, since_day)
+
+    def spend_on(self, day: str) -> float:
+        """USD spent on a local day (YYYY-MM-DD) by every run in this store."""
+        with self._lock:
+            return ledger.spend_on(self._conn, day)
+
+    def daily_budget(self) -> float | None:
+        """The daily budget in USD: $LOOPTERM_DAILY_BUDGET_USD if set, else the stored one, else None."""
+        from_env = ledger.env_daily_budget()
+        if from_env is not None:
+            return from_env
+        with self._lock:
+            return ledger.stored_daily_budget(self._conn)
+
+    def stored_daily_budget(self) -> float | None:
+        """The daily budget kept in this database (ignoring the environment)."""
+        with self._lock:
+            return ledger.stored_daily_budget(self._conn)
+
+    def set_daily_budget(self, usd: float | None) -> None:
+        """Keep a daily budget in this database (None removes it). $LOOPTERM_DAILY_BUDGET_USD still overrides it."""
+        if usd is not None:
+            usd = ledger.parse_usd(str(usd), "the daily budget")
+        with self._write():
+            if usd is None:
+                self._conn.execute("DELETE FROM meta WHERE key = ?", [ledger.DAILY_BUDGET_KEY])
+            else:
+                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [ledger.DAILY_BUDGET_KEY, repr(usd)])
 
     # -- export and import -----------------------------------------------------
 

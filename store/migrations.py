@@ -26,7 +26,7 @@ from loopterm.core.errors import ConfigError
 from loopterm.store.guard import OTHER_PATH, classify, one_line
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import args_hash
-from loopterm.store.schema import ITERATIONS_SQL, SCHEMA_VERSION, V2_ADDITIONS_SQL, run_script
+from loopterm.store.schema import ITERATIONS_SQL, SCHEMA_VERSION, V2_ADDITIONS_SQL, V3_ADDITIONS_SQL, check_fts5, run_script
 from loopterm.store.states import Head, put_state
 
 PAGE = 256
@@ -80,7 +80,46 @@ def _v1_to_v2(db: Database) -> None:
     db.execute("ALTER TABLE iterations_v2 RENAME TO iterations")
 
 
-STEPS: dict[int, Callable[[Database], None]] = {1: _v1_to_v2}
+# The ledger as schema 3 would have written it for the runs already in the file: per run,
+# its own iterations by (local day of ended_at, model), then whatever of the run's totals
+# no iteration holds (replies paid for but never committed), dated at the run's last
+# update with the run's model. So after the upgrade, too, the ledger sums to the runs'
+# totals. A schema-2 file cannot tell an imported run from a local one (both say origin
+# 'run'), so runs imported before the upgrade are counted as spent here.
+_V3_BACKFILL_SQL = (
+    """
+INSERT INTO spend (run_id, loop, model, day, at, tokens_in, tokens_out, cost_usd)
+SELECT iterations.run_id, runs.loop, iterations.model, date(iterations.ended_at, 'unixepoch', 'localtime'),
+       max(iterations.ended_at), sum(iterations.tokens_in), sum(iterations.tokens_out), sum(iterations.cost_usd)
+FROM iterations JOIN runs ON runs.id = iterations.run_id
+GROUP BY iterations.run_id, date(iterations.ended_at, 'unixepoch', 'localtime'), iterations.model
+ORDER BY min(iterations.ended_at)
+""",
+    """
+INSERT INTO spend (run_id, loop, model, day, at, tokens_in, tokens_out, cost_usd)
+SELECT runs.id, runs.loop, runs.model, date(runs.updated_at, 'unixepoch', 'localtime'), runs.updated_at,
+       runs.tokens_in - coalesce(own.tokens_in, 0), runs.tokens_out - coalesce(own.tokens_out, 0),
+       runs.cost_usd - coalesce(own.cost_usd, 0)
+FROM runs LEFT JOIN (
+    SELECT run_id, sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out, sum(cost_usd) AS cost_usd
+    FROM iterations GROUP BY run_id
+) AS own ON own.run_id = runs.id
+WHERE runs.tokens_in != coalesce(own.tokens_in, 0) OR runs.tokens_out != coalesce(own.tokens_out, 0)
+   OR abs(runs.cost_usd - coalesce(own.cost_usd, 0)) > 1e-12
+ORDER BY runs.rowid
+""",
+)
+
+
+def _v2_to_v3(db: Database) -> None:
+    """memory + memory_fts (long-term memory) and the spend ledger, backfilled from the runs' totals."""
+    check_fts5(db)
+    run_script(db, V3_ADDITIONS_SQL)
+    for statement in _V3_BACKFILL_SQL:
+        db.execute(statement)
+
+
+STEPS: dict[int, Callable[[Database], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def backup_path(path: Path, version: int) -> Path:
@@ -111,6 +150,7 @@ def upgrade(db: Database, path: Path) -> tuple[int, Path] | None:
     db.execute("BEGIN IMMEDIATE")
     backup: Path | None = None
     version = 0
+    failing: int | None = None  # the step v(n) -> v(n+1) under way, named if it fails
     try:
         version = classify(db, path)
         if version >= SCHEMA_VERSION or version == 0:
@@ -118,8 +158,9 @@ def upgrade(db: Database, path: Path) -> tuple[int, Path] | None:
             return None
         backup = backup_path(path, version)
         _backup(path, backup)
-        for step in range(version, SCHEMA_VERSION):
-            STEPS[step](db)
+        for failing in range(version, SCHEMA_VERSION):
+            STEPS[failing](db)
+        failing = None
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
         db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_backup', ?)", [str(backup)])
         broken = db.execute("PRAGMA foreign_key_check").fetchall()
@@ -132,8 +173,9 @@ def upgrade(db: Database, path: Path) -> tuple[int, Path] | None:
             backup.unlink(missing_ok=True)
         if isinstance(exc, ConfigError) or not isinstance(exc, Exception):
             raise
+        failed = f"schema {failing} to {failing + 1}" if failing is not None else f"schema {version} to {SCHEMA_VERSION}"
         raise ConfigError(
-            f"cannot upgrade {path} from schema {version} to {SCHEMA_VERSION} ({one_line(exc)}); "
+            f"cannot upgrade {path} from {failed} ({one_line(exc)}); "
             f"the file is unchanged; keep using an older loopterm with it or {OTHER_PATH}"
         ) from None
     return version, backup

@@ -12,8 +12,10 @@ import sqlite3
 
 from sqlite_utils import Database
 
+from loopterm.core.errors import ConfigError
+
 APP = "loopterm"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Columns that hold a JSON document (as TEXT); SQL NULL stands for Python None.
 # iterations.prompt (sections by hash) and the state (table `states`) are encoded by the Store.
@@ -39,6 +41,10 @@ JSON_COLUMNS: dict[str, frozenset[str]] = {
 TABLES_BY_VERSION: dict[int, tuple[str, ...]] = {
     1: ("meta", "runs", "iterations", "events", "tool_calls", "intents", "commands"),
     2: ("meta", "runs", "iterations", "events", "tool_calls", "intents", "commands", "states", "blobs"),
+    3: (
+        "meta", "runs", "iterations", "events", "tool_calls", "intents", "commands", "states", "blobs",
+        "memory", "memory_fts", "spend",
+    ),
 }
 TABLES = TABLES_BY_VERSION[SCHEMA_VERSION]
 
@@ -88,6 +94,61 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 
 CREATE INDEX IF NOT EXISTS tool_calls_by_args ON tool_calls(tool, args_hash);
+"""
+
+# What schema 3 added: long-term memory with its full-text index, and the spend ledger.
+#
+# memory_fts is an external-content FTS5 table (content=memory) kept in sync by
+# triggers rather than a plain FTS5 table the Store maintains by hand: the text
+# (a value may be a whole document) is stored once, and every write to `memory`,
+# whichever code path or tool makes it, updates the index in the same
+# transaction, so the two cannot drift apart. Porter stemming over unicode61
+# (diacritics folded): "tests" finds "test", "cafe" finds "café".
+#
+# spend has a plain INTEGER PRIMARY KEY (no AUTOINCREMENT: rows are never
+# deleted, and it saves a sqlite_sequence write on the per-iteration commit).
+V3_ADDITIONS_SQL = """
+CREATE TABLE IF NOT EXISTS memory (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    loop       TEXT NOT NULL,
+    kind       TEXT NOT NULL CHECK (kind IN ('fact', 'decision', 'document')),
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    source_run TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    embedding  TEXT,
+    UNIQUE (loop, key)
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(
+    key, value, content = 'memory', content_rowid = 'id', tokenize = 'porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS memory_fts_insert AFTER INSERT ON memory
+BEGIN
+    INSERT INTO memory_fts (rowid, key, value) VALUES (new.id, new.key, new.value);
+END;
+CREATE TRIGGER IF NOT EXISTS memory_fts_delete AFTER DELETE ON memory
+BEGIN
+    INSERT INTO memory_fts (memory_fts, rowid, key, value) VALUES ('delete', old.id, old.key, old.value);
+END;
+CREATE TRIGGER IF NOT EXISTS memory_fts_update AFTER UPDATE OF key, value ON memory
+BEGIN
+    INSERT INTO memory_fts (memory_fts, rowid, key, value) VALUES ('delete', old.id, old.key, old.value);
+    INSERT INTO memory_fts (rowid, key, value) VALUES (new.id, new.key, new.value);
+END;
+
+CREATE TABLE IF NOT EXISTS spend (
+    id         INTEGER PRIMARY KEY,
+    run_id     TEXT NOT NULL REFERENCES runs(id),
+    loop       TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    at         REAL NOT NULL,
+    tokens_in  INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    cost_usd   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spend_by_day ON spend(day);
 """
 
 _TABLES_SQL = """
@@ -182,7 +243,21 @@ CREATE INDEX IF NOT EXISTS commands_pending ON commands(run_id, id) WHERE consum
 """
 
 
-SCHEMA_SQL = _TABLES_SQL.replace("{iterations}", ITERATIONS_SQL.format(name="iterations")) + V2_ADDITIONS_SQL
+SCHEMA_SQL = (
+    _TABLES_SQL.replace("{iterations}", ITERATIONS_SQL.format(name="iterations")) + V2_ADDITIONS_SQL + V3_ADDITIONS_SQL
+)
+
+
+def check_fts5(db: Database) -> None:
+    """Refuse, in one line, a Python whose SQLite lacks FTS5 (long-term memory needs it)."""
+    try:
+        db.execute("CREATE VIRTUAL TABLE temp.loopterm_fts5_probe USING fts5(x)")
+        db.execute("DROP TABLE temp.loopterm_fts5_probe")
+    except sqlite3.OperationalError as exc:
+        raise ConfigError(
+            f"this Python's SQLite {sqlite3.sqlite_version} has no FTS5 ({exc}); loopterm's memory needs it: "
+            "use a Python built with a standard SQLite (FTS5 is in the usual builds)"
+        ) from None
 
 
 def statements(script: str) -> list[str]:
@@ -216,6 +291,7 @@ def create_schema(db: Database) -> None:
     the same new file at once both end up with one valid schema. The caller
     holds the write transaction.
     """
+    check_fts5(db)
     run_script(db, SCHEMA_SQL)
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('app', ?)", [APP])
     db.execute(
