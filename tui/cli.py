@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true")
 
     sub.add_parser("loops", help="list built-in and discovered loops")
+
+    from loopterm.tui import budget_cli, memory_cli  # standard library only at import
+
+    memory_cli.add_parser(sub, db)
+    budget_cli.add_parser(sub, db)
     return parser
 
 
@@ -175,6 +180,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.replay(db_path(args), args.run, as_json_out=args.json)
     if args.command == "loops":
         return commands.loops()
+    if args.command == "memory":
+        from loopterm.tui import memory_cli
+
+        return memory_cli.run(args, db_path(args))
+    if args.command == "budget":
+        from loopterm.tui import budget_cli
+
+        return budget_cli.run(args, db_path(args))
     raise AssertionError(args.command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -84,6 +85,20 @@ def _default_db() -> Path:
     return Path(os.environ.get("LOOPTERM_DB") or DEFAULT_DB)
 
 
+def daily_budget_cap(store: Store | None, run_budget_usd: float | None, *, what: str = "this run's budget",
+                     lower: str | None = "--budget-usd") -> float | None:
+    """The daily-budget gate before a run starts (see store.ledger.check_daily_budget): refuses with a
+    one-line ConfigError, or returns the run's USD cap (None: no daily budget), saying so on stderr
+    when an uncapped run is capped at what is left of today's budget."""
+    from loopterm.store.ledger import check_daily_budget, money
+
+    cap = check_daily_budget(store, run_budget_usd, what=what, lower=lower)
+    if cap is not None and run_budget_usd is None:
+        print(f"loopterm: this run has no USD budget, so it gets what is left of today's daily budget: {money(cap)}",
+              file=sys.stderr)
+    return cap
+
+
 def run(
     loop_ref: str,
     db: Path,
@@ -103,6 +118,10 @@ def run(
         budget["usd"] = budget_usd
     if budget_tokens is not None:
         budget["tokens"] = budget_tokens
+    with (Store.open(db) if db.exists() else contextlib.nullcontext()) as known:
+        cap = daily_budget_cap(known, budget_usd if budget_usd is not None else loop.budget.usd)
+    if cap is not None:
+        budget["usd"] = cap
     if not headless:
         if _has_terminal():
             Store.open(db).close()  # refuse a bad database before the screen opens
@@ -134,6 +153,14 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: s
         console.print(Text(f"note: loop {loop.name!r} changed since run {run_record.id} started; resuming with the current definition",
                            style="yellow"))
     _prepare_model(loop, run_record.model)
+    usd = loop.budget.model_validate(run_record.budget).usd if run_record.budget else loop.budget.usd
+    cap = daily_budget_cap(store, None if usd is None else max(0.0, usd - run_record.cost_usd),
+                           what="what this run may still spend", lower=None)
+    if cap is not None and usd is None:
+        capped = {**(run_record.budget or loop.budget.model_dump()), "usd": run_record.cost_usd + cap}
+        store.update_run(run_record.id, budget=capped)
+        store.append_event(run_record.id, "budget_capped", {"usd": capped["usd"], "why": "daily budget"})
+        run_record = store.get_run(run_record.id)
     if max_iterations is not None and max_iterations != run_record.max_iterations:
         store.update_run(run_record.id, max_iterations=max_iterations)
         store.append_event(run_record.id, "max_iterations_changed", {"from": run_record.max_iterations, "to": max_iterations})
@@ -165,8 +192,14 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
             console.print(Text(f"  may reach again: iteration {call.n} of run {call.run_id}: {call.tool}"
                                f"({json.dumps(call.args)[:60]}) -> policy {call.policy}"))
         return 0
+    usd = loop.budget.model_validate(parent.budget).usd if parent.budget else loop.budget.usd
+    cap = daily_budget_cap(store, usd, what="the branch's budget", lower=None)
     run_id = new_run_id()
     branch = create_fork(store, loop, plan, run_id=run_id, workspace=db.resolve().parent / "workspaces" / run_id)
+    if cap is not None and usd is None:
+        store.update_run(branch.id, budget={**(branch.budget or loop.budget.model_dump()), "usd": cap})
+        store.append_event(branch.id, "budget_capped", {"usd": cap, "why": "daily budget"})
+        branch = store.get_run(branch.id)
     asyncio.run(rebuild_workspace(loop, store, branch))
     console.print(Text(f"branch {branch.id} of run {parent.id} at iteration {at}"
                        + (f"; patched {', '.join('.'.join(map(str, p)) for p, _ in plan.patches)}" if plan.patches else "")
