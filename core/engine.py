@@ -642,7 +642,16 @@ class Engine:
         """Long-term memory relevant to the task, for a new run's working memory."""
         if self.memory is None or self.loop.recall == 0:
             return []
-        items = self.memory.recall(self.loop.name, query, limit=self.loop.recall)
+        embed = None
+        if self.loop.embedding_model:
+            from loopterm.core.embedding import litellm_embedder
+
+            embed = litellm_embedder(self.loop.embedding_model)
+        try:
+            items = self.memory.recall(self.loop.name, query, limit=self.loop.recall, embed=embed)
+        except RuntimeError as exc:  # the embedding model failed: full-text recall still works
+            self.journal.append_event(self.run_id, "recall_degraded", {"error": str(exc)})
+            items = self.memory.recall(self.loop.name, query, limit=self.loop.recall)
         return [f"{i.key}: {_one_line(i.value, 2_000)}" for i in items]
 
     def _flag_contradictions(self, state: LoopState) -> LoopState:
@@ -786,7 +795,8 @@ class Engine:
         state, remediations, stop = self._remediate(state, violated)
         converged = self.loop.is_converged(state, gates) and not violated
         if stop is None and converged:
-            stop = _Stop(TerminationReason.CONVERGED, f"converged at iteration {n}: every gate passed")
+            why = "every gate passed" if self.loop.converged is None else "its convergence check held"
+            stop = _Stop(TerminationReason.CONVERGED, f"converged at iteration {n}: {why}")
         if stop is not None:
             state.termination_reason = stop.reason.value
 

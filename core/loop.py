@@ -73,6 +73,7 @@ class Loop(BaseModel):
     # Long-term memory: items retrieved into working memory when a run starts (0: none), and what a
     # finished run leaves behind for later runs of this loop (default: see engine._consolidate).
     recall: int = Field(default=5, ge=0)
+    embedding_model: str | None = None  # rank recalled memory by meaning too (litellm; see core/embedding.py)
     consolidate: Callable[[LoopState, str], list[tuple[str, str, str]]] | None = None
     # The loop's own state fields as the prompt shows them (e.g. a plan's remaining items).
     context: Callable[[LoopState], str] | None = None

@@ -403,4 +403,42 @@ def _handler_class(litellm: ModuleType) -> type:
                 )
             return step
 
+        def embedding(self, model: str, input: list[Any], model_response: Any, *args: Any, **kwargs: Any) -> Any:
+            """Offline embeddings: a hashed bag of words (the same text, the same vector; shared
+            words, nearby vectors), answered through litellm's embedding path like a real provider's."""
+            texts = [str(t) for t in input]
+            model_response.data = [
+                {"object": "embedding", "index": i, "embedding": hashed_vector(t)} for i, t in enumerate(texts)
+            ]
+            model_response.model = f"{PROVIDER}/{model}"
+            tokens = sum(len(t.split()) for t in texts)
+            model_response.usage = litellm.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
+            return model_response
+
+        async def aembedding(self, model: str, input: list[Any], model_response: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.embedding(model, input, model_response)
+
     return ScriptedLLM
+
+
+EMBEDDING_SIZE = 256
+
+
+def hashed_vector(text: str, size: int = EMBEDDING_SIZE) -> list[float]:
+    """A unit vector of hashed word (and word-pair) counts: a deterministic stand-in for a learned embedding."""
+    import hashlib
+    import math
+    import re
+
+    words = re.findall(r"\w+", text.lower())
+    vector = [0.0] * size
+    for gram in [*words, *(" ".join(p) for p in zip(words, words[1:]))]:
+        digest = hashlib.blake2b(gram.encode(), digest_size=8).digest()
+        vector[int.from_bytes(digest[:4], "little") % size] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def register_embedding_model(name: str) -> None:
+    """Make ``scripted/<name>`` answer embedding calls (no script needed: vectors are hashed words)."""
+    register_custom_model(PROVIDER, name, Price(), _handler_class)

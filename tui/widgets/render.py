@@ -262,7 +262,9 @@ def header_text(
     text.append(literal(run.loop, "bold"))
     text.append("  run ")
     text.append(run.id, style="bold")
-    if run.parent_run:
+    if run.parent_run and run.origin == "child":
+        text.append(f" (called by {run.parent_run[:8]})", style=palette.muted)
+    elif run.parent_run:
         text.append(f" (branch of {run.parent_run[:8]} @{run.fork_iteration})", style=palette.muted)
     text.append("  ")
     text.append_text(status_text(status, palette))

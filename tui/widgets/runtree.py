@@ -20,7 +20,9 @@ def run_label(run: RunRecord, palette: Palette, owned: bool) -> Text:
     label.append(run.id[:8], style="bold")
     label.append(" ")
     label.append(literal(run.loop))
-    if run.fork_iteration is not None and run.parent_run:
+    if run.origin == "child":
+        label.append(" (called)", style="dim")
+    elif run.fork_iteration is not None and run.parent_run:
         label.append(f" @{run.fork_iteration}", style="dim")
     label.append(f" {run.iterations}it", style="dim")
     if owned:
