@@ -44,6 +44,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, e.g. 0.95, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value == 0:
@@ -70,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget-tokens", type=_non_negative_int, metavar="N", help="cap on tokens (in + out) for this run")
     run.add_argument("--no-wait", action="store_true",
                      help="headless: when the run needs a person (escalation, approval), exit 4 instead of waiting")
+    run.add_argument("--cases", type=Path, metavar="FILE",
+                     help="run every case of a cases file (JSON list or JSON lines), headless; exit 0 when every case "
+                          "met its expectation, else 3")
+    run.add_argument("--parallel", type=_positive_int, metavar="K", help="with --cases: up to K runs at once (default 1)")
 
     runs = sub.add_parser("runs", parents=[db], help="list runs")
     runs.add_argument("--json", action="store_true")
@@ -118,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("run", metavar="RUN", help="a run id (a unique prefix is enough)")
     replay.add_argument("--json", action="store_true")
 
+    evaluate = sub.add_parser(
+        "eval", parents=[db], help="run a loop over a cases file and measure it",
+        description="Run every case of a cases file (in the normal store, so the runs can be watched and forked later) "
+                    "and report, per case and in total: convergence, iterations to convergence, termination reason, "
+                    "invariant violation rate, tokens, cost (and per converged case), latency p50/p95, expectations. "
+                    "Exit 0, or 3 when the convergence rate is below --min-convergence.")
+    evaluate.add_argument("loop", metavar="LOOP", help="a built-in loop name or path/to/file.py[:name]")
+    evaluate.add_argument("--cases", type=Path, required=True, metavar="FILE", help="the cases file (JSON list or JSON lines)")
+    evaluate.add_argument("--parallel", type=_positive_int, metavar="K", help="up to K runs at once (default 1)")
+    evaluate.add_argument("--model", help="a litellm model string for every case that does not name its own")
+    evaluate.add_argument("--json", action="store_true", help="the report as JSON (stable keys; see README)")
+    evaluate.add_argument("--min-convergence", type=_fraction, metavar="R",
+                          help="exit 3 when fewer than this share (0..1) of the cases converged")
+
     sub.add_parser("loops", help="list built-in and discovered loops")
 
     from loopterm.tui import budget_cli, memory_cli  # standard library only at import
@@ -156,6 +184,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command is None:
         return commands.demo()
+    if args.command == "run" and (args.cases is not None or args.parallel is not None):
+        from loopterm.tui import eval_cli
+
+        return eval_cli.run_batch(args.loop, db_path(args), cases_file=args.cases, parallel=args.parallel,
+                                  model=args.model, max_iterations=args.max_iterations, budget_usd=args.budget_usd,
+                                  budget_tokens=args.budget_tokens)
+    if args.command == "eval":
+        from loopterm.tui import eval_cli
+
+        return eval_cli.eval_cases(args.loop, db_path(args), cases_file=args.cases, parallel=args.parallel,
+                                   model=args.model, as_json=args.json, min_convergence=args.min_convergence)
     if args.command == "run":
         return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
