@@ -1,0 +1,283 @@
+"""Parallel runs of a cases file: one worktree per run, cleaned up after convergence, kept otherwise.
+
+Offline (scripted models) and in-process. The codefix gates start pytest; the dev environment's
+pytest plugins (textual snapshots, hypothesis...) cost ~2 s of CPU per start on this machine, so
+the gates here run with plugin autoloading off (the gate's own command line is unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import loopterm.examples.codefix as codefix_pkg
+from loopterm.core.batch import CaseFinished, CaseStarted, run_cases
+from loopterm.core.cases import Case, CaseSet
+from loopterm.core.worktree import git_env
+from loopterm.store import Store
+from loopterm.tui.cli import main
+from tests.loopkit import decision, make_loop
+
+CODEFIX = Path(codefix_pkg.__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)
+
+
+def written(script: Path) -> str:
+    """The last content a codefix case script writes to solution.py."""
+    turns = json.loads(script.read_text())["turns"]
+    last = turns[-1][-1] if isinstance(turns[-1], list) else turns[-1]
+    return last["content"]["action"]["args"]["content"]
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def events(store: Store, run_id: str, kind: str) -> list[dict[str, Any]]:
+    return [e.data for e in store.events(run_id) if e.kind == kind]
+
+
+def worktree_list(repo: Path) -> list[Path]:
+    out = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=repo, env=git_env(), capture_output=True,
+                         text=True, check=True).stdout
+    return [Path(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("worktree ")]
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals in flight at one moment."""
+    points = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    best = now = 0
+    for _, step in points:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def test_eight_parallel_codefix_cases_converge_in_their_own_worktrees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "store" / "loopterm.db"
+    code = main(["run", "codefix", "--cases", str(CODEFIX / "cases8.json"), "--parallel", "8", "--db", str(db)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "8 of 8 converged; 8 of 8 met their expectation" in out
+    assert "kept worktree" not in out
+
+    cases = json.loads((CODEFIX / "cases8.json").read_text())
+    expected = {c["id"]: sha(written(CODEFIX / c["script"])) for c in cases}
+    assert len(set(expected.values())) == 8  # each case writes its own slugify: cross-talk would show
+
+    store = Store.open(db, create=False)
+    runs = store.list_runs()
+    assert len(runs) == 8 and {r.status for r in runs} == {"converged"}
+    intervals, bases = [], set()
+    for run in runs:
+        (case,) = events(store, run.id, "case")
+        (removed,) = events(store, run.id, "worktree_removed")
+        files = {f["path"]: f["sha256"] for f in removed["files"]}
+        assert files["solution.py"] == expected[case["id"]], case["id"]  # its own content, nobody else's
+        assert all(p == "solution.py" or p.startswith("__pycache__/") for p in files), files  # py_compile's .pyc
+        assert removed["path"] == run.workspace and not Path(run.workspace).exists()
+        bases.add(removed["base"])
+        kinds = {e.kind: e.ts for e in store.events(run.id)}
+        intervals.append((kinds["run_started"], kinds["run_finished"]))
+    assert {c["id"] for r in runs for c in events(store, r.id, "case")} == set(expected)
+    store.close()
+
+    (base,) = bases
+    assert worktree_list(Path(base)) == [Path(base)]  # only the base repository is left
+    assert list((tmp_path / "store" / "workspaces").iterdir()) == []
+    # Concurrency is real: the runs were in flight at the same time, not one after another.
+    assert max_overlap(intervals) >= 4, intervals
+
+
+def test_a_case_that_misses_its_expectation_keeps_its_worktree_and_lists_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([
+        {"id": "good", "script": str(CODEFIX / "cases" / "split.json")},
+        {"id": "stuck", "script": str(CODEFIX / "cases" / "stall.json"), "max_iterations": 4},  # expects convergence
+    ]))
+    db = tmp_path / "loopterm.db"
+    code = main(["run", "codefix", "--cases", str(cases), "--parallel", "2", "--db", str(db)])
+    out = capsys.readouterr().out
+    assert code == 3, out
+    assert "1 of 2 converged; 1 of 2 met their expectation" in out
+    store = Store.open(db, create=False)
+    by_case = {events(store, r.id, "case")[0]["id"]: r for r in store.list_runs()}
+    stuck, good = by_case["stuck"], by_case["good"]
+    assert stuck.status == "terminated" and stuck.termination_reason == "stalled"
+    (kept,) = events(store, stuck.id, "worktree_kept")
+    assert kept["path"] == stuck.workspace and Path(stuck.workspace).is_dir()
+    assert (Path(stuck.workspace) / "solution.py").read_text() == written(CODEFIX / "cases" / "stall.json")
+    assert stuck.workspace in out.replace("\n", "")  # listed at the end of the output
+    assert not Path(good.workspace).exists()
+    assert worktree_list(Path(kept["base"])) == [Path(kept["base"]), Path(stuck.workspace)]
+    store.close()
+
+
+def test_mixed_codefix_cases_converge_stall_and_escalate_as_expected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "loopterm.db"
+    code = main(["run", "codefix", "--cases", str(CODEFIX / "cases.json"), "--parallel", "5", "--db", str(db)])
+    out = capsys.readouterr().out
+    assert code == 0, out  # every case met its expectation, including the stall and the escalation
+    store = Store.open(db, create=False)
+    by_case = {events(store, r.id, "case")[0]["id"]: r for r in store.list_runs()}
+    assert {k: (r.status, r.termination_reason) for k, r in by_case.items()} == {
+        "regex": ("converged", "converged"),
+        "findall": ("converged", "converged"),
+        "fix-syntax": ("converged", "converged"),
+        "stall": ("terminated", "stalled"),
+        "escalate": ("escalated", "waiting_on_person"),
+    }
+    goal = next(c["goal"] for c in json.loads((CODEFIX / "cases.json").read_text()) if c["id"] == "fix-syntax")
+    fixed = by_case["fix-syntax"]
+    assert fixed.iterations == 2 and fixed.goal == goal  # the case's goal replaced the loop's
+    assert store.iterations(fixed.id)[0].state["task"] == goal
+    assert by_case["regex"].goal != goal
+    assert by_case["fix-syntax"].model == "scripted/codefix.fix-syntax"
+    escalated = events(store, by_case["escalate"].id, "escalated")
+    assert escalated and escalated[0]["failing_invariants"][0]["name"] == "solution_only"
+    flat = out.replace("\n", "")
+    for kept in ("stall", "escalate"):
+        assert by_case[kept].workspace in flat and Path(by_case[kept].workspace).is_dir()
+        (data,) = events(store, by_case[kept].id, "worktree_kept")
+        if kept == "escalate":  # the write the invariant caught is in the kept worktree, for a person to see
+            assert [f["path"] for f in data["files"]] == ["test_solution.py"]
+    store.close()
+
+
+def test_run_cases_isolates_a_case_that_raises_and_reports_events(tmp_path: Path) -> None:
+    """A case whose run raises fails alone; the store keeps more run heads for a wide batch."""
+    import loopterm.store.db as store_db
+
+    def observe(state: Any, *_: Any) -> Any:
+        if "boom" in state.task:
+            raise RuntimeError("observe blew up")
+        return state
+
+    loop = make_loop(tmp_path, [{"content": decision("write", text="ok")}], observe=observe)
+    cases = CaseSet(path=tmp_path / "cases.json", cases=[
+        Case(id="fine"), Case(id="boom", goal="make flag.txt say ok, boom"), Case(id="fine2", expect="converged"),
+    ])
+    store = Store.open(tmp_path / "db" / "loopterm.db")
+    seen: list[tuple[str, str]] = []
+    before = store_db.HEADS_KEPT
+    try:
+        results = asyncio.run(run_cases(
+            loop, store, cases, parallel=12, workspace_root=tmp_path / "db" / "workspaces", loop_ref="test:t",
+            on_event=lambda case_id, event: seen.append((case_id, type(event).__name__)),
+        ))
+        assert store_db.HEADS_KEPT >= 12
+    finally:
+        store_db.HEADS_KEPT = before
+    by_id = {r.case_id: r for r in results}
+    assert [r.case_id for r in results] == ["fine", "boom", "fine2"]  # the cases' order
+    assert by_id["fine"].status == by_id["fine2"].status == "converged" and by_id["fine"].expect_met
+    boom = by_id["boom"]
+    assert boom.status == "failed" and not boom.expect_met and "observe blew up" in (boom.message or "")
+    assert store.get_run(boom.run_id or "").status == "failed"  # not left "running"
+    assert boom.worktree is not None and Path(boom.worktree).is_dir()  # kept, for a person to look at
+    assert by_id["fine"].worktree is None
+    for case_id in ("fine", "boom", "fine2"):
+        kinds = [kind for cid, kind in seen if cid == case_id]
+        assert kinds[0] == CaseStarted.__name__ and kinds[-1] == CaseFinished.__name__
+        assert "IterationCommitted" in kinds or case_id == "boom"
+    store.close()
+
+
+def test_a_loop_without_side_effects_gets_plain_workspaces(tmp_path: Path) -> None:
+    from loopterm.core import tool
+
+    @tool
+    def note(text: str) -> str:
+        """Say something."""
+        return text
+
+    loop = make_loop(tmp_path, [{"content": decision("note", text="hi")}], tools=[note], gates=[], max_iterations=1)
+    store = Store.open(tmp_path / "loopterm.db")
+    results = asyncio.run(run_cases(loop, store, [Case(id="a", expect="terminated")], parallel=2,
+                                    workspace_root=tmp_path / "ws", loop_ref="test:t"))
+    assert results[0].status == "terminated" and results[0].expect_met and results[0].worktree is None
+    assert not (tmp_path / "repos").exists()
+    assert not events(store, results[0].run_id or "", "worktree_added")
+    store.close()
+
+
+def test_parallel_without_cases_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "loopterm.db"
+    assert main(["run", "codefix", "--parallel", "4", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--parallel needs --cases" in err
+    assert not db.exists()
+
+
+def test_missing_git_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    db = tmp_path / "loopterm.db"
+    assert main(["run", "codefix", "--cases", str(CODEFIX / "cases8.json"), "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "git is not installed" in err, err
+    assert not db.exists()
+
+
+def test_the_base_repository_needs_no_git_config_and_is_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No identity anywhere (HOME empty, GIT_* cleared by git_env): the base commit still works, once per content."""
+    from loopterm.core.worktree import Worktrees
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "not-a-repo"))  # a caller's GIT_* must not leak in
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.txt").write_text("a")
+    loop = make_loop(tmp_path, [{"content": decision("write", text="ok")}], workspace_files=files)
+
+    async def twice() -> tuple[Any, Any]:
+        trees = Worktrees(tmp_path / "repos")
+        return await asyncio.gather(trees.base(loop), trees.base(loop))
+
+    first, second = asyncio.run(twice())
+    assert first == second and len(list((tmp_path / "repos").iterdir())) == 1
+    (files / "a.txt").write_text("b")  # new content, new base
+    third = asyncio.run(Worktrees(tmp_path / "repos").base(loop))
+    assert third.path != first.path and len(list((tmp_path / "repos").iterdir())) == 2
+
+
+def test_a_batch_must_fit_the_daily_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for one run: the cases' USD budgets together must fit what is left today, or nothing starts."""
+    monkeypatch.setenv("LOOPTERM_DAILY_BUDGET_USD", "0.1")  # codefix's cases cap at $0.05 each: 8 need $0.40
+    db = tmp_path / "loopterm.db"
+    assert main(["run", "codefix", "--cases", str(CODEFIX / "cases8.json"), "--parallel", "8", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would exceed the daily budget" in err, err
+    assert not db.exists()
+
+
+def test_uncapped_cases_share_what_is_left_of_the_daily_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from loopterm.tui.eval_cli import _within_daily_budget
+
+    monkeypatch.setenv("LOOPTERM_DAILY_BUDGET_USD", "1")
+    loop = make_loop(tmp_path, [{"content": decision("write", text="ok")}])  # no USD budget of its own
+    cases = CaseSet(path=tmp_path / "c.json", cases=[Case(id="a"), Case(id="b", budget_usd=0.4), Case(id="c")])
+    shared = _within_daily_budget(tmp_path / "none.db", loop, cases, None, lower=None)
+    assert [c.budget_usd for c in shared] == [pytest.approx(0.3), 0.4, pytest.approx(0.3)]
+    assert "each gets an equal share" in capsys.readouterr().err
