@@ -329,7 +329,7 @@ class Engine:
         if last is None:
             state = self.loop.new_state()
             state.task = self.run_record.goal or state.task
-            state.memory.retrieved = self._recall(state.task)
+            state.memory.retrieved = self._recorded_recall() if self.executor.replaying else self._recall(state.task)
         else:
             state = self.loop.state.model_validate(migrate_state(self.loop, last.state))
         for event in history:  # a fork's patch, a person's edit, fact or subgoal since that commit
@@ -638,6 +638,12 @@ class Engine:
         self.state = self.state.model_copy(update={"memory": memory})
         return True
 
+    def _recorded_recall(self) -> list[str]:
+        """A replay starts from what the recorded run recalled, not from memory as it is now."""
+        recorded = self.run_record.parent_run
+        first = self.journal.get_iteration(recorded, 1) if recorded else None
+        return list(((first.state if first else {}).get("memory") or {}).get("retrieved") or [])
+
     def _recall(self, query: str) -> list[str]:
         """Long-term memory relevant to the task, for a new run's working memory."""
         if self.memory is None or self.loop.recall == 0:
@@ -672,7 +678,9 @@ class Engine:
 
     def _consolidate(self, status: Status) -> None:
         """What a finished run leaves for later runs of the same loop (long-term memory)."""
-        if self.memory is None or status not in (Status.CONVERGED, Status.TERMINATED, Status.ESCALATED):
+        if self.memory is None or self.executor.replaying:
+            return  # a replay re-drives an old experience; it teaches nothing new
+        if status not in (Status.CONVERGED, Status.TERMINATED, Status.ESCALATED):
             return
         try:
             if self.loop.consolidate is not None:

@@ -83,3 +83,27 @@ def test_recall_ranks_by_meaning_through_a_litellm_embedding_model(tmp_path: Pat
     engine.state = engine._load_state(None, [])
     assert engine.state.memory.retrieved == ["widget: the blue widget ships in a box"]
     assert store2.memories("emb")[0].key == "widget"
+
+
+def test_a_replay_recalls_what_the_recording_recalled_and_teaches_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    from loopterm.store import Store
+    from loopterm.tui.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "r.db"
+    store = Store.open(db)
+    store.remember("codefix", "slug-tip", "slugify: fold accents with unicodedata NFKD", kind="decision")
+    store.close()
+    assert main(["run", "codefix", "--headless", "--db", str(db)]) == 0
+    store = Store.open(db)
+    recorded = store.list_runs()[-1]
+    first = store.get_iteration(recorded.id, 1)
+    assert any("slug-tip" in r for r in first.state["memory"]["retrieved"])
+    store.remember("codefix", "slugify-later", "slugify: something learned after the recording", kind="decision")
+    before = {(m.key, m.value, m.source_run) for m in store.memories("codefix")}
+    store.close()
+    capsys.readouterr()
+    assert main(["replay", recorded.id, "--db", str(db)]) == 0  # identical despite the newer memory
+    assert "identical" in capsys.readouterr().out
+    store = Store.open(db)
+    assert {(m.key, m.value, m.source_run) for m in store.memories("codefix")} == before
