@@ -4,6 +4,8 @@
 BUILTIN_LOOPS: dict[str, str] = {
     "demo": "loopterm.examples.demo.loop:loop",
     "codefix": "loopterm.examples.codefix.loop:loop",
+    "review": "loopterm.examples.review.loop:loop",
+    "review-file": "loopterm.examples.review.analyze:loop",
 }
 
 # What `loopterm` with no arguments runs: the demo shows every supervision feature offline.

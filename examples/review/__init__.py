@@ -1,0 +1,1 @@
+"""The built-in `review` loop (loop.py) and its per-file analyzer `review-file` (analyze.py)."""
