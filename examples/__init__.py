@@ -6,6 +6,7 @@ BUILTIN_LOOPS: dict[str, str] = {
     "codefix": "loopterm.examples.codefix.loop:loop",
     "review": "loopterm.examples.review.loop:loop",
     "review-file": "loopterm.examples.review.analyze:loop",
+    "support": "loopterm.examples.support.loop:loop",
 }
 
 # What `loopterm` with no arguments runs: the demo shows every supervision feature offline.

@@ -1,0 +1,1 @@
+"""The built-in `support` loop: answers a refund request from a policy kept in long-term memory."""
