@@ -10,7 +10,6 @@ failure, never the batch's.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,14 +116,10 @@ def check_cases(loop: Loop, cases: CaseSet | list[Case], model: str | None = Non
 
 
 def _raise_heads_kept(store: Journal, parallel: int) -> None:
-    """A store keeps the last state of a few runs in memory for the next delta; keep one per concurrent run.
-
-    Core does not import the store: its module's HEADS_KEPT is found through the object.
-    """
-    module = sys.modules.get(type(store).__module__)
-    kept = getattr(module, "HEADS_KEPT", None)
+    """A store keeps the last state of a few runs in memory for the next delta; keep one per concurrent run."""
+    kept = getattr(store, "heads_kept", None)
     if isinstance(kept, int) and kept < parallel:
-        setattr(module, "HEADS_KEPT", parallel)
+        setattr(store, "heads_kept", parallel)
 
 
 async def run_cases(
@@ -141,12 +136,15 @@ async def run_cases(
     max_iterations: int | None = None,
     budget: dict[str, Any] | None = None,
     workdir: Path | None = None,
+    learn: bool = True,
 ) -> list[CaseResult]:
     """Run every case, at most `parallel` at once; results in the cases' order.
 
     `workspace_root` holds each run's workspace (`<root>/<run id>`, a git worktree for a
     code-changing loop); base repositories go under `repos_root` (default: its sibling `repos`).
     `max_iterations` and `budget` are defaults for cases that do not set their own.
+    learn=False: the runs recall long-term memory but leave it as it was, so no case sees
+    what a sibling that finished first learned (an eval's figures then depend on the cases only).
     """
     if parallel < 1:
         raise ConfigError(f"--parallel must be at least 1, got {parallel}")
@@ -175,7 +173,7 @@ async def run_cases(
             result = await _run_case(
                 loop, store, case, model=models[case.id], cases_file=cases_file, workspace_root=workspace_root,
                 loop_ref=loop_ref, worktrees=worktrees, base=base, emit=emit,
-                max_iterations=max_iterations, budget=budget, workdir=workdir,
+                max_iterations=max_iterations, budget=budget, workdir=workdir, learn=learn,
             )
         emit(case.id, CaseFinished(result))
         return result
@@ -198,6 +196,7 @@ async def _run_case(
     max_iterations: int | None,
     budget: dict[str, Any] | None,
     workdir: Path | None,
+    learn: bool = True,
 ) -> CaseResult:
     started, clock = time.time(), time.monotonic()
     run_id = new_run_id()
@@ -214,7 +213,7 @@ async def _run_case(
         engine = Engine.create(
             loop, store, loop_ref=loop_ref, model=model, max_iterations=case.max_iterations or max_iterations,
             budget=case_budget, workspace_root=workspace_root, workspace=workspace, run_id=run_id, goal=case.goal,
-            wait_on_person=False, workdir=workdir,
+            wait_on_person=False, workdir=workdir, learn=learn,
         )
         created = True
         workspace = engine.workspace

@@ -78,8 +78,11 @@ class CaseSet:
 
 
 def scripted_name(loop_name: str, case: Case) -> str:
-    """The scripted model a case with its own script runs on: ``scripted/<loop>.<id>``."""
-    return f"scripted/{loop_name}.{case.id}"
+    """The scripted model a case with its own script runs on: ``scripted/<loop>.case.<id>``.
+
+    ("case." keeps it apart from a role's ``scripted/<loop>.<role>``: role names have no dots.)
+    """
+    return f"scripted/{loop_name}.case.{case.id}"
 
 
 def _shown(value: Any) -> str:

@@ -182,6 +182,7 @@ class Engine:
         poll_interval: float = 0.2,
         call_stack: tuple[str, ...] = (),
         workspace_root: Path | None = None,
+        learn: bool = True,
     ) -> None:
         self.loop = loop
         self.journal = journal
@@ -226,6 +227,7 @@ class Engine:
         self.strategy_note: str | None = None
         self._client = client
         self._stop_requested: str | None = None
+        self.learn = learn  # False: leave long-term memory as it was (an eval measures; it does not teach)
         self.call_stack = (*call_stack, run.loop_ref)  # the chain of loops that called this one, and this
         self.workspace_root = workspace_root or self.workspace.parent
         # Long-term memory (core/memory.py), when the journal keeps one (the Store does).
@@ -678,7 +680,7 @@ class Engine:
 
     def _consolidate(self, status: Status) -> None:
         """What a finished run leaves for later runs of the same loop (long-term memory)."""
-        if self.memory is None or self.executor.replaying:
+        if self.memory is None or self.executor.replaying or not self.learn:
             return  # a replay re-drives an old experience; it teaches nothing new
         if status not in (Status.CONVERGED, Status.TERMINATED, Status.ESCALATED):
             return

@@ -168,7 +168,7 @@ async def evaluate(
 ) -> tuple[dict[str, Any], list[CaseResult]]:
     """Run the cases (see run_cases) and build the report from the store's rows."""
     started = time.monotonic()
-    results = await run_cases(loop, store, cases, parallel=parallel, model=model, workspace_root=workspace_root,
+    results = await run_cases(loop, store, cases, parallel=parallel, learn=False, model=model, workspace_root=workspace_root,
                               loop_ref=loop_ref, on_event=on_event, workdir=workdir)
     wall = time.monotonic() - started
     return report(store, loop, cases, results, parallel=parallel, wall_s=wall, model=model, db=db,

@@ -70,6 +70,7 @@ class CommandGate(BaseModel):
     argv: list[str]
     timeout: float = 120.0
     output_cap: int = 8_000
+    env: dict[str, str] = {}  # set for the command on top of the scrubbed environment
 
     async def check(self, ctx: "GateContext") -> GateResult:
         return await self.run(ctx.workspace)
@@ -79,7 +80,7 @@ class CommandGate(BaseModel):
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=workspace, env=scrubbed_env(),
+                *argv, cwd=workspace, env={**scrubbed_env(), **self.env},
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:

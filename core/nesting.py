@@ -125,7 +125,11 @@ def fan_out(
         return json.dumps([r.model_dump(mode="json") for r in results], ensure_ascii=False)
 
     run_children.__doc__ = description or f"Run the {loop_ref!r} loop once per item, up to {parallel} at a time."
-    made: Tool = tool(name=name, timeout=timeout)(run_children)
+    # Starting child runs costs money, so it counts as a side effect: a branch or a replay that
+    # reaches the same call reuses the recorded children's results instead of running them again
+    # (a replay's model could not answer for them). Idempotent: a repeated call finds its children
+    # by key, so running it again after a crash starts nothing twice.
+    made: Tool = tool(name=name, timeout=timeout, side_effects=True, idempotent=True, on_rewind="reuse")(run_children)
     made.calls = (loop_ref,)
     return made
 

@@ -96,6 +96,8 @@ class Store:
         self._clock = clock
         self._lock = threading.RLock()
         self._heads: OrderedDict[str, Head] = OrderedDict()
+        # Runs whose last state is kept for the next delta; a batch of K concurrent runs raises it to K.
+        self.heads_kept = HEADS_KEPT
         self._conn: sqlite3.Connection = db.conn
         self._lineages: dict[str, list[tuple[str, str | None, int | None]]] = {}  # see _lineage
         # Writes the engine chose not to wait for (see save_intent, tool_call_finished):
@@ -356,7 +358,7 @@ class Store:
                 raise
             self._heads[record.run_id] = head
             self._heads.move_to_end(record.run_id)
-            while len(self._heads) > HEADS_KEPT:
+            while len(self._heads) > self.heads_kept:
                 self._heads.popitem(last=False)
 
     def _lineage(self, run_id: str) -> list[tuple[str, str | None, int | None]]:
@@ -365,7 +367,7 @@ class Store:
         if rows is None:
             rows = [tuple(row) for row in self._query(LINEAGE_SQL, [run_id])]  # type: ignore[misc]
             if rows:
-                if len(self._lineages) > HEADS_KEPT * 8:
+                if len(self._lineages) > self.heads_kept * 8:
                     self._lineages.clear()
                 self._lineages[run_id] = rows
         return rows

@@ -151,7 +151,7 @@ def test_mixed_codefix_cases_converge_stall_and_escalate_as_expected(
     assert fixed.iterations == 2 and fixed.goal == goal  # the case's goal replaced the loop's
     assert store.iterations(fixed.id)[0].state["task"] == goal
     assert by_case["regex"].goal != goal
-    assert by_case["fix-syntax"].model == "scripted/codefix.fix-syntax"
+    assert by_case["fix-syntax"].model == "scripted/codefix.case.fix-syntax"
     escalated = events(store, by_case["escalate"].id, "escalated")
     assert escalated and escalated[0]["failing_invariants"][0]["name"] == "solution_only"
     flat = out.replace("\n", "")
@@ -178,15 +178,11 @@ def test_run_cases_isolates_a_case_that_raises_and_reports_events(tmp_path: Path
     ])
     store = Store.open(tmp_path / "db" / "loopterm.db")
     seen: list[tuple[str, str]] = []
-    before = store_db.HEADS_KEPT
-    try:
-        results = asyncio.run(run_cases(
-            loop, store, cases, parallel=12, workspace_root=tmp_path / "db" / "workspaces", loop_ref="test:t",
-            on_event=lambda case_id, event: seen.append((case_id, type(event).__name__)),
-        ))
-        assert store_db.HEADS_KEPT >= 12
-    finally:
-        store_db.HEADS_KEPT = before
+    results = asyncio.run(run_cases(
+        loop, store, cases, parallel=12, workspace_root=tmp_path / "db" / "workspaces", loop_ref="test:t",
+        on_event=lambda case_id, event: seen.append((case_id, type(event).__name__)),
+    ))
+    assert store.heads_kept >= 12 and store_db.HEADS_KEPT == 8  # this store's, not every store's
     by_id = {r.case_id: r for r in results}
     assert [r.case_id for r in results] == ["fine", "boom", "fine2"]  # the cases' order
     assert by_id["fine"].status == by_id["fine2"].status == "converged" and by_id["fine"].expect_met

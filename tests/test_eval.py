@@ -45,6 +45,7 @@ def test_eval_json_matches_the_store(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert report["db"] == str(db.resolve())
 
     store = Store.open(db, create=False)
+    assert store.memories("codefix") == []  # an eval measures; it leaves long-term memory as it was
     rows = {row["id"]: row for row in report["cases"]}
     assert list(rows) == ["regex", "findall", "fix-syntax", "stall", "escalate"]  # the file's order
     all_latencies: list[float] = []

@@ -48,3 +48,17 @@ def test_the_readme_shows_each_topology_example_as_it_is() -> None:
     for name in EXPECTED:
         body = (EXAMPLES / name).read_text()
         assert any(block == body for block in blocks), f"README does not show examples/topologies/{name} verbatim"
+
+
+def test_a_replay_of_a_planner_loop_reuses_its_children(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "l.db"
+    assert main(["run", str(EXAMPLES / "planner_executors.py"), "--headless", "--db", str(db)]) == 0
+    store = Store.open(db, create=False)
+    recorded = next(r for d, r in store.tree() if d == 0)
+    runs_before = len(store.list_runs())
+    store.close()
+    capsys.readouterr()
+    assert main(["replay", recorded.id, "--db", str(db)]) == 0
+    assert "identical" in capsys.readouterr().out
+    store = Store.open(db, create=False)
+    assert len(store.list_runs()) == runs_before + 1  # the replay itself; no child ran again

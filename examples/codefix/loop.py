@@ -102,6 +102,9 @@ GATES = [
             "{python}", "-B", "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
             "-c", os.devnull, "--rootdir={workspace}", "--confcutdir={workspace}", "test_solution.py",
         ],
+        # Plugins installed beside loopterm (a dev environment's) are not the workspace's business,
+        # and loading them costs seconds per gate.
+        env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
         timeout=120.0,
     ),
 ]
