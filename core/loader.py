@@ -38,6 +38,8 @@ class LoopInfo(BaseModel):
     ref: str  # what to pass to `loopterm run`
     source: str  # "built-in" or the file's path
     goal: str = ""  # first line of the goal
+    description: str = ""  # the loop's one line (its description, else the goal's first line)
+    topology: str = ""
     model: str = ""
     error: str | None = None  # one line when the file failed to load
 
@@ -88,7 +90,7 @@ def list_loops(search_dirs: list[Path] | None = None) -> list[LoopInfo]:
         except ConfigError as exc:
             infos.append(LoopInfo(name=name, ref=name, source="built-in", error=str(exc)))
             continue
-        infos.append(LoopInfo(name=loop.name, ref=name, source="built-in", goal=_first_line(loop.goal), model=loop.model))
+        infos.append(_info(loop, name, "built-in"))
     seen: set[Path] = set()
     for directory in search_dirs:
         if not directory.is_dir():
@@ -284,10 +286,13 @@ def _infos_for_file(file: Path, resolved: Path) -> list[LoopInfo]:
             loops = {k: loops[k] for k in firsts.values()}
     except ConfigError as exc:
         return [LoopInfo(name=file.stem, ref=shown, source=shown, error=str(exc))]
-    return [
-        LoopInfo(name=loop.name, ref=f"{shown}:{var}", source=shown, goal=_first_line(loop.goal), model=loop.model)
-        for var, loop in sorted(loops.items())
-    ]
+    return [_info(loop, f"{shown}:{var}", shown) for var, loop in sorted(loops.items())]
+
+
+def _info(loop: Loop, ref: str, source: str) -> LoopInfo:
+    goal = _first_line(loop.goal)
+    return LoopInfo(name=loop.name, ref=ref, source=source, goal=goal, model=loop.model,
+                    description=one_line(loop.description) if loop.description else goal, topology=loop.topology)
 
 
 def _display_path(file: Path) -> str:

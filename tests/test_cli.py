@@ -85,9 +85,16 @@ def test_resume_of_a_converged_run_is_refused(codefix_run: tuple[Path, subproces
     assert done.returncode == 2 and "already converged" in done.stderr
 
 
-def test_loops_lists_codefix(tmp_path: Path) -> None:
-    done = loopterm("loops", cwd=tmp_path)
-    assert done.returncode == 0 and "codefix" in done.stdout
+def test_loops_lists_the_built_in_loops_with_one_line_each(tmp_path: Path) -> None:
+    done = subprocess.run([*CLI, "loops"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:] if line.strip()}
+    assert {"codefix", "review", "support"} <= set(rows)
+    assert "rewrites solution.py until pytest passes" in rows["codefix"]
+    assert "planner-executors" in rows["review"] and "review a git change file by file" in rows["review"]
+    assert "refund request" in rows["support"]
+    assert all("failed to import" not in row for row in rows.values())
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], expect: str) -> None:

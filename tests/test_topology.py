@@ -192,7 +192,9 @@ def _files(tmp_path: Path) -> Path:
     return tmp_path / "parent.py"
 
 
-def test_a_nested_run_is_a_child_run_and_returns_its_result(tmp_path: Path) -> None:
+def test_a_nested_run_is_a_child_run_and_returns_its_result(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
     from loopterm.core.model import check_model
     from loopterm.store import Store
 
@@ -214,6 +216,10 @@ def test_a_nested_run_is_a_child_run_and_returns_its_result(tmp_path: Path) -> N
     # `loopterm runs` lists children under their caller
     tree = store.tree()
     assert tree[0][1].id == final.id and [d for d, _ in tree[1:4]] == [1, 1, 1]
+    store.close()
+    assert main(["runs", "--db", str(tmp_path / "db" / "loopterm.db")]) == 0
+    out = capsys.readouterr().out
+    assert sum(f"└ {k.id} (called)" in out for k in kids) == 3
 
 
 def test_a_rerun_of_the_calling_tool_reuses_its_children(tmp_path: Path) -> None:

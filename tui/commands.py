@@ -20,6 +20,7 @@ from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_wo
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import list_loops, load_loop
 from loopterm.core.loop import Loop
+from loopterm.core.nesting import check_calls
 from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
 from loopterm.core.termination import EXIT_CODES, Status
@@ -111,6 +112,7 @@ def run(
     wait: bool = True,
 ) -> int:
     loop, ref = load_loop(loop_ref)
+    check_calls(loop, ref)  # loops calling each other in a cycle: refused before any screen or run
     chosen = model or loop.model
     _prepare_model(loop, chosen)
     budget: dict[str, Any] = {}
@@ -256,7 +258,10 @@ def runs(db: Path, *, as_json_out: bool) -> int:
     if not tree:
         console.print(f"no runs yet in {db}; try `loopterm run codefix --headless`")
         return 0
-    labels = {r.id: (("  " * (depth - 1) + f"└ {r.id} @{r.fork_iteration}") if depth else r.id)
+    def where(r: RunRecord) -> str:
+        return " (called)" if r.origin == "child" else f" @{r.fork_iteration}"
+
+    labels = {r.id: (("  " * (depth - 1) + f"└ {r.id}{where(r)}") if depth else r.id)
               + (" (replay)" if r.origin == "replay" else "") for depth, r in tree}
     table = Table(box=None, header_style="bold")
     # The id and the tree shape never give way; the other columns shrink first.
@@ -382,12 +387,13 @@ def loops() -> int:
     console = _console()
     infos = list_loops([Path.cwd() / "loops", Path.cwd() / ".loopterm" / "loops"])
     table = Table(box=None, header_style="bold")
-    for col in ("loop", "source", "model", "goal"):
-        table.add_column(col)
+    table.add_column("loop", no_wrap=True)
+    table.add_column("topology", no_wrap=True)
+    table.add_column("what it does", ratio=1)
+    table.add_column("source", overflow="fold")
     for info in infos:
-        data = info.model_dump() if hasattr(info, "model_dump") else dict(info.__dict__)
-        goal = data.get("error") or data.get("goal", "")
-        table.add_row(str(data.get("name", "")), str(data.get("source", data.get("ref", ""))), str(data.get("model", "") or ""),
-                      Text(str(goal).splitlines()[0][:70] if goal else "", style="red" if data.get("error") else ""))
+        line = info.error or info.description or info.goal
+        table.add_row(info.ref if info.source != "built-in" else info.name, info.topology,
+                      Text(line, style="red" if info.error else ""), info.source)
     console.print(table)
     return 0

@@ -111,6 +111,7 @@ GATES = [
 
 loop = Loop(
     name="codefix",
+    description="fix code until real gates pass: rewrites solution.py until pytest passes",
     goal=GOAL,
     state=CodefixState,
     tools=[write_file, read_file],

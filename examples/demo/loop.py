@@ -191,6 +191,7 @@ GATES = [
 
 loop = Loop(
     name="demo",
+    description="the guided tour, offline: an approval, an escalation, gates and invariants",
     goal=GOAL,
     state=DemoState,
     tools=[write_file, read_file, add_changelog_entry],
