@@ -43,8 +43,10 @@ SKIPPED = {".git", "__pycache__"}  # never copied into the base repository, neve
 
 
 def code_changing(loop: Loop) -> bool:
-    """A loop writes files when any of its tools has side effects: such runs get a worktree each."""
-    return any(t.side_effects for t in loop.tools)
+    """A loop changes code when a tool's side effects land in its workspace (`workspace_only`, like
+    codefix's write_file): such runs get a worktree each. A tool whose effect is elsewhere (a reply
+    sent to a customer, child runs started) has nothing to isolate in a worktree."""
+    return any(t.side_effects and t.workspace_only for t in loop.tools)
 
 
 def git_env() -> dict[str, str]:

@@ -22,7 +22,8 @@ from loopterm.core.cases import Case, CaseSet
 from loopterm.core.worktree import git_env
 from loopterm.store import Store
 from loopterm.tui.cli import main
-from tests.loopkit import decision, make_loop
+from loopterm.core import tool
+from tests.loopkit import decision, make_loop, write
 
 CODEFIX = Path(codefix_pkg.__file__).resolve().parent
 
@@ -172,7 +173,9 @@ def test_run_cases_isolates_a_case_that_raises_and_reports_events(tmp_path: Path
             raise RuntimeError("observe blew up")
         return state
 
-    loop = make_loop(tmp_path, [{"content": decision("write", text="ok")}], observe=observe)
+    # writes flag.txt in its workspace: a workspace_only side effect, so each case gets a worktree
+    ws_write = tool(side_effects=True, idempotent=True, workspace_only=True, name="write")(write.fn)
+    loop = make_loop(tmp_path, [{"content": decision("write", text="ok")}], observe=observe, tools=[ws_write])
     cases = CaseSet(path=tmp_path / "cases.json", cases=[
         Case(id="fine"), Case(id="boom", goal="make flag.txt say ok, boom"), Case(id="fine2", expect="converged"),
     ])
