@@ -78,6 +78,7 @@ from loopterm.core.tools import (
 Subscriber = Callable[[EngineEvent], None]
 
 MAX_FACTS = 12
+REFUSED_BEFORE_RUNNING = "refused before it ran"  # a tool record's error when its precondition said no
 HEARTBEAT_S = 2.0  # an executing engine touches its run this often, even while paused or waiting
 STALE_AFTER_S = 10.0
 
@@ -781,8 +782,13 @@ class Engine:
             tool = self.loop.tool(decision.action.tool)
             assert tool is not None  # parse_decision checked the name
             args = decision.action.args
-            verdict = await self._approval(tool, args, n) if tool.needs_approval else None
-            if isinstance(verdict, Deny):
+            refused = self._precondition(tool, args)
+            verdict = await self._approval(tool, args, n) if tool.needs_approval and refused is None else None
+            if refused is not None:
+                key = idempotency_key(self.run_id, n, tool.name, args)
+                tool_record = ToolRecord(iteration=n, tool=tool.name, args=args, ok=False,
+                                         error=f"{REFUSED_BEFORE_RUNNING}: {refused}")
+            elif isinstance(verdict, Deny):
                 key = idempotency_key(self.run_id, n, tool.name, args)
                 tool_record = ToolRecord(iteration=n, tool=tool.name, args=args, ok=False,
                                          error=f"denied by a person: {verdict.reason}")
@@ -791,6 +797,8 @@ class Engine:
                     args = tool.validate_args(verdict.args)
                 tool_record, key = await self.executor.execute(tool, args, n, self.workspace)
             tool_call = {"tool": tool.name, "args": args, "key": key}
+            if refused is not None:
+                tool_call["refused"] = refused
             if verdict is not None:
                 tool_call["approval"] = verdict.kind
 
@@ -882,6 +890,16 @@ class Engine:
         self._record_dumps = dumps  # holds the records, so their ids stay theirs
         dump["tool_results"] = [dumps[id(record)][1] for record in state.tool_results]
         return dump
+
+    def _precondition(self, tool: Tool, args: dict[str, Any]) -> str | None:
+        """The tool's own check of a call before it runs; a check that raises refuses the call."""
+        if tool.precondition is None:
+            return None
+        try:
+            reason = tool.precondition(self.state, args)
+        except Exception as exc:  # noqa: BLE001 - a broken check must not let the call through
+            return f"its precondition failed ({exc.__class__.__name__}: {_one_line(str(exc), 200)})"
+        return None if reason is None else _one_line(str(reason), 1_000)
 
     async def _approval(self, tool: Tool, args: dict[str, Any], n: int) -> Approve | Deny:
         """A person's verdict on a call that needs approval; waits for it (or ends the run, waiting)."""

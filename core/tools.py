@@ -56,6 +56,10 @@ class Tool:
     on_rewind: RewindPolicy | None = None
     workspace_only: bool = False  # its effects live only in the run's own workspace
     calls: tuple[str, ...] = ()  # loops this tool starts as child runs (see nesting.fan_out)
+    # Checked by the engine before the call runs, with the state and the arguments: a reason (str)
+    # refuses the call (recorded as a failed call, nothing executed); None lets it run. For side
+    # effects an invariant after the fact would be too late for (a reply sent to a customer).
+    precondition: Callable[[Any, dict[str, Any]], str | None] | None = None
     _schema: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _line: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -108,6 +112,7 @@ def tool(
     needs_approval: bool = False,
     on_rewind: RewindPolicy | None = None,
     workspace_only: bool = False,
+    precondition: Callable[[Any, dict[str, Any]], str | None] | None = None,
 ) -> Any:
     """Declare a tool. Its typed parameters (after an optional `ctx: ToolContext`) are its arguments."""
 
@@ -134,6 +139,7 @@ def tool(
             needs_approval=needs_approval,
             on_rewind=on_rewind,
             workspace_only=workspace_only,
+            precondition=precondition,
         )
 
     return wrap(fn) if fn is not None else wrap

@@ -143,7 +143,7 @@ def test_the_invented_return_window_is_caught_and_the_run_converges_at_3(
     state2 = second["state"]
     assert "return_window: observed '90 days', long-term memory says '30 days'" in state2["memory"]["contradictions"]
     assert "reply (iteration 2) stated return_window = 90 days, refund_method = original payment method" \
-        in state2["memory"]["facts"]
+        " (not sent: refused before it ran)" in state2["memory"]["facts"]
     # re-grounded: the reply is withdrawn from the state, and the next prompt carries the fact
     assert state2["reply"] is None and state2["memory"]["known"] == {}
     assert state2["withdrawn"][0].startswith("iteration 2: ") and "90-day" in state2["withdrawn"][0]
@@ -151,12 +151,13 @@ def test_the_invented_return_window_is_caught_and_the_run_converges_at_3(
     prompt3 = third["prompt"][1]["content"]
     assert REGROUND in prompt3 and "return_window = 30 days" in prompt3
     assert REGROUND not in second["prompt"][1]["content"]
-    # the converged reply states the policy's own terms, and reached the outbox
+    # the converged reply states the policy's own terms and reached the outbox; the invented one never did
     state3 = third["state"]
     assert state3["memory"]["known"] == {k: v for k, v in POLICY_TERMS.items() if k != "damage_report_window"}
     assert "30-day return window" in state3["reply"]
     outbox = Path(shown["run"]["workspace"]) / "outbox"
-    assert sorted(p.name for p in outbox.iterdir()) == ["reply-2.txt", "reply-3.txt"]
+    assert sorted(p.name for p in outbox.iterdir()) == ["reply-3.txt"]
+    assert second["tool_result"]["error"].startswith("refused before it ran: not sent: it states return_window = 90 days")
     events = [e["data"] for e in shown["events"] if e["kind"] == "invariant_violated"]
     assert events == [{"invariant": "grounded_terms", "remediation": "custom"},
                       {"invariant": "no_contradictions", "remediation": "custom"}]

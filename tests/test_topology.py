@@ -283,3 +283,26 @@ def test_a_scripted_turn_can_answer_by_what_the_prompt_contains() -> None:
     assert s.step(1, 0, "diff: for i in range(1, n)").text() == "bug"
     assert s.step(1, 0, "diff: for i in range(n)").text() == "clean"
     assert s.roles["checker"].step(1, 0).text() == "v"
+
+
+def test_a_precondition_refuses_a_call_before_it_runs(tmp_path: Path) -> None:
+    from loopterm.core import tool
+
+    fired: list[str] = []
+
+    @tool(side_effects=True, precondition=lambda state, args: "never say no" if args["text"] == "no" else None)
+    def send(text: str) -> str:
+        """Send text somewhere no one can take it back from."""
+        fired.append(text)
+        return "sent"
+
+    turns = [decision("send", text="no"), decision("send", text="ok")]
+    loop = Loop(name="pre", goal="g", script=script(tmp_path, turns, {}, "pre"), tools=[send], max_iterations=3,
+                converged=lambda s, g: bool(s.tool_results) and s.tool_results[-1].ok)
+    engine, store = make_engine(tmp_path, loop)
+    final = run(engine)
+    assert final.status == "converged" and final.iterations == 2 and fired == ["ok"]
+    first = store.iterations(final.id)[0]
+    assert first.tool_call["refused"] == "never say no"
+    assert not first.tool_result["ok"] and first.tool_result["error"] == "refused before it ran: never say no"
+    assert store.tool_call(first.tool_call["key"]) is None  # nothing was journalled as started: it never ran

@@ -28,9 +28,11 @@ request in cases.json by escalating.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -151,9 +153,26 @@ def _add(facts: list[str], *new: str) -> list[str]:
     return [*facts, *(f for f in new if f not in facts)]
 
 
+def unsent_if_ungrounded(state: LoopState, args: dict[str, Any]) -> str | None:
+    """reply's precondition: an answer stating a term the retrieved policy does not give is never
+    sent (an invariant after the call would be too late: the customer would have it)."""
+    invented = ungrounded(state, str(args.get("text", "")))
+    if not invented:
+        return None
+    said = ", ".join(f"{k} = {v}" for k, v, _ in invented)
+    return f"not sent: it states {said}, which the policy retrieved in this run does not give"
+
+
+def _refused_reply(record: ToolRecord) -> bool:
+    return record.tool == "reply" and not record.ok and (record.error or "").startswith("refused before it ran")
+
+
 def observe(state: LoopState, decision: Decision, record: ToolRecord | None, gates: list[GateResult]) -> LoopState:
-    """Tool results -> facts in working memory (facts, not narratives); the reply's terms -> `known`."""
-    if record is None or not record.ok:
+    """Tool results -> facts in working memory (facts, not narratives); the reply's terms -> `known`.
+
+    A reply its precondition refused still counts as what the model said: the invariants judge it
+    (and withdraw it), though it never reached the customer."""
+    if record is None or (not record.ok and not _refused_reply(record)):
         return state  # the engine's own fact says which tool failed and why
     facts = list(state.memory.facts)
     updates: dict[str, object] = {}
@@ -176,7 +195,8 @@ def observe(state: LoopState, decision: Decision, record: ToolRecord | None, gat
         memory["known"] = known
         updates.update(reply=text, reply_iteration=state.iteration)
         said = ", ".join(f"{k} = {v}" for k, v in known.items()) or "no policy terms"
-        facts = _add(facts, f"reply (iteration {state.iteration}) stated {said}")
+        sent = "" if record.ok else " (not sent: refused before it ran)"
+        facts = _add(facts, f"reply (iteration {state.iteration}) stated {said}{sent}")
     elif record.tool == "escalate":
         reason = str(record.args.get("reason", ""))
         updates.update(escalation=reason, escalated_at=state.iteration)
@@ -293,7 +313,7 @@ loop = Loop(
     goal=GOAL,
     description="answers a refund request from the refund policy in long-term memory; never invents a term",
     state=SupportState,
-    tools=[search_policy, reply, escalate],
+    tools=[search_policy, dataclasses.replace(reply, precondition=unsent_if_ungrounded), escalate],
     invariants=INVARIANTS,
     observe=observe,
     converged=converged,
