@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from loopterm.core.errors import ConfigError
-from loopterm.core.records import SpendTotal
+from loopterm.core.records import RunRecord, SpendTotal
 
 if TYPE_CHECKING:
     from loopterm.store.db import Store
@@ -156,3 +156,21 @@ def check_daily_budget(
             f"daily budget of {money(daily)} ({money(remaining)} left today); {lowering}{advice}"
         )
     return run_budget_usd
+
+
+def cap_run(store: "Store", run: RunRecord, default_usd: float | None, *, what: str) -> tuple[RunRecord, float | None]:
+    """The daily-budget gate for an existing run about to continue (a resume, a new branch).
+
+    Checks what the run may still spend (its USD budget, else `default_usd`, less what it spent);
+    refuses with a one-line ConfigError; gives an uncapped run what is left of today's budget as
+    its USD budget (recorded with a `budget_capped` event). Returns the run as it now is, and the
+    cap given (None: none).
+    """
+    usd = (run.budget or {}).get("usd", default_usd)
+    cap = check_daily_budget(store, None if usd is None else max(0.0, usd - run.cost_usd), what=what, lower=None)
+    if cap is None or usd is not None:
+        return run, None
+    capped = {**(run.budget or {}), "usd": run.cost_usd + cap}
+    store.update_run(run.id, budget=capped)
+    store.append_event(run.id, "budget_capped", {"usd": capped["usd"], "why": "daily budget"})
+    return store.get_run(run.id), cap

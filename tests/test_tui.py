@@ -307,6 +307,28 @@ async def test_relax_requires_a_reason(tmp_path: Path) -> None:
             ("relax", {"invariant": "short_flag", "reason": "the check is too strict", "iterations": 2})]
 
 
+async def test_a_branch_over_the_daily_budget_is_refused_on_screen_and_creates_nothing(tmp_path: Path) -> None:
+    loop, parent_id = await finished_run(tmp_path, [turn("no"), turn("ok")])
+    store = Store.open(db_of(tmp_path))
+    spent = store.get_run(parent_id).cost_usd
+    assert spent > 0
+    store.set_daily_budget(spent / 2)  # today's spend is already over it
+    store.close()
+    app = app_for(tmp_path, loops={"test:t": loop})
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: loaded(app) and app.timeline.row_count == 2, "the run loaded")
+        app.timeline.move_cursor(row=0)
+        await pilot.pause()
+        await pilot.press("b")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#reason", Input).value = "try again"
+        await pilot.click("#submit")
+        await until(pilot, lambda: any("daily budget is spent" in str(n.message) for n in app._notifications),
+                    "the refusal")
+        assert [r.id for r in app.store.list_runs()] == [parent_id]
+
+
 async def test_branch_from_the_selected_iteration_creates_a_live_child_run(tmp_path: Path) -> None:
     loop, parent_id = await finished_run(tmp_path, [turn("no"), turn("ok")])
     app = app_for(tmp_path, loops={"test:t": loop})

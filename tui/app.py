@@ -783,9 +783,25 @@ class LooptermApp(App[None]):
             self.send(run.id, first, quiet=True)
         self.run_worker(self._resume(run, loop, answers), name=f"resume {run.id}", group="launch", exit_on_error=False)
 
+    def _within_daily_budget(self, run: RunRecord, loop: Loop, what: str) -> bool:
+        """The daily-budget gate of `loopterm resume` and `fork`, for a run continued from this screen."""
+        from loopterm.store.ledger import cap_run, money
+
+        try:
+            _, cap = cap_run(self.store, run, loop.budget.usd, what=what)
+        except LooptermError as exc:
+            self.notify(str(exc), severity="error", timeout=15, markup=False)
+            return False
+        if cap is not None:
+            self.notify(f"{what} had no USD cap: it gets what is left of today's daily budget, {money(cap)}",
+                        timeout=6, markup=False)
+        return True
+
     async def _resume(self, run: RunRecord, loop: Loop, answers: dict[str, str] | None = None) -> None:
         try:
             if not await self._model_ready(loop, run.model):
+                return
+            if not self._within_daily_budget(self.store.get_run(run.id), loop, "what this run may still spend"):
                 return
             from loopterm.core.fork import AncestorCalls
 
@@ -1020,6 +1036,14 @@ class LooptermApp(App[None]):
     async def _branch(self, loop: Loop, plan: Any) -> None:
         from loopterm.core.fork import AncestorCalls, create_fork, rebuild_workspace
 
+        from loopterm.store.ledger import check_daily_budget
+
+        parent_usd = (plan.parent.budget or {}).get("usd", loop.budget.usd)
+        try:  # refused here, nothing is created (as `loopterm fork` does)
+            check_daily_budget(self.store, parent_usd, what="the branch's budget", lower=None)
+        except LooptermError as exc:
+            self.notify(str(exc), severity="error", timeout=15, markup=False)
+            return
         run_id = new_run_id()
         branch = create_fork(self.store, loop, plan, run_id=run_id, workspace=self.workspace_root / run_id)
         self._starting.add(run_id)
@@ -1035,6 +1059,8 @@ class LooptermApp(App[None]):
         self.notify(f"branch {run_id[:8]} of run {plan.parent.id[:8]} at iteration {plan.at}", timeout=4)
         try:
             if not await self._model_ready(loop, branch.model):
+                return
+            if not self._within_daily_budget(self.store.get_run(run_id), loop, "the branch's budget"):
                 return
             engine = Engine(loop, self.store, self.store.get_run(run_id), prior=AncestorCalls(self.store, branch),
                             **self._engine_kwargs())

@@ -100,6 +100,17 @@ def daily_budget_cap(store: Store | None, run_budget_usd: float | None, *, what:
     return cap
 
 
+def _capped(store: Store, run_record: RunRecord, loop: Loop, *, what: str) -> RunRecord:
+    """cap_run (store/ledger.py), saying on stderr when an uncapped run got a cap."""
+    from loopterm.store.ledger import cap_run, money
+
+    run_record, cap = cap_run(store, run_record, loop.budget.usd, what=what)
+    if cap is not None:
+        print(f"loopterm: {what} had no USD cap, so it gets what is left of today's daily budget: {money(cap)}",
+              file=sys.stderr)
+    return run_record
+
+
 def run(
     loop_ref: str,
     db: Path,
@@ -155,14 +166,7 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: s
         console.print(Text(f"note: loop {loop.name!r} changed since run {run_record.id} started; resuming with the current definition",
                            style="yellow"))
     _prepare_model(loop, run_record.model)
-    usd = loop.budget.model_validate(run_record.budget).usd if run_record.budget else loop.budget.usd
-    cap = daily_budget_cap(store, None if usd is None else max(0.0, usd - run_record.cost_usd),
-                           what="what this run may still spend", lower=None)
-    if cap is not None and usd is None:
-        capped = {**(run_record.budget or loop.budget.model_dump()), "usd": run_record.cost_usd + cap}
-        store.update_run(run_record.id, budget=capped)
-        store.append_event(run_record.id, "budget_capped", {"usd": capped["usd"], "why": "daily budget"})
-        run_record = store.get_run(run_record.id)
+    run_record = _capped(store, run_record, loop, what="what this run may still spend")
     if max_iterations is not None and max_iterations != run_record.max_iterations:
         store.update_run(run_record.id, max_iterations=max_iterations)
         store.append_event(run_record.id, "max_iterations_changed", {"from": run_record.max_iterations, "to": max_iterations})
@@ -195,13 +199,10 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
                                f"({json.dumps(call.args)[:60]}) -> policy {call.policy}"))
         return 0
     usd = loop.budget.model_validate(parent.budget).usd if parent.budget else loop.budget.usd
-    cap = daily_budget_cap(store, usd, what="the branch's budget", lower=None)
+    daily_budget_cap(store, usd, what="the branch's budget", lower=None)  # refused: nothing is created
     run_id = new_run_id()
     branch = create_fork(store, loop, plan, run_id=run_id, workspace=db.resolve().parent / "workspaces" / run_id)
-    if cap is not None and usd is None:
-        store.update_run(branch.id, budget={**(branch.budget or loop.budget.model_dump()), "usd": cap})
-        store.append_event(branch.id, "budget_capped", {"usd": cap, "why": "daily budget"})
-        branch = store.get_run(branch.id)
+    branch = _capped(store, branch, loop, what="the branch's budget")
     asyncio.run(rebuild_workspace(loop, store, branch))
     console.print(Text(f"branch {branch.id} of run {parent.id} at iteration {at}"
                        + (f"; patched {', '.join('.'.join(map(str, p)) for p, _ in plan.patches)}" if plan.patches else "")
