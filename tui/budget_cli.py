@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loopterm.tui import arguments
+
 
 def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
     """The `budget` subcommand; `db` is the parent parser that carries --db."""
@@ -23,33 +25,11 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
                     "when it could take today's spend over the daily budget; $LOOPTERM_DAILY_BUDGET_USD overrides "
                     "the stored figure.",
     )
-    budget.add_argument("--days", type=_positive_int, default=7, metavar="N", help="how many days back, today included (default 7)")
+    budget.add_argument("--days", type=arguments.days, default=7, metavar="N", help="how many days back, today included (default 7)")
     budget.add_argument("--json", action="store_true")
     setting = budget.add_mutually_exclusive_group()
-    setting.add_argument("--set-daily", type=_usd, metavar="X", help="keep a daily budget of X US dollars in this store")
+    setting.add_argument("--set-daily", type=arguments.usd, metavar="X", help="keep a daily budget of X US dollars in this store")
     setting.add_argument("--clear-daily", action="store_true", help="remove the stored daily budget")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    if value > 36_600:
-        raise argparse.ArgumentTypeError("at most 36600 days")
-    return value
-
-
-def _usd(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of US dollars, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
 
 
 def report(store: Any, days: int, today: dt.date | None = None) -> dict[str, Any]:

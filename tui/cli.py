@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from loopterm.tui import arguments
+
 DEFAULT_DB = Path(".loopterm") / "loopterm.db"
 USAGE_ERROR = 2
 
@@ -22,43 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"loopterm: {message} (see `{self.prog} --help`)\n")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of US dollars, got {text!r}") from None
-    if value < 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, e.g. 0.95, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,22 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("loop", metavar="LOOP", help="a built-in loop name or path/to/file.py[:name]")
     run.add_argument("--model", help="a litellm model string, e.g. openai/gpt-4o-mini (default: the loop's)")
     run.add_argument("--headless", action="store_true", help="no TUI: live progress on the terminal, exit code = outcome")
-    run.add_argument("--max-iterations", type=_positive_int, metavar="N")
-    run.add_argument("--budget-usd", type=_non_negative_float, metavar="X", help="cap on model spend for this run")
-    run.add_argument("--budget-tokens", type=_non_negative_int, metavar="N", help="cap on tokens (in + out) for this run")
+    run.add_argument("--max-iterations", type=arguments.positive_int, metavar="N")
+    run.add_argument("--budget-usd", type=arguments.usd, metavar="X", help="cap on model spend for this run")
+    run.add_argument("--budget-tokens", type=arguments.non_negative_int, metavar="N", help="cap on tokens (in + out) for this run")
     run.add_argument("--no-wait", action="store_true",
                      help="headless: when the run needs a person (escalation, approval), exit 4 instead of waiting")
     run.add_argument("--cases", type=Path, metavar="FILE",
                      help="run every case of a cases file (JSON list or JSON lines), headless; exit 0 when every case "
                           "met its expectation, else 3")
-    run.add_argument("--parallel", type=_positive_int, metavar="K", help="with --cases: up to K runs at once (default 1)")
+    run.add_argument("--parallel", type=arguments.positive_int, metavar="K", help="with --cases: up to K runs at once (default 1)")
 
     runs = sub.add_parser("runs", parents=[db], help="list runs")
     runs.add_argument("--json", action="store_true")
 
     show = sub.add_parser("show", parents=[db], help="show a run or one of its iterations")
     show.add_argument("run", metavar="RUN", help="a run id (a unique prefix is enough)")
-    show.add_argument("--iteration", type=_positive_int, metavar="N")
+    show.add_argument("--iteration", type=arguments.positive_int, metavar="N")
     show.add_argument("--json", action="store_true")
 
     watch = sub.add_parser("watch", parents=[db], help="open the TUI on a run (live or finished), e.g. one running headless")
@@ -98,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", parents=[db], help="continue a crashed, stopped or escalated run")
     resume.add_argument("run", metavar="RUN")
-    resume.add_argument("--max-iterations", type=_positive_int, metavar="N", help="raise the run's iteration cap")
+    resume.add_argument("--max-iterations", type=arguments.positive_int, metavar="N", help="raise the run's iteration cap")
 
     resume.add_argument("--no-wait", action="store_true", help="exit 4 instead of waiting when a person is needed")
     resume.add_argument("--side-effects", choices=["reuse", "reexecute"],
@@ -107,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     fork = sub.add_parser("fork", parents=[db], help="branch a run from one of its iterations",
                           description="Continue a run from iteration N as a new branch; nothing of the parent is copied.")
     fork.add_argument("run", metavar="RUN")
-    fork.add_argument("--at", type=_positive_int, required=True, metavar="N", help="the iteration to continue from")
+    fork.add_argument("--at", type=arguments.positive_int, required=True, metavar="N", help="the iteration to continue from")
     fork.add_argument("--set", action="append", default=[], metavar="PATH=JSON",
                       help="patch the state at N, e.g. memory.subgoal='\"try X\"' (repeatable)")
     fork.add_argument("--relax", action="append", default=[], metavar="NAME", help="relax an invariant on the branch (repeatable)")
@@ -140,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit 0, or 3 when the convergence rate is below --min-convergence.")
     evaluate.add_argument("loop", metavar="LOOP", help="a built-in loop name or path/to/file.py[:name]")
     evaluate.add_argument("--cases", type=Path, required=True, metavar="FILE", help="the cases file (JSON list or JSON lines)")
-    evaluate.add_argument("--parallel", type=_positive_int, metavar="K", help="up to K runs at once (default 1)")
+    evaluate.add_argument("--parallel", type=arguments.positive_int, metavar="K", help="up to K runs at once (default 1)")
     evaluate.add_argument("--model", help="a litellm model string for every case that does not name its own")
     evaluate.add_argument("--json", action="store_true", help="the report as JSON (stable keys; see README)")
-    evaluate.add_argument("--min-convergence", type=_fraction, metavar="R",
+    evaluate.add_argument("--min-convergence", type=arguments.fraction, metavar="R",
                           help="exit 3 when fewer than this share (0..1) of the cases converged")
 
     sub.add_parser("loops", help="list built-in and discovered loops")

@@ -14,6 +14,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from loopterm.tui import arguments
+
 KINDS = ("fact", "decision", "document")
 SHOWN_CHARS = 100  # of a value in a table row
 
@@ -37,7 +39,7 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
 
     search = actions.add_parser("search", parents=[sub_db], help="full-text search, best match first")
     search.add_argument("query", metavar="QUERY", help="any text (words are matched, operators are not interpreted)")
-    search.add_argument("--limit", type=_positive_int, default=5, metavar="N", help="at most N results (default 5)")
+    search.add_argument("--limit", type=arguments.positive_int, default=5, metavar="N", help="at most N results (default 5)")
     search.add_argument("--json", action="store_true")
 
     add = actions.add_parser("add", parents=[sub_db], help="remember VALUE (or a file's text) under KEY; replaces KEY")
@@ -48,16 +50,6 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
 
     forget = actions.add_parser("forget", parents=[sub_db], help="delete a memory by key (or by its id)")
     forget.add_argument("key_or_id", metavar="KEY_OR_ID")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
