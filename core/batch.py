@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from loopterm.core.checkers import preflight_roles
 from loopterm.core.cases import Case, CaseSet, scripted_name
 from loopterm.core.engine import Engine, new_run_id
 from loopterm.core.errors import ConfigError
@@ -108,6 +109,7 @@ def check_cases(loop: Loop, cases: CaseSet | list[Case], model: str | None = Non
         if (name, script) not in checked:
             try:
                 check_model(name, script)
+                preflight_roles(loop.gates, name)
             except ConfigError as exc:
                 raise ConfigError(f"case {case.id!r}: {exc}") from None
             checked.add((name, script))

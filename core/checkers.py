@@ -96,6 +96,22 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2 :]
 
 
+def preflight_roles(gates: list[Any], run_model: str) -> None:
+    """Refuse a run whose checkers cannot make their calls (one ConfigError line), before it starts."""
+    from loopterm.core.errors import ConfigError
+    from loopterm.core.model import check_model
+
+    for gate in gates:
+        if isinstance(gate, ModelGate):
+            model = gate.role.model_for(run_model)
+            try:
+                check_model(model)
+            except ConfigError as exc:
+                hint = (f"; add a \"roles\": {{\"{gate.role.name}\": {{\"turns\": [...]}}}} section to the loop's script"
+                        if model.startswith("scripted/") and gate.role.model is None else "")
+                raise ConfigError(f"gate {gate.name!r} (role {gate.role.name!r}): {exc}{hint}") from None
+
+
 class ModelGate(BaseModel):
     """A verification gate answered by a role's model.
 

@@ -24,7 +24,7 @@ from loopterm.core.budget import Spend, over_budget
 from pydantic import TypeAdapter, ValidationError
 
 from loopterm.core.decision import Decision, DecisionError, parse_decision
-from loopterm.core.errors import ModelError
+from loopterm.core.errors import ConfigError, ErrorKind, ModelError
 from loopterm.core.control import (
     AddFact,
     Approve,
@@ -595,7 +595,10 @@ class Engine:
         if client is None:
             from loopterm.core.model import ModelClient, check_model
 
-            check_model(model)  # a scripted role's script was registered with the loop's
+            try:
+                check_model(model)  # a scripted role's script was registered with the loop's
+            except ConfigError as exc:  # ends the run with the reason (preflight_roles catches it earlier)
+                raise ModelError(f"role {role.name!r}: {exc}", ErrorKind.FATAL) from None
             client = self._clients[(model, role.name)] = ModelClient(
                 model, temperature=role.temperature if role.temperature is not None else self.loop.temperature,
                 max_tokens=self.loop.max_output_tokens, on_retry=self._on_retry,
@@ -629,7 +632,10 @@ class Engine:
         if self.strategy.model is not None:
             from loopterm.core.model import check_model
 
-            check_model(self.strategy.model)
+            try:
+                check_model(self.strategy.model)
+            except ConfigError as exc:
+                raise ModelError(f"strategy {self.strategy.name!r}: {exc}", ErrorKind.FATAL) from None
         self._adopt(self.strategy)
         data = {"from": before.name if before else None, "to": self.strategy.name, "why": why,
                 "temperature": self.temperature, "model": self.run_record.model}

@@ -306,3 +306,23 @@ def test_a_precondition_refuses_a_call_before_it_runs(tmp_path: Path) -> None:
     assert first.tool_call["refused"] == "never say no"
     assert not first.tool_result["ok"] and first.tool_result["error"] == "refused before it ran: never say no"
     assert store.tool_call(first.tool_call["key"]) is None  # nothing was journalled as started: it never ran
+
+
+def test_a_checker_without_a_script_is_refused_before_the_run_and_never_leaves_it_running(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "s.json").write_text(json.dumps({"turns": [{"content": decision(None)}]}))  # no "roles"
+    (tmp_path / "mc.py").write_text(textwrap.dedent(f'''
+        from loopterm.core.roles import Role
+        from loopterm.core.topology import maker_checker
+        loop = maker_checker(name="mcx", goal="g", script={str(tmp_path / "s.json")!r},
+                             checker=Role(name="checker", system_prompt="check it"), instructions="check")
+    '''))
+    code = main(["run", str(tmp_path / "mc.py"), "--headless", "--db", str(tmp_path / "l.db")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "gate 'checker' (role 'checker')" in err[0] and '"roles"' in err[0]
+    # an engine started without the preflight ends the run with the reason instead of crashing
+    loop, ref = load_loop(str(tmp_path / "mc.py"))
+    engine, store = make_engine(tmp_path / "e", loop)
+    final = run(engine)
+    assert final.status == "failed" and "role 'checker'" in (final.message or "")

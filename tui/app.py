@@ -689,10 +689,12 @@ class LooptermApp(App[None]):
 
     async def _model_ready(self, loop: Loop, model: str) -> bool:
         """Check the model before a run starts (registers the offline script); litellm loads in a thread."""
+        from loopterm.core.checkers import preflight_roles
         from loopterm.core.model import check_model
 
         try:
             await asyncio.to_thread(check_model, model, loop.script if model.startswith("scripted/") else None)
+            preflight_roles(loop.gates, model)
         except LooptermError as exc:
             self.notify(str(exc), severity="error", timeout=15, markup=False)
             return False

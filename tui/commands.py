@@ -20,6 +20,7 @@ from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_wo
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import list_loops, load_loop
 from loopterm.core.loop import Loop
+from loopterm.core.checkers import preflight_roles
 from loopterm.core.nesting import check_calls
 from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
@@ -47,6 +48,7 @@ def _prepare_model(loop: Loop, model: str) -> None:
     from loopterm.core.model import check_model
 
     check_model(model, loop.script if model.startswith("scripted/") else None)
+    preflight_roles(loop.gates, model)
 
 
 def _drive(engine: Engine, console: Console) -> int:
