@@ -17,3 +17,18 @@ def test_a_rewritten_list_is_shown_whole_and_no_change_is_empty() -> None:
     old, new = _changed_parts({"xs": [1, 2, 3]}, {"xs": [3, 2]})
     assert (old, new) == ({"xs": [1, 2, 3]}, {"xs": [3, 2]})
     assert _changed_parts({"a": 1}, {"a": 1}) == ({}, {})
+
+
+def test_a_model_checker_shows_who_answered_what_it_cost_and_its_verdict_literally() -> None:
+    from loopterm.core.records import IterationRecord
+    from loopterm.tui.widgets.render import Palette, gates_detail
+
+    record = IterationRecord(
+        run_id="r", n=1, started_at=0, ended_at=1, prompt=[], raw_response="", decision=None, repairs=0,
+        cost_usd=0, latency_ms=0, model="m", state={},
+        gate_results=[{"name": "checker", "passed": False, "stdout": "checker: fail: [bold red]no[/]",
+                       "model": "scripted/t.checker", "tokens_in": 1200, "tokens_out": 34, "cost_usd": 0.00021}],
+    )
+    text = gates_detail(record, Palette())
+    assert "scripted/t.checker, 1,234 tok, $0.000210" in text.plain
+    assert "[bold red]no[/]" in text.plain  # model output is shown as written, never as markup

@@ -382,6 +382,9 @@ def gates_detail(record: IterationRecord, palette: Palette) -> Text:
         text.append(literal(gate.get("name", "?"), "bold"))
         details = [f"exit {gate['exit_code']}" if gate.get("exit_code") is not None else "",
                    f"{gate['duration_s']:.2f}s" if isinstance(gate.get("duration_s"), (int, float)) else ""]
+        if gate.get("model"):  # a model checker: who answered, and what it cost
+            details += [str(gate["model"]), f"{int(gate.get('tokens_in') or 0) + int(gate.get('tokens_out') or 0):,} tok",
+                        f"${float(gate.get('cost_usd') or 0):.6f}"]
         shown = ", ".join(d for d in details if d)
         if shown:
             text.append(f"  ({shown})", style="dim")
