@@ -55,6 +55,7 @@ from loopterm.core.events import (
 from loopterm.core.checkers import Asked, GateContext, ModelGate
 from loopterm.core.gates import GateResult
 from loopterm.core.nesting import ChildResult, LoopCycleError, cycle_message
+from loopterm.core.observation import iteration_fact
 from loopterm.core.roles import Role
 from loopterm.core.strategy import Strategy
 from loopterm.core.invariants import Invariant, Remediation
@@ -997,14 +998,9 @@ class Engine:
         log grows every iteration made each iteration slower than the last.
         """
         failed = next((g for g in gates if not g.passed), None)
-        verdict = ", ".join(f"{g.name} {'passed' if g.passed else 'failed'}" for g in gates) or "no gates"
-        if tool_record is None:
-            action = "no action"
-        else:
-            action = f"{tool_record.tool} {'ok' if tool_record.ok else 'error: ' + (tool_record.error or '')[:120]}"
         memory = self.state.memory.model_copy(update={
             "subgoal": decision.subgoal,
-            "facts": [*self.state.memory.facts, f"iteration {n}: {action}; {verdict}"][-MAX_FACTS:],
+            "facts": [*self.state.memory.facts, iteration_fact(n, tool_record, gates)][-MAX_FACTS:],
             "contradictions": list(self.state.memory.contradictions),
         })
         updates: dict[str, Any] = {

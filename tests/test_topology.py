@@ -326,3 +326,22 @@ def test_a_checker_without_a_script_is_refused_before_the_run_and_never_leaves_i
     engine, store = make_engine(tmp_path / "e", loop)
     final = run(engine)
     assert final.status == "failed" and "role 'checker'" in (final.message or "")
+
+
+def test_each_iteration_leaves_a_one_line_fact_with_the_point_of_a_failure() -> None:
+    from loopterm.core.gates import GateResult
+    from loopterm.core.observation import headline, iteration_fact
+    from loopterm.core.state import ToolRecord
+
+    pytest_out = ("F.\n=== FAILURES ===\n____ test_accents ____\n    assert slugify('Crème') == 'creme'\n"
+                  "E   AssertionError: assert 'cr-me' == 'creme'\n=== short test summary info ===\n"
+                  "FAILED test_solution.py::test_accents - AssertionError: assert 'cr-me' == 'creme'\n1 failed, 1 passed\n")
+    gates = [GateResult(name="compile", passed=True), GateResult(name="tests", passed=False, exit_code=1, stdout=pytest_out)]
+    fact = iteration_fact(3, ToolRecord(iteration=3, tool="write_file"), gates)
+    assert fact == ("iteration 3: write_file ok; compile passed, tests failed "
+                    "(FAILED test_solution.py::test_accents - AssertionError: assert 'cr-me' == 'creme')")
+    compile_err = '  File "solution.py", line 7\n    slug = re.sub(r"x", "-", text.lower()\n           ^\nSyntaxError: \'(\' was never closed\n'
+    assert headline(compile_err) == "SyntaxError: '(' was never closed"
+    refused = ToolRecord(iteration=1, tool="write_file", ok=False, error="ValueError: path '../x' contains '..'")
+    assert iteration_fact(1, refused, []) == "iteration 1: write_file error: ValueError: path '../x' contains '..'; no gates"
+    assert headline("") == "" and headline("just one line") == "just one line"
