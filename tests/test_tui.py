@@ -307,6 +307,19 @@ async def test_relax_requires_a_reason(tmp_path: Path) -> None:
             ("relax", {"invariant": "short_flag", "reason": "the check is too strict", "iterations": 2})]
 
 
+async def test_a_strategy_change_is_announced_on_screen(tmp_path: Path) -> None:
+    from loopterm.core.strategy import Strategy
+
+    same = turn("no", subgoal="same")
+    loop = make_loop(tmp_path, [same, same, same, turn("ok", subgoal="new")],
+                     strategies=[Strategy(name="careful", note="read the gate output first")])
+    app = app_for(tmp_path, start=(loop, "test:t"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: any("changed strategy to careful" in str(n.message) for n in app._notifications),
+                    "the announcement")
+        await until(pilot, lambda: status(app) == "converged", "the run converged on the new strategy")
+
+
 async def test_a_branch_over_the_daily_budget_is_refused_on_screen_and_creates_nothing(tmp_path: Path) -> None:
     loop, parent_id = await finished_run(tmp_path, [turn("no"), turn("ok")])
     store = Store.open(db_of(tmp_path))

@@ -578,6 +578,9 @@ class LooptermApp(App[None]):
         elif event.kind == "approval_pending":
             self.notify(f"run {view.run_id[:8]}: tool {data.get('tool')} needs approval (a / d)", severity="warning",
                         timeout=8, markup=False)
+        elif event.kind == "strategy_changed":
+            self.notify(f"run {view.run_id[:8]} changed strategy to {data.get('to')}: {first_line(str(data.get('why', '')), 120)}",
+                        timeout=6, markup=False)
 
     @on_screen
     def on_engine_notice(self, message: EngineNotice) -> None:
