@@ -52,7 +52,7 @@ from loopterm.core.events import (
     RunStarted,
     StatusChanged,
 )
-from loopterm.core.checkers import Asked, GateContext, ModelGate
+from loopterm.core.checkers import Asked, GateContext, ModelGate, preflight_roles
 from loopterm.core.gates import GateResult
 from loopterm.core.nesting import ChildResult, LoopCycleError, cycle_message
 from loopterm.core.observation import iteration_fact
@@ -711,8 +711,12 @@ class Engine:
         if notes:
             self.journal.append_event(self.run_id, "memory_consolidated", {"keys": [k for k, _, _ in notes]})
 
-    async def _spawn(self, loop_ref: str, goal: str, key: str, item: str) -> ChildResult:
-        """Start (or resume, or read) the child run for `key`; returns what it hands back."""
+    async def _spawn(self, loop_ref: str, goal: str, key: str, item: str, share: float = 1.0) -> ChildResult:
+        """Start (or resume, or read) the child run for `key`; returns what it hands back.
+
+        A new child's budget is `share` of what this run may still spend (siblings started
+        together split it), so children running in parallel cannot overspend their caller.
+        """
         from loopterm.core.loader import load_loop
         from loopterm.core.model import check_model
         from loopterm.core.nesting import ref_base, ref_label, resolve_ref
@@ -724,14 +728,16 @@ class Engine:
         scripted = self.run_record.model.startswith("scripted/")
         model = loop.model if scripted else self.run_record.model
         check_model(model, loop.script if model.startswith("scripted/") else None)
+        preflight_roles(loop.gates, model)
         started = next((e for e in self.journal.events(self.run_id) if e.kind == "child_run" and e.data.get("key") == key),
                        None)
         remaining = {}
         spent = self._spent()
+        share = min(1.0, max(0.0, share))
         if self.budget.usd is not None:
-            remaining["usd"] = max(0.0, self.budget.usd - spent.cost_usd)
+            remaining["usd"] = max(0.0, self.budget.usd - spent.cost_usd) * share
         if self.budget.tokens is not None:
-            remaining["tokens"] = max(0, self.budget.tokens - spent.tokens)
+            remaining["tokens"] = int(max(0, self.budget.tokens - spent.tokens) * share)
         if started is None:
             engine = Engine.create(
                 loop, self.journal, loop_ref=ref, model=model, budget=remaining, workspace=self.workspace,

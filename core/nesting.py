@@ -44,8 +44,9 @@ class ChildResult(BaseModel):
     result: Any = None
 
 
-# spawn(loop_ref, goal, key, item) -> the child's result
-Spawn = Callable[[str, str, str, str], Awaitable[ChildResult]]
+# spawn(loop_ref, goal, key, item, share) -> the child's result; share: the part of the caller's
+# remaining budget the child may spend (1/len(items) when a fan-out starts several together)
+Spawn = Callable[[str, str, str, str, float], Awaitable[ChildResult]]
 
 
 class LoopCycleError(ConfigError):
@@ -119,7 +120,7 @@ def fan_out(
         async def one(item: str) -> ChildResult:
             async with gate:
                 key = f"{ctx.idempotency_key}:{item}"
-                return await ctx.spawn(loop_ref, goal.replace("{item}", item), key, item)
+                return await ctx.spawn(loop_ref, goal.replace("{item}", item), key, item, 1.0 / len(items))
 
         results = await asyncio.gather(*(one(item) for item in items))
         return json.dumps([r.model_dump(mode="json") for r in results], ensure_ascii=False)

@@ -345,3 +345,22 @@ def test_each_iteration_leaves_a_one_line_fact_with_the_point_of_a_failure() -> 
     refused = ToolRecord(iteration=1, tool="write_file", ok=False, error="ValueError: path '../x' contains '..'")
     assert iteration_fact(1, refused, []) == "iteration 1: write_file error: ValueError: path '../x' contains '..'; no gates"
     assert headline("") == "" and headline("just one line") == "just one line"
+
+
+def test_children_started_together_split_their_callers_remaining_budget(tmp_path: Path) -> None:
+    from loopterm.core.model import check_model
+    from loopterm.store import Store
+
+    parent_file = _files(tmp_path)
+    loop, ref = load_loop(str(parent_file))
+    check_model(loop.model, loop.script)
+    store = Store.open(tmp_path / "db" / "loopterm.db")
+    engine = Engine.create(loop, store, loop_ref=ref, workspace_root=tmp_path / "ws", workdir=tmp_path,
+                           budget={"usd": 0.03, "tokens": 30_000})
+    final = run(engine)
+    assert final.status == "converged"
+    kids = store.children(final.id)
+    assert len(kids) == 3
+    for kid in kids:  # a third each of what the caller had left when the fan-out started
+        assert kid.budget["usd"] == pytest.approx((0.03 - final.cost_usd) / 3, rel=0.05)
+        assert kid.budget["tokens"] <= 10_000
