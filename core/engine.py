@@ -412,7 +412,8 @@ class Engine:
                                       exc.record.iteration)
             return self._finish(
                 TerminationReason.WAITING,
-                f"{exc}; `loopterm resume {self.run_id} --side-effects reexecute` runs it again",
+                f"{exc}; if it took effect, `loopterm resume {self.run_id} --side-effects reuse` goes on without "
+                "running it again; if not, `--side-effects reexecute` runs it",
             )
         except SideEffectNeedsDecision as exc:
             self._pending_side_effect(exc.key, "already_made", exc.tool, exc.call_args, exc.earlier.run_id,

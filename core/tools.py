@@ -3,7 +3,8 @@
 The executor keys every call (run, iteration, tool, arguments) and journals it
 before and after running it. On resume a finished call is answered from the
 journal; a side-effecting call that was interrupted mid-flight is never run a
-second time unless the tool declared itself idempotent.
+second time unless the tool declared itself idempotent or a person, who can see
+whether it took effect, answers "reexecute" ("reuse": it did; it is not run again).
 """
 
 from __future__ import annotations
@@ -163,8 +164,13 @@ def idempotency_key(run_id: str, iteration: int, tool_name: str, args: dict[str,
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+# The result of an interrupted call a person said took effect (`--side-effects reuse`): it is not run again.
+TOOK_EFFECT = "(interrupted before its result was recorded; a person confirmed it took effect, so it was not run again)"
+
+
 class InterruptedSideEffect(Exception):
-    """A side-effecting call started before a crash and never finished: a person must decide."""
+    """A side-effecting call started before a crash and never finished: a person must decide
+    whether it took effect (answer "reuse": it is not run again) or not ("reexecute")."""
 
     def __init__(self, record: ToolCallRecord) -> None:
         super().__init__(
@@ -225,7 +231,13 @@ class ToolExecutor:
         if known is not None and known.status == "done" and known.result is not None:
             return ToolRecord.model_validate({**known.result, "reused": True}), key
         if known is not None and known.status == "started" and not tool.idempotent:
-            if self.answers.get(key) != "reexecute":
+            answer = self.answers.get(key)
+            if answer == "reuse":  # a person saw it take effect: never run again; its output was never recorded
+                record = ToolRecord(iteration=iteration, tool=tool.name, args=args, ok=True, output=TOOK_EFFECT,
+                                    reused=True)
+                self.journal.tool_call_finished(key, record.model_dump(), self.clock(), durable=False)
+                return record, key
+            if answer != "reexecute":
                 raise InterruptedSideEffect(known)
         started = ToolCallRecord(
             key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=args,
