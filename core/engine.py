@@ -399,6 +399,11 @@ class Engine:
         self._elapsed_base = self.spend.elapsed_s
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
+            if self.state.termination_reason == TerminationReason.CONVERGED.value and self.state.iteration:
+                # Its last iteration converged and was committed, but the process died before the run's
+                # end was recorded: record it now (iterating on would call the model and fire tools again).
+                why = "every gate passed" if self.loop.converged is None else "its convergence check held"
+                raise _Stop(TerminationReason.CONVERGED, f"converged at iteration {self.state.iteration}: {why}")
             while True:
                 self._tick()
                 await self._boundary()
