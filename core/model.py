@@ -57,20 +57,12 @@ def _litellm() -> ModuleType:
 
 # ----------------------------------------------------------------------------- secrets
 
-_SECRET_PATTERNS = (
-    re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"(?i)\b(api[_-]?key|x-api-key|authorization|bearer)([\"':= ]+)(bearer\s+)?[^\s\"',;]+"),
-)
-_SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
-
-
 def redact(text: str) -> str:
-    """Remove anything that looks like a credential, and the values of secret-named env vars."""
-    for name, value in os.environ.items():
-        if value and len(value) >= 6 and _SECRET_ENV.search(name) and value in text:
-            text = text.replace(value, "[redacted]")
-    text = _SECRET_PATTERNS[0].sub("[redacted]", text)
-    return _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}[redacted]", text)
+    """Remove anything that looks like a credential, and the values of secret-named env vars
+    (what counts as a secret: core/secrets.py)."""
+    from loopterm.core.secrets import redact as redact_secrets
+
+    return redact_secrets(text)
 
 
 def _one_line(text: str) -> str:
