@@ -10,20 +10,27 @@ whether it took effect, answers "reexecute" ("reuse": it did; it is not run agai
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import hashlib
 import inspect
 import json
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal, Protocol
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from loopterm.core.persistence import Journal
 from loopterm.core.records import ToolCallRecord
+from loopterm.core.secrets import redact_capped, redact_tree
 from loopterm.core.state import ToolRecord
+
+if TYPE_CHECKING:
+    from loopterm.core.gates import ProcessResult
 
 
 RewindPolicy = Literal["reuse", "reexecute", "ask"]
@@ -240,7 +247,7 @@ class ToolExecutor:
             if answer != "reexecute":
                 raise InterruptedSideEffect(known)
         started = ToolCallRecord(
-            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=args,
+            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=redact_tree(args),
             status="started", started_at=self.clock(),
         )
         earlier = self._earlier(tool, args, iteration)
@@ -273,17 +280,130 @@ class ToolExecutor:
         return policy
 
     async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext) -> ToolRecord:
+        """Run the tool: its result (output or error) is redacted (core/secrets.py) before it is capped,
+        journalled or put in the state."""
         call_args = (ctx,) if tool.wants_context else ()
-        base = {"iteration": ctx.iteration, "tool": tool.name, "args": args}
+        base = {"iteration": ctx.iteration, "tool": tool.name, "args": redact_tree(args)}
+        in_thread = not inspect.iscoroutinefunction(tool.fn)
         try:
-            if inspect.iscoroutinefunction(tool.fn):
-                awaitable: Awaitable[Any] = tool.fn(*call_args, **args)
+            if in_thread:
+                awaitable: Awaitable[Any] = in_daemon_thread(tool.fn, *call_args, **args)
             else:
-                awaitable = asyncio.to_thread(tool.fn, *call_args, **args)
+                awaitable = tool.fn(*call_args, **args)
             output = await asyncio.wait_for(awaitable, timeout=tool.timeout)
         except asyncio.TimeoutError:
-            return ToolRecord(**base, ok=False, error=f"timed out after {tool.timeout:g}s")
+            # An async tool is cancelled; a thread cannot be stopped: it is abandoned (a daemon thread
+            # never keeps loopterm from exiting), and what it does from now on is not recorded.
+            abandoned = " (its thread cannot be stopped and may still finish)" if in_thread else ""
+            return ToolRecord(**base, ok=False, error=f"timed out after {tool.timeout:g}s{abandoned}")
         except Exception as exc:  # a tool's failure is information for the next iteration
-            return ToolRecord(**base, ok=False, error=cap_text(f"{exc.__class__.__name__}: {exc}", tool.output_cap))
+            return ToolRecord(**base, ok=False, error=redact_capped(f"{exc.__class__.__name__}: {exc}", tool.output_cap))
         text = output if isinstance(output, str) else json.dumps(output, default=str)
-        return ToolRecord(**base, ok=True, output=cap_text(text, tool.output_cap))
+        return ToolRecord(**base, ok=True, output=redact_capped(text, tool.output_cap))
+
+
+class _DaemonThreads:
+    """Worker threads for synchronous tools, reused, and daemon threads: a tool that never returns is
+    abandoned at its timeout and cannot hold the process at exit (asyncio.to_thread's executor is
+    joined when asyncio.run ends, so one hung tool kept `loopterm run` from ever exiting)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._work, name="loopterm-tool", daemon=True).start()
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            self._jobs.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_threads = _DaemonThreads()
+
+
+def in_daemon_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """Like asyncio.to_thread, on a daemon thread: the future can be abandoned (a timeout) for good."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def job() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, context.run(fn, *args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop has closed: nobody waits for this call any more
+            pass
+
+    _threads.submit(job)
+    return future
+
+
+# ----------------------------------------------------------------------------- confinement helpers
+
+
+def confine(workspace: Path, path: str) -> Path:
+    """Resolve `path` inside `workspace` or raise ValueError saying why it is refused.
+
+    For tools that take a file name from the model: absolute paths, '..' and symlinks pointing out
+    of the workspace are refused.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("path is empty; give a file name relative to the workspace, e.g. 'solution.py'")
+    if "\x00" in path:
+        raise ValueError("path contains a NUL byte; give a plain relative file name")
+    posix, windows = PurePosixPath(path), PureWindowsPath(path)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or path.startswith(("/", "\\")):
+        raise ValueError(f"path {path!r} is absolute; give a path relative to the workspace")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ValueError(f"path {path!r} contains '..'; paths must stay inside the workspace")
+    root = Path(workspace).resolve()
+    target = (root / posix).resolve()  # follows symlinks, so a link pointing out is caught here
+    if target == root:
+        raise ValueError(f"path {path!r} is the workspace directory itself; name a file")
+    if root not in target.parents:
+        raise ValueError(f"path {path!r} resolves outside the workspace (through a symlink); refused")
+    return target
+
+
+async def run_command_async(
+    workspace: Path, argv: Sequence[str], *, timeout: float = 30.0, output_cap: int = 16_000,
+    env: dict[str, str] | None = None,
+) -> "ProcessResult":
+    """Run a command for a tool the way gates run theirs: working directory the workspace, provider
+    keys removed from its environment (`env` is added on top), killed with every process it started
+    after `timeout` seconds (and anything it leaves running when it exits), stdout and stderr each
+    capped at `output_cap` characters and redacted. Returns exit_code (None: timed out or could not
+    start, with `error` saying which), stdout, stderr."""
+    from loopterm.core.gates import run_process, scrubbed_env
+
+    return await run_process([str(a) for a in argv], Path(workspace), {**scrubbed_env(), **(env or {})},
+                             timeout, output_cap)
+
+
+def run_command(
+    workspace: Path, argv: Sequence[str], *, timeout: float = 30.0, output_cap: int = 16_000,
+    env: dict[str, str] | None = None,
+) -> "ProcessResult":
+    """run_command_async for a synchronous tool (which runs on a thread of its own); an async tool
+    awaits run_command_async."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_command_async(workspace, argv, timeout=timeout, output_cap=output_cap, env=env))
+    raise RuntimeError("run_command was called on the event loop's thread; an async tool awaits run_command_async")

@@ -1,35 +1,15 @@
 """File tools for the codefix loop, confined to the run's workspace.
 
 The model's arguments are untrusted: every path is resolved (symlinks
-included) and refused unless it stays inside `ctx.workspace`, so a reply can
-never write or read outside the scratch directory.
+included) by `loopterm.core.tools.confine` and refused unless it stays inside
+`ctx.workspace`, so a reply can never write or read outside the scratch directory.
 """
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from loopterm.core.tools import ToolContext, confine, tool
 
-from loopterm.core.tools import ToolContext, tool
-
-
-def confine(workspace: Path, path: str) -> Path:
-    """Resolve `path` inside `workspace` or raise ValueError saying why it is refused."""
-    if not isinstance(path, str) or not path.strip():
-        raise ValueError("path is empty; give a file name relative to the workspace, e.g. 'solution.py'")
-    if "\x00" in path:
-        raise ValueError("path contains a NUL byte; give a plain relative file name")
-    posix, windows = PurePosixPath(path), PureWindowsPath(path)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or path.startswith(("/", "\\")):
-        raise ValueError(f"path {path!r} is absolute; give a path relative to the workspace")
-    if ".." in posix.parts or ".." in windows.parts:
-        raise ValueError(f"path {path!r} contains '..'; paths must stay inside the workspace")
-    root = workspace.resolve()
-    target = (root / posix).resolve()  # follows symlinks, so a link pointing out is caught here
-    if target == root:
-        raise ValueError(f"path {path!r} is the workspace directory itself; name a file")
-    if root not in target.parents:
-        raise ValueError(f"path {path!r} resolves outside the workspace (through a symlink); refused")
-    return target
+__all__ = ["confine", "read_file", "write_file"]
 
 
 # Its effect is confined to the run's own workspace: a branch rebuilds it, a replay runs it again.
