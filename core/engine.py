@@ -62,11 +62,13 @@ from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.loop import Loop
 from loopterm.core.append_log import AppendLog
 from loopterm.core.persistence import GrownList, Journal
-from loopterm.core.prompt import build_messages, read_rules, repair_messages
+from loopterm.core import prompt as _prompt
+from loopterm.core.prompt import read_rules, repair_messages
 from loopterm.core.records import EventRecord, Intent, IterationRecord, RunRecord
 from loopterm.core.state import LoopState, ToolRecord
 from loopterm.core.termination import Status, TerminationReason, status_for
 from loopterm.core.migrations import migrate_state
+from loopterm.core.secrets import redact, redact_tree
 from loopterm.core.tools import (
     InterruptedSideEffect,
     PriorCalls,
@@ -77,6 +79,12 @@ from loopterm.core.tools import (
 )
 
 Subscriber = Callable[[EngineEvent], None]
+
+
+def build_messages(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """The prompt (core/prompt.py), redacted as it is built: a key in the goal, RULES.md or a system
+    prompt is neither sent to the model nor journalled, and a replay compares like with like."""
+    return redact_tree(_prompt.build_messages(*args, **kwargs))
 
 MAX_FACTS = 12
 REFUSED_BEFORE_RUNNING = "refused before it ran"  # a tool record's error when its precondition said no
@@ -309,7 +317,7 @@ class Engine:
             id=run_id,
             loop=loop.name,
             loop_ref=loop_ref,
-            goal=goal or loop.goal,
+            goal=redact(goal or loop.goal),
             spec_hash=loop.spec_hash(),
             model=model or loop.model,
             status=Status.CREATED.value,
@@ -374,10 +382,11 @@ class Engine:
 
     def _on_retry(self, attempt: int, error: ModelError, delay: float) -> None:
         n = self.state.iteration + 1
+        message = redact(str(error))
         self.journal.append_event(
-            self.run_id, "model_retry", {"attempt": attempt, "error": str(error), "delay_s": round(delay, 3)}, n
+            self.run_id, "model_retry", {"attempt": attempt, "error": message, "delay_s": round(delay, 3)}, n
         )
-        self._emit(ModelRetry(run_id=self.run_id, n=n, attempt=attempt, error=str(error), delay_s=delay))
+        self._emit(ModelRetry(run_id=self.run_id, n=n, attempt=attempt, error=message, delay_s=delay))
 
     # ------------------------------------------------------------------ the loop
 
@@ -589,7 +598,7 @@ class Engine:
         for gate in self.loop.gates:
             if isinstance(gate, ModelGate) and gate.when == "final" and not all(g.passed for g in gates):
                 continue
-            result = await gate.check(ctx)
+            result = (await gate.check(ctx)).redacted()  # a custom gate's or a checker's text too
             gates.append(result)
             if not result.passed:
                 break
@@ -618,7 +627,7 @@ class Engine:
         call = self._role_calls.get(role.name, 0)
         reply = await client.complete(messages, iteration=n, call_index=call)
         self._role_calls[role.name] = call + max(1, reply.calls)
-        return Asked(text=reply.text, tokens_in=reply.tokens_in, tokens_out=reply.tokens_out,
+        return Asked(text=redact(reply.text), tokens_in=reply.tokens_in, tokens_out=reply.tokens_out,
                      cost_usd=reply.cost_usd, model=reply.model)
 
     def _adopt(self, strategy: Strategy) -> None:
@@ -712,7 +721,7 @@ class Engine:
             for key, value, kind in notes:
                 self.memory.remember(self.loop.name, key, value, kind=kind, source_run=self.run_id)
         except Exception as exc:  # noqa: BLE001 - a failing consolidation must not lose the run's end
-            self.journal.append_event(self.run_id, "consolidation_failed", {"error": _one_line(str(exc))})
+            self.journal.append_event(self.run_id, "consolidation_failed", {"error": _one_line(redact(str(exc)))})
             return
         if notes:
             self.journal.append_event(self.run_id, "memory_consolidated", {"keys": [k for k, _, _ in notes]})
@@ -985,7 +994,8 @@ class Engine:
                         raise DecisionError(str(exc)) from None
             except DecisionError as exc:
                 self.journal.append_event(
-                    self.run_id, "invalid_reply", {"error": str(exc), "repair": repairs + 1, "reply": reply.text[:2_000]}, n
+                    self.run_id, "invalid_reply",
+                    {"error": redact(str(exc)), "repair": repairs + 1, "reply": redact(reply.text)[:2_000]}, n
                 )
                 if repairs >= self.loop.max_repairs:
                     self.spend.add(tokens_in, tokens_out, cost)
@@ -997,8 +1007,9 @@ class Engine:
                 messages = repair_messages(messages, reply.text, str(exc))
                 continue
             return Intent(
-                run_id=self.run_id, n=n, prompt=messages, raw_response=reply.text,
-                decision=decision.model_dump(mode="json"), repairs=repairs, tokens_in=tokens_in,
+                # Redacted before it is journalled: the tool runs with, and every record keeps, what is here.
+                run_id=self.run_id, n=n, prompt=redact_tree(messages), raw_response=redact(reply.text),
+                decision=redact_tree(decision.model_dump(mode="json")), repairs=repairs, tokens_in=tokens_in,
                 tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
             )
 
@@ -1081,6 +1092,7 @@ class Engine:
             ],
             "state": state.model_dump(mode="json"),
         }
+        packet = redact_tree(packet)
         self.journal.append_event(self.run_id, "escalated", packet, n)
         self._emit(Escalated(run_id=self.run_id, n=n, packet=packet))
 
@@ -1095,6 +1107,7 @@ class Engine:
         )
 
     def _finish(self, reason: TerminationReason, message: str) -> RunRecord:
+        message = redact(message)
         status = status_for(reason)
         self._consolidate(status)
         self._tick()
