@@ -789,17 +789,19 @@ class Store:
         iterations (full state and prompt), its events (without their local id)
         and its tool calls. `import_lines` reads it back.
         """
+        from loopterm.core.secrets import redact_tree  # belt and braces: what the store holds is redacted already
+
         lineage = self.lineage(run_id)
         yield {"type": EXPORT_TYPE, "version": EXPORT_VERSION}
         for run in lineage:
-            yield {"type": "run", **run.model_dump()}
+            yield redact_tree({"type": "run", **run.model_dump()})
             for record in self._records(run.id, own_only=True):
-                yield {"type": "iteration", **record.model_dump()}
+                yield redact_tree({"type": "iteration", **record.model_dump()})
             for event in self.events(run.id):
-                yield {"type": "event", **event.model_dump(exclude={"id"})}
+                yield redact_tree({"type": "event", **event.model_dump(exclude={"id"})})
             rows = self._rows("tool_calls", "run_id = ?", [run.id], order_by="iteration, started_at, key")
             for row in rows:
-                yield {"type": "tool_call", **from_row("tool_calls", ToolCallRecord, row).model_dump()}
+                yield redact_tree({"type": "tool_call", **from_row("tool_calls", ToolCallRecord, row).model_dump()})
 
     def import_lines(self, lines: Iterable[str]) -> list[str]:
         """Import an export into this database in one transaction; returns the run ids imported.

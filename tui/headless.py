@@ -1,7 +1,9 @@
 """Headless progress: one line per committed iteration, a live status while one is in flight.
 
 Everything the model wrote is rendered as plain `Text` (markup off): model
-output is untrusted. Status is always a glyph plus a colour.
+output is untrusted. Secrets are redacted before anything is printed (belt and
+braces: what the engine stores and emits is redacted already). Status is always
+a glyph plus a colour.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from loopterm.core.events import (
     ApprovalNeeded,
 )
 from loopterm.core.records import IterationRecord, RunRecord
+from loopterm.core.secrets import redact
 
 PASS, FAIL, WAIT = ("✓", "green"), ("✗", "red"), ("⏸", "yellow")
 STATUS_STYLE = {
@@ -52,7 +55,7 @@ def action_label(record: IterationRecord) -> str:
         return "(no action)"
     args = call.get("args") or {}
     first = next(iter(args.values()), "") if args else ""
-    shown = str(first).splitlines()[0][:40] if first else ""
+    shown = redact(str(first)).splitlines()[0][:40] if first else ""
     return f"{call['tool']}({shown})"
 
 
@@ -91,7 +94,7 @@ class HeadlessProgress:
         elif isinstance(event, IterationStarted):
             self._spin(f"iteration {event.n}/{self.max_iterations}: deciding, acting, verifying ...")
         elif isinstance(event, ModelRetry):
-            self.console.print(Text(f"    ↻ model call failed ({event.error[:120]}); retry {event.attempt} in {event.delay_s:.1f}s",
+            self.console.print(Text(f"    ↻ model call failed ({redact(event.error)[:120]}); retry {event.attempt} in {event.delay_s:.1f}s",
                                     style="yellow"))
         elif isinstance(event, IterationCommitted):
             self._stop_spin()
@@ -99,20 +102,20 @@ class HeadlessProgress:
         elif isinstance(event, Escalated):
             self._stop_spin()
             failing = ", ".join(i["name"] for i in event.packet.get("failing_invariants", [])) or "-"
-            self.console.print(Text(f"  ⏸ escalated at iteration {event.n}: {event.packet['summary']} (failing: {failing})",
+            self.console.print(Text(f"  ⏸ escalated at iteration {event.n}: {redact(str(event.packet['summary']))} (failing: {failing})",
                                     style="yellow"))
         elif isinstance(event, StatusChanged):
             self._stop_spin()
             line = status_text(event.status)
             if event.message:
-                line.append(f"  {event.message}")
+                line.append(f"  {redact(event.message)}")
             if event.status == "escalated":
                 line.append(f"  (answer from `loopterm watch {event.run_id}`)", style="dim")
             self.console.print(Text("  ").append_text(line))
         elif isinstance(event, ApprovalNeeded):
             self._stop_spin()
             self.console.print(Text(f"  ? tool {event.tool} needs approval (iteration {event.n}); args: "
-                                    f"{json.dumps(event.args)[:100]}", style="yellow"))
+                                    f"{redact(json.dumps(event.args))[:100]}", style="yellow"))
         elif isinstance(event, RunFinished):
             self._stop_spin()
 
@@ -128,7 +131,7 @@ class HeadlessProgress:
         if r.repairs:
             row.append(f"  {r.repairs} repair", style="yellow")
         row.append("\n       ")
-        subgoal = str(decision.get("subgoal", "")) or "-"
+        subgoal = redact(str(decision.get("subgoal", ""))) or "-"
         row.append(Text(subgoal[:38] + ("…" if len(subgoal) > 38 else ""), style="italic"))  # untrusted: plain Text, never markup
         row.append(f" · {r.tokens_in + r.tokens_out:,} tok · ${r.cost_usd:.6f} · {r.latency_ms:.0f} ms", style="dim")
         row.no_wrap = True
@@ -153,7 +156,7 @@ class HeadlessProgress:
 def summary(run: RunRecord) -> Panel:
     table = Table.grid(padding=(0, 2))
     table.add_row("status", status_text(run.status))
-    table.add_row("reason", Text(run.message or run.termination_reason or "-"))
+    table.add_row("reason", Text(redact(run.message or run.termination_reason or "-")))
     table.add_row("iterations", f"{run.iterations} of {run.max_iterations}")
     budget = run.budget or {}
     tokens = f"{run.tokens_in + run.tokens_out:,} ({run.tokens_in:,} in, {run.tokens_out:,} out)"

@@ -4,7 +4,8 @@ Everything a model, a tool, a gate or a person's state edit produced is
 untrusted: it becomes a `rich.text.Text` built with `Text(...)` (never markup),
 and control characters (ANSI escapes included) are shown as visible `\\x1b`
 escapes, so a reply containing `[bold red]` or `\\x1b[31m` shows exactly that
-and never restyles the screen. Status is always a glyph plus a colour.
+and never restyles the screen. Secrets are redacted there too (core/secrets.py). Status is always
+a glyph plus a colour.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterable
 from rich.text import Text
 
 from loopterm.core.records import IterationRecord, RunRecord
+from loopterm.core.secrets import redact
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -48,12 +50,13 @@ def clean(value: object) -> str:
 
 
 def literal(value: object, style: str = "") -> Text:
-    """Untrusted text as a Text shown exactly as written (no markup, no escapes interpreted)."""
-    return Text(clean(value), style=style)
+    """Untrusted text as a Text shown exactly as written (no markup, no escapes interpreted), secrets
+    redacted (belt and braces: what the engine stores is redacted already)."""
+    return Text(clean(redact(str(value))), style=style)
 
 
 def first_line(value: object, width: int = 60) -> str:
-    line = clean(value).strip().split("\n", 1)[0]
+    line = clean(redact(str(value))).strip().split("\n", 1)[0]
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
