@@ -41,7 +41,9 @@ class ModelError(LooptermError):
         self.kind = kind
         self.status = status
         # A finer reason the engine can act on: "context_window" (the prompt is too long,
-        # shrink it), "circuit_open" (the provider was not called), "bad_reply", "exhausted".
+        # shrink it), "circuit_open" (the provider was not called), "connection" (refused,
+        # dropped), "timeout" (no answer in time), "truncated" (the reply was cut off),
+        # "bad_reply" (not JSON, no choices), "unexpected" (a bug, not the provider).
         self.code = code
         # Seconds the caller should wait before trying again, when known (Retry-After, breaker).
         self.retry_after = retry_after

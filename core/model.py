@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from loopterm.core.errors import ConfigError, ErrorKind, ModelError, classify_status
-from loopterm.core.retry import CircuitBreaker, RetryPolicy, breaker_for
+from loopterm.core.retry import CallSettings, CircuitBreaker, RetryPolicy, breaker_for
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -113,6 +113,10 @@ def classify(exc: BaseException, model: str, litellm: ModuleType) -> ModelError:
             400,
             code="context_window",
         )
+    transport = _transport_failure(exc, litellm)
+    if transport is not None:
+        code, what = transport
+        return ModelError(f"{model}: {_one_line(redact(what))}", ErrorKind.TRANSIENT, None, code=code)
     status = getattr(exc, "status_code", None)
     if not isinstance(status, int):
         status = None
@@ -128,11 +132,68 @@ def classify(exc: BaseException, model: str, litellm: ModuleType) -> ModelError:
     else:
         kind, code = classify_status(status), None
     message = f"{model}: {_describe(exc, status)}"
+    if code == "timeout":
+        limit = _TIMEOUT_VALUE.search(" ".join(str(e) for e in _causes(exc)))
+        message = f"{model}: no answer within {float(limit.group(1)):g}s (timed out)" if limit else (
+            f"{model}: no answer in time (timed out)")
     if status in (401, 403):
         message += "; check the API key for this provider"
     elif status == 404:
         message += "; check the model name"
     return ModelError(message, kind, status, code=code, retry_after=_retry_after(exc))
+
+
+def _causes(exc: BaseException, limit: int = 12) -> list[BaseException]:
+    """The exception and what it was raised from (litellm wraps the transport's error several times)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < limit and all(current is not c for c in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+_TIMEOUT_VALUE = re.compile(r"timeout value=(\d+(?:\.\d+)?)")
+_HOST = re.compile(r"[Cc]annot connect to host (\S+?)(?: ssl:|$|\s)")
+_BYTES = re.compile(r"received (\d+) of (\d+) bytes")
+_RECEIVED = re.compile(r"Received: (.*?)\. Check the reverse proxy", re.DOTALL)
+_TRUNCATED_TYPES = frozenset({"ClientPayloadError", "ContentLengthError", "TransferEncodingError",
+                              "RemoteProtocolError", "IncompleteRead"})
+
+
+def _transport_failure(exc: BaseException, litellm: ModuleType) -> tuple[str, str] | None:
+    """(code, what happened) when the provider never gave a usable HTTP answer, else None.
+
+    litellm reports all of these as "500 Connection error." (or "Empty or invalid response"),
+    a status no server sent: the cause is further down the chain. A timeout keeps litellm's
+    classification (status 408) and is handled by the caller.
+    """
+    chain = _causes(exc)
+    names = {klass.__name__ for e in chain for klass in type(e).__mro__}
+    text = " ".join(str(e) for e in chain)
+    if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)) or "APITimeoutError" in names:
+        return None
+    if "ConnectionRefusedError" in names:
+        host = _HOST.search(text)
+        where = f" to {host.group(1)}" if host else ""
+        return "connection", f"cannot connect{where}: connection refused (is the model server running there?)"
+    if names & _TRUNCATED_TYPES or "payload is not completed" in text:
+        got = _BYTES.search(text)
+        size = f" ({got.group(1)} of {got.group(2)} bytes arrived)" if got else ""
+        return "truncated", f"the reply was cut off before it was complete{size}"
+    decode = next((e for e in chain if type(e).__name__ == "JSONDecodeError"), None)
+    if decode is not None:
+        return "bad_reply", f"the reply is not valid JSON (cut off or corrupt: {decode})"
+    if "Empty or invalid response from LLM endpoint" in text:
+        received = _RECEIVED.search(text)
+        body = received.group(1)[:120] if received else "nothing"
+        return "bad_reply", f"the reply is not JSON (received {body}); check the model server or proxy at that address"
+    if "ServerDisconnectedError" in names or "ConnectionResetError" in names or "Server disconnected" in text:
+        return "connection", "the server closed the connection without answering"
+    if "APIConnectionError" in names or "ConnectError" in names:
+        root = chain[-1]
+        return "connection", f"cannot reach the provider ({type(root).__name__}: {str(root)[:160]})"
+    return None
 
 
 def _is_litellm_error(exc: BaseException, litellm: ModuleType) -> bool:
@@ -162,7 +223,7 @@ class ModelClient:
         model: str,
         *,
         retry: RetryPolicy | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         temperature: float = 0.0,
         max_tokens: int = 1024,
         api_base: str | None = None,
@@ -172,15 +233,16 @@ class ModelClient:
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self.model = model
-        self.retry = retry or RetryPolicy()
-        self.timeout = timeout
+        settings = CallSettings.from_env() if retry is None or timeout is None or breaker is None else None
+        self.retry = retry or settings.policy()  # type: ignore[union-attr]
+        self.timeout = timeout if timeout is not None else settings.timeout  # type: ignore[union-attr]
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.api_base = api_base
         self.on_retry = on_retry
         self.sleep = sleep
         self.rng = rng or random.Random()
-        self.breaker = breaker or breaker_for(model)
+        self.breaker = breaker or breaker_for(model, settings)
 
     async def complete(self, messages: list[dict[str, Any]], *, iteration: int, call_index: int = 0) -> ModelReply:
         """Ask the model; retry transient failures; raise a classified ModelError otherwise.
@@ -216,7 +278,7 @@ class ModelClient:
             if error.kind is not ErrorKind.TRANSIENT:
                 self.breaker.record_success()  # the provider answered; it is up
                 raise error
-            self.breaker.record_failure()
+            self.breaker.record_failure(str(error).removeprefix(self.model + ": "))
             if attempt == attempts:
                 break
             delay = self.retry.delay(attempt, self.rng, error.retry_after)
@@ -316,6 +378,7 @@ class ModelClient:
 
 def check_model(model: str, script: Path | None = None, *, api_base: str | None = None) -> None:
     """Refuse a run that cannot make its first call: one ConfigError line saying what to do."""
+    CallSettings.from_env()  # a timeout or retry setting out of range (LOOPTERM_MODEL_TIMEOUT...)
     if not model or not model.strip():
         raise ConfigError(f"no model given; use a litellm model string such as {EXAMPLE_MODEL}")
     if model.startswith("scripted/"):

@@ -3,11 +3,25 @@
 We retry ourselves (litellm's own ``num_retries`` retries 400s, or silently does
 nothing without tenacity), so the policy and the breaker live here and stay free
 of litellm: importing this module is cheap.
+
+The defaults can be tuned per environment (a flaky local server, a CI job that
+must fail fast), read when a client or a model's breaker is made:
+
+    LOOPTERM_MODEL_TIMEOUT      seconds one provider call may take (60)
+    LOOPTERM_MODEL_ATTEMPTS     attempts per call, retries included (4)
+    LOOPTERM_RETRY_DELAY        backoff ceiling after the first failure, seconds (0.5)
+    LOOPTERM_RETRY_MAX_DELAY    backoff cap, seconds (8)
+    LOOPTERM_BREAKER_FAILURES   consecutive failures that open a model's circuit (5)
+    LOOPTERM_BREAKER_RESET      seconds an open circuit refuses calls before a trial (30)
+
+A value that is not a number in range is one ConfigError line (check_model
+refuses the run before it starts).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -16,7 +30,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loopterm.core.errors import ErrorKind, ModelError
+from loopterm.core.errors import ConfigError, ErrorKind, ModelError
 
 Clock = Callable[[], float]
 
@@ -56,6 +70,62 @@ class RetryPolicy(BaseModel):
         return rng.uniform(0.0, self.ceiling(attempt))
 
 
+# setting: (environment variable, whole number?, smallest value, is the smallest value excluded?)
+_SETTINGS: dict[str, tuple[str, bool, float, bool]] = {
+    "timeout": ("LOOPTERM_MODEL_TIMEOUT", False, 0.0, True),
+    "attempts": ("LOOPTERM_MODEL_ATTEMPTS", True, 1, False),
+    "base_delay": ("LOOPTERM_RETRY_DELAY", False, 0.0, False),
+    "max_delay": ("LOOPTERM_RETRY_MAX_DELAY", False, 0.0, False),
+    "breaker_failures": ("LOOPTERM_BREAKER_FAILURES", True, 1, False),
+    "breaker_reset": ("LOOPTERM_BREAKER_RESET", False, 0.0, False),
+}
+
+
+class CallSettings(BaseModel):
+    """Timeout, retry policy and circuit breaker settings for model calls (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    timeout: float = 60.0
+    attempts: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    breaker_failures: int = 5
+    breaker_reset: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> CallSettings:
+        """The settings the environment asks for; ConfigError (one line) for a value out of range."""
+        env = os.environ if environ is None else environ
+        values: dict[str, float | int] = {}
+        for name, (var, integer, low, exclusive) in _SETTINGS.items():
+            raw = (env.get(var) or "").strip()
+            if not raw:
+                continue
+            try:
+                value: float | int = int(raw) if integer else float(raw)
+            except ValueError:
+                value = math.nan
+            bad = isinstance(value, float) and not math.isfinite(value)
+            if bad or value < low or (exclusive and value == low):
+                kind = "a whole number" if integer else "a number of seconds"
+                bound = f"above {low:g}" if exclusive else f"at least {low:g}"
+                default = cls.model_fields[name].default
+                raise ConfigError(f"{var}={raw!r} is not valid: it must be {kind} {bound}; unset it for the default "
+                                  f"({default:g})")
+            values[name] = value
+        settings = cls(**values)
+        if settings.max_delay < settings.base_delay:
+            raise ConfigError(
+                f"LOOPTERM_RETRY_MAX_DELAY ({settings.max_delay:g}) is smaller than LOOPTERM_RETRY_DELAY "
+                f"({settings.base_delay:g}); raise the first or lower the second"
+            )
+        return settings
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(max_attempts=self.attempts, base_delay=self.base_delay, max_delay=self.max_delay)
+
+
 class BreakerState(str, Enum):
     CLOSED = "closed"
     OPEN = "open"
@@ -86,6 +156,7 @@ class CircuitBreaker:
         self.reset_timeout = reset_timeout
         self.clock = clock
         self.failures = 0  # consecutive failures
+        self.last_error: str | None = None  # what the last of them was, for the person told the circuit is open
         self._opened_at: float | None = None
         self._trial_in_flight = False
         self._lock = threading.Lock()
@@ -141,13 +212,16 @@ class CircuitBreaker:
         """The provider answered: close the breaker and forget past failures."""
         with self._lock:
             self.failures = 0
+            self.last_error = None
             self._opened_at = None
             self._trial_in_flight = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, error: str | None = None) -> None:
         """A transient failure: count it; open (or re-open) the breaker when it is one too many."""
         with self._lock:
             self.failures += 1
+            if error is not None:
+                self.last_error = error
             if self._trial_in_flight or self.failures >= self.failure_threshold:
                 self._opened_at = self.clock()
             self._trial_in_flight = False
@@ -162,12 +236,18 @@ _breakers: dict[str, CircuitBreaker] = {}
 _registry_lock = threading.Lock()
 
 
-def breaker_for(model: str) -> CircuitBreaker:
-    """The process-wide breaker for ``model``: every client of one model shares its health."""
+def breaker_for(model: str, settings: CallSettings | None = None) -> CircuitBreaker:
+    """The process-wide breaker for ``model``: every client of one model shares its health.
+
+    A new breaker takes its threshold and reset timeout from ``settings`` (default: the environment).
+    """
     with _registry_lock:
         breaker = _breakers.get(model)
         if breaker is None:
-            breaker = _breakers[model] = CircuitBreaker(model)
+            settings = settings or CallSettings.from_env()
+            breaker = _breakers[model] = CircuitBreaker(
+                model, failure_threshold=settings.breaker_failures, reset_timeout=settings.breaker_reset
+            )
         return breaker
 
 
