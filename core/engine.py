@@ -954,17 +954,34 @@ class Engine:
         return verdict
 
     async def _decide(self, n: int, started: float) -> Intent:
-        """Ask the model, with a bounded repair for invalid replies; budget-checked before every call."""
-        messages = build_messages(
-            self.loop, self.state, rules=read_rules(self.workdir), relaxed=self.relaxed,
-            strategy_note=self.strategy_note, max_iterations=self.max_iterations,
-            system_prompt=self.strategy.system_prompt if self.strategy is not None else None,
-        )
+        """Ask the model, with a bounded repair for invalid replies; budget-checked before every call.
+
+        A prompt the model's context window refuses is pruned harder (half the token budget, then
+        a quarter) and asked again, at most twice, each time in the event log. A call that still
+        fails ends the run with one line; a provider that is down (retries exhausted, circuit open)
+        leaves it resumable from this iteration, and what this iteration already paid for counts.
+        """
+        from loopterm.core.prompt import prompt_tokens
+
+        rules = read_rules(self.workdir)
+
+        def prompt(budget: int | None = None) -> list[dict[str, Any]]:
+            return build_messages(
+                self.loop, self.state, rules=rules, relaxed=self.relaxed,
+                strategy_note=self.strategy_note, max_iterations=self.max_iterations,
+                system_prompt=self.strategy.system_prompt if self.strategy is not None else None,
+                token_budget=budget,
+            )
+
+        base = prompt()
+        tail: list[dict[str, Any]] = []  # a repair's turns, after the prompt
+        budget, pruned, max_pruned = self.loop.prompt_token_budget, 0, 2
         tool_names = {t.name for t in self.loop.tools}
         call_index, repairs = 0, 0
         tokens_in = tokens_out = 0
         cost = latency = 0.0
         while True:
+            messages = [*base, *tail]
             projected = self.client.estimate(messages, self.loop.max_output_tokens)
             pending = Spend(
                 tokens_in=self.spend.tokens_in + tokens_in, tokens_out=self.spend.tokens_out + tokens_out,
@@ -977,7 +994,27 @@ class Engine:
                 raise _Stop(TerminationReason(reason), self._budget_message(reason, projected))
             if getattr(self.client, "temperature", None) is not None:
                 self.client.temperature = self.temperature
-            reply = await self.client.complete(messages, iteration=n, call_index=call_index)
+            try:
+                reply = await self.client.complete(messages, iteration=n, call_index=call_index)
+            except ModelError as exc:
+                call_index += exc.calls
+                if exc.code == "context_window" and pruned < max_pruned:
+                    before = prompt_tokens(base)
+                    shorter, smaller = base, budget
+                    while smaller > 256 and prompt_tokens(shorter) >= before:
+                        smaller = max(256, smaller // 2)
+                        shorter = prompt(smaller)
+                    if prompt_tokens(shorter) < before:
+                        pruned += 1
+                        base, budget = shorter, smaller
+                        note = f"the prompt does not fit the context window; pruned to {budget} tokens and asked again"
+                        self.journal.append_event(self.run_id, "prompt_pruned", {
+                            "error": str(exc), "retry": pruned, "token_budget": budget,
+                            "tokens_before": before, "tokens_after": prompt_tokens(base)}, n)
+                        self._emit(ModelRetry(run_id=self.run_id, n=n, attempt=pruned, error=note, delay_s=0.0))
+                        continue
+                self.spend.add(tokens_in, tokens_out, cost)  # replies this iteration already paid for
+                raise _Stop(TerminationReason.FATAL_ERROR, self._model_failure(exc, n, pruned, base)) from None
             call_index += max(1, reply.calls)
             tokens_in += reply.tokens_in
             tokens_out += reply.tokens_out
@@ -1004,7 +1041,7 @@ class Engine:
                         f"the model's reply was still invalid after {repairs} repair attempt(s): {exc}",
                     ) from None
                 repairs += 1
-                messages = repair_messages(messages, reply.text, str(exc))
+                tail = repair_messages(messages, reply.text, str(exc))[len(base):]
                 continue
             return Intent(
                 # Redacted before it is journalled: the tool runs with, and every record keeps, what is here.
@@ -1012,6 +1049,33 @@ class Engine:
                 decision=redact_tree(decision.model_dump(mode="json")), repairs=repairs, tokens_in=tokens_in,
                 tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
             )
+
+    def _model_failure(self, exc: ModelError, n: int, pruned: int, prompt: list[dict[str, Any]]) -> str:
+        """The one line a run ends with when the maker's model call failed for good."""
+        from loopterm.core.prompt import prompt_tokens
+
+        resume = f"`loopterm resume {self.run_id}` continues from iteration {n} once the provider answers"
+        if exc.code == "context_window":
+            if pruned:
+                how = f"still too long after pruning it {pruned} time(s), to about {prompt_tokens(prompt)} tokens"
+            else:
+                how = f"nothing left to prune in it (about {prompt_tokens(prompt)} tokens)"
+            return (f"{exc}; {how}: shorten the task, system prompt or project rules, or use a model with a "
+                    "larger context window")
+        if exc.code == "circuit_open":
+            import math
+
+            breaker = getattr(self.client, "breaker", None)
+            last = getattr(breaker, "last_error", None)
+            wait = breaker.retry_in() if breaker is not None else (exc.retry_after or 0.0)
+            what = (f"failed {exc.calls} time(s) in this iteration; its circuit is now open" if exc.calls
+                    else "was not called: its circuit is open")
+            return (f"{self.run_record.model} {what} after {getattr(breaker, 'failures', 'repeated')} consecutive "
+                    f"failures{f' (last: {last})' if last else ''}; it lets a trial call through in "
+                    f"{math.ceil(wait)}s, then {resume}")
+        if exc.kind is ErrorKind.TRANSIENT:
+            return f"{exc}; {resume}"
+        return str(exc)
 
     def _next_state(self, n: int, decision: Decision, tool_record: ToolRecord | None, gates: list[GateResult]) -> LoopState:
         """Fold the iteration's observations into a new state; the old one is never mutated.

@@ -138,16 +138,27 @@ def build_messages(
     max_iterations: int | None = None,
     count: Callable[[str], int] = approx_tokens,
     system_prompt: str | None = None,
+    token_budget: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The messages for this iteration, pruned until they fit loop.prompt_token_budget."""
+    """The messages for this iteration, pruned until they fit loop.prompt_token_budget.
+
+    ``token_budget`` prunes to a smaller budget instead (the engine's second try when the
+    model's context window refused the prompt); what is never pruned stays whatever the budget.
+    """
     relaxed = relaxed or {}
     limit = max_iterations or loop.max_iterations
+    budget = loop.prompt_token_budget if token_budget is None else token_budget
     system = system_message(loop, system_prompt)
     sections = _Sections(state, rules, strategy_note)
     user = user_message(loop, state, sections, relaxed, limit)
-    while count(system) + count(user) > loop.prompt_token_budget and sections.shrink():
+    while count(system) + count(user) > budget and sections.shrink():
         user = user_message(loop, state, sections, relaxed, limit)
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def prompt_tokens(messages: list[dict[str, Any]], count: Callable[[str], int] = approx_tokens) -> int:
+    """The rough size of a conversation, as the pruning counts it."""
+    return sum(count(str(m.get("content") or "")) for m in messages)
 
 
 def repair_messages(messages: list[dict[str, Any]], bad_reply: str, error: str) -> list[dict[str, Any]]:
