@@ -486,7 +486,7 @@ class Engine:
         for row in self.journal.pending_commands(self.run_id):
             self.journal.consume_command(row.id or 0)
             try:
-                command = parse_command(row.kind, row.payload)
+                command = parse_command(row.kind, redact_tree(row.payload))  # a person's input is redacted too
             except ValidationError as exc:
                 err = exc.errors()[0]
                 self._applied(row.kind, False, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")

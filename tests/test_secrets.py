@@ -629,3 +629,26 @@ async def test_a_key_in_the_goal_or_rules_never_reaches_the_model(tmp_path: Path
     assert "[redacted:GITHUB_TOKEN]" in json.dumps(sent) and leaks("sent to the model", json.dumps(sent)) == []
     assert record is not None and leaks("stored", record.model_dump_json()) == []
     assert leaks("files", b"".join(p.read_bytes() for p in tmp_path.glob("t.db*"))) == []
+
+
+async def test_a_key_a_person_types_into_a_command_is_redacted_as_it_enters(tmp_path: Path) -> None:
+    """A fact added from the TUI or `watch` reaches the state, the prompt and the events redacted (the commands
+    table keeps what was sent: it is the person's own input, written before the engine sees it)."""
+    from loopterm.core import Loop, LoopState
+    from loopterm.core.engine import Engine
+    from loopterm.core.model import check_model
+
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps({"turns": [{"content": decision(None, subgoal="look", reasoning="r")}] * 2}))
+    loop = Loop(name="cmd", goal="Look.", tools=[], state=LoopState, script=script, max_iterations=2, stall_window=None)
+    check_model(loop.model, loop.script)
+    store = Store.open(tmp_path / "t.db")
+    engine = Engine.create(loop, store, loop_ref="test:cmd", workspace_root=tmp_path / "ws", workdir=tmp_path)
+    store.add_command(engine.run_id, "add_fact", {"fact": f"deploy with {SHAPED['project']}", "reason": "a person"})
+    await engine.run()
+    states = json.dumps([r.state for r in store.iterations(engine.run_id)])
+    prompts = json.dumps([r.prompt for r in store.iterations(engine.run_id)])
+    events = json.dumps([e.data for e in store.events(engine.run_id)])
+    store.close()
+    assert f"deploy with {KEY_MARKER}" in states and f"deploy with {KEY_MARKER}" in events
+    assert leaks("state", states) + leaks("prompt", prompts) + leaks("events", events) == []
