@@ -48,7 +48,7 @@ from loopterm.core.records import (
     ToolCallRecord,
 )
 from loopterm.store import ledger, memory
-from loopterm.store.guard import OTHER_PATH, check_file, classify, one_line
+from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy, one_line
 from loopterm.store.migrations import upgrade
 from loopterm.store.prompts import decode_prompt, encode_prompt
 from loopterm.store.rows import args_hash, dump_json, encode, from_row, to_row
@@ -67,7 +67,10 @@ from loopterm.store.states import (
 )
 from loopterm.store.delta import apply_copy, copy_tree, loads
 
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT_MS = 10_000  # SQLite's own wait for another connection's lock, per attempt
+# A write waits this long in all for another process's write lock (a big import, a person's sqlite3 shell)
+# before it fails: a supervisor outlasts a slow neighbour rather than losing its run after 10 s.
+LOCK_WAIT_S = 120.0
 SHOWN_MATCHES = 5
 HEADS_KEPT = 8  # runs whose last committed state is kept in memory for the next delta
 PAGE = 256  # iteration rows fetched per query when streaming
@@ -106,6 +109,8 @@ class Store:
         self._queued_finishes: dict[str, tuple[dict[str, Any], float]] = {}
         self.migrated_from: int | None = None  # the schema version this open upgraded the file from
         self.backup_path: Path | None = None  # the copy of the file made before that upgrade
+        self.lock_wait_s = LOCK_WAIT_S
+        self.lock_retries = 0  # writes that found the file still locked after the busy timeout, and tried again
 
     # -- opening and closing -------------------------------------------------
 
@@ -125,7 +130,7 @@ class Store:
         except OSError as exc:
             raise ConfigError(f"cannot create {path}: {one_line(exc.strerror or exc)}; check its permissions or {OTHER_PATH}") from None
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}") from None
+            raise _open_failure(exc, path) from None
         migrated: tuple[int, Path] | None = None
         try:
             db = Database(conn, execute_plugins=False)
@@ -135,7 +140,7 @@ class Store:
                 # so a failed upgrade leaves the file byte for byte as it was.
                 migrated = upgrade(db, path)
             db.execute("PRAGMA foreign_keys = ON")
-            db.enable_wal()
+            _when_unlocked(db.enable_wal)  # SQLite does not wait on its busy handler for a journal mode switch
             db.execute("PRAGMA synchronous = FULL")  # stated, not left to the build: see _write
             if not version:
                 cls._init_schema(db, path)
@@ -144,7 +149,7 @@ class Store:
             raise
         except sqlite3.Error as exc:
             conn.close()
-            raise ConfigError(f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}") from None
+            raise _open_failure(exc, path) from None
         store = cls(db, path, clock)
         if migrated is not None:
             store.migrated_from, store.backup_path = migrated
@@ -204,7 +209,7 @@ class Store:
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
         with self._lock:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             queued = self._queued_intents, self._queued_finishes
             try:
                 self._write_queued()
@@ -220,6 +225,22 @@ class Store:
                 conn.rollback()
                 self._queued_intents, self._queued_finishes = queued
                 raise
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, trying again while another process keeps the write lock, up to lock_wait_s in all.
+
+        Each attempt already waits BUSY_TIMEOUT_MS inside SQLite. Nothing has been read or written yet,
+        so trying again is safe; after lock_wait_s the busy error goes up (the CLI says what to do).
+        """
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                self.lock_retries += 1
 
     def _write_queued(self) -> None:
         """Write the queued intents and tool-call results inside the current transaction."""
@@ -869,6 +890,32 @@ class Store:
         else:
             call = ToolCallRecord.model_validate(item)
             db.table("tool_calls").insert({**to_row("tool_calls", call), "args_hash": args_hash(call.args)})
+
+
+def _when_unlocked(action: Callable[[], Any], seconds: float = BUSY_TIMEOUT_MS / 1000) -> None:
+    """Do `action`, trying again for a while if another connection has the file locked.
+
+    Two processes creating the same new database at once both switch it to WAL; SQLite answers the
+    loser SQLITE_BUSY at once, without its busy handler (measured: about 1 open in 200 of four racing).
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _open_failure(exc: sqlite3.Error, path: Path) -> Exception:
+    """What opening the store failed with: a fault of the moment (locked, full, I/O) as the SQLite error
+    itself, for the caller to report and retry; anything about the file as a one-line ConfigError."""
+    described = describe_failure(exc, path)
+    if described is None or described[1]:
+        return ConfigError(described[0] if described else f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}")
+    return exc
 
 
 @functools.cache

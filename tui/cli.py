@@ -139,9 +139,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line for the person, the traceback on request
         if os.environ.get("LOOPTERM_DEBUG"):
             raise
+        failure = _store_failure(exc, args)
+        if failure is not None:  # the database failed under us: full, locked too long, damaged, read-only
+            message, bad_input = failure
+            print(f"loopterm: {message}", file=sys.stderr)
+            return USAGE_ERROR if bad_input else 1
         print(f"loopterm: unexpected error: {exc.__class__.__name__}: {exc} (set LOOPTERM_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _store_failure(exc: BaseException, args: argparse.Namespace) -> tuple[str, bool] | None:
+    """One line for a SQLite error anywhere in the cause chain (a full disk mid-run, a lock held too long, a
+    page found damaged while reading), naming the database file; None if the error is not the store's."""
+    from loopterm.store.guard import describe_failure
+
+    db = getattr(args, "db", None) or Path(os.environ.get("LOOPTERM_DB") or DEFAULT_DB)
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        cause = pending.pop(0)
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        described = describe_failure(cause, db)
+        if described is not None:
+            return described
+        pending.extend(e for e in (cause.__cause__, cause.__context__) if e is not None)
+        if isinstance(cause, BaseExceptionGroup):  # a batch's runs fail together
+            pending.extend(cause.exceptions)
+    return None
 
 
 def _dispatch(args: argparse.Namespace) -> int:
