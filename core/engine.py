@@ -408,7 +408,7 @@ class Engine:
         self._elapsed_base = self.spend.elapsed_s
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
-            if self.state.termination_reason == TerminationReason.CONVERGED.value and self.state.iteration:
+            if self._converged_unrecorded():
                 # Its last iteration converged and was committed, but the process died before the run's
                 # end was recorded: record it now (iterating on would call the model and fire tools again).
                 why = "every gate passed" if self.loop.converged is None else "its convergence check held"
@@ -442,6 +442,14 @@ class Engine:
         finally:
             heartbeat.cancel()
             self.journal.flush()  # anything still queued (an exception nobody expected) goes to disk
+
+    def _converged_unrecorded(self) -> bool:
+        """Whether this run's own last committed iteration converged (a branch starts from its
+        parent's state, which may say so: that iteration is not the branch's)."""
+        if self.state.termination_reason != TerminationReason.CONVERGED.value:
+            return False
+        last = self.journal.last_iterations(self.run_id, 1)
+        return bool(last) and last[-1].run_id == self.run_id and last[-1].n == self.state.iteration
 
     async def _heartbeat(self) -> None:
         while True:
