@@ -8,10 +8,15 @@ A secret is
   ``MIN_SECRET_LENGTH`` characters long (a shorter value would erase ordinary text). Values present at
   start are known from the first use; a variable set later is picked up, and a value stays a secret
   after its variable is unset;
-- the value of an ``Authorization`` / ``Proxy-Authorization`` header (any scheme), a bare ``Bearer``
-  token, and a long token (16+ characters, with a digit or both cases) assigned to a name ending in ``key``, ``token``,
-  ``secret``, ``password``, ``auth`` (``x-api-key: ...``, ``api_key=...``, ``"token": "..."``;
-  a bare ``key`` only with ``=``, so a JSON field named "key" holding a digest is left alone);
+- the value of an ``Authorization`` / ``Proxy-Authorization`` header after its scheme (``Bearer``,
+  ``Basic``, ``token``), a bare ``Bearer`` token with a digit in it; after a name ending in ``key``,
+  ``token``, ``auth``, ``secret`` or ``password`` (``x-api-key: ...``, ``api_key=...``, ``"token": "..."``),
+  a token of 16+ characters that looks generated (letters and digits alternate 4+ times: hex, base64);
+  a quoted value after ``password``/``secret`` (``password="..."``); any value ending the line or word
+  after an upper-case ``NAME=`` (an environment file, ``export API_TOKEN=...``). A bare ``key`` counts
+  only with ``=``, so a JSON field named "key" holding a digest is left alone. These values are often in
+  code a model writes, so they favour precision: an identifier, an attribute, a call, a ``$VARIABLE``,
+  an f-string or a path after the name is never redacted (it would corrupt the code);
 - a key-shaped string: ``sk-...`` (OpenAI, ``sk-ant-`` Anthropic), ``sk_live_``/``rk_live_``, ``AKIA``/
   ``ASIA`` (AWS), ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_``/``github_pat_`` (GitHub), ``xox[abpors]-``
   (Slack), ``AIza`` (Google), ``hf_`` (Hugging Face), JWTs, PEM private key blocks.
@@ -36,7 +41,7 @@ import os
 import re
 import threading
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 MIN_SECRET_LENGTH = 8
 KEY_MARKER = "[redacted:key]"
@@ -105,21 +110,41 @@ def secret_values() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- patterns
 
-# A value after a header name or an assignment: stops at whitespace, quotes and separators, never
-# re-redacts a marker.
-_VALUE = r"(?!\[redacted)[^\s\"'`,;<>(){}\[\]\\]+"
-# A token: 16+ characters of a key's alphabet with a digit, or with both cases.
-_T = r"[A-Za-z0-9+/_.~\-]"
-_TOKEN = rf"(?!\[redacted)(?={_T}*[0-9]|(?={_T}*[a-z]){_T}*[A-Z]){_T}{{16,}}={{0,2}}"
-_PASSWORD = r"(?!\[redacted)(?-i:(?![a-z]+\b))[^\s\"'`,;<>(){}\[\]\\]{8,}"
+# These values are often what a model writes into a tool's arguments (code, a shell script, a config
+# file), so the patterns after a name favour precision: a false positive would corrupt the code.
+#
+# A header's value after its scheme: stops at whitespace, quotes and separators; never a marker, a
+# variable (`$TOKEN`, `%TOKEN%`), a placeholder or an f-string (`{token}`, `<token>`).
+_VALUE = r"(?![\[$%{<])[^\s\"'`,;<>(){}\[\]\\]+"
+# A token after a name (key=, "token":, auth=): 16+ characters of a key's alphabet that look random
+# (see _random: an identifier or an attribute like `_KEEP.__contains__` is never one).
+_TOKEN = r"(?![\[$%{<])[A-Za-z0-9+/_\-]{16,}={0,2}"
+# A password in quotes after its name ("password": "...", secret='...'): 6+ characters, not a lowercase
+# word, not a path.
+_QUOTED = r"(?-i:(?![a-z]+[\"']|/))[^\s\"'`,;<>(){}\[\]\\]{6,}(?=\\?[\"'])"
 _SEP = r"\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?"
+_SEP_QUOTE = r"\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']"
+
+
+def _random(value: str) -> bool:
+    """Whether a token looks generated rather than written: it switches between letters and digits at
+    least four times (hex, base64 and most API keys do; identifiers such as sha256_digest do not)."""
+    switches, last = 0, None
+    for c in value:
+        kind = "d" if c.isdigit() else "a" if c.isalpha() else None
+        if kind is not None:
+            if last is not None and kind != last:
+                switches += 1
+            last = kind
+    return switches >= 4
+
 
 # Case-sensitive key shapes, in groups: a group is looked at only when its character is in the text
 # (one memchr). Each entry: a literal found with str.find, how far the shape starts before it, and the
 # shape (matched where it starts, which must not follow a letter or digit: "task-..." is not "sk-...").
 _SHAPES: tuple[tuple[str, tuple[tuple[str, int, re.Pattern[str]], ...]], ...] = (
     ("-", (
-        ("k-", 1, re.compile(r"[spr]k-[A-Za-z0-9_\-]{8,}")),  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), Langfuse
+        ("sk-", 0, re.compile(r"sk-[A-Za-z0-9_\-]{8,}")),  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), Langfuse
         ("xox", 0, re.compile(r"xox[abposr]-[A-Za-z0-9\-]{10,}")),  # Slack
         ("-----BEGIN", 0, re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)",
                                      re.DOTALL)),
@@ -140,21 +165,41 @@ _SHAPES: tuple[tuple[str, tuple[tuple[str, int, re.Pattern[str]], ...]], ...] = 
     )),
 )
 
-# Case-insensitive, found in the ASCII-lowercased text: (trigger, patterns tried in order at it; the
-# group "secret" is what is replaced). All but bearer need ":" or "=" in the text.
-_WORDS: tuple[tuple[str, tuple[re.Pattern[str], ...]], ...] = tuple(
-    (trigger, tuple(re.compile(p, re.IGNORECASE) for p in patterns))
+# Case-insensitive, found in the ASCII-lowercased text: (trigger, (pattern, check) tried in order at it;
+# the group "secret" is what is replaced, when the check, if any, passes). All but bearer need ":" or "="
+# in the text.
+_Check = Callable[[str], bool] | None
+_WORDS: tuple[tuple[str, tuple[tuple[re.Pattern[str], _Check], ...]], ...] = tuple(
+    (trigger, tuple((re.compile(p, re.IGNORECASE), check) for p, check in patterns))
     for trigger, patterns in (
-        # Any scheme (Bearer, Basic, token) or none: the header's whole value is the credential.
-        ("auth", (rf"authorization{_SEP}(?:(?:bearer|basic|token|digest|bot)[ \t]+)?+(?P<secret>{_VALUE})",
-                  rf"auth{_SEP}(?P<secret>{_TOKEN})")),
-        ("key", (rf"key{_SEP}(?P<secret>{_TOKEN})",)),
-        ("token", (rf"token{_SEP}(?P<secret>{_TOKEN})",)),
-        ("secret", (rf"secret{_SEP}(?P<secret>{_PASSWORD})",)),
-        ("pass", (rf"pass(?:word|wd|phrase){_SEP}(?P<secret>{_PASSWORD})",)),
+        # With a scheme (Bearer, Basic, token) the header's whole value is the credential; without one,
+        # a value that looks generated.
+        ("auth", ((rf"authorization{_SEP}(?:bearer|basic|token|digest|bot)[ \t]++(?P<secret>{_VALUE})", None),
+                  (rf"authorization{_SEP}(?P<secret>{_VALUE})", _random),
+                  (rf"auth{_SEP}(?P<secret>{_TOKEN})", _random))),
+        ("key", ((rf"key{_SEP}(?P<secret>{_TOKEN})", _random),)),
+        ("token", ((rf"token{_SEP}(?P<secret>{_TOKEN})", _random),)),
+        ("secret", ((rf"secret{_SEP_QUOTE}(?P<secret>{_QUOTED})", None), (rf"secret{_SEP}(?P<secret>{_TOKEN})", _random))),
+        ("pass", ((rf"pass(?:word|wd|phrase){_SEP_QUOTE}(?P<secret>{_QUOTED})", None),
+                  (rf"pass(?:word|wd|phrase){_SEP}(?P<secret>{_TOKEN})", _random))),
     )
 )
-_BEARER = re.compile(r"bearer[ \t]+(?P<secret>(?!\[redacted)(?=[A-Za-z0-9._~+/=\-]*[0-9])[A-Za-z0-9._~+/=\-]{8,})",
+# An environment file's or shell's assignment to an upper-case name (DB_PASSWORD=..., export API_TOKEN=...):
+# any value of 8+ characters ending the line or the word (a keyword argument, a call or a variable is code).
+_ENV_STYLE = re.compile(r"(?:key|token|secret|password|passwd|passphrase|auth)=(?P<secret>(?![\[$%{<])"
+                        r"[^\s\"'`,;<>(){}\[\]\\&]{8,}+)(?=[\s&;\"']|$)", re.IGNORECASE)
+
+
+def _upper_name(text: str, at: int, end: int) -> bool:
+    """Whether the name ending at `end` (through the trigger at `at`) is all upper case: DB_PASSWORD, not password."""
+    start = at
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        start -= 1
+    name = text[start:end]
+    return name.isupper()
+
+
+_BEARER = re.compile(r"bearer[ \t]+(?P<secret>(?![\[$%{<])(?=[A-Za-z0-9._~+/=\-]*[0-9])[A-Za-z0-9._~+/=\-]{8,})",
                      re.IGNORECASE)
 
 
@@ -189,11 +234,15 @@ def _spans(text: str) -> list[tuple[int, int]]:
                     if not low[at + 3:at + 11].lstrip("\\\"' \t").startswith("="):
                         at = low.find(trigger, at + 1)
                         continue
-                for pattern in patterns:
+                for pattern, check in patterns:
                     m = pattern.match(text, at)
-                    if m is not None:
+                    if m is not None and (check is None or check(m.group("secret"))):
                         spans.append(m.span("secret"))
                         break
+                else:
+                    m = _ENV_STYLE.match(text, at)
+                    if m is not None and _upper_name(text, at, m.start("secret") - 1):
+                        spans.append(m.span("secret"))
                 at = low.find(trigger, at + 1)
     if bearer:
         at = low.find("bearer")

@@ -356,9 +356,11 @@ def test_key_shapes_and_credential_values_are_redacted() -> None:
         "proxy-authorization: Basic dXNlcjpwYXNzd29yZA==": f"proxy-authorization: Basic {KEY_MARKER}",
         '{"Authorization": "token abc"}': f'{{"Authorization": "token {KEY_MARKER}"}}',
         "x-api-key: Zq8w7e6r5t4y3u2i1o0p": f"x-api-key: {KEY_MARKER}",
-        "https://h/v1?api_key=0123456789abcdef0123&q=1": f"https://h/v1?api_key={KEY_MARKER}&q=1",
+        "https://h/v1?api_key=d5345c0ecc68ae6295c69f91926b2bd3&q=1": f"https://h/v1?api_key={KEY_MARKER}&q=1",
         'client_secret="S3cr3t-value"': f'client_secret="{KEY_MARKER}"',
         "DB_PASSWORD=hunter2hunter2": f"DB_PASSWORD={KEY_MARKER}",
+        "export API_TOKEN=changeme-now\n": f"export API_TOKEN={KEY_MARKER}\n",  # an environment file or a shell
+        'conn = connect(password="hunter22")': f'conn = connect(password="{KEY_MARKER}")',  # a literal in code
         "curl -H 'Authorization: Bearer tok_9876543210'": f"curl -H 'Authorization: Bearer {KEY_MARKER}'",
         "Bearer tok_987654321": f"Bearer {KEY_MARKER}",
     }
@@ -376,8 +378,29 @@ def test_ordinary_text_is_left_alone() -> None:
         "max_tokens: 1000, tokens_in=123456789012345678",
         "AKIA is not a key on its own, nor is ASIA",
         "Authorization: [redacted:key]",
+        # code a model writes into a tool's arguments must come through whole (a false positive corrupts it)
+        "words = itertools.groupby(folded, key=_KEEP.__contains__)",
+        "login(user, password=user_password)",
+        "ARGILLA_API_KEY=_credentials_api_key,",
+        "SECRET_KEY = get_secret()",
+        'api_key=os.environ["OPENAI_API_KEY"], key=sha256_hexdigest_value',
+        '{"create_client_secret": "/realtime/client_secrets"}',
+        'curl -H "Authorization: Bearer $OPENAI_API_KEY" https://api.openai.com',
+        'headers = {"Authorization": f"Bearer {token}", "x-api-key": api_key}',
+        '"Authorization": "Bearer " + token',
     ]:
         assert redact(text) == text, text
+
+
+def test_the_shipped_scripts_come_through_redaction_unchanged() -> None:
+    """The built-in loops' scripted replies are code and prose a model would write: not one string of them
+    may change (a `key=_KEEP.__contains__` in codefix's groupby case once did, and broke the case)."""
+    root = Path(__file__).resolve().parent.parent / "examples"
+    scripts = sorted(root.rglob("*.json"))
+    assert len(scripts) > 20
+    for script in scripts:
+        data = json.loads(script.read_text())
+        assert redact_tree(data) is data, script
 
 
 def test_environment_values_by_name_with_a_minimum_length(monkeypatch: pytest.MonkeyPatch) -> None:
