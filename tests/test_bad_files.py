@@ -393,8 +393,9 @@ def test_a_file_size_limit_mid_run_is_one_clear_line_and_the_run_resumes(tmp_pat
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """RLIMIT_FSIZE makes the kernel refuse writes past the limit (EFBIG): the WAL cannot grow, as on a full disk."""
     db = tmp_path / "db" / "loopterm.db"
-    fill_then_resume(tmp_path, db, 40, capsys, limit=600_000, make_space=lambda: None,
+    figures = fill_then_resume(tmp_path, db, 40, capsys, limit=600_000, make_space=lambda: None,
                      expected=f"use {db}: disk I/O error (a full disk, a file size limit or a failing disk)")
+    print(json.dumps(figures))
 
 
 def can_mount() -> bool:
@@ -434,7 +435,9 @@ def test_a_full_filesystem_mid_run_is_one_clear_line_and_the_run_resumes_once_th
         def grow() -> None:
             subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
 
-        fill_then_resume(tmp_path, db, 40, capsys, limit=None, make_space=grow, expected=f"write {db}: the disk is full")
+        figures = fill_then_resume(tmp_path, db, 40, capsys, limit=None, make_space=grow,
+                                   expected=f"write {db}: the disk is full")
+    print(json.dumps(figures))
 
 
 @NEEDS_MOUNT
