@@ -8,6 +8,7 @@ that shows the model what was wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -41,8 +42,89 @@ class DecisionError(ValueError):
     """A reply that is not a valid decision; `str()` is what the model is shown."""
 
 
+# Untrusted JSON (a model's reply, a person's state edit or --set patch) is kept to what the store
+# can write and read back, and the screen can show: nesting well below the depth pydantic refuses to
+# serialize (about 250 levels, with the state's own levels on top), finite numbers (JSON has no NaN
+# or Infinity; serialized, they silently become null), integers within 64 bits (the store's JSON
+# reader, orjson, reads a larger one back as a float, silently), and valid Unicode (an unpaired
+# surrogate, which JSON's \ud800 escape can produce, cannot be encoded as UTF-8, so SQLite refuses it).
+MAX_JSON_DEPTH = 100  # a decision, a --set value
+MAX_STATE_DEPTH = 2 * MAX_JSON_DEPTH  # a whole state (it holds decisions' arguments a few levels down)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _where(path: list[str]) -> str:
+    shown = "".join(path).lstrip(".") or "the top level"
+    return shown if len(shown) <= 80 else shown[:79] + "…"
+
+
+def _key(key: object) -> str:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"[{key}]"
+    text = str(key)
+    return f".{text}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,40}", text) else f"[{short_repr(text, 40)}]"
+
+
+def json_path(loc: Any) -> str:
+    """A validation error's location as one safe line: `action.args["\\x1b[2J"][0]`. Its keys come from
+    untrusted JSON (a model's extra argument, a person's extra field): quoted, escapes visible, cut short."""
+    return _where([_key(part) for part in loc]) if loc else ""
+
+
+def short_repr(value: str, limit: int = 80) -> str:
+    """repr() of untrusted text, cut to about `limit` characters: quoted, escapes visible, one line."""
+    if len(value) > limit:
+        return repr(value[:limit]) + f"… ({len(value):,} characters)"
+    return repr(value)
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """What would keep this JSON-like value from being stored, loaded and shown as it is; None if nothing.
+
+    One line naming the place (e.g. "NaN at action.args.x ..."). Walks the value without recursion,
+    so a hostile depth costs no stack.
+    """
+    stack: list[tuple[Any, int, list[str]]] = [(value, 0, [])]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return (f"{node!r} at {_where(path)}: JSON has no NaN or Infinity (stored, it would silently become "
+                        "null); use a number or null")
+        elif isinstance(node, int) and not isinstance(node, bool):
+            if not -(2**63) <= node < 2**63:
+                return (f"an integer beyond 64 bits at {_where(path)}: it would not be read back exactly (nor fit "
+                        "SQLite or JavaScript); write it as a string")
+        elif isinstance(node, str):
+            found = _SURROGATE.search(node)
+            if found:
+                return (f"an unpaired surrogate {found.group()!r} at {_where(path)}: not valid Unicode (it cannot be "
+                        "stored as UTF-8)")
+        elif isinstance(node, (dict, list, tuple)):
+            if depth >= max_depth:
+                return f"nesting deeper than {max_depth} levels at {_where(path)}"
+            if isinstance(node, dict):
+                for key, item in node.items():
+                    if isinstance(key, str) and _SURROGATE.search(key):
+                        return (f"an unpaired surrogate in a key at {_where(path)}: not valid Unicode (it cannot "
+                                "be stored as UTF-8)")
+                    stack.append((item, depth + 1, [*path, _key(key)]))
+            else:
+                stack.extend((item, depth + 1, [*path, f"[{i}]"]) for i, item in enumerate(node))
+    return None
+
+
+def unreadable_json(exc: BaseException) -> str:
+    """Why json.loads gave up, beyond a JSONDecodeError: too deep to read, or a number too long to convert."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    if "digits" in str(exc):  # Python refuses to read an integer of more than 4,300 digits
+        return "a number of more than 4,300 digits"
+    return " ".join(str(exc).split())[:200]
+
+
 def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
-    """Parse a model reply into a Decision or raise DecisionError with a readable reason."""
+    """Parse a model reply into a Decision or raise DecisionError with a readable reason (one line)."""
     if not isinstance(text, str) or not text.strip():
         raise DecisionError("the reply was empty; a JSON object was expected")
     body = text.strip()
@@ -51,19 +133,23 @@ def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
         body = fenced.group(1)
     try:
         raw = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise DecisionError(f"the reply is not valid JSON ({exc.__class__.__name__}: {str(exc)[:200]})") from None
+    except json.JSONDecodeError as exc:
+        raise DecisionError(f"the reply is not valid JSON (JSONDecodeError: {exc.msg} at line {exc.lineno} column "
+                            f"{exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DecisionError(f"the reply is not valid JSON ({unreadable_json(exc)})") from None
     if not isinstance(raw, dict):
         raise DecisionError(f"the reply is JSON but not an object (got {type(raw).__name__})")
+    problem = json_problem(raw)
+    if problem:
+        raise DecisionError(f"the reply cannot be used: {problem}")
     try:
         decision = Decision.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()[:5]
-        )
+        problems = "; ".join(f"{json_path(err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()[:5])
         raise DecisionError(f"the reply does not match the decision schema: {problems}") from None
     if decision.action is not None and tool_names is not None and decision.action.tool not in tool_names:
         raise DecisionError(
-            f"unknown tool {decision.action.tool!r}; available tools: {', '.join(sorted(tool_names)) or 'none'}"
+            f"unknown tool {short_repr(decision.action.tool)}; available tools: {', '.join(sorted(tool_names)) or 'none'}"
         )
     return decision

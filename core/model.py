@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from loopterm.core.errors import ConfigError, ErrorKind, ModelError, classify_status
 from loopterm.core.retry import CallSettings, CircuitBreaker, RetryPolicy, breaker_for
@@ -213,6 +213,19 @@ class ModelReply(BaseModel):
     latency_ms: float = Field(ge=0.0)  # wall time of complete(), retries and backoff included
     model: str
     calls: int = Field(ge=1)  # provider calls made, retries included
+
+    @field_validator("text")
+    @classmethod
+    def _valid_unicode(cls, text: str) -> str:
+        """A reply may carry unpaired surrogates (a provider's JSON can escape one: "\\ud800"). They are not
+        Unicode: the store cannot write them as UTF-8 and a terminal cannot show them. Each becomes U+FFFD
+        (a pair that arrived as two halves becomes its character)."""
+        if not _SURROGATE.search(text):
+            return text
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ModelClient:

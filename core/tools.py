@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol, S
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from loopterm.core.decision import json_path
 from loopterm.core.persistence import Journal
 from loopterm.core.records import ToolCallRecord
 from loopterm.core.secrets import redact_capped, redact_tree
@@ -104,7 +105,7 @@ class Tool:
             return self.args_model.model_validate(args).model_dump()
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(args)'}: {err['msg']}" for err in exc.errors()[:5]
+                f"{json_path(err['loc']) or '(args)'}: {err['msg']}" for err in exc.errors()[:5]
             )
             raise ValueError(f"invalid arguments for tool {self.name!r}: {problems}") from None
 
