@@ -8,31 +8,50 @@ Every command that changes the run is recorded in the event log with its reason.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, field_validator
+
+from loopterm.core.decision import MAX_STATE_DEPTH, json_problem
 
 
-class Pause(BaseModel):
+MAX_NAME = 200  # an invariant's name, an approval's key: names, not documents (each is repeated in messages)
+
+
+class _Command(BaseModel):
+    """Every command is stored (the control channel is a table) and its text shown: a field the store
+    could not write or read back as it is (an unpaired surrogate, NaN, absurd nesting) is refused here,
+    by the sender, with one line; the engine refuses such a row the same way."""
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        problem = json_problem(value, MAX_STATE_DEPTH)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class Pause(_Command):
     kind: Literal["pause"] = "pause"
 
 
-class Resume(BaseModel):
+class Resume(_Command):
     kind: Literal["resume"] = "resume"
 
 
-class Step(BaseModel):
+class Step(_Command):
     """Run exactly one iteration, then pause."""
 
     kind: Literal["step"] = "step"
 
 
-class Stop(BaseModel):
+class Stop(_Command):
     kind: Literal["stop"] = "stop"
     reason: str = "stopped by a person"
 
 
-class EditState(BaseModel):
+class EditState(_Command):
     """Replace the state the next iteration starts from (validated against the loop's state model)."""
 
     kind: Literal["edit_state"] = "edit_state"
@@ -40,46 +59,48 @@ class EditState(BaseModel):
     reason: str = Field(min_length=1)
 
 
-class Relax(BaseModel):
+class Relax(_Command):
     kind: Literal["relax"] = "relax"
-    invariant: str
+    invariant: str = Field(max_length=MAX_NAME)
     reason: str = Field(min_length=1)
     iterations: int | None = Field(default=None, ge=1)  # None: until restored
 
 
-class Restore(BaseModel):
+class Restore(_Command):
     kind: Literal["restore"] = "restore"
-    invariant: str
+    invariant: str = Field(max_length=MAX_NAME)
     reason: str = ""
 
 
-class AddFact(BaseModel):
+class AddFact(_Command):
     kind: Literal["add_fact"] = "add_fact"
     fact: str = Field(min_length=1)
 
 
-class SetSubgoal(BaseModel):
+class SetSubgoal(_Command):
     kind: Literal["set_subgoal"] = "set_subgoal"
     subgoal: str = Field(min_length=1)
 
 
-class Approve(BaseModel):
+class Approve(_Command):
     """Let a tool call that needs approval run, optionally with edited arguments."""
 
     kind: Literal["approve"] = "approve"
-    key: str
+    key: str = Field(max_length=MAX_NAME)
     args: dict[str, Any] | None = None
     reason: str = ""
 
 
-class Deny(BaseModel):
+class Deny(_Command):
     kind: Literal["deny"] = "deny"
-    key: str
+    key: str = Field(max_length=MAX_NAME)
     reason: str = "denied by a person"
 
 
 Command = Pause | Resume | Step | Stop | EditState | Relax | Restore | AddFact | SetSubgoal | Approve | Deny
-COMMAND = TypeAdapter(Command)
+# Tagged by `kind`, so a malformed command's error names its own field ("edit_state.state: ..."),
+# not the first member of the union that it is not ("Pause.kind: Input should be 'pause'").
+COMMAND: TypeAdapter[Command] = TypeAdapter(Annotated[Command, Field(discriminator="kind")])
 
 
 def parse_command(kind: str, payload: dict[str, Any]) -> Command:

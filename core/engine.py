@@ -23,7 +23,7 @@ from typing import Any, Callable, get_args, get_origin
 from loopterm.core.budget import Spend, over_budget
 from pydantic import TypeAdapter, ValidationError
 
-from loopterm.core.decision import Decision, DecisionError, parse_decision
+from loopterm.core.decision import Decision, DecisionError, json_path, parse_decision
 from loopterm.core.errors import ConfigError, ErrorKind, ModelError
 from loopterm.core.control import (
     AddFact,
@@ -497,7 +497,7 @@ class Engine:
                 command = parse_command(row.kind, redact_tree(row.payload))  # a person's input is redacted too
             except ValidationError as exc:
                 err = exc.errors()[0]
-                self._applied(row.kind, False, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+                self._applied(row.kind, False, f"{json_path(err['loc']) or row.kind}: {err['msg']}")
                 continue
             self._apply(command)
 
@@ -535,10 +535,13 @@ class Engine:
             self.awaiting_person = False
         elif isinstance(command, EditState):
             try:
-                edited = self.loop.state.model_validate({**command.state, "iteration": self.state.iteration})
+                # The iteration and the schema version are the engine's: an edit cannot move them (a state
+                # claiming another schema version could never be loaded again).
+                edited = self.loop.state.model_validate({**command.state, "iteration": self.state.iteration,
+                                                         "schema_version": self.state.schema_version})
             except ValidationError as exc:
                 err = exc.errors()[0]
-                self._applied(command.kind, False, f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}")
+                self._applied(command.kind, False, f"{json_path(err['loc']) or 'state'}: {err['msg']}")
                 return
             self._patched("state_edited", edited, {"reason": command.reason})
         elif isinstance(command, Relax):

@@ -48,6 +48,7 @@ from textual.widgets import Footer, Input, Sparkline, Static
 from textual.worker import get_current_worker
 
 from loopterm.core.control import AddFact, Command, Pause, Resume, SetSubgoal, Step, Stop, command_payload
+from loopterm.core.decision import json_path
 from loopterm.core.engine import Engine, alive, new_run_id
 from loopterm.core.errors import LooptermError
 from loopterm.core.events import IterationCommitted
@@ -1281,7 +1282,7 @@ def _validate_state(loop: Loop, data: dict[str, Any]) -> str | None:
     try:
         loop.state.model_validate(data)
     except ValidationError as exc:
-        return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(state)'}: {err['msg']}" for err in exc.errors()[:3])
+        return "; ".join(f"{json_path(err['loc']) or '(state)'}: {err['msg']}" for err in exc.errors()[:3])
     return None
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Button, Input, Static, TextArea
 
 from loopterm.core.control import Approve, Deny
+from loopterm.core.decision import json_path, unreadable_json
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.widgets.render import literal, pretty
 
@@ -59,6 +61,9 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         except json.JSONDecodeError as exc:
             self.fail(f"the arguments are not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; nothing was sent")
             return
+        except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits; nesting too deep to read
+            self.fail(f"the arguments are not valid JSON: {unreadable_json(exc)}; nothing was sent")
+            return
         if not isinstance(args, dict):
             self.fail("the arguments must be a JSON object; nothing was sent")
             return
@@ -68,4 +73,11 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             if problem:
                 self.fail(f"{problem}; nothing was sent")
                 return
-        self.dismiss(Approve(key=key, args=edited, reason=reason))
+        try:
+            command = Approve(key=key, args=edited, reason=reason)
+        except ValidationError as exc:  # what the store could not keep as written (NaN, a lone surrogate, ...)
+            err = exc.errors()[0]
+            self.fail(f"{json_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}; "
+                      "nothing was sent")
+            return
+        self.dismiss(command)

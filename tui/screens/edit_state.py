@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from textual.app import ComposeResult
 from textual.widgets import Button, Input, Static, TextArea
 
 from loopterm.core.control import EditState
+from loopterm.core.decision import json_path, unreadable_json
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.widgets.render import pretty
 
@@ -50,6 +52,9 @@ class EditStateScreen(Dialog[EditState]):
         except json.JSONDecodeError as exc:
             self.fail(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; nothing was sent")
             return
+        except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits; nesting too deep to read
+            self.fail(f"not valid JSON: {unreadable_json(exc)}; nothing was sent")
+            return
         if not isinstance(data, dict):
             self.fail(f"the state must be a JSON object, not {type(data).__name__}; nothing was sent")
             return
@@ -63,4 +68,11 @@ class EditStateScreen(Dialog[EditState]):
             self.fail("give a reason: every change to a run's state is recorded with why; nothing was sent")
             self.query_one("#reason", Input).focus()
             return
-        self.dismiss(EditState(state=data, reason=reason))
+        try:
+            command = EditState(state=data, reason=reason)
+        except ValidationError as exc:  # what the store could not keep as written (NaN, a lone surrogate, ...)
+            err = exc.errors()[0]
+            self.fail(f"{json_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}; "
+                      "nothing was sent")
+            return
+        self.dismiss(command)
