@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from loopterm.core.decision import MAX_STATE_DEPTH, json_path, json_problem, short_repr, unreadable_json
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
 from loopterm.core.migrations import migrate_state
@@ -52,27 +53,48 @@ class History(Protocol):
     ) -> list[ToolCallRecord]: ...
 
 
+def _shown(path: str) -> str:
+    """A path as typed, or its repr when it holds something a terminal would act on, cut short."""
+    return path if path.isprintable() and len(path) <= 80 else short_repr(path)
+
+
 def parse_set(expr: str) -> tuple[list[PathPart], Any]:
     """`memory.subgoal="retry"` -> (["memory", "subgoal"], "retry"); list indices are numbers."""
     path, sep, raw = expr.partition("=")
     if not sep or not path.strip():
-        raise ConfigError(f"--set expects PATH=JSON (e.g. memory.subgoal='\"retry\"'), got {expr!r}")
-    parts: list[PathPart] = [int(p) if p.isdigit() else p for p in path.strip().split(".")]
+        raise ConfigError(f"--set expects PATH=JSON (e.g. memory.subgoal='\"retry\"'), got {short_repr(expr)}")
+    shown = _shown(path.strip())
+    # Only ASCII digits are an index: "²" is a digit to str.isdigit() but not to int().
+    parts: list[PathPart] = [int(p) if p.isascii() and p.isdigit() else p for p in path.strip().split(".")]
     if any(p == "" for p in parts):
-        raise ConfigError(f"--set {path}: empty path segment; use dots between field names, e.g. memory.facts")
+        raise ConfigError(f"--set {shown}: empty path segment; use dots between field names, e.g. memory.facts")
+    if parts[0] in ENGINE_FIELDS:
+        raise ConfigError(f"--set {shown}: {ENGINE_FIELDS[parts[0]]}; patch the loop's own fields")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"--set {path}: the value is not JSON ({exc.msg}); quote text as JSON, e.g. {path}='\"text\"'"
+            f"--set {shown}: the value is not JSON ({exc.msg}); quote text as JSON, e.g. {shown}='\"text\"'"
         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"--set {shown}: the value is not JSON ({unreadable_json(exc)})") from None
+    problem = json_problem(value)
+    if problem:
+        raise ConfigError(f"--set {shown}: the value cannot be stored: {problem}")
     return parts, value
+
+
+# Fields of the state that are the engine's, not the person's: a branch starts at --at, in the loop's schema.
+ENGINE_FIELDS = {
+    "iteration": "the iteration is where the branch starts (--at); it cannot be patched",
+    "schema_version": "the state's schema version is the loop definition's; it cannot be patched",
+}
 
 
 def apply_set(data: dict[str, Any], path: list[PathPart], value: Any) -> None:
     """Set one path in a JSON-like tree, in place; a path through nothing is an error."""
     node: Any = data
-    shown = ".".join(str(p) for p in path)
+    shown = _shown(".".join(str(p) for p in path))
     for i, part in enumerate(path):
         last = i == len(path) - 1
         if isinstance(node, dict) and isinstance(part, str):
@@ -80,7 +102,7 @@ def apply_set(data: dict[str, Any], path: list[PathPart], value: Any) -> None:
                 node[part] = value
                 return
             if part not in node:
-                raise ConfigError(f"--set {shown}: the state has no field {part!r} at that point")
+                raise ConfigError(f"--set {shown}: the state has no field {short_repr(part, 40)} at that point")
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int):
             if part >= len(node):
@@ -90,7 +112,7 @@ def apply_set(data: dict[str, Any], path: list[PathPart], value: Any) -> None:
                 return
             node = node[part]
         else:
-            raise ConfigError(f"--set {shown}: cannot index {type(node).__name__} with {part!r}")
+            raise ConfigError(f"--set {shown}: cannot index {type(node).__name__} with {short_repr(str(part), 40)}")
 
 
 class SideEffectCall(BaseModel):
@@ -136,18 +158,26 @@ def plan_fork(
     patches = [parse_set(expr) for expr in sets or []]
     for path, value in patches:
         apply_set(data, path, value)
+    problem = json_problem(data, MAX_STATE_DEPTH)
+    if problem:
+        raise ConfigError(f"the patched state cannot be stored: {problem}; nothing was created")
     try:
         state = loop.state.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(state)"
+        where = json_path(err["loc"]) or "(state)"
         raise ConfigError(f"the patched state is invalid at {where}: {err['msg']}; nothing was created") from None
     names = {inv.name for inv in loop.invariants}
     for name in relax or []:
         if name not in names:
             raise ConfigError(
-                f"loop {loop.name!r} has no invariant {name!r}; its invariants are: {', '.join(sorted(names)) or 'none'}"
+                f"loop {loop.name!r} has no invariant {short_repr(name, 60)}; its invariants are: "
+                f"{', '.join(sorted(names)) or 'none'}"
             )
+    for option, text in (("--reason", reason), ("--model", model or "")):
+        problem = json_problem(text)
+        if problem:
+            raise ConfigError(f"{option} cannot be stored: {problem}")
     return ForkPlan(
         parent=parent,
         at=at,
