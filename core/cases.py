@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loopterm.core.decision import unreadable_json
 from loopterm.core.errors import ConfigError
 
 Expectation = Literal["converged", "terminated", "escalated", "failed", "stopped"]
@@ -104,7 +105,7 @@ def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
     if jsonl and path.suffix.lower() != ".jsonl":
         try:  # one pretty-printed object is a mistake worth naming, not "line 2 is not JSON"
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (JSONDecodeError), too deep, a number of 4,300+ digits
             whole = None
         if isinstance(whole, dict):
             raise ConfigError(f"cases file {path} holds one object, not a list of cases; wrap it in [ ] "
@@ -119,12 +120,16 @@ def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"cases file {path}: line {lineno} is not valid JSON: {exc.msg} at column {exc.colno} "
                                   "(JSON lines: one case object per line)") from None
+            except (ValueError, RecursionError) as exc:
+                raise ConfigError(f"cases file {path}: line {lineno} is not valid JSON: {unreadable_json(exc)}") from None
             out.append((f"case {len(out) + 1} (line {lineno})", item))
         return out
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"cases file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"cases file {path} is not valid JSON: {unreadable_json(exc)}") from None
     if not isinstance(data, list):
         raise ConfigError(f"cases file {path} must hold a JSON list of case objects (or JSON lines), "
                           f"not a {type(data).__name__}")

@@ -52,13 +52,24 @@ def builtin_loops() -> dict[str, str]:
 
 
 def one_line(text: str, limit: int = _MAX_LINE) -> str:
-    """Collapse whitespace so any message fits the one-line contract, and cap its length."""
-    flat = " ".join(str(text).split())
+    """Collapse whitespace so any message fits the one-line contract, and cap its length; control
+    characters (an exception's ANSI escapes) and unpaired surrogates are shown as escapes, never sent."""
+    flat = _UNSHOWN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), " ".join(str(text).split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def load_loop(ref: str) -> tuple[Loop, str]:
     """Load a loop from a built-in name or `path/to/file.py[:name]`; return it and its canonical ref."""
+    try:
+        return _load_loop(ref)
+    except ConfigError as exc:  # whatever part of it came from the person's input or the file, one line
+        raise ConfigError(one_line(str(exc), 1_000)) from None
+
+
+def _load_loop(ref: str) -> tuple[Loop, str]:
     ref = (ref or "").strip()
     if not ref:
         raise ConfigError("no loop given; pass a built-in name (see `loopterm loops`) or path/to/file.py[:name]")
@@ -70,10 +81,13 @@ def load_loop(ref: str) -> tuple[Loop, str]:
         raise ConfigError(f"built-in loop {path_text!r} takes no ':{name}'; run it as `loopterm run {path_text}`")
     if name is None and not _looks_like_path(path_text):
         raise ConfigError(_unknown_builtin_message(ref, builtins))
-    path = Path(path_text).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    path = path.resolve()
+    try:
+        path = Path(path_text).expanduser()
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        path = path.resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a loop of symlinks
+        raise ConfigError(f"loop file {_ref_shown(path_text)} cannot be opened: {_os_reason(exc)}; check the path") from None
     loops = _loops_in_file(path, shown=path_text)
     chosen_name, loop = _choose(loops, name, shown=path_text)
     return loop, f"{path}:{chosen_name}"
@@ -135,12 +149,23 @@ def _looks_like_path(text: str) -> bool:
     return text.endswith(".py") or "/" in text or "\\" in text or text.startswith(("~", "."))
 
 
+def _ref_shown(ref: str, limit: int = 120) -> str:
+    """A ref as the person typed it, quoted, cut short (the advice after it must stay on the line)."""
+    return repr(ref) if len(ref) <= limit else repr(ref[:limit]) + f"... ({len(ref):,} characters)"
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return " ".join(str(exc).split())[:200] or exc.__class__.__name__
+
+
 def _unknown_builtin_message(ref: str, builtins: dict[str, str]) -> str:
     known = ", ".join(sorted(builtins)) or "none"
-    close = difflib.get_close_matches(ref, list(builtins), n=1)
+    close = difflib.get_close_matches(ref, list(builtins), n=1) if len(ref) <= 200 else []
     hint = f"did you mean {close[0]!r}? " if close else ""
     return (
-        f"unknown loop {ref!r}: {hint}built-in loops are {known}; "
+        f"unknown loop {_ref_shown(ref)}: {hint}built-in loops are {known}; "
         "run `loopterm loops` to list them, or give a loop file as path/to/file.py[:name]"
     )
 
@@ -161,7 +186,11 @@ def _load_builtin(name: str, target: str) -> Loop:
 
 def _loops_in_file(path: Path, shown: str) -> dict[str, object]:
     """Import the file and return its module-level variables (ConfigError if it cannot be imported)."""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise ConfigError(f"loop file {_ref_shown(shown)} cannot be opened: {_os_reason(exc)}; check the path") from None
+    if not exists:
         raise ConfigError(f"loop file {shown} not found (looked at {path}); check the path, or run `loopterm loops`")
     if path.is_dir():
         raise ConfigError(f"loop file {shown} is a directory; give the .py file that defines the Loop")
@@ -187,7 +216,10 @@ def _import_file(path: Path, shown: str) -> ModuleType:
         sys.path.insert(0, directory)
         try:
             spec.loader.exec_module(module)
-        except (Exception, SystemExit) as exc:
+        except KeyboardInterrupt:  # ctrl-c while the file imports: an interruption, not the file's error
+            sys.modules.pop(module_name, None)
+            raise
+        except BaseException as exc:  # SystemExit, asyncio.CancelledError, a BaseException of the file's own
             sys.modules.pop(module_name, None)
             raise ConfigError(_import_failure(exc, path, shown)) from None
         finally:

@@ -842,6 +842,10 @@ class Store:
                     item = loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{where}: not JSON ({exc.msg}); nothing was imported") from None
+                except (ValueError, RecursionError) as exc:  # nested too deeply, a number of 4,300+ digits
+                    from loopterm.core.decision import unreadable_json
+
+                    raise ConfigError(f"{where}: not JSON ({unreadable_json(exc)}); nothing was imported") from None
                 if not isinstance(item, dict):
                     raise ConfigError(f"{where}: expected a JSON object, got {type(item).__name__}; nothing was imported")
                 kind = item.pop("type", None)

@@ -19,14 +19,23 @@ def usd(text: str) -> float:
     return value
 
 
+MAX_INT = 2**63 - 1  # the largest integer SQLite stores (iteration numbers, caps)
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {_shown(text)}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {_shown(text)}")
+    if value > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INT:,}, got {_shown(text)}")
     return value
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text):,} characters)"
 
 
 def positive_int(text: str) -> int:

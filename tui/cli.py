@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -23,7 +24,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, what to do), exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(USAGE_ERROR, f"loopterm: {message} (see `{self.prog} --help`)\n")
+        self.exit(USAGE_ERROR, f"loopterm: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: object, limit: int = 2_000) -> str:
+    """An error as one line a terminal shows as written: whitespace collapsed, control characters (an
+    argument's or a file's ANSI escapes), unpaired surrogates and bidi overrides as escapes, capped."""
+    flat = _UNSHOWN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), " ".join(str(text).split()))
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except LooptermError as exc:
-        print(f"loopterm: {exc}", file=sys.stderr)
+        print(f"loopterm: {one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("loopterm: interrupted", file=sys.stderr)
@@ -144,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             message, bad_input = failure
             print(f"loopterm: {message}", file=sys.stderr)
             return USAGE_ERROR if bad_input else 1
-        print(f"loopterm: unexpected error: {exc.__class__.__name__}: {exc} (set LOOPTERM_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"loopterm: unexpected error: {exc.__class__.__name__}: {one_line(exc, 500)} (set LOOPTERM_DEBUG=1 for "
+              "the traceback)", file=sys.stderr)
         return 1
 
 

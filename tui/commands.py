@@ -35,6 +35,7 @@ from loopterm.tui.headless import (
     status_text,
     summary,
 )
+from loopterm.tui.widgets.render import clean
 
 DEMO_LOOP = "demo"
 
@@ -244,10 +245,10 @@ def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
         return 0
     console.print(Text.assemble(("✗ diverged", "bold red"), f" at iteration {d.iteration}: ", (d.kind, "bold"),
                                 f" (replay {report.replay_run} of run {report.run})"))
-    console.print(Text.assemble(("  recorded  ", "bold"), Text(d.recorded)))
-    console.print(Text.assemble(("  replayed  ", "bold"), Text(d.replayed)))
+    console.print(Text.assemble(("  recorded  ", "bold"), Text(clean(d.recorded))))
+    console.print(Text.assemble(("  replayed  ", "bold"), Text(clean(d.replayed))))
     if d.detail:
-        console.print(Text(f"  {d.detail}", style="dim"))
+        console.print(Text(f"  {clean(d.detail)}", style="dim"))
     return 3
 
 
@@ -328,7 +329,7 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
     for r in iterations:
         d = r.decision or {}
         owner = "" if r.run_id == run_record.id else f"↑{r.run_id[:6]}"
-        table.add_row(str(r.n), owner, action_label(r), Text(str(d.get("subgoal", ""))[:50]),
+        table.add_row(str(r.n), owner, Text(action_label(r)), Text(clean(str(d.get("subgoal", ""))[:50])),
                       f"{float(d.get('confidence', 0)):.2f}", gates_text(r), invariants_text(r),
                       f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.6f}", f"{r.latency_ms:.0f}")
     console.print(table)
@@ -338,18 +339,18 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
 def _show_iteration(console: Console, r: Any) -> None:
     d = r.decision or {}
     console.print(Text(f"iteration {r.n} of run {r.run_id}", style="bold"))
-    console.print(Text.assemble(("subgoal     ", "bold"), Text(str(d.get("subgoal", "")))))
+    console.print(Text.assemble(("subgoal     ", "bold"), Text(clean(d.get("subgoal", "")))))
     console.print(Text.assemble(("confidence  ", "bold"), f"{float(d.get('confidence', 0)):.2f}"))
-    console.print(Text.assemble(("reasoning   ", "bold"), Text(str(d.get("reasoning", "")))))
+    console.print(Text.assemble(("reasoning   ", "bold"), Text(clean(d.get("reasoning", "")))))
     console.print(Text.assemble(("action      ", "bold"), Text(action_label(r))))
     if r.tool_result:
         tr = r.tool_result
-        console.print(Text.assemble(("tool result ", "bold"), Text(("ok: " + tr.get("output", "")) if tr.get("ok") else "error: " + str(tr.get("error")))))
+        console.print(Text.assemble(("tool result ", "bold"), Text(clean(("ok: " + str(tr.get("output", ""))) if tr.get("ok") else "error: " + str(tr.get("error"))))))
     console.print(Text.assemble(("gates       ", "bold"), gates_text(r)))
     for g in r.gate_results:
         if not g["passed"]:
-            console.print(Text((g.get("error") or g.get("stderr") or g.get("stdout") or "")[-1500:], style="red"))
-    console.print(Text.assemble(("invariants  ", "bold"), Text(", ".join(f"{k}={'ok' if v else 'VIOLATED'}" for k, v in r.invariant_status.items()) or "-")))
+            console.print(Text(clean((g.get("error") or g.get("stderr") or g.get("stdout") or "")[-1500:]), style="red"))
+    console.print(Text.assemble(("invariants  ", "bold"), Text(clean(", ".join(f"{k}={'ok' if v else 'VIOLATED'}" for k, v in r.invariant_status.items())) or "-")))
     console.print(Text.assemble(("spend       ", "bold"), f"{r.tokens_in} in, {r.tokens_out} out, ${r.cost_usd:.6f}, {r.latency_ms:.0f} ms"))
     console.print(Text("state", style="bold"))
     console.print(Text(json.dumps(r.state, indent=2)))
@@ -363,6 +364,8 @@ def export(db: Path, prefix: str, *, output: Path | None) -> int:
         for line in lines:
             sys.stdout.write(line)
         return 0
+    if not output.name or output.is_dir():  # "", ".", a folder: nothing to name the file after
+        raise ConfigError(f"--output {clean(output)} is a folder, not a file; give a file name, e.g. run.jsonl")
     partial = output.with_name(output.name + ".partial")
     try:
         with partial.open("w", encoding="utf-8") as f:
@@ -396,7 +399,7 @@ def loops() -> int:
     table.add_column("source", overflow="fold")
     for info in infos:
         line = info.error or info.description or info.goal
-        table.add_row(info.ref if info.source != "built-in" else info.name, info.topology,
-                      Text(line, style="red" if info.error else ""), info.source)
+        table.add_row(Text(clean(info.ref if info.source != "built-in" else info.name)), Text(clean(info.topology)),
+                      Text(clean(line), style="red" if info.error else ""), Text(clean(info.source)))
     console.print(table)
     return 0
