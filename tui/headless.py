@@ -1,7 +1,7 @@
 """Headless progress: one line per committed iteration, a live status while one is in flight.
 
-Everything the model wrote is rendered as plain `Text` (markup off): model
-output is untrusted. Secrets are redacted before anything is printed (belt and
+Everything the model wrote is rendered as plain `Text` (markup off), its control
+characters as visible escapes (render.clean): model output is untrusted. Secrets are redacted before anything is printed (belt and
 braces: what the engine stores and emits is redacted already). Status is always
 a glyph plus a colour.
 """
@@ -29,6 +29,7 @@ from loopterm.core.events import (
 )
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
+from loopterm.tui.widgets.render import clean
 
 PASS, FAIL, WAIT = ("✓", "green"), ("✗", "red"), ("⏸", "yellow")
 STATUS_STYLE = {
@@ -46,7 +47,7 @@ STATUS_STYLE = {
 
 def status_text(status: str) -> Text:
     glyph, style = STATUS_STYLE.get(status, ("?", "white"))
-    return Text(f"{glyph} {status}", style=style)
+    return Text(f"{glyph} {clean(status)}", style=style)
 
 
 def action_label(record: IterationRecord) -> str:
@@ -56,14 +57,14 @@ def action_label(record: IterationRecord) -> str:
     args = call.get("args") or {}
     first = next(iter(args.values()), "") if args else ""
     shown = redact(str(first)).splitlines()[0][:40] if first else ""
-    return f"{call['tool']}({shown})"
+    return f"{clean(call['tool'])}({clean(shown)})"
 
 
 def gates_text(record: IterationRecord) -> Text:
     text = Text()
     for g in record.gate_results:
         glyph, style = PASS if g["passed"] else FAIL
-        text.append(f"{glyph} {g['name']} ", style=style)
+        text.append(f"{glyph} {clean(g['name'])} ", style=style)
     return text or Text("-", style="dim")
 
 
@@ -86,35 +87,35 @@ class HeadlessProgress:
     def __call__(self, event: EngineEvent) -> None:
         if isinstance(event, RunStarted):
             self.max_iterations = event.max_iterations
-            head = Text.assemble(("loopterm ", "bold"), (event.loop, "bold cyan"), f"  run {event.run_id}  model ",
-                                 (event.model, "cyan"), f"  up to {event.max_iterations} iterations")
+            head = Text.assemble(("loopterm ", "bold"), (clean(event.loop), "bold cyan"), f"  run {event.run_id}  model ",
+                                 (clean(event.model), "cyan"), f"  up to {event.max_iterations} iterations")
             if event.resumed_from:
                 head.append(f"  (resumed after iteration {event.resumed_from})", style="yellow")
             self.console.print(head)
         elif isinstance(event, IterationStarted):
             self._spin(f"iteration {event.n}/{self.max_iterations}: deciding, acting, verifying ...")
         elif isinstance(event, ModelRetry):
-            self.console.print(Text(f"    ↻ model call failed ({redact(event.error)[:120]}); retry {event.attempt} in {event.delay_s:.1f}s",
+            self.console.print(Text(f"    ↻ model call failed ({clean(redact(event.error)[:120])}); retry {event.attempt} in {event.delay_s:.1f}s",
                                     style="yellow"))
         elif isinstance(event, IterationCommitted):
             self._stop_spin()
             self.console.print(self._row(event.record))
         elif isinstance(event, Escalated):
             self._stop_spin()
-            failing = ", ".join(i["name"] for i in event.packet.get("failing_invariants", [])) or "-"
-            self.console.print(Text(f"  ⏸ escalated at iteration {event.n}: {redact(str(event.packet['summary']))} (failing: {failing})",
+            failing = ", ".join(clean(i["name"]) for i in event.packet.get("failing_invariants", [])) or "-"
+            self.console.print(Text(f"  ⏸ escalated at iteration {event.n}: {clean(redact(str(event.packet['summary'])))} (failing: {failing})",
                                     style="yellow"))
         elif isinstance(event, StatusChanged):
             self._stop_spin()
             line = status_text(event.status)
             if event.message:
-                line.append(f"  {redact(event.message)}")
+                line.append(f"  {clean(redact(event.message))}")
             if event.status == "escalated":
                 line.append(f"  (answer from `loopterm watch {event.run_id}`)", style="dim")
             self.console.print(Text("  ").append_text(line))
         elif isinstance(event, ApprovalNeeded):
             self._stop_spin()
-            self.console.print(Text(f"  ? tool {event.tool} needs approval (iteration {event.n}); args: "
+            self.console.print(Text(f"  ? tool {clean(event.tool)} needs approval (iteration {event.n}); args: "
                                     f"{redact(json.dumps(event.args))[:100]}", style="yellow"))
         elif isinstance(event, RunFinished):
             self._stop_spin()
@@ -131,7 +132,7 @@ class HeadlessProgress:
         if r.repairs:
             row.append(f"  {r.repairs} repair", style="yellow")
         row.append("\n       ")
-        subgoal = redact(str(decision.get("subgoal", ""))) or "-"
+        subgoal = clean(redact(str(decision.get("subgoal", "")))) or "-"
         row.append(Text(subgoal[:38] + ("…" if len(subgoal) > 38 else ""), style="italic"))  # untrusted: plain Text, never markup
         row.append(f" · {r.tokens_in + r.tokens_out:,} tok · ${r.cost_usd:.6f} · {r.latency_ms:.0f} ms", style="dim")
         row.no_wrap = True
@@ -156,7 +157,7 @@ class HeadlessProgress:
 def summary(run: RunRecord) -> Panel:
     table = Table.grid(padding=(0, 2))
     table.add_row("status", status_text(run.status))
-    table.add_row("reason", Text(redact(run.message or run.termination_reason or "-")))
+    table.add_row("reason", Text(clean(redact(run.message or run.termination_reason or "-"))))
     table.add_row("iterations", f"{run.iterations} of {run.max_iterations}")
     budget = run.budget or {}
     tokens = f"{run.tokens_in + run.tokens_out:,} ({run.tokens_in:,} in, {run.tokens_out:,} out)"
@@ -166,8 +167,8 @@ def summary(run: RunRecord) -> Panel:
     table.add_row("tokens", tokens)
     table.add_row("cost", cost)
     table.add_row("time", f"{run.elapsed_s:.1f}s")
-    table.add_row("workspace", Text(run.workspace))
-    return Panel(table, title=f"run {run.id} · {run.loop}", expand=False)
+    table.add_row("workspace", Text(clean(run.workspace)))
+    return Panel(table, title=Text(f"run {clean(run.id)} · {clean(run.loop)}"), expand=False)  # a title string is markup
 
 
 def as_json(obj: object) -> str:

@@ -22,7 +22,10 @@ from rich.text import Text
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Shown as escapes, never sent to the terminal: control characters (ANSI escapes, C1 controls), unpaired
+# surrogates (not Unicode: a terminal write would fail on them) and the bidirectional embedding, override
+# and isolate controls (they reorder what is shown: "Trojan source").
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 
 PASS_GLYPH, FAIL_GLYPH, RELAXED_GLYPH = "✓", "✗", "~"
 
@@ -46,7 +49,12 @@ _FALLBACK_COLOURS = {"success": "green", "error": "red", "warning": "yellow", "a
 def clean(value: object) -> str:
     """Untrusted text made safe to show: tabs expanded, control characters as visible escapes."""
     text = str(value).replace("\r\n", "\n").replace("\t", "    ")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def literal(value: object, style: str = "") -> Text:
@@ -226,7 +234,7 @@ def row_cells(info: RowInfo, palette: Palette, inherited: bool) -> list[Text]:
     n = Text(f"{'↑' if inherited else ''}{info.n}", style=dim, justify="right")
     action = literal(info.action, dim)
     if info.approval:
-        action.append(f" [{info.approval}]", style=palette.warn)
+        action.append(f" [{clean(info.approval)}]", style=palette.warn)
     confidence = Text("-" if info.confidence is None else f"{info.confidence:.2f}", justify="right", style=dim)
     return [
         n,
@@ -338,7 +346,7 @@ def response_text(record: IterationRecord) -> Text:
     text.append("raw reply", style="bold")
     if record.repairs:
         text.append(f"  (after {record.repairs} repair attempt(s))", style="italic")
-    text.append(f"  {record.model}  {record.tokens_in:,} in / {record.tokens_out:,} out  {money(record.cost_usd)}  "
+    text.append(f"  {clean(record.model)}  {record.tokens_in:,} in / {record.tokens_out:,} out  {money(record.cost_usd)}  "
                 f"{record.latency_ms:.0f} ms\n", style="dim")
     text.append(literal(record.raw_response or "(empty)"))
     if record.decision is not None:
@@ -386,7 +394,7 @@ def gates_detail(record: IterationRecord, palette: Palette) -> Text:
         details = [f"exit {gate['exit_code']}" if gate.get("exit_code") is not None else "",
                    f"{gate['duration_s']:.2f}s" if isinstance(gate.get("duration_s"), (int, float)) else ""]
         if gate.get("model"):  # a model checker: who answered, and what it cost
-            details += [str(gate["model"]), f"{int(gate.get('tokens_in') or 0) + int(gate.get('tokens_out') or 0):,} tok",
+            details += [clean(gate["model"]), f"{int(gate.get('tokens_in') or 0) + int(gate.get('tokens_out') or 0):,} tok",
                         f"${float(gate.get('cost_usd') or 0):.6f}"]
         shown = ", ".join(d for d in details if d)
         if shown:
@@ -513,7 +521,7 @@ def invariants_detail(record: IterationRecord, invariants: list[InvariantInfo], 
         text.append("  " + ("holds" if ok else "not checked" if ok is None else "violated"))
         info = known.get(name)
         if info and info.remediation:
-            text.append(f"  remediation: {info.remediation}", style="dim")
+            text.append(f"  remediation: {clean(info.remediation)}", style="dim")
         if name in relaxed:
             text.append("  relaxed: ", style=f"bold {palette.warn}")
             text.append(literal(relaxed[name] or "-"))
