@@ -190,7 +190,7 @@ class _NoModel:
 @pytest.mark.slow
 def test_sigkill_at_100_points_with_fresh_processes(tmp_path: Path) -> None:
     """The full form: 100 kills over 5 runs of 30 iterations, every command a fresh `loopterm` process
-    (about 10 minutes here); `python bench/crash_trials.py` prints the table."""
+    (about 8 minutes here); `python bench/crash_trials.py` prints the table."""
     report = ct.trials(tmp_path, kills=100, runs=5, iterations=30, seed=6, window=0.6, fork=False)
     print(report.text())
     assert len(report.kills) == 100
