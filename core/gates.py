@@ -184,10 +184,12 @@ async def run_process(argv: list[str], cwd: Path, env: dict[str, str], timeout: 
             await asyncio.wait_for(reading, timeout=2.0)  # what is still in the pipes
         except (asyncio.TimeoutError, asyncio.CancelledError):
             pass  # a process that left the group (setsid) still holds a pipe: keep what was read
-        try:
-            await asyncio.wait_for(_exited(proc), timeout=5.0)  # killed: reaped at once
-        except asyncio.TimeoutError:
-            pass
+        try:  # the pipes are closed: wait() returns once asyncio has closed the process's transport
+            await asyncio.wait_for(proc.wait(), timeout=2.0)
+        except asyncio.TimeoutError:  # a pipe still held: close the transport, or it warns when collected
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                transport.close()
     duration = time.monotonic() - started
     if timed_out:
         return ProcessResult(None, out.text(output_cap), err.text(output_cap), f"timed out after {timeout:g}s", duration)

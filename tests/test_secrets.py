@@ -278,6 +278,9 @@ async def test_logs_events_and_the_escalation_packet_hold_no_key(tmp_path: Path,
     found = (leaks("log records", "\n".join(messages)) + leaks("log text", caplog.text)
              + leaks("events", repr(events)) + leaks("packet", json.dumps(packet))
              + [hit for e in store.events(run_id) for hit in leaks(f"event {e.kind}", json.dumps(e.data))])
+    files = {p.name: p.read_bytes() for p in (tmp_path / "db").glob("loopterm.db*")}  # open: the -wal holds pages
+    assert "loopterm.db-wal" in files and b"[redacted:" in b"".join(files.values())
+    found += [hit for name, blob in files.items() for hit in leaks(name, blob)]
     assert found == [], found
     store.close()
 
