@@ -15,3 +15,14 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert tests.endswith("-m pytest")
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert tests in ci_lines
+
+
+def test_the_first_command_installs_what_the_demo_needs_to_converge() -> None:
+    """The demo's gate runs `python -m pytest` with the installed interpreter: `pip install -e .` (no test
+    extras) must bring pytest, or the offline demo stalls on "No module named 'pytest'"."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"pytest\b(?!-)", d) for d in deps)
+    gates = [g.argv for g in __import__("loopterm.examples.demo.loop", fromlist=["loop"]).loop.gates]
+    assert any("pytest" in " ".join(argv) for argv in gates)  # the dependency is there because of this gate
