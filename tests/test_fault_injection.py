@@ -189,10 +189,10 @@ class _NoModel:
 
 @pytest.mark.slow
 def test_sigkill_at_100_points_with_fresh_processes(tmp_path: Path) -> None:
-    """The full form: 100 kills over 5 runs of 30 iterations, every command a fresh `loopterm` process
-    (about 8 minutes here); `python bench/crash_trials.py` prints the table."""
+    """The full form: 100 kills over 5 runs of 30 iterations (and one at each run's end), every command a
+    fresh `loopterm` process (about 8 minutes here); `python bench/crash_trials.py` prints the table."""
     report = ct.trials(tmp_path, kills=100, runs=5, iterations=30, seed=6, window=0.6, fork=False)
     print(report.text())
-    assert len(report.kills) == 100
+    assert {p: sum(k.phase == p for k in report.kills) for p in ct.ORDER} == {**dict.fromkeys(ct.PHASES, 25), "finish": 5}
     assert all((r.lost, r.duplicated, r.double, r.rc) == (0, 0, 0, 0) and r.identical for r in report.runs), report.text()
     assert sum(k.hit for k in report.kills) >= 90 and not [k.evidence for k in report.kills if k.hit and k.evidence]
