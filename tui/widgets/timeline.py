@@ -14,6 +14,8 @@ row, zebra stripes, a row cursor) and keeps its small API: `row_count`,
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import math
 import zlib
 from array import array
@@ -360,13 +362,7 @@ class Timeline(ScrollView, can_focus=True):
     def _find(self, n: int) -> int | None:
         """The index in rows of iteration n (rows are in order of n)."""
         rows = self.rows.n
-        lo, hi = 0, len(rows)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if rows[mid] < n:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = bisect_left(rows, n)
         return lo if lo < len(rows) and rows[lo] == n else None
 
     def select_n(self, n: int) -> bool:
@@ -375,13 +371,7 @@ class Timeline(ScrollView, can_focus=True):
             return False
         if self.shown is not None:
             shown = self.shown
-            lo, hi = 0, len(shown)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if shown[mid] < index:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = bisect_left(shown, index)
             if lo >= len(shown) or shown[lo] != index:
                 return False
             index = lo
