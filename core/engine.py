@@ -413,9 +413,11 @@ class Engine:
                 # end was recorded: record it now (iterating on would call the model and fire tools again).
                 why = "every gate passed" if self.loop.converged is None else "its convergence check held"
                 raise _Stop(TerminationReason.CONVERGED, f"converged at iteration {self.state.iteration}: {why}")
+            await self._connect_mcp()
             while True:
                 self._tick()
                 await self._boundary()
+                self._check_mcp()
                 await self._iteration(self.state.iteration + 1)
         except _Stop as stop:
             return self._finish(stop.reason, stop.message)
@@ -441,6 +443,7 @@ class Engine:
             raise
         finally:
             heartbeat.cancel()
+            await self._close_mcp()
             self.journal.flush()  # anything still queued (an exception nobody expected) goes to disk
 
     def _converged_unrecorded(self) -> bool:
@@ -450,6 +453,43 @@ class Engine:
             return False
         last = self.journal.last_iterations(self.run_id, 1)
         return bool(last) and last[-1].run_id == self.run_id and last[-1].n == self.state.iteration
+
+    # ------------------------------------------------------------------ MCP servers (core/mcp_tools.py)
+
+    _mcp: Any = None  # the run's McpTools while it runs
+
+    async def _connect_mcp(self) -> None:
+        """Start the loop's MCP servers; their tools join the loop's for this run. One that cannot
+        start ends the run before its first iteration (a resume tries again)."""
+        if not self.loop.mcp_servers:
+            return
+        from loopterm.core.mcp_tools import McpStartError, McpTools
+
+        self._mcp = McpTools(self.loop.mcp_servers, self.workspace)
+        try:
+            tools = await self._mcp.start(taken={t.name for t in self.loop.tools})
+        except McpStartError as exc:
+            raise _Stop(TerminationReason.FATAL_ERROR, str(exc)) from None
+        if self.executor.replaying:  # a replay never fires a side effect the recording does not have
+            from loopterm.core.replay import guarded
+
+            tools = guarded(self.loop.model_copy(update={"tools": tools})).tools
+        self.loop = self.loop.model_copy(update={"tools": [*self.loop.tools, *tools]})
+        self.journal.append_event(self.run_id, "mcp_connected", {
+            "servers": [s.name for s in self.loop.mcp_servers], "tools": [t.name for t in tools]})
+
+    def _check_mcp(self) -> None:
+        """End the run (failed, resumable) when an MCP server died: before the model is asked again."""
+        failure = self._mcp.check() if self._mcp is not None else None
+        if failure:
+            n = self.state.iteration + 1
+            raise _Stop(TerminationReason.FATAL_ERROR,
+                        f"{failure}; `loopterm resume {self.run_id}` reconnects and continues from iteration {n}")
+
+    async def _close_mcp(self) -> None:
+        if self._mcp is not None:
+            mcp, self._mcp = self._mcp, None
+            await mcp.close()
 
     async def _heartbeat(self) -> None:
         while True:

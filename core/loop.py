@@ -22,6 +22,7 @@ from loopterm.core.checkers import ModelGate
 from loopterm.core.decision import Decision
 from loopterm.core.gates import CommandGate, GateResult
 from loopterm.core.invariants import Invariant
+from loopterm.core.mcp_tools import McpServer
 from loopterm.core.state import LoopState, ToolRecord
 from loopterm.core.strategy import Strategy
 from loopterm.core.tools import Tool
@@ -40,6 +41,8 @@ class Loop(BaseModel):
     goal: str = Field(min_length=1)
     state: type[LoopState] = LoopState
     tools: list[Tool] = Field(default_factory=list)
+    # MCP servers whose tools join `tools` for each run (connected at run start; see core/mcp_tools.py).
+    mcp_servers: list[McpServer] = Field(default_factory=list)
     gates: list[CommandGate | ModelGate] = Field(default_factory=list)
     invariants: list[Invariant] = Field(default_factory=list)
     model: str = ""  # litellm model string; default "scripted/<name>" when a script is given
@@ -88,6 +91,15 @@ class Loop(BaseModel):
         if dupes:
             raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes)}")
         return tools
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _unique_servers(cls, servers: list[McpServer]) -> list[McpServer]:
+        names = [s.name for s in servers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"MCP server names must be unique; repeated: {', '.join(dupes)}")
+        return servers
 
     @model_validator(mode="after")
     def _checkers_are_not_the_maker(self) -> "Loop":
@@ -147,4 +159,6 @@ class Loop(BaseModel):
             "invariants": [i.name for i in self.invariants],
             "system_prompt": self.system_prompt,
         }
+        if self.mcp_servers:  # the declarations, not the tools they list (a server's list may change)
+            spec["mcp_servers"] = [s.model_dump(mode="json") for s in self.mcp_servers]
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ BUILTIN_LOOPS: dict[str, str] = {
     "review": "loopterm.examples.review.loop:loop",
     "review-file": "loopterm.examples.review.analyze:loop",
     "support": "loopterm.examples.support.loop:loop",
+    "mcp-git": "loopterm.examples.mcp_git.loop:loop",
 }
 
 # What `loopterm` with no arguments runs: the demo shows every supervision feature offline.
