@@ -69,6 +69,7 @@ from loopterm.core.state import LoopState, ToolRecord
 from loopterm.core.termination import Status, TerminationReason, status_for
 from loopterm.core.migrations import migrate_state
 from loopterm.core.secrets import redact, redact_tree
+from loopterm.core import shadow as _shadow
 from loopterm.core.tools import (
     InterruptedSideEffect,
     PriorCalls,
@@ -203,6 +204,7 @@ class Engine:
         self.workdir = workdir or Path.cwd()
         history = journal.events(run.id)
         self._started_before = any(e.kind == "run_started" for e in history)
+        self.shadow = _shadow.is_shadow(history)  # nothing the model proposes runs; a person judges it (core/shadow.py)
         relaxed_before, self.relax_until = relaxed_from(history)
         self.relaxed = {**relaxed_before, **(relaxed or {})}
         # A person's answers survive a restart: they are in the event log.
@@ -290,6 +292,7 @@ class Engine:
         run_id: str | None = None,
         parent_run: str | None = None,
         goal: str | None = None,
+        shadow: bool = False,
         **kwargs: Any,
     ) -> "Engine":
         """Record a new run (status created) and prepare its workspace.
@@ -332,6 +335,8 @@ class Engine:
         )
         journal.create_run(run)
         journal.append_event(run_id, "run_created", {"loop_ref": loop_ref, "model": run.model, "budget": merged_budget})
+        if shadow:
+            _shadow.mark_shadow(journal, run_id)
         return cls(loop, journal, run, workspace_root=workspace_root, **kwargs)
 
     def _load_state(self, last: IterationRecord | None, history: list[EventRecord]) -> LoopState:
@@ -862,8 +867,14 @@ class Engine:
             assert tool is not None  # parse_decision checked the name
             args = decision.action.args
             refused = self._precondition(tool, args)
-            verdict = await self._approval(tool, args, n) if tool.needs_approval and refused is None else None
-            if refused is not None:
+            ask = (tool.needs_approval or self.shadow) and refused is None
+            verdict = await self._approval(tool, args, n) if ask else None
+            if self.shadow and verdict is not None:  # nothing runs: the person's verdict is the record
+                key = idempotency_key(self.run_id, n, tool.name, args)
+                judged = _shadow.judge(key, tool, args, self.approvals[key])
+                self.journal.append_event(self.run_id, _shadow.VERDICT_EVENT, judged.model_dump(mode="json"), n)
+                tool_record = _shadow.tool_record(n, judged)
+            elif refused is not None:
                 key = idempotency_key(self.run_id, n, tool.name, args)
                 tool_record = ToolRecord(iteration=n, tool=tool.name, args=args, ok=False,
                                          error=f"{REFUSED_BEFORE_RUNNING}: {refused}")
@@ -880,8 +891,10 @@ class Engine:
                 tool_call["refused"] = refused
             if verdict is not None:
                 tool_call["approval"] = verdict.kind
+                if self.shadow:
+                    tool_call["shadow"] = judged.verdict
 
-        gates = await self._verify(n, decision, tool_record)
+        gates = [] if self.shadow else await self._verify(n, decision, tool_record)  # nothing changed to verify
 
         state = self._next_state(n, decision, tool_record, gates)
         if self.loop.observe is not None:
@@ -890,7 +903,7 @@ class Engine:
         status, violated = self._check_invariants(state)
         state.invariant_status = status
         state, remediations, stop = self._remediate(state, violated)
-        converged = self.loop.is_converged(state, gates) and not violated
+        converged = not self.shadow and self.loop.is_converged(state, gates) and not violated
         if stop is None and converged:
             why = "every gate passed" if self.loop.converged is None else "its convergence check held"
             stop = _Stop(TerminationReason.CONVERGED, f"converged at iteration {n}: {why}")
@@ -984,11 +997,14 @@ class Engine:
         """A person's verdict on a call that needs approval; waits for it (or ends the run, waiting)."""
         key = idempotency_key(self.run_id, n, tool.name, args)
         if key not in self.approvals:
-            self.journal.append_event(self.run_id, "approval_pending", {"key": key, "tool": tool.name, "args": args}, n)
-            self._emit(ApprovalNeeded(run_id=self.run_id, n=n, key=key, tool=tool.name, args=args))
-            message = f"tool {tool.name!r} needs approval (iteration {n})"
+            pending = {"key": key, "tool": tool.name, "args": args, **({"shadow": True} if self.shadow else {})}
+            self.journal.append_event(self.run_id, "approval_pending", pending, n)
+            self._emit(ApprovalNeeded(run_id=self.run_id, n=n, key=key, tool=tool.name, args=args, shadow=self.shadow))
+            message = (f"shadow: the loop proposes tool {tool.name!r} (iteration {n}); nothing will run"
+                       if self.shadow else f"tool {tool.name!r} needs approval (iteration {n})")
             if not self.wait_on_person:
-                raise _Stop(TerminationReason.WAITING, f"{message}; approve or deny it from `loopterm watch {self.run_id}`")
+                what = "agree, edit or deny" if self.shadow else "approve or deny"
+                raise _Stop(TerminationReason.WAITING, f"{message}; {what} it from `loopterm watch {self.run_id}`")
             self._set_status(Status.ESCALATED, message)
             while key not in self.approvals and not self._stop_requested:
                 await self._wait()
@@ -996,7 +1012,7 @@ class Engine:
                 raise _Stop(TerminationReason.STOPPED, self._stop_requested)
             self._set_status(Status.RUNNING)
         verdict = self.approvals[key]
-        if isinstance(verdict, Approve) and verdict.args is not None:
+        if isinstance(verdict, Approve) and verdict.args is not None and not self.shadow:  # shadow: judged as given
             try:
                 tool.validate_args(verdict.args)
             except ValueError as exc:  # edited arguments that do not fit: refuse the edit, keep the model's

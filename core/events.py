@@ -65,6 +65,7 @@ class ApprovalNeeded(BaseModel):
     key: str
     tool: str
     args: dict[str, Any]
+    shadow: bool = False  # a shadow run's proposal: a person judges it, nothing runs (core/shadow.py)
 
 
 class CommandApplied(BaseModel):

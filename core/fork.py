@@ -23,7 +23,8 @@ from loopterm.core.decision import MAX_STATE_DEPTH, json_path, json_problem, sho
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
 from loopterm.core.migrations import migrate_state
-from loopterm.core.records import RunRecord, ToolCallRecord
+from loopterm.core.records import EventRecord, RunRecord, ToolCallRecord
+from loopterm.core.shadow import is_shadow, mark_shadow
 from loopterm.core.termination import Status
 from loopterm.core.tools import ToolContext
 
@@ -38,6 +39,8 @@ class History(Protocol):
     def create_run(self, run: RunRecord) -> None: ...
 
     def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> Any: ...
+
+    def events(self, run_id: str, after_id: int = 0) -> list[EventRecord]: ...
 
     def state_at(self, run_id: str, n: int) -> dict[str, Any] | None: ...
 
@@ -224,6 +227,8 @@ def create_fork(history: History, loop: Loop, plan: ForkPlan, *, run_id: str, wo
     }, plan.at)
     for name, why in plan.relaxed.items():
         history.append_event(run_id, "invariant_relaxed", {"invariant": name, "reason": why}, plan.at)
+    if is_shadow(history.events(parent.id)):  # a branch of a shadow run is one too: it proposes, nothing runs
+        mark_shadow(history, run_id, why=f"branch of shadow run {parent.id}")
     history.append_event(parent.id, "branched", {"child": run_id, "at": plan.at, "reason": plan.reason}, plan.at)
     return run
 
@@ -246,6 +251,8 @@ async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int
         tool = loop.tool(call["tool"])
         if tool is None or not tool.side_effects or not tool.workspace_only:
             continue
+        if call.get("shadow") or call.get("approval") == "deny" or call.get("refused"):
+            continue  # never ran: proposed in a shadow run, denied by a person, refused by its precondition
         args = call.get("args") or {}
         call_args = (ToolContext(run.id, n, workspace, "rebuild"),) if tool.wants_context else ()
         result = tool.fn(*call_args, **args)

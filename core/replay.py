@@ -46,6 +46,7 @@ from loopterm.core.fork import apply_set
 from loopterm.core.loop import Loop
 from loopterm.core.persistence import Journal
 from loopterm.core.records import EventRecord, IterationRecord, RunRecord, ToolCallRecord
+from loopterm.core.shadow import is_shadow, mark_shadow
 from loopterm.core.termination import Status
 from loopterm.core.tools import Tool, idempotency_key
 
@@ -492,6 +493,8 @@ async def replay(
     last = recorded[-1].n
     sessions = {s.after: s for s in plan_sessions(history, lineage, recorded)}
     run = create_replay_run(history, loop, recorded_run, run_id=run_id, workspace=workspace)
+    if is_shadow(history.events(recorded_run.id)):  # replayed as it ran: proposals judged, nothing executed
+        mark_shadow(history, run.id, why=f"replay of shadow run {recorded_run.id}")
     interventions = plan_interventions(history, lineage, recorded, run.id)
     recording = Recording(recorded_run.id, by_n, {r.workspace for r in lineage} | {run.workspace})
     register_recording(recording)

@@ -54,6 +54,7 @@ from loopterm.core.errors import LooptermError
 from loopterm.core.events import IterationCommitted
 from loopterm.core.loop import Loop
 from loopterm.core.records import EventRecord, RunRecord
+from loopterm.core.shadow import SHADOW_EVENT
 from loopterm.store import Store
 from loopterm.tui.screens.approval import ApprovalScreen
 from loopterm.tui.screens.branch import BranchScreen
@@ -155,6 +156,7 @@ class View:
     lifecycle_open: bool = False  # started and not finished: an engine somewhere is executing it
     side_effect: dict[str, Any] | None = None  # a repeatable side effect the run stopped on, unanswered
     detail_n: int | None = None
+    shadow: bool = False  # a shadow run: its proposals go to a person, nothing runs (core/shadow.py)
 
 
 def absorb(view: View, events: Iterable[EventRecord]) -> list[EventRecord]:
@@ -183,6 +185,8 @@ def absorb(view: View, events: Iterable[EventRecord]) -> list[EventRecord]:
             view.relaxed[str(data.get("invariant"))] = str(data.get("reason", ""))
         elif kind == "invariant_restored":
             view.relaxed.pop(str(data.get("invariant")), None)
+        elif kind == SHADOW_EVENT:
+            view.shadow = True
         if kind in PATCH_EVENTS and data.get("patched_state") is not None:
             view.patched = (event.iteration or 0, data["patched_state"])
         seen.append(event)
@@ -236,8 +240,10 @@ class LooptermApp(App[None]):
         theme: str | None = None,
         frozen: bool | None = None,
         loops: dict[str, Loop] | None = None,
+        shadow: bool = False,
     ) -> None:
         super().__init__()
+        self.shadow = shadow  # `start` begins a shadow run
         self.db_path = Path(db_path)
         self.store = Store.open(self.db_path)
         self.workspace_root = self.db_path.resolve().parent / "workspaces"
@@ -382,7 +388,7 @@ class LooptermApp(App[None]):
             note = self._attention(view)
         owned = view is not None and view.run_id in self.engines
         text = header_text(view.run if view else None, self.palette, status=status, owned=owned, note=note,
-                           inbox=self._escalated_count)
+                           inbox=self._escalated_count, shadow=view is not None and view.shadow)
         if view is None and self._header_note is not None:
             text = Text()
             text.append("loopterm  ", style="bold")
@@ -399,11 +405,13 @@ class LooptermApp(App[None]):
         palette = self.palette
         if view.approvals:
             call = next(iter(view.approvals.values()))
-            text = Text("⚑ waiting for approval: ", style=f"bold {palette.warn}")
+            shadow = bool(call.get("shadow"))
+            text = Text("◐ shadow proposal: " if shadow else "⚑ waiting for approval: ", style=f"bold {palette.warn}")
             args = call.get("args") or {}
             first = next(iter(args.values()), "") if args else ""
             text.append(literal(f"{call.get('tool', '?')}({first_line(first, 40)})"))
-            text.append("   a approve (arguments editable) · d deny", style="italic")
+            text.append("   nothing will run: a agree or edit · d deny" if shadow
+                        else "   a approve (arguments editable) · d deny", style="italic")
             return text
         status = view.run.status
         if status == "escalated" and view.side_effect is not None:
@@ -712,7 +720,7 @@ class LooptermApp(App[None]):
             return
         engine = Engine.create(
             loop, self.store, loop_ref=ref, model=model, max_iterations=self.max_iterations, budget=self.budget or {},
-            workspace_root=self.workspace_root, **self._engine_kwargs(),
+            workspace_root=self.workspace_root, **self._engine_kwargs(), **({"shadow": True} if self.shadow else {}),
         )
         self.own(engine)
         self.refresh_tree()

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run every case of a cases file (JSON list or JSON lines), headless; exit 0 when every case "
                           "met its expectation, else 3")
     run.add_argument("--parallel", type=arguments.positive_int, metavar="K", help="with --cases: up to K runs at once (default 1)")
+    run.add_argument("--shadow", action="store_true",
+                     help="shadow mode: every tool call the loop proposes goes to a person (agree, edit, deny) and "
+                          "nothing is executed; `loopterm eval LOOP --shadow` reports the agreement")
 
     runs = sub.add_parser("runs", parents=[db], help="list runs")
     runs.add_argument("--json", action="store_true")
@@ -115,12 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "invariant violation rate, tokens, cost (and per converged case), latency p50/p95, expectations. "
                     "Exit 0, or 3 when the convergence rate is below --min-convergence.")
     evaluate.add_argument("loop", metavar="LOOP", help="a built-in loop name or path/to/file.py[:name]")
-    evaluate.add_argument("--cases", type=Path, required=True, metavar="FILE", help="the cases file (JSON list or JSON lines)")
+    evaluate.add_argument("--cases", type=Path, metavar="FILE", help="the cases file (JSON list or JSON lines)")
     evaluate.add_argument("--parallel", type=arguments.positive_int, metavar="K", help="up to K runs at once (default 1)")
     evaluate.add_argument("--model", help="a litellm model string for every case that does not name its own")
     evaluate.add_argument("--json", action="store_true", help="the report as JSON (stable keys; see README)")
     evaluate.add_argument("--min-convergence", type=arguments.fraction, metavar="R",
                           help="exit 3 when fewer than this share (0..1) of the cases converged")
+    evaluate.add_argument("--shadow", action="store_true",
+                          help="instead of running cases: report the loop's shadow runs, per tool: proposals, agreed, "
+                               "edited, denied, agreement rate")
+    evaluate.add_argument("--run", metavar="RUN", help="with --shadow: only this shadow run")
+    evaluate.add_argument("--min-agreement", type=arguments.fraction, metavar="R",
+                          help="with --shadow: exit 3 when the agreement rate (0..1) is below R")
 
     sub.add_parser("loops", help="list built-in and discovered loops")
 
@@ -187,6 +196,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command is None:
         return commands.demo()
+    if args.command == "run" and args.shadow and (args.cases is not None or args.parallel is not None):
+        from loopterm.tui import shadow_cli
+
+        shadow_cli.refuse_with_cases()
     if args.command == "run" and (args.cases is not None or args.parallel is not None):
         from loopterm.tui import eval_cli
 
@@ -194,14 +207,20 @@ def _dispatch(args: argparse.Namespace) -> int:
                                   model=args.model, max_iterations=args.max_iterations, budget_usd=args.budget_usd,
                                   budget_tokens=args.budget_tokens)
     if args.command == "eval":
-        from loopterm.tui import eval_cli
+        from loopterm.tui import eval_cli, shadow_cli
 
+        shadow_cli.check_eval_arguments(cases=args.cases, shadow=args.shadow, run=args.run,
+                                        min_agreement=args.min_agreement, parallel=args.parallel, model=args.model,
+                                        min_convergence=args.min_convergence)
+        if args.shadow:
+            return shadow_cli.eval_shadow(args.loop, db_path(args), run=args.run, as_json=args.json,
+                                          min_agreement=args.min_agreement)
         return eval_cli.eval_cases(args.loop, db_path(args), cases_file=args.cases, parallel=args.parallel,
                                    model=args.model, as_json=args.json, min_convergence=args.min_convergence)
     if args.command == "run":
         return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
-                            budget_tokens=args.budget_tokens, wait=not args.no_wait)
+                            budget_tokens=args.budget_tokens, wait=not args.no_wait, shadow=args.shadow)
     if args.command == "watch":
         return commands.watch(db_path(args), args.run)
     if args.command == "runs":

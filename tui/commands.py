@@ -124,6 +124,7 @@ def run(
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
     wait: bool = True,
+    shadow: bool = False,
 ) -> int:
     loop, ref = load_loop(loop_ref)
     check_calls(loop, ref)  # loops calling each other in a cycle: refused before any screen or run
@@ -141,13 +142,18 @@ def run(
     if not headless:
         if _has_terminal():
             Store.open(db).close()  # refuse a bad database before the screen opens
-            return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, max_iterations=max_iterations)
+            return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, max_iterations=max_iterations,
+                             **({"shadow": True} if shadow else {}))
         print("loopterm: no terminal here, so running headless (pass --headless to say so)", file=sys.stderr)
     store = Store.open(db)
     engine = Engine.create(
         loop, store, loop_ref=ref, model=chosen, max_iterations=max_iterations, budget=budget,
-        workspace_root=db.resolve().parent / "workspaces", wait_on_person=wait,
+        workspace_root=db.resolve().parent / "workspaces", wait_on_person=wait, shadow=shadow,
     )
+    if shadow:
+        from loopterm.tui.shadow_cli import announce
+
+        announce(_console(), engine.run_id, wait)
     return _drive(engine, _console())
 
 
@@ -333,6 +339,9 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
                       f"{float(d.get('confidence', 0)):.2f}", gates_text(r), invariants_text(r),
                       f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.6f}", f"{r.latency_ms:.0f}")
     console.print(table)
+    from loopterm.tui.shadow_cli import show_verdicts
+
+    show_verdicts(console, store, run_record)
     return 0
 
 

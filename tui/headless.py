@@ -115,7 +115,8 @@ class HeadlessProgress:
             self.console.print(Text("  ").append_text(line))
         elif isinstance(event, ApprovalNeeded):
             self._stop_spin()
-            self.console.print(Text(f"  ? tool {clean(event.tool)} needs approval (iteration {event.n}); args: "
+            asks = "is proposed (shadow: nothing will run)" if event.shadow else "needs approval"
+            self.console.print(Text(f"  ? tool {clean(event.tool)} {asks} (iteration {event.n}); args: "
                                     f"{redact(json.dumps(event.args))[:100]}", style="yellow"))
         elif isinstance(event, RunFinished):
             self._stop_spin()

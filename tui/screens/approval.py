@@ -1,4 +1,8 @@
-"""A tool call waiting for a person: approve (optionally with edited arguments) or deny."""
+"""A tool call waiting for a person: approve (optionally with edited arguments) or deny.
+
+In a shadow run (core/shadow.py) the same dialog asks what should happen, and says that nothing will run:
+agree (as proposed), edit the arguments (what should have happened instead) or deny (with why).
+"""
 
 from __future__ import annotations
 
@@ -27,19 +31,29 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         self.pending = pending
         self.deny_first = deny
         self.validate = validate
-        self.title_text = f"Run {run_id} asks to call a tool (iteration {pending.get('n', '?')})"
+        self.shadow = bool(pending.get("shadow"))
+        if self.shadow:
+            self.title_text = (f"◐ shadow: nothing will run · run {run_id} proposes a tool call "
+                               f"(iteration {pending.get('n', '?')})")
+        else:
+            self.title_text = f"Run {run_id} asks to call a tool (iteration {pending.get('n', '?')})"
 
     def fields(self) -> ComposeResult:
         head = Text("tool  ", style="bold")
         head.append(literal(self.pending.get("tool", "?")))
-        head.append("\nEdit the arguments to approve a changed call (checked against the tool's arguments).",
-                    style="italic")
+        if self.shadow:
+            head.append("\nWhat should happen? Agree: as proposed. Edit the arguments, then Agree: what should have "
+                        "happened instead. Deny: it should not happen. Either way the tool is not called; the loop is "
+                        "told your verdict and proposes its next step.", style="italic")
+        else:
+            head.append("\nEdit the arguments to approve a changed call (checked against the tool's arguments).",
+                        style="italic")
         yield Static(head, id="approval-tool")
         yield TextArea(pretty(self.pending.get("args") or {}), id="args", show_line_numbers=False)
         yield Input(placeholder="why (optional for approve, recorded; a denial says why to the model)", id="reason")
 
     def buttons(self) -> ComposeResult:
-        yield Button("Approve", variant="success", id="approve")
+        yield Button("Agree" if self.shadow else "Approve", variant="success", id="approve")
         yield Button("Deny", variant="error", id="deny")
 
     def on_mount(self) -> None:

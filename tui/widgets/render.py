@@ -263,6 +263,7 @@ def header_text(
     owned: bool = False,
     note: Text | None = None,
     inbox: int = 0,
+    shadow: bool = False,
 ) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
     if run is None:
@@ -277,6 +278,8 @@ def header_text(
         text.append(f" (called by {run.parent_run[:8]})", style=palette.muted)
     elif run.parent_run:
         text.append(f" (branch of {run.parent_run[:8]} @{run.fork_iteration})", style=palette.muted)
+    if shadow:  # glyph and words, not colour alone: nothing this run proposes is executed (core/shadow.py)
+        text.append("  ◐ SHADOW", style=f"bold reverse {palette.warn}")
     text.append("  ")
     text.append_text(status_text(status, palette))
     text.append("  ")
