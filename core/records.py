@@ -24,7 +24,7 @@ class RunRecord(BaseModel):
     updated_at: float
     parent_run: str | None = None  # a fork's parent, or the run a replay re-drives
     fork_iteration: int | None = None  # the parent's iteration this run continues from (0 = from the start)
-    origin: str = "run"  # "run" | "fork" | "replay"
+    origin: str = "run"  # "run" | "fork" | "replay" | "child" | "trigger" (started by `loopterm daemon`)
     max_iterations: int
     budget: dict[str, Any] = Field(default_factory=dict)
     iterations: int = 0

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     memory_cli.add_parser(sub, db)
     budget_cli.add_parser(sub, db)
+    from loopterm.tui import daemon_cli  # standard library only at import
+
+    daemon_cli.add_parser(sub, db)
     return parser
 
 
@@ -249,6 +252,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import budget_cli
 
         return budget_cli.run(args, db_path(args))
+    if args.command == "daemon":
+        from loopterm.tui import daemon_cli
+
+        return daemon_cli.run(args, db_path(args))
     raise AssertionError(args.command)
 
 

@@ -272,7 +272,8 @@ def runs(db: Path, *, as_json_out: bool) -> int:
         return " (called)" if r.origin == "child" else f" @{r.fork_iteration}"
 
     labels = {r.id: (("  " * (depth - 1) + f"└ {r.id}{where(r)}") if depth else r.id)
-              + (" (replay)" if r.origin == "replay" else "") for depth, r in tree}
+              + (" (replay)" if r.origin == "replay" else "") + (" (trigger)" if r.origin == "trigger" else "")
+              for depth, r in tree}
     table = Table(box=None, header_style="bold")
     # The id and the tree shape never give way; the other columns shrink first.
     table.add_column("run", no_wrap=True, min_width=max(len(label) for label in labels.values()))

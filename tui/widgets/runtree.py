@@ -22,6 +22,8 @@ def run_label(run: RunRecord, palette: Palette, owned: bool) -> Text:
     label.append(literal(run.loop))
     if run.origin == "child":
         label.append(" (called)", style="dim")
+    elif run.origin == "trigger":
+        label.append(" (trigger)", style="dim")
     elif run.fork_iteration is not None and run.parent_run:
         label.append(f" @{run.fork_iteration}", style="dim")
     label.append(f" {run.iterations}it", style="dim")

@@ -1,0 +1,360 @@
+"""`loopterm daemon`, driven as a real subprocess in a scratch project with its own store.
+
+The real components throughout: watchfiles watching a real folder, asyncio schedules, real
+commands run as checks, the engine running a scripted loop offline, SIGTERM sent to the process.
+Every wait polls a condition with a generous deadline (the machine is slow and shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loopterm.core.records import EventRecord, RunRecord
+from loopterm.store import Store
+
+CLI = [sys.executable, "-m", "loopterm.tui.cli"]
+DEADLINE_S = 120.0
+
+LOOP_FILE = '''
+from pathlib import Path
+from loopterm.core import Loop, LoopState, ToolContext, tool
+
+@tool(side_effects=True, idempotent=False)
+def note(ctx: ToolContext, line: str) -> str:
+    """Append a line to notes.txt in the workspace: a side effect a resume must not repeat."""
+    with open(ctx.workspace / "notes.txt", "a") as f:
+        f.write(line + "\\n")
+    return "noted"
+
+loop = Loop(
+    name="notes",
+    goal="write the notes",
+    state=LoopState,
+    tools=[note],
+    script=Path(__file__).parent / "script.json",
+    max_iterations=20,
+    converged=lambda state, gates: state.iteration >= {iterations},
+)
+'''
+
+
+def write_project(root: Path, triggers: str, *, iterations: int = 2, delay: float = 0.0) -> None:
+    (root / "notes_loop.py").write_text(LOOP_FILE.replace("{iterations}", str(iterations)))
+    turns = [{"content": {"action": {"tool": "note", "args": {"line": f"note {i}"}}, "subgoal": f"note {i}",
+                          "confidence": 0.9, "reasoning": "the next note"}, "delay": delay} for i in range(1, 21)]
+    (root / "script.json").write_text(json.dumps({"price": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6},
+                                                  "turns": turns}))
+    (root / ".loopterm").mkdir(exist_ok=True)
+    (root / ".loopterm" / "triggers.toml").write_text(triggers)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "200"}
+
+
+class Daemon:
+    """A `loopterm daemon` process in `root`; its output goes to files (no pipe can fill up)."""
+
+    def __init__(self, root: Path, *args: str, tag: str = "") -> None:
+        self.root = root
+        self.out = root / f"daemon{tag}.out"
+        self.err = root / f"daemon{tag}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen([*CLI, "daemon", *args], cwd=root, env=env(), stdout=out, stderr=err)
+
+    def log(self) -> str:
+        return self.out.read_text()
+
+    def wait_log(self, text: str, count: int = 1) -> None:
+        wait_for(lambda: self.log().count(text) >= count, f"{count}x {text!r} in the daemon's log", self)
+
+    def stop(self, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def wait_for(condition: Callable[[], Any], what: str, daemon: Daemon | None = None,
+             timeout: float = DEADLINE_S, tick: Callable[[], None] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if daemon is not None and daemon.proc.poll() is not None:
+            pytest.fail(f"the daemon exited ({daemon.proc.returncode}) before {what}:\n{daemon.log()}\n{daemon.err.read_text()}")
+        if tick is not None:
+            tick()
+        time.sleep(0.2)
+    details = f"\n{daemon.log()}\n{daemon.err.read_text()}" if daemon is not None else ""
+    pytest.fail(f"timed out waiting for {what}{details}")
+
+
+def runs(root: Path) -> list[RunRecord]:
+    db = root / ".loopterm" / "loopterm.db"
+    if not db.exists():
+        return []
+    with Store.open(db, create=False) as store:
+        return store.list_runs()
+
+
+def events(root: Path, run_id: str) -> list[EventRecord]:
+    with Store.open(root / ".loopterm" / "loopterm.db", create=False) as store:
+        return store.events(run_id)
+
+
+def cli_runs_json(root: Path) -> list[dict[str, Any]]:
+    done = subprocess.run([*CLI, "runs", "--json"], cwd=root, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+def test_a_file_change_starts_a_run_whose_goal_names_the_file(tmp_path: Path, daemons: list[Daemon]) -> None:
+    (tmp_path / "src").mkdir()
+    write_project(tmp_path, """
+[[trigger]]
+name = "on-src"
+loop = "notes_loop.py"
+on.change = "src"
+goal = "Something moved: {event}. Write the notes."
+debounce = "200ms"
+""")
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+    daemon.wait_log("watching src for changes")
+    changed = tmp_path / "src" / "parser.py"
+    counter = iter(range(10_000))
+
+    def touch() -> None:  # the watcher starts a moment after the log line: change the file until it is seen
+        changed.write_text(f"x = {next(counter)}\n")
+
+    touch()
+    started = wait_for(lambda: runs(tmp_path), "a run started by the change", daemon, tick=touch)
+    run = started[0]
+    assert run.origin == "trigger"
+    assert run.goal.startswith("Something moved: files changed: src/parser.py (") and run.goal.endswith("Write the notes.")
+    wait_for(lambda: runs(tmp_path)[0].status == "converged", "the run to converge", daemon)
+    listed = cli_runs_json(tmp_path)
+    assert listed[0]["id"] == run.id and listed[0]["origin"] == "trigger" and listed[0]["status"] == "converged"
+    marks = [e for e in events(tmp_path, run.id) if e.kind == "trigger"]
+    assert marks and marks[0].data["trigger"] == "on-src" and "src/parser.py" in marks[0].data["event"]
+    # The run wrote its workspace (under .loopterm/): that is ignored, so nothing else fired.
+    workspace_notes = Path(run.workspace) / "notes.txt"
+    assert workspace_notes.read_text().splitlines() == ["note 1", "note 2"]
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.err.read_text()
+    log = daemon.log()
+    assert f"run {run.id} finished: converged" in log
+    assert all(r.goal.startswith("Something moved: files changed: src/parser.py") for r in runs(tmp_path))
+
+
+def test_a_schedule_fires_with_the_scheduled_time_in_the_goal(tmp_path: Path, daemons: list[Daemon]) -> None:
+    write_project(tmp_path, """
+[[trigger]]
+name = "every-second"
+loop = "notes_loop.py"
+on.schedule = "every 1s"
+""")
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+    wait_for(lambda: len([r for r in runs(tmp_path) if r.status == "converged"]) >= 2, "two scheduled runs", daemon)
+    assert daemon.stop() == 0
+    for run in runs(tmp_path):
+        assert run.origin == "trigger"
+        assert run.goal.startswith("write the notes\n\nWhat triggered this run: scheduled run at ")
+        assert run.goal.endswith("(every 1s)")
+    assert "trigger 'every-second': fired: scheduled run at" in daemon.log()
+
+
+def test_a_command_trigger_fires_when_the_command_starts_failing_and_not_while_it_passes(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    write_project(tmp_path, f"""
+[[trigger]]
+name = "red-tests"
+loop = "notes_loop.py"
+on.command = ["{sys.executable}", "check.py"]
+every = "300ms"
+goal = "The check failed: {{event}}"
+""")
+    (tmp_path / "check.py").write_text(
+        "import os, sys\n"
+        "with open('checks.log', 'a') as f:\n    f.write('check\\n')\n"
+        "if os.path.exists('broken'):\n    print('3 failed, 9 passed')\n    sys.exit(1)\n"
+    )
+    checks = tmp_path / "checks.log"
+
+    def checks_run() -> int:
+        return len(checks.read_text().splitlines()) if checks.exists() else 0
+
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+    wait_for(lambda: checks_run() >= 4, "four passing checks", daemon)
+    assert runs(tmp_path) == []  # exit code 0, four times over: nothing started
+    (tmp_path / "broken").write_text("")
+    started = wait_for(lambda: runs(tmp_path), "a run started by the failing check", daemon)
+    run = started[0]
+    assert run.origin == "trigger"
+    assert run.goal.startswith("The check failed: `") and "exited with code 1; last output:\n3 failed, 9 passed" in run.goal
+    wait_for(lambda: runs(tmp_path)[0].status == "converged", "the run to converge", daemon)
+    seen = checks_run()
+    wait_for(lambda: checks_run() >= seen + 4, "four more (failing) checks", daemon)
+    assert len(runs(tmp_path)) == 1  # still failing is not a new failure: one run per pass -> fail transition
+    (tmp_path / "broken").unlink()
+    daemon.wait_log("the command passes again")
+    (tmp_path / "broken").write_text("")
+    wait_for(lambda: len(runs(tmp_path)) == 2, "a second run after pass -> fail again", daemon)
+    assert daemon.stop() == 0
+
+
+def test_the_daily_budget_refuses_a_run_and_the_daemon_keeps_going(tmp_path: Path, daemons: list[Daemon]) -> None:
+    write_project(tmp_path, """
+[[trigger]]
+name = "every-second"
+loop = "notes_loop.py"
+on.schedule = "every 1s"
+""")
+    budget = subprocess.run([*CLI, "budget", "--set-daily", "0"], cwd=tmp_path, env=env(), capture_output=True,
+                            text=True, timeout=120)
+    assert budget.returncode == 0, budget.stderr
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+    daemon.wait_log("refused: the daily budget is spent", count=3)  # refused again and again, still serving
+    assert daemon.proc.poll() is None
+    recorded = runs(tmp_path)
+    assert len(recorded) == 1  # one record for the streak of refusals, not one per firing
+    run = recorded[0]
+    assert run.status == "terminated" and run.iterations == 0 and run.cost_usd == 0
+    assert run.origin == "trigger" and run.message is not None and "daily budget is spent" in run.message
+    refusals = [e for e in events(tmp_path, run.id) if e.kind == "trigger_refused"]
+    assert len(refusals) >= 3
+    assert not any(e.kind == "run_started" for e in events(tmp_path, run.id))
+    # Raise the budget: the next firing runs.
+    raised = subprocess.run([*CLI, "budget", "--set-daily", "5"], cwd=tmp_path, env=env(), capture_output=True,
+                            text=True, timeout=120)
+    assert raised.returncode == 0, raised.stderr
+    wait_for(lambda: any(r.status == "converged" for r in runs(tmp_path)), "a run once the budget allows it", daemon)
+    assert daemon.stop() == 0
+
+
+def test_sigterm_stops_cleanly_and_a_restart_resumes_the_run_to_the_end(tmp_path: Path, daemons: list[Daemon]) -> None:
+    (tmp_path / "inbox").mkdir()
+    write_project(tmp_path, """
+[[trigger]]
+name = "inbox"
+loop = "notes_loop.py"
+on.change = "inbox"
+debounce = "200ms"
+""", iterations=8, delay=0.4)
+    first = Daemon(tmp_path, "--grace", "60")
+    daemons.append(first)
+    first.wait_log("watching inbox for changes")
+    counter = iter(range(10_000))
+
+    def drop() -> None:
+        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
+
+    drop()
+    run = wait_for(lambda: runs(tmp_path), "a run started by the change", first, tick=drop)[0]
+    wait_for(lambda: runs(tmp_path)[0].iterations >= 2, "two committed iterations", first)
+    assert first.stop() == 0
+    stderr = first.err.read_text()
+    assert "Traceback" not in stderr and stderr.strip() == "", stderr
+    stopped = runs(tmp_path)[0]
+    assert stopped.id == run.id and stopped.status == "stopped" and 2 <= stopped.iterations < 8
+    kinds = [e.kind for e in events(tmp_path, run.id)]
+    assert "daemon_interrupted" in kinds and kinds[-1] == "run_finished"
+    assert "daemon: SIGTERM received; stopping" in first.log() and first.log().rstrip().endswith("daemon: stopped")
+
+    second = Daemon(tmp_path, tag="2")
+    daemons.append(second)
+    second.wait_log(f"run {run.id} resumed after iteration {stopped.iterations}")
+    wait_for(lambda: runs(tmp_path)[0].status == "converged", "the resumed run to converge", second)
+    assert second.stop() == 0
+    final = runs(tmp_path)
+    assert len(final) == 1  # resumed, not started again
+    assert final[0].iterations == 8
+    kinds = [e.kind for e in events(tmp_path, run.id)]
+    assert kinds.count("run_started") == 1 and kinds.count("run_resumed") == 1 and "daemon_resumed" in kinds
+    # Every iteration's side effect happened once: nothing lost, nothing repeated across the stop.
+    notes = (Path(run.workspace) / "notes.txt").read_text().splitlines()
+    assert notes == [f"note {i}" for i in range(1, 9)]
+
+
+def test_a_restart_resumes_a_run_the_daemon_crashed_in(tmp_path: Path, daemons: list[Daemon]) -> None:
+    (tmp_path / "inbox").mkdir()
+    write_project(tmp_path, """
+[[trigger]]
+name = "inbox"
+loop = "notes_loop.py"
+on.change = "inbox"
+debounce = "200ms"
+""", iterations=6, delay=0.4)
+    first = Daemon(tmp_path)
+    daemons.append(first)
+    first.wait_log("watching inbox for changes")
+    counter = iter(range(10_000))
+
+    def drop() -> None:
+        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
+
+    drop()
+    run = wait_for(lambda: runs(tmp_path), "a run started by the change", first, tick=drop)[0]
+    wait_for(lambda: runs(tmp_path)[0].iterations >= 2, "two committed iterations", first)
+    first.kill()  # SIGKILL: no chance to record anything
+    assert runs(tmp_path)[0].status == "running"
+    second = Daemon(tmp_path, tag="2")
+    daemons.append(second)
+    second.wait_log(f"run {run.id} resumed after iteration")  # once its heartbeat went stale
+    wait_for(lambda: runs(tmp_path)[0].status == "converged", "the resumed run to converge", second)
+    assert second.stop() == 0
+    assert len(runs(tmp_path)) == 1 and runs(tmp_path)[0].iterations == 6
+
+
+@pytest.mark.parametrize("triggers, expected", [
+    ('[[trigger]]\nname = "x"\nloop = "notes_loop.py"\non.schedule = "*/5 * * *"\n',
+     "trigger 'x': on.schedule: not a cron expression"),
+    ('[[trigger]]\nname = "x"\nloop = "notes_loop.py"\non.change = "src"\non.command = "ls"\n',
+     "trigger 'x': on: give exactly one of on.change, on.schedule, on.command"),
+    ('[[trigger]]\nname = "x"\nloop = "notes_loop.py"\non.command = "ls"\nevery = "soon"\n',
+     "trigger 'x': every: not a duration: 'soon'"),
+    ('[[trigger]]\nname = "x"\nloop = "no-such-loop"\non.schedule = "every 1m"\n', "trigger 'x': loop: "),
+    ('[[trigger]]\nname = "x"\nloop = "notes_loop.py"\non.change = "missing/"\n',
+     "trigger 'x': on.change: 'missing/' does not exist"),
+    ('[[trigger]]\nname = "x"\nloop = "notes_loop.py"\non.schedule = "every 1m"\ncolour = "red"\n',
+     "trigger 'x': colour: unknown field"),
+    ('[[trigger]\nname = "x"\n', "not valid TOML"),
+    ('', "no [[trigger]] table"),
+])
+def test_a_malformed_triggers_file_is_one_line_and_exit_2(tmp_path: Path, triggers: str, expected: str) -> None:
+    write_project(tmp_path, triggers)
+    done = subprocess.run([*CLI, "daemon"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("loopterm: .loopterm/triggers.toml: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert runs(tmp_path) == []  # nothing ran, nothing was recorded
