@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 STOP_GRACE_S = 2.0  # a stdio server gets this long to exit after its stdin closes, then SIGTERM, then SIGKILL
+_QUIET = logging.NullHandler()
 _STDERR_TAIL = 600  # characters of a server's stderr quoted when it fails
 
 
@@ -397,6 +399,10 @@ class McpTools:
     async def _connect(self, stack: AsyncExitStack, server: McpServer, taken: set[str]) -> list[McpTool]:
         import anyio
         from mcp.client.session import ClientSession
+
+        # The SDK logs a server's misbehaviour; with no handler configured Python would print it on the
+        # terminal (over the TUI). What matters reaches the run as a classified error instead.
+        logging.getLogger("mcp").addHandler(_QUIET)
 
         fail = f"MCP server {server.name!r} failed to start"
         advice = "check the url in the loop file" if server.url else "check the command in the loop file"
