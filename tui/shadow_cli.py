@@ -141,8 +141,8 @@ def eval_shadow(loop_ref: str, db: Path, *, run: str | None, as_json: bool, min_
 def announce(console: Console, run_id: str, wait: bool) -> None:
     """The line a headless shadow run starts with: nothing runs, and where a person answers."""
     how = (f"answer each proposal (agree, edit or deny) from `loopterm watch {run_id}`" if wait
-           else f"--no-wait: it stops (exit 4) at the first proposal; answer it from `loopterm watch {run_id}`, then "
-                f"`loopterm resume {run_id}`")
+           else f"--no-wait: it stops (exit 4) at the first proposal; `r` in `loopterm watch {run_id}` continues it "
+                "and asks you there")
     console.print(Text(f"◐ shadow run {run_id}: nothing the loop proposes is executed; {how}", style="magenta"))
 
 

@@ -50,7 +50,9 @@ class ApprovalScreen(Dialog[Approve | Deny]):
                         style="italic")
         yield Static(head, id="approval-tool")
         yield TextArea(pretty(self.pending.get("args") or {}), id="args", show_line_numbers=False)
-        yield Input(placeholder="why (optional for approve, recorded; a denial says why to the model)", id="reason")
+        why = ("why (optional for agree or edit, recorded; a denial says why to the model)" if self.shadow
+               else "why (optional for approve, recorded; a denial says why to the model)")
+        yield Input(placeholder=why, id="reason")
 
     def buttons(self) -> ComposeResult:
         yield Button("Agree" if self.shadow else "Approve", variant="success", id="approve")
