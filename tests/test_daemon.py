@@ -358,3 +358,65 @@ def test_a_malformed_triggers_file_is_one_line_and_exit_2(tmp_path: Path, trigge
     assert lines[0].startswith("loopterm: .loopterm/triggers.toml: ") and expected in lines[0], lines[0]
     assert "Traceback" not in done.stderr
     assert runs(tmp_path) == []  # nothing ran, nothing was recorded
+
+
+GATED_LOOP = '''
+from pathlib import Path
+from loopterm.core import Invariant, Loop, LoopState, Remediation, ToolContext, tool
+
+@tool(side_effects=True, idempotent=True)
+def note(ctx: ToolContext, line: str) -> str:
+    """Append a line to notes.txt in the workspace."""
+    with open(ctx.workspace / "notes.txt", "a") as f:
+        f.write(line + "\\n")
+    return "noted"
+
+loop = Loop(
+    name="gated",
+    goal="write four notes, with a person's nod after the second",
+    state=LoopState,
+    tools=[note],
+    script=Path(__file__).parent / "script.json",
+    max_iterations=10,
+    invariants=[Invariant(name="nodded", check=lambda state: state.iteration != 2, remediation=Remediation.ESCALATE,
+                          description="a person looks at the second note")],
+    converged=lambda state, gates: state.iteration >= 4,
+)
+'''
+
+
+def test_a_run_waiting_for_a_person_blocks_no_other_trigger_and_goes_on_when_answered(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    write_project(tmp_path, """
+[[trigger]]
+name = "gated"
+loop = "gated.py"
+on.schedule = "every 1s"
+
+[[trigger]]
+name = "plain"
+loop = "notes_loop.py"
+on.schedule = "every 1s"
+""")
+    (tmp_path / "gated.py").write_text(GATED_LOOP)
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+
+    def gated() -> list[RunRecord]:
+        return [r for r in runs(tmp_path) if r.loop == "gated"]
+
+    waiting = wait_for(lambda: [r for r in gated() if r.status == "escalated"], "the gated run to escalate", daemon)[0]
+    daemon.wait_log(f"run {waiting.id} escalated at iteration 2 and waits for a person: `loopterm watch {waiting.id}`")
+    # Meanwhile the other trigger keeps starting runs that finish.
+    wait_for(lambda: len([r for r in runs(tmp_path) if r.loop == "notes" and r.status == "converged"]) >= 3,
+             "three runs of the other trigger while the gated run waits", daemon)
+    assert [r.id for r in gated()] == [waiting.id]  # its own trigger queued, not a second run alongside
+    assert gated()[0].status == "escalated" and gated()[0].iterations == 2
+    # Answer through the store's control channel, as `loopterm watch` does.
+    with Store.open(tmp_path / ".loopterm" / "loopterm.db", create=False) as store:
+        store.add_command(waiting.id, "resume", {})
+    wait_for(lambda: next(r for r in gated() if r.id == waiting.id).status == "converged", "the answered run to converge",
+             daemon)
+    assert next(r for r in gated() if r.id == waiting.id).iterations == 4
+    assert daemon.stop() == 0

@@ -7,8 +7,9 @@ ordinary engine writing to the normal store, so `loopterm runs` lists it (origin
 from `watch` without holding up the other triggers.
 
 Policies (see the README's Triggers section):
-- A trigger has at most one run at a time. Events arriving while its run goes on are merged into
-  one queued firing, started when the run ends (a command trigger runs no check meanwhile).
+- A trigger has at most one run at a time. File changes arriving while its run goes on are merged
+  into one queued firing, started when the run ends; a schedule firing then is skipped; a command
+  trigger runs no check meanwhile.
 - A command trigger fires when its command starts failing (the first check, or after a pass), not
   on every failing check: a loop that cannot fix it is not started again and again.
 - Before each run the daily budget is checked (`store.ledger.check_daily_budget`); an uncapped run
@@ -261,11 +262,15 @@ class TriggerDaemon:
         """An event happened: start a run of the trigger's loop, or queue it behind the one still going."""
         if self.stopping.is_set():
             return
-        self.log(f"trigger {slot.name!r}: fired: {event}")
         if slot.busy:
+            going = f"run {slot.engine.run_id}" if slot.engine is not None else "a run"
+            if slot.trigger is not None and slot.trigger.on.kind == "schedule":
+                self.log(f"trigger {slot.name!r}: skipped ({going} of it is still going): {event}")
+                return
             slot.queued = [*slot.queued, event][-MAX_QUEUED_EVENTS:]
-            self.log(f"trigger {slot.name!r}: a run of it is still going; queued (starts when it ends)")
+            self.log(f"trigger {slot.name!r}: fired while {going} of it is still going; queued: {event}")
             return
+        self.log(f"trigger {slot.name!r}: fired: {event}")
         try:
             self._start(slot, event)
         except ConfigError as exc:
@@ -274,7 +279,7 @@ class TriggerDaemon:
             self.log(f"trigger {slot.name!r}: could not start a run: {exc.__class__.__name__}: {exc}")
 
     def _budget(self, slot: Slot) -> tuple[dict[str, Any], str | None]:
-        """The run's budget under the daily budget, or (_, the refusal line)."""
+        """The run's budget under the daily budget (an uncapped run gets what is left today), or (_, the refusal)."""
         trigger = slot.trigger
         assert trigger is not None
         budget: dict[str, Any] = {}
@@ -321,7 +326,9 @@ class TriggerDaemon:
             self.log(f"trigger {slot.name!r}: refused: {refused} (recorded as run {run_id})")
             return
         slot.refused_run = None
-        self._launch(slot, engine, f"run {run_id} of {slot.loop.name} started (model {slot.model})")
+        capped = budget.get("usd") is not None and trigger.budget_usd is None and slot.loop.budget.usd is None
+        self._launch(slot, engine, f"run {run_id} of {slot.loop.name} started (model {slot.model})"
+                     + (f"; its budget is what is left of today's: ${budget['usd']:.4f}" if capped else ""))
 
     def _launch(self, slot: Slot, engine: Engine, started: str) -> None:
         engine.subscribe(self._watcher(slot, engine.run_id))
