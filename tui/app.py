@@ -240,6 +240,7 @@ class LooptermApp(App[None]):
         theme: str | None = None,
         frozen: bool | None = None,
         loops: dict[str, Loop] | None = None,
+        otlp: str | None = None,
         shadow: bool = False,
     ) -> None:
         super().__init__()
@@ -252,6 +253,8 @@ class LooptermApp(App[None]):
         self.watch_run = watch_run
         self.budget = budget
         self.max_iterations = max_iterations
+        self.otlp = otlp  # send traces of the engines this window drives (tui/traces.py)
+        self.live_traces: Any = None
         self.frozen = bool(int(os.environ.get("LOOPTERM_FROZEN", "0") or 0)) if frozen is None else frozen
         if self.frozen:
             self.animation_level = "none"
@@ -284,6 +287,10 @@ class LooptermApp(App[None]):
     def on_mount(self) -> None:
         self._setup_theme()
         self.theme_changed_signal.subscribe(self, self._theme_changed)
+
+    def on_unmount(self) -> None:
+        if self.live_traces is not None:  # the spans still queued go out (bounded) before the process ends
+            self.live_traces.close()
 
     def main_ready(self) -> None:
         """The main screen is composed: show a run (or start one) and follow the store."""
@@ -730,6 +737,10 @@ class LooptermApp(App[None]):
         """Drive an engine in an App-owned worker; its events arrive as EngineNotice messages."""
         self.engines[engine.run_id] = engine
         engine.subscribe(lambda event: self.post_message(EngineNotice(event)))
+        if self.otlp:
+            from loopterm.tui.traces import follow
+
+            follow(self, engine)
         self.run_worker(self._drive(engine), name=f"engine {engine.run_id}", group="engines", exit_on_error=False)
 
     async def _drive(self, engine: Engine) -> None:

@@ -37,6 +37,13 @@ def one_line(text: object, limit: int = 2_000) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _otlp_url(text: str) -> str:
+    """--otlp and --endpoint: an OTLP/HTTP URL (checked with the standard library; opentelemetry loads later)."""
+    from loopterm.tui.traces import otlp_url
+
+    return otlp_url(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument("--db", type=Path, help=f"the SQLite store (default: $LOOPTERM_DB or {DEFAULT_DB})")
@@ -60,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run every case of a cases file (JSON list or JSON lines), headless; exit 0 when every case "
                           "met its expectation, else 3")
     run.add_argument("--parallel", type=arguments.positive_int, metavar="K", help="with --cases: up to K runs at once (default 1)")
+    run.add_argument("--otlp", metavar="URL", type=_otlp_url,
+                     help="send OpenTelemetry traces live to this OTLP/HTTP endpoint, e.g. http://127.0.0.1:4318")
     run.add_argument("--shadow", action="store_true",
                      help="shadow mode: every tool call the loop proposes goes to a person (agree, edit, deny) and "
                           "nothing is executed; `loopterm eval LOOP --shadow` reports the agreement")
@@ -82,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--no-wait", action="store_true", help="exit 4 instead of waiting when a person is needed")
     resume.add_argument("--side-effects", choices=["reuse", "reexecute"],
                         help="answer a pending side-effecting call: reuse the recorded result or execute it again")
+    resume.add_argument("--otlp", metavar="URL", type=_otlp_url, help="send OpenTelemetry traces live to this OTLP/HTTP endpoint")
 
     fork = sub.add_parser("fork", parents=[db], help="branch a run from one of its iterations",
                           description="Continue a run from iteration N as a new branch; nothing of the parent is copied.")
@@ -96,9 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     fork.add_argument("--no-wait", action="store_true", help="exit 4 instead of waiting when a person is needed")
     fork.add_argument("--dry-run", action="store_true", help="check the fork and list side-effecting calls it may reach again; create nothing")
 
-    export = sub.add_parser("export", parents=[db], help="write a run (its whole lineage) as JSON lines")
+    export = sub.add_parser("export", parents=[db],
+                            help="write a run (its whole lineage) as JSON lines, or send it as OpenTelemetry traces")
     export.add_argument("run", metavar="RUN")
-    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--format", choices=["jsonl", "otlp"], default="jsonl",
+                        help="jsonl: a file `loopterm import` reads; otlp: traces sent to --endpoint")
+    export.add_argument("--endpoint", metavar="URL", type=_otlp_url,
+                        help="with --format otlp: the OTLP/HTTP endpoint, e.g. http://127.0.0.1:4318 (default: "
+                             "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT)")
     export.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here instead of standard output")
 
     imp = sub.add_parser("import", parents=[db], help="import runs from a `loopterm export` file")
@@ -223,7 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
-                            budget_tokens=args.budget_tokens, wait=not args.no_wait, shadow=args.shadow)
+                            budget_tokens=args.budget_tokens, otlp=args.otlp, wait=not args.no_wait, shadow=args.shadow)
     if args.command == "watch":
         return commands.watch(db_path(args), args.run)
     if args.command == "runs":
@@ -232,10 +247,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.show(db_path(args), args.run, iteration=args.iteration, as_json_out=args.json)
     if args.command == "resume":
         return commands.resume(db_path(args), args.run, max_iterations=args.max_iterations,
-                               side_effects=args.side_effects, wait=not args.no_wait)
+                               side_effects=args.side_effects, otlp=args.otlp, wait=not args.no_wait)
     if args.command == "fork":
         return commands.fork(db_path(args), args.run, at=args.at, sets=args.set, relax=args.relax, model=args.model,
                              reason=args.reason, dry_run=args.dry_run, wait=not args.no_wait)
+    if args.command == "export" and (args.format == "otlp" or args.endpoint is not None):
+        if args.format != "otlp" or args.output is not None:
+            wrong = "--endpoint goes with --format otlp" if args.format != "otlp" else "--output goes with --format jsonl"
+            print(f"loopterm: {wrong} (see `loopterm export --help`)", file=sys.stderr)
+            return USAGE_ERROR
+        return commands.export_otlp(db_path(args), args.run, endpoint=args.endpoint)
     if args.command == "export":
         return commands.export(db_path(args), args.run, output=args.output)
     if args.command == "import":

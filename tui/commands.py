@@ -52,9 +52,15 @@ def _prepare_model(loop: Loop, model: str) -> None:
     preflight_roles(loop.gates, model)
 
 
-def _drive(engine: Engine, console: Console) -> int:
+def _drive(engine: Engine, console: Console, otlp: str | None = None) -> int:
     engine.subscribe(HeadlessProgress(console))
-    final = asyncio.run(engine.run())
+    if otlp is None:
+        final = asyncio.run(engine.run())
+    else:
+        from loopterm.tui.traces import traced
+
+        with traced(engine, otlp, console):
+            final = asyncio.run(engine.run())
     console.print(summary(final))
     return EXIT_CODES.get(Status(final.status), 1)
 
@@ -123,6 +129,7 @@ def run(
     max_iterations: int | None = None,
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
+    otlp: str | None = None,
     wait: bool = True,
     shadow: bool = False,
 ) -> int:
@@ -142,7 +149,7 @@ def run(
     if not headless:
         if _has_terminal():
             Store.open(db).close()  # refuse a bad database before the screen opens
-            return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, max_iterations=max_iterations,
+            return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, otlp=otlp, max_iterations=max_iterations,
                              **({"shadow": True} if shadow else {}))
         print("loopterm: no terminal here, so running headless (pass --headless to say so)", file=sys.stderr)
     store = Store.open(db)
@@ -154,7 +161,7 @@ def run(
         from loopterm.tui.shadow_cli import announce
 
         announce(_console(), engine.run_id, wait)
-    return _drive(engine, _console())
+    return _drive(engine, _console(), otlp=otlp)
 
 
 def _engine_for(store: Store, loop: Loop, run_record: RunRecord, **kwargs: Any) -> Engine:
@@ -164,7 +171,7 @@ def _engine_for(store: Store, loop: Loop, run_record: RunRecord, **kwargs: Any) 
 
 
 def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: str | None = None,
-           wait: bool = True) -> int:
+           wait: bool = True, otlp: str | None = None) -> int:
     store = Store.open(db, create=False)
     run_record = store.resolve_run(prefix)
     if run_record.status == Status.CONVERGED.value:
@@ -188,7 +195,8 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: s
         key = str(pending[-1].data["key"])
         answers[key] = side_effects
         store.append_event(run_record.id, "side_effect_answered", {"key": key, "answer": side_effects})
-    return _drive(_engine_for(store, loop, run_record, side_effect_answers=answers, wait_on_person=wait), console)
+    return _drive(_engine_for(store, loop, run_record, side_effect_answers=answers, wait_on_person=wait), console,
+                  otlp=otlp)
 
 
 def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], model: str | None, reason: str,
@@ -386,6 +394,13 @@ def export(db: Path, prefix: str, *, output: Path | None) -> int:
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}; pick another --output") from None
     _console().print(f"exported run {run_record.id} to {output}")
     return 0
+
+
+def export_otlp(db: Path, prefix: str, *, endpoint: str | None) -> int:
+    """Send the run's lineage as OpenTelemetry traces; one line saying how many spans went where."""
+    from loopterm.tui.traces import export_run
+
+    return export_run(db, prefix, endpoint)
 
 
 def import_file(db: Path, path: Path) -> int:
