@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
+from loopterm.core.errors import ConfigError
 from loopterm.core.records import EventRecord, RunRecord
+from loopterm.core.triggers import Schedule, change_event, command_event, load_triggers, parse_duration
 from loopterm.store import Store
 
 CLI = [sys.executable, "-m", "loopterm.tui.cli"]
@@ -181,6 +183,9 @@ on.schedule = "every 1s"
     daemon = Daemon(tmp_path)
     daemons.append(daemon)
     wait_for(lambda: len([r for r in runs(tmp_path) if r.status == "converged"]) >= 2, "two scheduled runs", daemon)
+    second = subprocess.run([*CLI, "daemon"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"another `loopterm daemon` (pid {daemon.proc.pid}) is running on" in second.stderr
     assert daemon.stop() == 0
     for run in runs(tmp_path):
         assert run.origin == "trigger"
@@ -420,3 +425,68 @@ on.schedule = "every 1s"
              daemon)
     assert next(r for r in gated() if r.id == waiting.id).iterations == 4
     assert daemon.stop() == 0
+
+
+# ---------------------------------------------------------------------------- the triggers file, in process
+
+
+def test_the_triggers_file_model(tmp_path: Path) -> None:
+    path = tmp_path / "triggers.toml"
+    path.write_text("""
+[[trigger]]
+name = "a"
+loop = "codefix"
+on.change = ["src", "tests/"]
+goal = "Look at {event}; keep {braces} as written"
+budget_usd = 0.25
+
+[[trigger]]
+name = "b"
+loop = "codefix"
+on.command = "pytest -q 'tests/test x.py'"
+timeout = "90s"
+
+[[trigger]]
+name = "c"
+loop = "codefix"
+on.schedule = "every 10m"
+""")
+    a, b, c = load_triggers(path).trigger
+    assert a.on.kind == "change" and a.on.change == ["src", "tests/"] and a.debounce == 1.0 and a.budget_usd == 0.25
+    assert a.goal_for("the loop's goal", "files changed: src/x.py (modified)") == \
+        "Look at files changed: src/x.py (modified); keep {braces} as written"
+    assert b.on.command == ["pytest", "-q", "tests/test x.py"] and b.every == 60.0 and b.timeout == 90.0
+    assert b.goal_for("Fix it.", "`pytest` exited with code 1") == \
+        "Fix it.\n\nWhat triggered this run: `pytest` exited with code 1"
+    assert c.schedule.interval == 600.0 and c.schedule.next_after(1_000.0) == 1_600.0
+
+
+def test_durations_and_schedules() -> None:
+    assert [parse_duration(v) for v in ("500ms", "2s", "10m", "1h", "1d", 3, "1.5m")] == \
+        [0.5, 2.0, 600.0, 3600.0, 86400.0, 3.0, 90.0]
+    for bad in ("soon", "0s", "-1s", "1 week", True, float("inf")):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    every_five = Schedule.parse("*/5 * * * *")
+    start = 1_700_000_123.0
+    fires = every_five.next_after(start)
+    assert start < fires <= start + 300 and int(fires) % 60 == 0
+    assert every_five.next_after(fires) - fires == 300.0
+    with pytest.raises(ValueError, match="not a cron expression"):
+        Schedule.parse("*/5 * * *")
+
+
+def test_event_texts_are_capped_and_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    many = change_event([f"src/f{i:02}.py (modified)" for i in range(30)])
+    assert many.startswith("files changed: src/f00.py (modified), ") and many.endswith(" and 10 more")
+    key = "sk-" + "a1B2c3D4e5F6g7H8i9J0" * 2
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    text = command_event(["pytest", "-q"], 1, None, "x" * 5_000 + f"\nleaked {key}\n", "")
+    assert text.startswith("`pytest -q` exited with code 1; last output:\n…") and len(text) < 1_700
+    assert key not in text
+    assert command_event(["slow"], None, "timed out after 5s", "", "") == "`slow` failed: timed out after 5s"
+
+
+def test_a_missing_triggers_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"triggers.toml: no such file; write one"):
+        load_triggers(tmp_path / "triggers.toml")
