@@ -223,3 +223,46 @@ def test_bad_shadow_command_lines_are_one_line_and_exit_2(
     with Store.open(db) as store:
         assert len(store.list_runs()) == 1  # nothing created
     assert (tmp_path / "db" / "loopterm.db").stat().st_size == before
+
+
+def test_a_headless_shadow_run_waits_for_verdicts_sent_from_another_process(tmp_path: Path) -> None:
+    """`loopterm run LOOP --shadow --headless` in its own process; this test answers through the store's
+    control channel, as `loopterm watch RUN` does; the run ends at its cap (exit 3), nothing executed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    loop_file = write_loop(tmp_path / "loop")
+    db = tmp_path / "db" / "loopterm.db"
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", str(loop_file), "--shadow", "--headless",
+                             "--db", str(db)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        answered: set[str] = set()
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if not db.exists():
+                continue
+            with Store.open(db) as store:
+                for run in store.list_runs():
+                    for event in store.events(run.id):
+                        key = str(event.data.get("key"))
+                        if event.kind == "approval_pending" and key not in answered:
+                            kind, payload = command_payload(answer(event.iteration or 0, key))
+                            store.add_command(run.id, kind, payload)
+                            answered.add(key)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, out
+    assert "◐ shadow run" in out and "is proposed (shadow: nothing will run)" in out
+    assert len(answered) == 5 and trace(tmp_path / "loop") == ""
+    with Store.open(db) as store:
+        (run,) = store.list_runs()
+        assert run.termination_reason == "max_iterations"
+        assert agreement(verdicts(store.events(run.id))) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}

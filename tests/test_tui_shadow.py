@@ -79,6 +79,8 @@ async def test_answer_a_shadow_run_in_the_tui_then_eval_reports_the_agreement(tm
         await pilot.pause(0.2)
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, EscalationScreen), "the run's escalation screen")
+        await until(pilot, lambda: "Shadow proposal (nothing will run)" in
+                    str(app.screen.query_one("#esc-packet-text", Static).render()), "the proposal in the packet")
         screen = await open_dialog(pilot, app, "d")
         reason = screen.query_one("#reason", Input)
         reason.focus()

@@ -32,7 +32,7 @@ class Waiting:
     @property
     def what(self) -> str:
         if self.approvals:
-            return "approval"
+            return "shadow" if self.approvals[0].get("shadow") else "approval"
         if self.side_effect is not None:
             return "side effect"
         return "escalation" if self.packet else "waiting"
@@ -41,6 +41,8 @@ class Waiting:
     def summary(self) -> str:
         if self.approvals:
             call = self.approvals[0]
+            if call.get("shadow"):  # core/shadow.py: a proposal to judge; nothing will run
+                return f"◐ shadow: the loop proposes tool {call.get('tool')!s}; agree, edit or deny (nothing runs)"
             return f"tool {call.get('tool')!s} needs approval"
         if self.side_effect is not None:
             return f"tool {self.side_effect.get('tool')!s} may repeat a side effect: reuse its result or execute it again?"
@@ -239,12 +241,15 @@ class EscalationScreen(Screen[None]):
                     text.append(literal(suggestion))
                     text.append("\n")
         for call in item.approvals:
-            text.append("\nTool call waiting for approval", style="bold")
+            shadow = bool(call.get("shadow"))
+            text.append("\n◐ Shadow proposal (nothing will run)" if shadow else "\nTool call waiting for approval",
+                        style="bold")
             text.append(f" (iteration {call.get('n', '?')})\n", style="dim")
             text.append(literal(call.get("tool", "?"), "bold"))
             text.append("\n")
             text.append(literal(pretty(call.get("args") or {})))
-            text.append("\na approves (arguments editable), d denies\n", style="italic")
+            text.append("\na agrees (edit the arguments to say what should happen instead), d denies\n" if shadow
+                        else "\na approves (arguments editable), d denies\n", style="italic")
         if item.side_effect is not None:
             text.append("\nA side effect it may repeat\n", style="bold")
             text.append(literal(item.side_effect.get("tool", "?"), "bold"))
