@@ -244,6 +244,38 @@ async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int
     workspace.mkdir(parents=True, exist_ok=True)
     if loop.workspace_files is not None:
         shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+    if loop.setup is not None:  # prepared as a new run's workspace is (Engine.create), then the calls replayed
+        loop.setup(workspace)
+    assert run.parent_run is not None and run.fork_iteration is not None
+    mcp = await _mcp_tools(loop, history, run, workspace)
+    try:
+        return await _replay_calls(loop if mcp is None else loop.model_copy(update={"tools": [*loop.tools, *mcp[1]]}),
+                                   history, run, workspace)
+    finally:
+        if mcp is not None:
+            await mcp[0].close()
+
+
+async def _mcp_tools(loop: Loop, history: History, run: RunRecord, workspace: Path) -> tuple[Any, list[Any]] | None:
+    """The loop's MCP servers, started in the branch's workspace, when the parent called their tools
+    before the fork point (a `workspace_only` one is replayed like the loop's own)."""
+    if not loop.mcp_servers:
+        return None
+    assert run.parent_run is not None
+    own = {t.name for t in loop.tools}
+    if all(call["tool"] in own for _, _, call in history.iteration_tool_calls(run.parent_run, upto=run.fork_iteration)):
+        return None
+    from loopterm.core.mcp_tools import McpStartError, McpTools
+
+    mcp = McpTools(loop.mcp_servers, workspace)
+    try:
+        return mcp, await mcp.start(taken=own)
+    except McpStartError as exc:
+        await mcp.close()
+        raise ConfigError(f"branch {run.id}: its workspace cannot be rebuilt: {exc}") from None
+
+
+async def _replay_calls(loop: Loop, history: History, run: RunRecord, workspace: Path) -> int:
     assert run.parent_run is not None and run.fork_iteration is not None
     replayed = 0
     replayable = {t.name for t in loop.tools if t.side_effects and t.workspace_only}
@@ -255,9 +287,14 @@ async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int
             continue  # never ran: proposed in a shadow run, denied by a person, refused by its precondition
         args = call.get("args") or {}
         call_args = (ToolContext(run.id, n, workspace, "rebuild"),) if tool.wants_context else ()
-        result = tool.fn(*call_args, **args)
-        if hasattr(result, "__await__"):
-            await result
+        try:
+            result = tool.fn(*call_args, **args)
+            if hasattr(result, "__await__"):
+                await result
+        except Exception as exc:
+            if type(exc).__name__ != "McpToolError":
+                raise
+            continue  # an MCP server said no (as it may have to the parent): nothing changed in the workspace
         replayed += 1
     return replayed
 

@@ -62,7 +62,8 @@ class Loop(BaseModel):
     tool_history: int | None = Field(default=32, ge=1)
     workspace_files: Path | None = None  # copied into each run's workspace before it starts
     # Prepares a new run's workspace after workspace_files are copied (e.g. builds a sample git
-    # repository); not called for a workspace someone else prepared (a worktree) or on resume.
+    # repository), a branch's (before the parent's workspace calls are replayed) and a replay's too;
+    # not called for a workspace someone else prepared (a worktree) or on resume.
     setup: Callable[[Path], None] | None = None
     migrations: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = Field(default_factory=dict)
     # The observation step: fold what happened into the loop's own state fields (pure: return a new state).

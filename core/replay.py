@@ -434,6 +434,8 @@ def create_replay_run(history: History, loop: Loop, recorded: RunRecord, *, run_
     workspace.mkdir(parents=True, exist_ok=True)
     if loop.workspace_files is not None:
         shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)
+    if loop.setup is not None:  # prepared as the recorded run's was (Engine.create)
+        loop.setup(workspace)
     now = time.time()
     run = RunRecord(
         id=run_id, loop=loop.name, loop_ref=recorded.loop_ref, goal=loop.goal, spec_hash=loop.spec_hash(),

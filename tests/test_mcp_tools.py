@@ -394,3 +394,23 @@ def test_the_mcp_git_example_converges_offline_from_the_command_line(tmp_path: P
     assert git(repo, "status", "--porcelain") == "" and git(repo, "rev-list", "--count", "HEAD") == "2"
     assert git(repo, "log", "-1", "--format=%s") == "Keep amounts in cents; start a changelog"
     assert not servers_running(str(tmp_path))
+
+
+def test_the_example_replays_identically_and_a_branch_rebuilds_its_repository_through_the_server(tmp_path: Path) -> None:
+    """The git server's effects stay in the workspace (workspace_only): a replay re-runs them in its own
+    workspace, and a branch after `git_add` gets a workspace where the server staged the change again."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "LOOPTERM_DB": ""})
+
+    assert cli("run", "mcp-git", "--headless").returncode == 0
+    recorded = json.loads(cli("runs", "--json").stdout)[0]["id"]
+    replayed = cli("replay", recorded)
+    assert replayed.returncode == 0 and "identical" in replayed.stdout, replayed.stdout + replayed.stderr
+    branched = cli("fork", recorded, "--at", "3", "--headless")
+    assert branched.returncode == 0 and "converged at iteration 4" in branched.stdout, branched.stdout + branched.stderr
+    runs = {r["origin"]: r for r in json.loads(cli("runs", "--json").stdout)}
+    branch = Path(runs["fork"]["workspace"]) / "repo"
+    assert git(branch, "log", "--format=%s") == "Keep amounts in cents; start a changelog\nInitial commit"
+    assert git(branch, "status", "--porcelain") == ""
+    assert not servers_running(str(tmp_path))

@@ -83,6 +83,9 @@ GIT_SERVER = McpServer(
     # (a stdio server's working directory).
     command=["{python}", "-m", "mcp_server_git", "--repository", "{workspace}/repo"],
     tools=["git_status", "git_diff_unstaged", "git_diff_staged", "git_add", "git_commit", "git_log"],
+    # Its effects stay in the run's own workspace: a replay re-runs them there, and a branch's workspace is
+    # rebuilt by re-running them up to the fork point.
+    workspace_only=True,
 )
 
 loop = Loop(
