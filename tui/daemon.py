@@ -140,6 +140,7 @@ class TriggerDaemon:
         self.stopping = asyncio.Event()
         self._watch_stop = threading.Event()  # read by watchfiles' watcher thread
         self._detached: list[Slot] = []  # resumed runs whose trigger is no longer in the file
+        self._waiting: list[asyncio.Task[None]] = []  # crashed runs waiting for their heartbeat to go stale
 
     # ------------------------------------------------------------------ life cycle
 
@@ -163,9 +164,9 @@ class TriggerDaemon:
             await self.stopping.wait()
         finally:
             self._watch_stop.set()
-            for task in sources:
+            for task in [*sources, *self._waiting]:
                 task.cancel()
-            await asyncio.wait(sources, timeout=10)
+            await asyncio.wait([*sources, *self._waiting], timeout=10)
             await self._stop_runs()
             self.log("daemon: stopped")
 
@@ -411,7 +412,8 @@ class TriggerDaemon:
         for run in now_runs:
             self._resume(run)
         for run in later:
-            asyncio.get_running_loop().create_task(self._resume_when_stale(run))
+            self.log(f"daemon: run {run.id} looks alive (fresh heartbeat); resuming it once its heartbeat is stale")
+            self._waiting.append(asyncio.create_task(self._resume_when_stale(run)))
 
     async def _resume_when_stale(self, run: RunRecord) -> None:
         """A run that looks alive (the daemon was killed a moment ago): resume it once its heartbeat is stale."""
