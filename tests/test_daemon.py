@@ -490,3 +490,41 @@ def test_event_texts_are_capped_and_redacted(monkeypatch: pytest.MonkeyPatch) ->
 def test_a_missing_triggers_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"triggers.toml: no such file; write one"):
         load_triggers(tmp_path / "triggers.toml")
+
+
+async def test_loopterm_watch_attaches_to_a_daemon_run_and_answers_it(
+    tmp_path: Path, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The person's side, in the real TUI: `loopterm watch RUN` on a run the daemon started and that waits."""
+    import asyncio
+
+    from loopterm.tui.app import LooptermApp
+
+    monkeypatch.setenv("LOOPTERM_CONFIG_DIR", str(tmp_path / "config"))
+    write_project(tmp_path, """
+[[trigger]]
+name = "gated"
+loop = "gated.py"
+on.schedule = "every 1s"
+""")
+    (tmp_path / "gated.py").write_text(GATED_LOOP)
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+    deadline = time.monotonic() + DEADLINE_S
+    while not [r for r in runs(tmp_path) if r.status == "escalated"]:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.log()
+        await asyncio.sleep(0.2)
+    run_id = runs(tmp_path)[0].id
+    app = LooptermApp(tmp_path / ".loopterm" / "loopterm.db", watch_run=run_id, theme="textual-dark", frozen=True)
+    async with app.run_test(size=(140, 40)) as pilot:
+        while not (app.view is not None and not app.view.loading and app.timeline.row_count == 2):
+            assert time.monotonic() < deadline, "the watched run's two iterations never showed"
+            await pilot.pause(0.1)
+        await pilot.press("space")  # answer: go on
+        while app.store.get_run(run_id).status != "converged":
+            assert time.monotonic() < deadline, f"the run never converged after the answer:\n{daemon.log()}"
+            await pilot.pause(0.2)
+    assert runs(tmp_path)[0].iterations == 4
+    kinds = [e.kind for e in events(tmp_path, run_id)]
+    assert "escalated" in kinds and kinds.index("escalated") < kinds.index("run_finished")
+    assert daemon.stop() == 0
