@@ -759,8 +759,8 @@ class Engine:
 
     def _consolidate(self, status: Status) -> None:
         """What a finished run leaves for later runs of the same loop (long-term memory)."""
-        if self.memory is None or self.executor.replaying or not self.learn:
-            return  # a replay re-drives an old experience; it teaches nothing new
+        if self.memory is None or self.executor.replaying or not self.learn or self.shadow:
+            return  # a replay re-drives an old experience, a shadow run did nothing: neither teaches anything new
         if status not in (Status.CONVERGED, Status.TERMINATED, Status.ESCALATED):
             return
         try:

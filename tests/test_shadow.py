@@ -102,6 +102,7 @@ def test_a_shadow_run_executes_nothing_records_every_verdict_and_never_converges
     assert "release date 2.1" in iterations[1].tool_result["error"]
     assert "would not have made this call (never write a vague date)" in iterations[2].tool_result["error"]
     assert "not executed (shadow mode" in json.dumps(iterations[3].prompt)  # the next prompt carries it
+    assert store.memories("shadowed") == []  # a shadow run teaches long-term memory nothing
     store.close()
 
 
@@ -137,6 +138,7 @@ def test_an_ordinary_run_of_the_same_loop_executes_and_asks_nobody(tmp_path: Pat
     assert trace(tmp_path / "loop").startswith("write notes.txt\ngate\nlookup release\ngate\n")
     assert (Path(engine.run_record.workspace) / "notes.txt").read_text() == "release: soon"  # iteration 3 wrote it
     assert [e for e in store.events(engine.run_id) if e.kind == VERDICT_EVENT] == []
+    assert [(m.key, m.value) for m in store.memories("shadowed")] == [("last_status", "terminated")]
     store.close()
 
 
