@@ -303,7 +303,9 @@ class SpanBuilder:
         if passed:
             status = Status(StatusCode.OK)
         else:
-            why = gate.get("error") or (f"exit code {gate['exit_code']}" if gate.get("exit_code") is not None else "failed")
+            findings = len(gate.get("findings") or [])
+            why = gate.get("error") or (f"exit code {gate['exit_code']}" if gate.get("exit_code") is not None
+                                        else f"{findings} finding(s)" if findings else "failed")
             status = Status(StatusCode.ERROR, _short(why))
         return self._span(f"gate {gate.get('name', '?')}", _context(rid, "gate", n, i), parent, start, end,
                           attributes, status=status)

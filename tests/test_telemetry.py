@@ -328,10 +328,15 @@ def test_live_run_and_its_resume_land_in_the_same_trace_as_the_export(work: Path
 
 def test_a_fork_is_a_trace_of_its_own_linked_to_its_parent(work: Path, receiver: Receiver) -> None:
     run_id = escalate_then_converge(work)
-    fork = loopterm("fork", run_id, "--at", "2", "--headless", "--no-wait", cwd=work)
+    fork = loopterm("fork", run_id, "--at", "2", "--headless", "--no-wait", "--otlp", receiver.url, cwd=work)
     assert fork.returncode == 4, fork.stdout + fork.stderr  # asks whether to write "bad" again, as the parent did
     store = Store.open(work / "db.sqlite", create=False)
     branch = next(r for r in store.list_runs() if r.parent_run == run_id)
+    live = latest(receiver.spans())  # the branch's run span, sent live by `fork --otlp`
+    assert [s["name"] for s in live.values()] == ["run traced"]
+    assert [(s["trace_id"], s["links"][0]["span_id"]) for s in live.values()] == [
+        (f"{trace_id(branch.id):032x}", f"{span_id(run_id, 'iteration', 2):016x}")]
+    receiver.clear()
     again = loopterm("resume", branch.id, "--side-effects", "reexecute", "--no-wait", cwd=work)
     assert again.returncode == 4, again.stdout + again.stderr  # its iteration 3 broke the invariant, as the parent's did
 
@@ -471,3 +476,28 @@ async def test_a_tui_run_with_otlp_sends_its_trace(tmp_path: Path, receiver: Rec
     for n, record in records.items():
         chat = chats[f"{span_id(run_id, 'iteration', n):016x}"]
         assert chat["attributes"]["gen_ai.usage.input_tokens"] == record.tokens_in
+
+
+def test_a_model_checker_gate_is_a_genai_call_too(tmp_path: Path, receiver: Receiver) -> None:
+    from loopterm import examples
+
+    loop_file = Path(examples.__file__).parent / "topologies" / "maker_checker.py"
+    done = loopterm("run", str(loop_file), "--headless", "--otlp", receiver.url, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store.open(tmp_path / "db.sqlite", create=False)
+    run_id = store.list_runs()[-1].id
+    gates = {s["parent_span_id"]: s for s in latest(receiver.spans()).values() if s["name"] == "gate checker"}
+    records = store.iterations(run_id)
+    assert len(gates) == len(records) == 2  # the checker failed the first draft, passed the second
+    for record in records:
+        gate = gates[f"{span_id(run_id, 'iteration', record.n):016x}"]
+        result = record.gate_results[-1]
+        a = gate["attributes"]
+        assert result["model"] == "scripted/release-note.checker"
+        assert (a["gen_ai.operation.name"], a["gen_ai.request.model"], a["gen_ai.provider.name"]) == (
+            "chat", result["model"], "scripted")
+        assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (result["tokens_in"], result["tokens_out"])
+        assert a["loopterm.cost_usd"] == pytest.approx(result["cost_usd"]) and result["cost_usd"] > 0
+        assert a["loopterm.gate.passed"] is result["passed"]
+        assert gate["status"]["code"] == (1 if result["passed"] else 2)
+    assert [r.gate_results[-1]["passed"] for r in records] == [False, True]

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     fork.add_argument("--headless", action="store_true")
     fork.add_argument("--no-wait", action="store_true", help="exit 4 instead of waiting when a person is needed")
     fork.add_argument("--dry-run", action="store_true", help="check the fork and list side-effecting calls it may reach again; create nothing")
+    fork.add_argument("--otlp", metavar="URL", type=_otlp_url, help="send the branch's OpenTelemetry traces live to this OTLP/HTTP endpoint")
 
     export = sub.add_parser("export", parents=[db],
                             help="write a run (its whole lineage) as JSON lines, or send it as OpenTelemetry traces")
@@ -250,7 +251,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                side_effects=args.side_effects, otlp=args.otlp, wait=not args.no_wait)
     if args.command == "fork":
         return commands.fork(db_path(args), args.run, at=args.at, sets=args.set, relax=args.relax, model=args.model,
-                             reason=args.reason, dry_run=args.dry_run, wait=not args.no_wait)
+                             reason=args.reason, dry_run=args.dry_run, otlp=args.otlp, wait=not args.no_wait)
     if args.command == "export" and (args.format == "otlp" or args.endpoint is not None):
         if args.format != "otlp" or args.output is not None:
             wrong = "--endpoint goes with --format otlp" if args.format != "otlp" else "--output goes with --format jsonl"

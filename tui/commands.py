@@ -200,7 +200,7 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: s
 
 
 def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], model: str | None, reason: str,
-         dry_run: bool, wait: bool = True) -> int:
+         dry_run: bool, wait: bool = True, otlp: str | None = None) -> int:
     store = Store.open(db, create=False)
     parent = store.resolve_run(prefix)
     loop, _ = load_loop(parent.loop_ref)
@@ -224,7 +224,7 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
     console.print(Text(f"branch {branch.id} of run {parent.id} at iteration {at}"
                        + (f"; patched {', '.join('.'.join(map(str, p)) for p, _ in plan.patches)}" if plan.patches else "")
                        + (f"; relaxed {', '.join(plan.relaxed)}" if plan.relaxed else ""), style="cyan"))
-    return _drive(_engine_for(store, loop, branch, wait_on_person=wait), console)
+    return _drive(_engine_for(store, loop, branch, wait_on_person=wait), console, otlp=otlp)
 
 
 def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
