@@ -1,6 +1,7 @@
 """A small MCP server built with the SDK's MCPServer, for the transports mcp-server-git cannot exercise:
-streamable HTTP (`http`: serves on 127.0.0.1, an ephemeral port it prints on its first stdout line) and
-a server that dies in the middle of a call (`stdio`: its `crash` tool exits the process with code 7).
+streamable HTTP (`http`: serves on 127.0.0.1, an ephemeral port it prints on its first stdout line), a
+server that dies in the middle of a call (`stdio`: its `crash` tool exits the process with code 7) and one
+that answers late (`slow`).
 
     python tests/mcp_test_server.py http | stdio
 """
@@ -22,6 +23,13 @@ server = MCPServer("loopterm-test", log_level="WARNING")
 def shout(text: str) -> str:
     """Echo the text in upper case."""
     return text.upper()
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+async def slow(seconds: float) -> str:
+    """Answer after this many seconds."""
+    await anyio.sleep(seconds)
+    return f"slept {seconds}"
 
 
 @server.tool()

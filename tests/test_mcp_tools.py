@@ -330,6 +330,20 @@ async def test_a_server_that_dies_during_a_call_is_classified(tmp_path: Path) ->
     assert not servers_running(TEST_SERVER)
 
 
+async def test_a_call_that_takes_too_long_is_a_failed_call_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    mcp = McpTools([McpServer(name="t", command=["{python}", TEST_SERVER, "stdio"], call_timeout=0.5)], tmp_path)
+    try:
+        tools = {t.name: t for t in await mcp.start()}
+        with pytest.raises(Exception) as caught:
+            await tools["slow"].fn(seconds=5)
+        assert (type(caught.value).__name__, str(caught.value)) == (
+            "McpToolError", "MCP server 't' did not answer slow within 0.5s")
+        assert await tools["slow"].fn(seconds=0) == "slept 0.0" and mcp.check() is None
+    finally:
+        await mcp.close()
+    assert not servers_running(TEST_SERVER)
+
+
 # ----------------------------------------------------------------------------- streamable HTTP
 
 
