@@ -489,14 +489,21 @@ class McpTools:
         self._stop.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=4 * STOP_GRACE_S + 5)
-        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 - closing must not fail a run's end
-            for conn in self.connections.values():
-                if conn.process is not None and conn.process.returncode is None:
-                    try:
-                        os.killpg(conn.process.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+        except asyncio.CancelledError:  # the run itself is being cancelled: stop the servers now, then go on
+            self._kill_all()
+            self._task = None
+            raise
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing must not fail a run's end
+            self._kill_all()
         self._task = None
+
+    def _kill_all(self) -> None:
+        for conn in self.connections.values():
+            if conn.process is not None and conn.process.returncode is None:
+                try:
+                    os.killpg(conn.process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     # -- health and calls
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,16 @@ def turn(tool_name: str, subgoal: str = "", **args: Any) -> dict[str, Any]:
     return {"content": decision(tool_name, subgoal=subgoal or tool_name, **args)}
 
 
-def servers_running(marker: str) -> list[int]:
-    """Processes whose command line mentions `marker` (a test's own repository path or server script)."""
+def servers_running(marker: str, wait: float = 5.0) -> list[int]:
+    """Processes whose command line mentions `marker` (a test's own repository path or server script), once
+    they had `wait` seconds to go (a killed process takes a moment to leave the process table)."""
+    deadline = time.monotonic() + wait
+    while (found := _running(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def _running(marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -427,4 +436,23 @@ def test_the_example_replays_identically_and_a_branch_rebuilds_its_repository_th
     branch = Path(runs["fork"]["workspace"]) / "repo"
     assert git(branch, "log", "--format=%s") == "Keep amounts in cents; start a changelog\nInitial commit"
     assert git(branch, "status", "--porcelain") == ""
+    assert not servers_running(str(tmp_path))
+
+
+async def test_mcp_tool_calls_show_in_the_tui_like_any_tool(tmp_path: Path) -> None:
+    from loopterm.core.model import check_model
+    from loopterm.examples.mcp_git.loop import loop
+    from tests.test_tui import SIZE, app_for, cell_text, status, until
+
+    check_model(loop.model, loop.script)
+    app = app_for(tmp_path, start=(loop, "mcp-git"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.timeline.row_count == 4 and status(app) == "converged", "converged", 60)
+        assert [cell_text(app, row, "action") for row in range(4)] == [
+            "git_status(repo)", "git_diff_unstaged(repo)", "git_add(repo)", "git_commit(repo)"]
+        assert "✓committed" in cell_text(app, 3, "gates")
+        app.timeline.focus()
+        app.timeline.move_cursor(row=1)
+        await pilot.pause()
+        assert "+Amounts are kept in cents (integers), never floats." in app.detail.body("tool").plain
     assert not servers_running(str(tmp_path))
