@@ -73,6 +73,11 @@ class Daemon:
         self.err = root / f"daemon{tag}.err"
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen([*CLI, "daemon", *args], cwd=root, env=env(), stdout=out, stderr=err)
+        try:
+            self.wait_log("daemon: pid ")  # the store exists and has its schema: polling it from here on is safe
+        except BaseException:
+            self.kill()
+            raise
 
     def log(self) -> str:
         return self.out.read_text()
