@@ -504,8 +504,8 @@ class LiveTraces:
 
     An iteration's spans go out when the next one starts (or the run stops, escalates or pauses), so
     the events recorded just after its commit (an escalation, a relaxed invariant) are in them too.
-    A failure is reported once through `warn` (called on the engine's side, at its next event); the
-    loop goes on and later batches are still tried.
+    A failure is reported once through `warn`, which must be thread-safe (it may be called from the
+    sending thread); the loop goes on and later batches are still tried.
     """
 
     def __init__(self, journal: Any, endpoint: str, warn: Callable[[str], None], *,
@@ -518,6 +518,7 @@ class LiveTraces:
         self.failed = 0
         self._failure: str | None = None
         self._warned = False
+        self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[list[ReadableSpan] | None] = queue.SimpleQueue()
         self._exporter = exporter(endpoint)
         self._thread: threading.Thread | None = None
@@ -598,6 +599,7 @@ class LiveTraces:
             except Exception as exc:
                 self.failed += len(more)
                 self._fail(str(exc))
+                self._report()  # now, from this thread: the run may have no further event to carry it
             if stop:
                 return
 
@@ -606,9 +608,14 @@ class LiveTraces:
             self._failure = message
 
     def _report(self) -> None:
-        if self._failure is not None and not self._warned:
+        with self._lock:
+            if self._failure is None or self._warned:
+                return
             self._warned = True
+        try:
             self.warn(f"traces: {self._failure}; the run goes on without them")
+        except Exception:  # a screen shutting down cannot show it: nothing else to do
+            pass
 
     def close(self, timeout: float | None = None) -> None:
         """Send what is left (the run spans of runs still open, then the queue) within `timeout` seconds."""

@@ -415,6 +415,9 @@ def test_endpoint_from_the_environment_and_bad_endpoints(work: Path, receiver: R
     assert len(Store.open(work / "db.sqlite", create=False).list_runs()) == 1  # refused before any run
     mixed = loopterm("export", run_id, "--endpoint", receiver.url, cwd=work)
     assert mixed.returncode == 2 and "--endpoint goes with --format otlp" in mixed.stderr
+    cases = loopterm("run", "traced.py", "--cases", "cases.json", "--otlp", receiver.url, cwd=work)
+    assert cases.returncode == 2 and cases.stderr.startswith("loopterm: --otlp does not go with --cases")
+    assert len(Store.open(work / "db.sqlite", create=False).list_runs()) == 1
 
 
 def test_help_and_other_commands_do_not_import_opentelemetry(work: Path) -> None:
@@ -501,3 +504,33 @@ def test_a_model_checker_gate_is_a_genai_call_too(tmp_path: Path, receiver: Rece
         assert a["loopterm.gate.passed"] is result["passed"]
         assert gate["status"]["code"] == (1 if result["passed"] else 2)
     assert [r.gate_results[-1]["passed"] for r in records] == [False, True]
+
+
+async def test_a_tui_run_says_once_that_the_collector_is_unreachable_and_converges(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loopterm.tui.app import LooptermApp
+    from tests.loopkit import decision, make_loop
+
+    monkeypatch.setenv("LOOPTERM_CONFIG_DIR", str(tmp_path / "config"))
+    loop = make_loop(tmp_path, [{"content": decision("write", text=text)} for text in ("no", "ok")])
+    url = f"http://127.0.0.1:{closed_port()}/v1/traces"
+    app = LooptermApp(tmp_path / "db" / "loopterm.db", start=(loop, "test:t"), theme="textual-dark", frozen=True,
+                      otlp=url)
+    notices: list[str] = []
+    shown = app.notify
+
+    def spy(message: str, **kwargs: Any) -> None:  # records what the person is told, then tells them
+        notices.append(message)
+        shown(message, **kwargs)
+
+    app.notify = spy  # type: ignore[method-assign]
+    async with app.run_test(size=(140, 40)) as pilot:
+        deadline = time.monotonic() + 30
+        while not (any("traces:" in n for n in notices) and app.store.list_runs()
+                   and app.store.list_runs()[-1].status == "converged"):
+            assert time.monotonic() < deadline, f"no converged run and notice: {notices}"
+            await pilot.pause(0.05)
+        await pilot.pause(0.5)
+    told = [n for n in notices if "traces:" in n]
+    assert len(told) == 1 and told[0].startswith(f"traces: could not send ") and f"to {url}: " in told[0]
+    assert len(app.store.iterations(app.store.list_runs()[-1].id)) == 2

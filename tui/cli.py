@@ -219,6 +219,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import shadow_cli
 
         shadow_cli.refuse_with_cases()
+    if args.command == "run" and args.otlp is not None and (args.cases is not None or args.parallel is not None):
+        print("loopterm: --otlp does not go with --cases or --parallel yet; run the cases, then "
+              "`loopterm export RUN --format otlp` the runs you want to see", file=sys.stderr)
+        return USAGE_ERROR
     if args.command == "run" and (args.cases is not None or args.parallel is not None):
         from loopterm.tui import eval_cli
 
