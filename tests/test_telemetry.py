@@ -328,7 +328,8 @@ def test_live_run_and_its_resume_land_in_the_same_trace_as_the_export(work: Path
 
 def test_a_fork_is_a_trace_of_its_own_linked_to_its_parent(work: Path, receiver: Receiver) -> None:
     run_id = escalate_then_converge(work)
-    fork = loopterm("fork", run_id, "--at", "2", "--headless", "--no-wait", "--otlp", receiver.url, cwd=work)
+    fork = loopterm("fork", run_id, "--at", "2", "--relax", "never_bad", "--headless", "--no-wait", "--otlp", receiver.url,
+                    cwd=work)
     assert fork.returncode == 4, fork.stdout + fork.stderr  # asks whether to write "bad" again, as the parent did
     store = Store.open(work / "db.sqlite", create=False)
     branch = next(r for r in store.list_runs() if r.parent_run == run_id)
@@ -338,7 +339,7 @@ def test_a_fork_is_a_trace_of_its_own_linked_to_its_parent(work: Path, receiver:
         (f"{trace_id(branch.id):032x}", f"{span_id(run_id, 'iteration', 2):016x}")]
     receiver.clear()
     again = loopterm("resume", branch.id, "--side-effects", "reexecute", "--no-wait", cwd=work)
-    assert again.returncode == 4, again.stdout + again.stderr  # its iteration 3 broke the invariant, as the parent's did
+    assert again.returncode == 4, again.stdout + again.stderr  # iteration 4 would write "ok" again: asks again
 
     done = loopterm("export", branch.id, "--format", "otlp", "--endpoint", receiver.url, cwd=work)
 
@@ -352,7 +353,14 @@ def test_a_fork_is_a_trace_of_its_own_linked_to_its_parent(work: Path, receiver:
                                              "loopterm.run.fork_iteration": 2}}]
     assert root["links"][0]["span_id"] in spans  # the linked span is the parent's iteration 2, sent too
     own = [s for s in spans.values() if s["trace_id"] == f"{trace_id(branch.id):032x}" and s["name"].startswith("iteration")]
-    assert own and all(s["attributes"]["loopterm.iteration"] > 2 for s in own)  # only the branch's own iterations
+    assert [s["attributes"]["loopterm.iteration"] for s in own] == [3]  # only the branch's own iterations
+    # Its iteration 3 wrote "bad" as the parent's did, but the branch relaxed the invariant: violated, relaxed.
+    events = own[0]["events"]
+    assert [e["attributes"] for e in events if e["name"] == "loopterm.invariant"] == [
+        {"loopterm.invariant.name": "never_bad", "loopterm.invariant.held": False, "loopterm.invariant.relaxed": True}]
+    assert "loopterm.invariant_violated" not in [e["name"] for e in events]
+    parent3 = spans[f"{span_id(run_id, 'iteration', 3):016x}"]
+    assert [e["attributes"]["loopterm.invariant.relaxed"] for e in parent3["events"] if e["name"] == "loopterm.invariant"] == [False]
 
 
 def test_unreachable_or_rejecting_collector_fails_the_export_in_one_line(work: Path, tmp_path: Path) -> None:
