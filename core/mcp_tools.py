@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -77,6 +78,9 @@ class McpServer(BaseModel):
     url: str | None = Field(default=None, pattern=r"^https?://")
     env: dict[str, str] = Field(default_factory=dict)
     pass_env: list[str] = Field(default_factory=list)
+    # HTTP headers for a `url` server; `{env:NAME}` in a value is the variable's value when the run starts,
+    # so a token stays out of the loop file: headers={"Authorization": "Bearer {env:DOCS_TOKEN}"}.
+    headers: dict[str, str] = Field(default_factory=dict)
     tools: list[str] | None = None  # the server's tools to expose (by its names); None: all of them
     prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")  # prepended to each tool's name for the model
     # Which side-effecting tools need a person's approval by default: those that may be destructive
@@ -92,7 +96,20 @@ class McpServer(BaseModel):
     def _one_transport(self) -> "McpServer":
         if (self.command is None) == (self.url is None):
             raise ValueError(f"MCP server {self.name!r}: give exactly one of `command` (stdio) or `url` (streamable HTTP)")
+        if self.headers and self.url is None:
+            raise ValueError(f"MCP server {self.name!r}: `headers` are for a `url` server; a stdio server gets `env`")
         return self
+
+    def http_headers(self) -> dict[str, str]:
+        """`headers` with each `{env:NAME}` replaced by that variable's value (McpStartError when unset)."""
+        def fill(match: re.Match[str]) -> str:
+            value = os.environ.get(match.group(1))
+            if value is None:
+                raise McpStartError(f"MCP server {self.name!r} failed to start: its headers use {match.group(0)}, "
+                                    f"but {match.group(1)} is not set (set it, or fix `headers` in the loop file)")
+            return value
+
+        return {k: re.sub(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}", fill, v) for k, v in self.headers.items()}
 
     def argv(self, workspace: Path) -> list[str]:
         return [_fill(a, workspace) for a in self.command or []]
@@ -409,9 +426,13 @@ class McpTools:
         conn = _Connection(server=server, session=None)
         try:
             if server.url is not None:
+                import httpx2
                 from mcp.client.streamable_http import streamable_http_client
 
-                read, write = await stack.enter_async_context(streamable_http_client(server.url))
+                # The SDK's own defaults (30 s to connect, 300 s to read a response stream), with the headers.
+                http = httpx2.AsyncClient(headers=server.http_headers(), timeout=httpx2.Timeout(30.0, read=300.0))
+                client = await stack.enter_async_context(http)
+                read, write = await stack.enter_async_context(streamable_http_client(server.url, http_client=client))
             else:
                 conn.stderr = tempfile.TemporaryFile()
                 argv = server.argv(self.workspace)

@@ -13,7 +13,7 @@ import socket
 import sys
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import ToolAnnotations
 
 server = MCPServer("loopterm-test", log_level="WARNING")
@@ -30,6 +30,12 @@ async def slow(seconds: float) -> str:
     """Answer after this many seconds."""
     await anyio.sleep(seconds)
     return f"slept {seconds}"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def whoami(ctx: Context) -> str:
+    """The Authorization header this call came with."""
+    return (ctx.headers or {}).get("authorization", "(none)")
 
 
 @server.tool()

@@ -362,14 +362,31 @@ async def test_a_streamable_http_server_on_localhost(tmp_path: Path) -> None:
     try:
         port = int(server.stdout.readline())  # type: ignore[union-attr]
         url = f"http://127.0.0.1:{port}/mcp"
-        turns = [turn("shout", text="quiet please")]
-        loop = make_loop(tmp_path, turns, name="mcphttp", tools=[], gates=[], max_iterations=1,
-                         mcp_servers=[McpServer(name="web", url=url, tools=["shout"])])
-        engine, store = make_engine(tmp_path, loop)
-        final = await engine.run()
+        turns = [turn("shout", text="quiet please"), turn("whoami")]
+        os.environ["LOOPTERM_TEST_MCP_TOKEN"] = "t0k3n-for-the-test"
+        try:
+            loop = make_loop(tmp_path, turns, name="mcphttp", tools=[], gates=[], max_iterations=2, mcp_servers=[
+                McpServer(name="web", url=url, tools=["shout", "whoami"],
+                          headers={"Authorization": "Bearer {env:LOOPTERM_TEST_MCP_TOKEN}"})])
+            engine, store = make_engine(tmp_path, loop)
+            final = await engine.run()
+        finally:
+            del os.environ["LOOPTERM_TEST_MCP_TOKEN"]
         assert final.termination_reason == "max_iterations", final.message
-        assert store.iterations(final.id)[0].tool_result["output"] == "QUIET PLEASE"
+        shout, whoami = store.iterations(final.id)
+        assert shout.tool_result["output"] == "QUIET PLEASE"
+        # The server got the token from the environment, and the token never reached the store: the
+        # server's echo of it is redacted like any secret in a tool's output.
+        assert whoami.tool_result["output"] == "Bearer [redacted:LOOPTERM_TEST_MCP_TOKEN]"
         store.close()
+        # The variable is gone now: one line before anything starts.
+        mcp = McpTools(loop.mcp_servers, tmp_path)
+        with pytest.raises(McpStartError) as caught:
+            await mcp.start()
+        await mcp.close()
+        assert str(caught.value) == (
+            "MCP server 'web' failed to start: its headers use {env:LOOPTERM_TEST_MCP_TOKEN}, but "
+            "LOOPTERM_TEST_MCP_TOKEN is not set (set it, or fix `headers` in the loop file)")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=10)
@@ -393,6 +410,8 @@ def test_the_spec_hash_covers_the_server_declarations_and_validation(tmp_path: P
     assert base.spec_hash() == git_loop(tmp_path, []).spec_hash()
     with pytest.raises(ValueError, match="give exactly one of `command` \\(stdio\\) or `url`"):
         McpServer(name="x")
+    with pytest.raises(ValueError, match="`headers` are for a `url` server"):
+        McpServer(name="x", command=["x"], headers={"A": "b"})
     with pytest.raises(ValueError, match="MCP server names must be unique; repeated: git"):
         git_loop(tmp_path, [], mcp_servers=[git_server(), git_server()])
 
