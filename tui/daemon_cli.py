@@ -7,7 +7,6 @@ the store and watchfiles load inside `run`. The daemon itself is `loopterm.tui.d
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from pathlib import Path
 from typing import IO, Any
@@ -67,6 +66,8 @@ def _lock(db: Path) -> IO[str]:
 
 
 def run(args: argparse.Namespace, db: Path) -> int:
+    import asyncio
+
     from loopterm.core.triggers import DEFAULT_FILE, load_triggers
     from loopterm.tui.daemon import TriggerDaemon, log_line, prepare
 
