@@ -534,3 +534,14 @@ on.schedule = "every 1s"
     kinds = [e.kind for e in events(tmp_path, run_id)]
     assert "escalated" in kinds and kinds.index("escalated") < kinds.index("run_finished")
     assert daemon.stop() == 0
+
+
+def test_a_store_that_is_not_a_database_is_one_line_and_left_untouched(tmp_path: Path) -> None:
+    write_project(tmp_path, '[[trigger]]\nname = "x"\nloop = "notes_loop.py"\non.schedule = "every 1m"\n')
+    db = tmp_path / ".loopterm" / "loopterm.db"
+    db.write_text("my notes, not a database\n" * 100)
+    done = subprocess.run([*CLI, "daemon"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "is not a SQLite database" in done.stderr and "Traceback" not in done.stderr
+    assert db.read_text() == "my notes, not a database\n" * 100
+    assert sorted(p.name for p in db.parent.iterdir()) == ["loopterm.db", "triggers.toml"]  # no lock, no workspace
