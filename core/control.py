@@ -89,6 +89,9 @@ class Approve(_Command):
     key: str = Field(max_length=MAX_NAME)
     args: dict[str, Any] | None = None
     reason: str = ""
+    # Only in a shadow run (core/shadow.py): the tool that should have been called instead. A run whose
+    # calls execute never swaps the tool a person was asked about: it refuses the call instead.
+    tool: str | None = Field(default=None, max_length=MAX_NAME)
 
 
 class Deny(_Command):

@@ -871,7 +871,7 @@ class Engine:
             verdict = await self._approval(tool, args, n) if ask else None
             if self.shadow and verdict is not None:  # nothing runs: the person's verdict is the record
                 key = idempotency_key(self.run_id, n, tool.name, args)
-                judged = _shadow.judge(key, tool, args, self.approvals[key])
+                judged = _shadow.judge(key, tool, args, self.approvals[key], self.loop.tool)
                 self.journal.append_event(self.run_id, _shadow.VERDICT_EVENT, judged.model_dump(mode="json"), n)
                 tool_record = _shadow.tool_record(n, judged)
             elif refused is not None:
@@ -1012,6 +1012,9 @@ class Engine:
                 raise _Stop(TerminationReason.STOPPED, self._stop_requested)
             self._set_status(Status.RUNNING)
         verdict = self.approvals[key]
+        if isinstance(verdict, Approve) and verdict.tool not in (None, tool.name) and not self.shadow:
+            self._applied("approve", False, "only a shadow run records another tool; the call was denied")
+            return Deny(key=key, reason=f"a person named another tool ({_one_line(verdict.tool or '', 100)}) instead")
         if isinstance(verdict, Approve) and verdict.args is not None and not self.shadow:  # shadow: judged as given
             try:
                 tool.validate_args(verdict.args)

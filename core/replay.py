@@ -421,6 +421,8 @@ def plan_interventions(
                 payload: dict[str, Any] = {"key": key, "reason": data.get("reason") or ""}
                 if event.kind == "approved":
                     payload["args"] = data.get("args")
+                    if data.get("tool") is not None:  # a shadow run's "another tool instead"
+                        payload["tool"] = data.get("tool")
                 out.append(Intervention(due, "approve" if event.kind == "approved" else "deny", payload))
     return out
 

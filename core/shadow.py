@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -47,6 +47,7 @@ class ShadowVerdict(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)  # what the model proposed
     verdict: Verdict
     person_args: dict[str, Any] | None = None  # "edit": what should have happened instead
+    person_tool: str | None = None  # "edit": the tool that should have been called, when not the proposed one
     reason: str = ""
     args_error: str | None = None  # "edit": the person's arguments do not fit the tool (kept as given)
 
@@ -64,29 +65,39 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def judge(key: str, tool: Any, args: dict[str, Any], answer: Approve | Deny) -> ShadowVerdict:
+def judge(key: str, tool: Any, args: dict[str, Any], answer: Approve | Deny,
+          find_tool: Callable[[str], Any] | None = None) -> ShadowVerdict:
     """A person's answer to a proposal as a verdict. Edited arguments equal to the proposal (once the
-    tool's own validation has normalized them) are an agreement; arguments that do not fit the tool
-    still say the person would have done something else, so they count as an edit, kept as given."""
+    tool's own validation has normalized them) are an agreement; another tool, or arguments that do not
+    fit the tool, still say the person would have done something else: an edit, kept as given.
+    The verdict counts for the proposed tool (it is the loop's proposal that is judged)."""
     if isinstance(answer, Deny):
         return ShadowVerdict(key=key, tool=tool.name, args=args, verdict="deny", reason=answer.reason)
-    if answer.args is None:
+    other = answer.tool if answer.tool not in (None, tool.name) else None
+    if answer.args is None and other is None:
         return ShadowVerdict(key=key, tool=tool.name, args=args, verdict="agree", reason=answer.reason)
-    person, error = answer.args, None
-    try:
-        person = tool.validate_args(answer.args)
-    except ValueError as exc:
-        error = " ".join(str(exc).split())[:500]
-    if error is None and _same(person, args):
+    person, error = answer.args if answer.args is not None else args, None
+    instead = tool if other is None else (find_tool(other) if find_tool is not None else None)
+    if instead is None:
+        error = f"no tool {other!r} in this loop"
+    else:
+        try:
+            person = instead.validate_args(person)
+        except ValueError as exc:
+            error = " ".join(str(exc).split())[:500]
+    if other is None and error is None and _same(person, args):
         return ShadowVerdict(key=key, tool=tool.name, args=args, verdict="agree", reason=answer.reason)
     return ShadowVerdict(key=key, tool=tool.name, args=args, verdict="edit", person_args=person,
-                         reason=answer.reason, args_error=error)
+                         person_tool=other, reason=answer.reason, args_error=error)
 
 
 def tool_record(n: int, verdict: ShadowVerdict) -> ToolRecord:
     """What the model sees of its proposal: nothing ran, and what the person decided (so it can go on)."""
     if verdict.verdict == "agree":
         said = "a person agreed this call is the right next step"
+    elif verdict.verdict == "edit" and verdict.person_tool is not None:
+        said = (f"a person would have called tool {verdict.person_tool!r} instead, with these arguments: "
+                f"{json.dumps(verdict.person_args)}")
     elif verdict.verdict == "edit":
         said = f"a person would have called it with these arguments instead: {json.dumps(verdict.person_args)}"
     else:

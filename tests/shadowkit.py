@@ -58,12 +58,13 @@ TURNS: list[tuple[str, dict[str, Any]]] = [
     ("lookup", {"query": "calendar"}),
     ("write", {"path": "other.txt", "text": "y"}),
 ]
-ANSWERS: list[tuple[str, dict[str, Any] | None, str]] = [  # (agree | edit | deny, the person's args, reason)
-    ("agree", None, ""),
-    ("edit", {"query": "release date 2.1"}, "be specific"),
-    ("deny", None, "never write a vague date"),
-    ("agree", None, ""),
-    ("edit", {"path": "notes.txt", "text": "y"}, "wrong file"),
+# (agree | edit | deny, the person's args, reason, another tool instead or None)
+ANSWERS: list[tuple[str, dict[str, Any] | None, str, str | None]] = [
+    ("agree", None, "", None),
+    ("edit", {"query": "release date 2.1"}, "be specific", None),
+    ("deny", None, "never write a vague date", None),
+    ("agree", None, "", None),
+    ("edit", {"query": "who owns other.txt"}, "ask first", "lookup"),  # another tool: an edit of write's proposal
 ]
 # write: agree, deny, edit -> 1 of 3; lookup: edit, agree -> 1 of 2; in all 2 of 5.
 EXPECTED_TOOLS = [

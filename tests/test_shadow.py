@@ -32,10 +32,10 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def answer(n: int, key: str) -> Approve | Deny:
-    verdict, args, reason = ANSWERS[n - 1]
+    verdict, args, reason, tool = ANSWERS[n - 1]
     if verdict == "deny":
         return Deny(key=key, reason=reason)
-    return Approve(key=key, args=args, reason=reason)
+    return Approve(key=key, args=args, reason=reason, tool=tool)
 
 
 class Person:
@@ -94,13 +94,16 @@ def test_a_shadow_run_executes_nothing_records_every_verdict_and_never_converges
     assert agreement(verdicts(events)) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
 
     iterations = store.iterations(engine.run_id)
-    for it, (verdict, _, _) in zip(iterations, ANSWERS):
+    for it, (verdict, _, _, _) in zip(iterations, ANSWERS):
         assert it.gate_results == []  # gates do not run in a shadow run
         assert it.tool_call["shadow"] == verdict
         assert it.tool_result["ok"] is False and it.tool_result["error"].startswith("not executed (shadow mode")
     # What the model is shown of its proposal: nothing ran, and the person's verdict.
     assert "release date 2.1" in iterations[1].tool_result["error"]
     assert "would not have made this call (never write a vague date)" in iterations[2].tool_result["error"]
+    assert "would have called tool 'lookup' instead" in iterations[4].tool_result["error"]
+    assert (recorded[4].data["tool"], recorded[4].data["person_tool"]) == ("write", "lookup")
+    assert recorded[4].data["person_args"] == {"query": "who owns other.txt"} and recorded[4].data["args_error"] is None
     assert "not executed (shadow mode" in json.dumps(iterations[3].prompt)  # the next prompt carries it
     assert store.memories("shadowed") == []  # a shadow run teaches long-term memory nothing
     store.close()
@@ -170,6 +173,11 @@ def test_a_replay_of_a_shadow_run_is_shadow_and_identical(tmp_path: Path, capsys
     store = Store.open(db)
     replayed = report.get("replay_run") or [r.id for r in store.list_runs() if r.origin == "replay"][0]
     assert is_shadow(store.events(replayed))
+
+    def judged(run_id: str) -> list[tuple[Any, ...]]:
+        return [(v.tool, v.verdict, v.person_tool, v.person_args, v.reason) for v in verdicts(store.events(run_id))]
+
+    assert judged(replayed) == judged(engine.run_id) and len(judged(replayed)) == 5  # another tool re-sent too
     assert trace(tmp_path / "loop") == ""
     store.close()
 
@@ -268,3 +276,42 @@ def test_a_headless_shadow_run_waits_for_verdicts_sent_from_another_process(tmp_
         (run,) = store.list_runs()
         assert run.termination_reason == "max_iterations"
         assert agreement(verdicts(store.events(run.id))) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
+
+
+def test_a_run_that_executes_never_swaps_the_tool_a_person_was_asked_about(tmp_path: Path) -> None:
+    """Naming another tool is a shadow verdict only: an ordinary approval that names one is refused (the call
+    is denied and says why), so a person never makes a run call a tool its model did not propose."""
+    from loopterm.core import ToolContext, tool
+    from tests.loopkit import decision, make_loop
+
+    calls: list[str] = []
+
+    @tool(side_effects=True, needs_approval=True)
+    def guarded(ctx: ToolContext, text: str) -> str:
+        """Needs a person's approval."""
+        calls.append(text)
+        return "done"
+
+    loop = make_loop(tmp_path, [{"content": decision("guarded", text="x")}], tools=[guarded], gates=[],
+                     max_iterations=1)
+    from loopterm.core.model import check_model
+
+    check_model(loop.model, loop.script)
+    store = Store.open(tmp_path / "db" / "loopterm.db")
+    engine = Engine.create(loop, store, loop_ref="test:t", workspace_root=tmp_path / "ws", workdir=tmp_path,
+                           wait_on_person=True)
+
+    def person(event: Any) -> None:
+        if isinstance(event, ApprovalNeeded):
+            kind, payload = command_payload(Approve(key=event.key, tool="write", args={"text": "y"}))
+            store.add_command(event.run_id, kind, payload)
+            engine.wake()
+
+    engine.subscribe(person)
+    asyncio.run(engine.run())
+    assert calls == []
+    first = store.get_iteration(engine.run_id, 1)
+    assert first.tool_call["approval"] == "deny" and "named another tool (write)" in first.tool_result["error"]
+    rejected = [e.data for e in store.events(engine.run_id) if e.kind == "command_rejected"]
+    assert rejected and "only a shadow run records another tool" in rejected[0]["error"]
+    store.close()

@@ -95,11 +95,17 @@ async def test_answer_a_shadow_run_in_the_tui_then_eval_reports_the_agreement(tm
         await until(pilot, lambda: waiting_at(app, 4), "the fourth proposal")
         await open_dialog(pilot, app, "a")
         await pilot.click("#approve")
-        # 5: write(other.txt) -> edit the path
+        # 5: write(other.txt) -> another tool instead (a tool the loop lacks is refused in the dialog first)
         await until(pilot, lambda: waiting_at(app, 5), "the fifth proposal")
         screen = await open_dialog(pilot, app, "a")
-        screen.query_one("#args", TextArea).text = '{"path": "notes.txt", "text": "y"}'
-        screen.query_one("#reason", Input).value = "wrong file"
+        screen.query_one("#tool", Input).value = "lookup_everything"
+        await pilot.click("#approve")
+        assert "no tool 'lookup_everything' in this loop (its tools: write, lookup)" in screen.error_text
+        screen.query_one("#tool", Input).value = "lookup"
+        await pilot.click("#approve")
+        assert "invalid arguments for tool 'lookup'" in screen.error_text  # write's arguments do not fit lookup
+        screen.query_one("#args", TextArea).text = '{"query": "who owns other.txt"}'
+        screen.query_one("#reason", Input).value = "ask first"
         await pilot.click("#approve")
 
         run_id = app.view.run_id if app.view else ""

@@ -1025,7 +1025,8 @@ class LooptermApp(App[None]):
             return
         run = self.store.get_run(run_id)
         loop = self.loop_for(run)
-        self.push_screen(ApprovalScreen(run_id, pending[0], deny=deny, validate=partial(_validate_args, loop) if loop else None),
+        self.push_screen(ApprovalScreen(run_id, pending[0], deny=deny, validate=partial(_validate_args, loop) if loop else None,
+                                        tools=[t.name for t in loop.tools] if loop else None),
                          callback=partial(self._sent, run_id))
 
     # -- branching ----------------------------------------------------------------

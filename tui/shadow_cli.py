@@ -162,7 +162,7 @@ def show_verdicts(console: Console, store: Store, run: RunRecord) -> None:
         glyph = {"agree": "✓", "edit": "✎", "deny": "✗"}[v.verdict]
         line.append(f"  {glyph} {v.verdict}", style=style)
         if v.person_args is not None:
-            line.append(clean(f" → {json.dumps(v.person_args)[:60]}"))
+            line.append(clean(f" → {v.person_tool + ' ' if v.person_tool else ''}{json.dumps(v.person_args)[:60]}"))
         if v.reason:
             line.append(clean(f": {v.reason[:80]}"), style="dim")
         console.print(line)

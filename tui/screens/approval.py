@@ -25,12 +25,13 @@ ArgsValidator = Callable[[str, dict[str, Any]], str | None]
 
 class ApprovalScreen(Dialog[Approve | Deny]):
     def __init__(self, run_id: str, pending: dict[str, Any], *, deny: bool = False,
-                 validate: ArgsValidator | None = None) -> None:
+                 validate: ArgsValidator | None = None, tools: list[str] | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.pending = pending
         self.deny_first = deny
         self.validate = validate
+        self.tools = tools  # the loop's tool names (shadow: another tool may be named); None: not known here
         self.shadow = bool(pending.get("shadow"))
         if self.shadow:
             self.title_text = (f"◐ shadow: nothing will run · run {run_id} proposes a tool call "
@@ -42,13 +43,15 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         head = Text("tool  ", style="bold")
         head.append(literal(self.pending.get("tool", "?")))
         if self.shadow:
-            head.append("\nWhat should happen? Agree: as proposed. Edit the arguments, then Agree: what should have "
-                        "happened instead. Deny: it should not happen. Either way the tool is not called; the loop is "
-                        "told your verdict and proposes its next step.", style="italic")
+            head.append("\nWhat should happen? Agree: as proposed. Edit the arguments (or name another tool), then "
+                        "Agree: what should have happened instead. Deny: it should not happen. Either way nothing is "
+                        "called; the loop is told your verdict and proposes its next step.", style="italic")
         else:
             head.append("\nEdit the arguments to approve a changed call (checked against the tool's arguments).",
                         style="italic")
         yield Static(head, id="approval-tool")
+        if self.shadow:
+            yield Input(str(self.pending.get("tool", "")), placeholder="the tool that should be called", id="tool")
         yield TextArea(pretty(self.pending.get("args") or {}), id="args", show_line_numbers=False)
         why = ("why (optional for agree or edit, recorded; a denial says why to the model)" if self.shadow
                else "why (optional for approve, recorded; a denial says why to the model)")
@@ -83,14 +86,20 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         if not isinstance(args, dict):
             self.fail("the arguments must be a JSON object; nothing was sent")
             return
-        edited = args if args != (self.pending.get("args") or {}) else None
+        proposed = str(self.pending.get("tool", ""))
+        other = self.query_one("#tool", Input).value.strip() if self.shadow else proposed
+        other = other or proposed
+        if other != proposed and self.tools is not None and other not in self.tools:
+            self.fail(f"no tool {other!r} in this loop (its tools: {', '.join(self.tools)}); nothing was sent")
+            return
+        edited = args if args != (self.pending.get("args") or {}) or other != proposed else None
         if edited is not None and self.validate is not None:
-            problem = self.validate(str(self.pending.get("tool", "")), edited)
+            problem = self.validate(other, edited)
             if problem:
                 self.fail(f"{problem}; nothing was sent")
                 return
         try:
-            command = Approve(key=key, args=edited, reason=reason)
+            command = Approve(key=key, args=edited, reason=reason, tool=other if other != proposed else None)
         except ValidationError as exc:  # what the store could not keep as written (NaN, a lone surrogate, ...)
             err = exc.errors()[0]
             self.fail(f"{json_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}; "
