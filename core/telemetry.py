@@ -153,6 +153,16 @@ def _event_attrs(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _event(event: EventRecord, start: float, end: float) -> Event:
+    """An event-log record as a span event. One recorded just after its iteration (an escalation, a relax
+    at the boundary) is placed at the iteration's end, so it lies inside the span; its own time is kept."""
+    attributes = _event_attrs(event.data)
+    at = min(max(event.ts, start), end)
+    if at != event.ts:
+        attributes["loopterm.recorded_at"] = float(event.ts)
+    return Event(f"loopterm.{event.kind}", attributes, _ns(at))
+
+
 def _ns(seconds: float) -> int:
     return int(round(seconds * 1e9))
 
@@ -226,7 +236,7 @@ class SpanBuilder:
                 "loopterm.invariant.name": name, "loopterm.invariant.held": bool(held),
                 "loopterm.invariant.relaxed": name in relaxed,
             }, _ns(record.ended_at)))
-        span_events.extend(Event(f"loopterm.{e.kind}", _event_attrs(e.data), _ns(e.ts)) for e in events)
+        span_events.extend(_event(e, record.started_at, record.ended_at) for e in events)
         gates_failed = [g for g in record.gate_results if not g.get("passed")]
         violated = [k for k, v in record.invariant_status.items() if not v and k not in relaxed]
         attributes = _attrs(

@@ -251,6 +251,7 @@ def check_trace(spans: dict[str, dict[str, Any]], store: Store, run_id: str) -> 
         assert gate["status"]["code"] == (1 if n == 4 else 2)
         assert call["end_ns"] <= gate["start_ns"]
 
+        assert all(it["start_ns"] <= e["time_ns"] <= it["end_ns"] for e in it["events"])
         invariants = [e for e in it["events"] if e["name"] == "loopterm.invariant"]
         assert [(e["attributes"]["loopterm.invariant.name"], e["attributes"]["loopterm.invariant.held"],
                  e["attributes"]["loopterm.invariant.relaxed"]) for e in invariants] == [("never_bad", n != 3, False)]
