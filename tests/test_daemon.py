@@ -545,3 +545,34 @@ def test_a_store_that_is_not_a_database_is_one_line_and_left_untouched(tmp_path:
     assert "is not a SQLite database" in done.stderr and "Traceback" not in done.stderr
     assert db.read_text() == "my notes, not a database\n" * 100
     assert sorted(p.name for p in db.parent.iterdir()) == ["loopterm.db", "triggers.toml"]  # no lock, no workspace
+
+
+def test_a_run_a_person_stopped_is_not_resumed_on_restart(tmp_path: Path, daemons: list[Daemon]) -> None:
+    (tmp_path / "inbox").mkdir()
+    write_project(tmp_path, """
+[[trigger]]
+name = "inbox"
+loop = "notes_loop.py"
+on.change = "inbox"
+debounce = "200ms"
+""", iterations=10, delay=0.4)
+    first = Daemon(tmp_path)
+    daemons.append(first)
+    first.wait_log("watching inbox for changes")
+    counter = iter(range(10_000))
+
+    def drop() -> None:
+        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
+
+    drop()
+    run = wait_for(lambda: runs(tmp_path), "a run started by the change", first, tick=drop)[0]
+    with Store.open(tmp_path / ".loopterm" / "loopterm.db", create=False) as store:
+        store.add_command(run.id, "stop", {"reason": "not now"})  # what `loopterm watch` sends for `s`
+    wait_for(lambda: runs(tmp_path)[0].status == "stopped", "the run to stop", first)
+    assert first.stop() == 0
+    second = Daemon(tmp_path, tag="2")
+    daemons.append(second)
+    second.wait_log("watching inbox for changes")  # interrupted runs are resumed before watching starts
+    assert "resumed" not in second.log()
+    assert second.stop() == 0
+    assert runs(tmp_path)[0].status == "stopped" and runs(tmp_path)[0].message == "not now"
