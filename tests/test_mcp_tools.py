@@ -475,3 +475,80 @@ async def test_mcp_tool_calls_show_in_the_tui_like_any_tool(tmp_path: Path) -> N
         await pilot.pause()
         assert "+Amounts are kept in cents (integers), never floats." in app.detail.body("tool").plain
     assert not servers_running(str(tmp_path))
+
+
+CRASH_LOOP = '''
+import subprocess
+from pathlib import Path
+from loopterm.core import CommandGate, Loop, McpServer
+
+def setup(workspace):
+    repo = workspace / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    git("init", "-q", "-b", "main")
+    git("config", "user.name", "Test Author")
+    git("config", "user.email", "test@loopterm.invalid")
+    (repo / "README.md").write_text("hello\\n")
+    git("add", "README.md")
+    git("commit", "-q", "-m", "first")
+    (repo / "NOTES.md").write_text("notes\\n")
+
+# After the commit, the first time: mark it, then hang (the test kills loopterm here).
+HANG = ("import os, subprocess, time\\n"
+        "n = subprocess.run(['git', '-C', 'repo', 'rev-list', '--count', 'HEAD'], capture_output=True, text=True).stdout\\n"
+        "if n.strip() == '2' and not os.path.exists('hung'):\\n"
+        "    open('hung', 'w').close(); time.sleep(120)\\n")
+
+loop = Loop(
+    name="mcpcrash", goal="commit NOTES.md", script=Path(__file__).parent / "script.json", setup=setup,
+    mcp_servers=[McpServer(name="git", command=["{python}", "-m", "mcp_server_git", "--repository", "{workspace}/repo"])],
+    gates=[CommandGate(name="hang_once", argv=["{python}", "-c", HANG]),
+           CommandGate(name="clean", argv=["git", "-C", "repo", "diff", "--quiet", "HEAD"])],
+    max_iterations=4,
+    converged=lambda state, gates: bool(gates) and all(g.passed for g in gates) and state.iteration >= 2,
+)
+'''
+
+
+def kill_sleeping_gate(tmp_path: Path) -> None:
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(tmp_path) in os.readlink(entry / "cwd") and \
+                    b"hung" in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def test_loopterm_killed_after_a_commit_leaves_no_server_and_the_resume_does_not_commit_again(tmp_path: Path) -> None:
+    """A real crash (SIGKILL of `loopterm run`): the server exits with it (its stdin closes), and the resume
+    answers the commit from the journal instead of committing a second time."""
+    (tmp_path / "mcpcrash.py").write_text(CRASH_LOOP)
+    turns = [turn("git_add", repo_path="repo", files=["NOTES.md"]),
+             turn("git_commit", repo_path="repo", message="add the notes")]
+    (tmp_path / "script.json").write_text(json.dumps({"turns": turns}))
+    db = str(tmp_path / "db.sqlite")
+    run = subprocess.Popen([*CLI, "run", str(tmp_path / "mcpcrash.py"), "--headless", "--db", db], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("workspaces/*/hung")):
+        assert time.monotonic() < deadline and run.poll() is None, "the run never reached its commit"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    kill_sleeping_gate(tmp_path)  # the gate loopterm was waiting on is in a session of its own: not ours to leave
+    assert not servers_running(str(tmp_path)), "the MCP server outlived a killed loopterm"
+    repo = next(tmp_path.glob("workspaces/*/repo"))
+    assert git(repo, "rev-list", "--count", "HEAD") == "2"
+
+    run_id = repo.parent.name
+    done = subprocess.run([*CLI, "resume", run_id, "--db", db], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert git(repo, "rev-list", "--count", "HEAD") == "2" and git(repo, "log", "-1", "--format=%s") == "add the notes"
+    store = Store.open(Path(db))
+    record = store.iterations(run_id)[-1]
+    assert record.n == 2 and record.tool_result["reused"] is True and record.tool_result["ok"]
+    store.close()
+    assert not servers_running(str(tmp_path))
