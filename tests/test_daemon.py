@@ -576,3 +576,33 @@ debounce = "200ms"
     assert "resumed" not in second.log()
     assert second.stop() == 0
     assert runs(tmp_path)[0].status == "stopped" and runs(tmp_path)[0].message == "not now"
+
+
+def test_watching_the_whole_project_ignores_the_store_and_the_runs_workspaces(tmp_path: Path, daemons: list[Daemon]) -> None:
+    write_project(tmp_path, """
+[[trigger]]
+name = "anything"
+loop = "notes_loop.py"
+on.change = "."
+debounce = "200ms"
+""")
+    daemon = Daemon(tmp_path)
+    daemons.append(daemon)
+    daemon.wait_log("watching . for changes")
+    counter = iter(range(10_000))
+
+    def touch(name: str) -> Callable[[], None]:
+        return lambda: (tmp_path / name).write_text(str(next(counter)))
+
+    touch("first.txt")()
+    wait_for(lambda: runs(tmp_path), "a run for first.txt", daemon, tick=touch("first.txt"))
+    wait_for(lambda: all(r.status == "converged" for r in runs(tmp_path)), "the run to converge", daemon)
+    # The run wrote its workspace and the store (both under .loopterm/). A later change is the barrier:
+    # had those writes fired the trigger, that run would come first.
+    touch("second.txt")()
+    wait_for(lambda: any("second.txt" in r.goal for r in runs(tmp_path)), "a run for second.txt", daemon,
+             tick=touch("second.txt"))
+    assert daemon.stop() == 0
+    goals = [r.goal for r in runs(tmp_path)]
+    assert not any(".loopterm" in goal for goal in goals), goals
+    assert all("first.txt" in goal or "second.txt" in goal for goal in goals), goals
