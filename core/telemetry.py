@@ -32,6 +32,7 @@ without bound.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -56,6 +57,9 @@ from loopterm.core.secrets import redact
 
 DEFAULT_TIMEOUT_S = 5.0  # per export request, retries included (the SDK's own default is 10 s)
 TEXT_LIMIT = 200  # characters of a summary attribute (a subgoal, an error's first line)
+# Message content is sent only when a person opts in, with the GenAI conventions' own switch.
+CONTENT_SWITCH = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+CONTENT_LIMIT = 16_000  # characters of one message (or tool argument/result text) when content is sent
 _EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 
 # litellm's provider prefixes -> the GenAI semantic conventions' gen_ai.provider.name values.
@@ -153,6 +157,28 @@ def _event_attrs(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def content_wanted() -> bool:
+    """Whether prompts, replies and tool text go into the spans: only when the person set the switch."""
+    return os.environ.get(CONTENT_SWITCH, "").strip().lower() in ("true", "1", "yes")
+
+
+def _text(value: object) -> str:
+    """Content for an opted-in attribute: redacted again here (an environment's secrets may differ from
+    those of the process that recorded it), and capped."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = redact(text)
+    return text if len(text) <= CONTENT_LIMIT else text[:CONTENT_LIMIT] + f"… ({len(text):,} characters)"
+
+
+def _messages(record: IterationRecord) -> dict[str, str]:
+    """gen_ai.input.messages / gen_ai.output.messages as the GenAI conventions shape them (JSON text)."""
+    sent = [{"role": str(m.get("role", "user")), "parts": [{"type": "text", "content": _text(m.get("content", ""))}]}
+            for m in record.prompt]
+    answered = [{"role": "assistant", "parts": [{"type": "text", "content": _text(record.raw_response)}]}]
+    return {"gen_ai.input.messages": json.dumps(sent, ensure_ascii=False),
+            "gen_ai.output.messages": json.dumps(answered, ensure_ascii=False)}
+
+
 def _event(event: EventRecord, start: float, end: float) -> Event:
     """An event-log record as a span event. One recorded just after its iteration (an escalation, a relax
     at the boundary) is placed at the iteration's end, so it lies inside the span; its own time is kept."""
@@ -185,6 +211,7 @@ class SpanBuilder:
 
     resource: Resource = field(default_factory=lambda: _resource())
     scope: InstrumentationScope = field(default_factory=lambda: InstrumentationScope("loopterm", _version()))
+    content: bool = field(default_factory=content_wanted)  # prompts, replies, tool arguments and results
 
     def _span(self, name: str, context: SpanContext, parent: SpanContext | None, start: float, end: float,
               attributes: dict[str, Any], *, kind: SpanKind = SpanKind.INTERNAL, events: Sequence[Event] = (),
@@ -258,6 +285,8 @@ class SpanBuilder:
         chat = _chat_attrs(request.model or record.model or run.model, record.model, record.tokens_in,
                            record.tokens_out, record.cost_usd, request.temperature, request.max_tokens)
         chat["loopterm.repairs"] = record.repairs
+        if self.content:
+            chat.update(_messages(record))
         spans.append(self._span(f"chat {chat['gen_ai.request.model']}", _context(rid, "model", n), it,
                                 record.started_at, model_end, chat, kind=SpanKind.CLIENT))
         after = model_end
@@ -293,6 +322,9 @@ class SpanBuilder:
             loopterm__tool__approval=str(call["approval"]) if call.get("approval") else None,
             error__type="tool_error" if not ok else None,
         )
+        if self.content:
+            attributes["gen_ai.tool.call.arguments"] = _text(call.get("args") or {})
+            attributes["gen_ai.tool.call.result"] = _text(result.get("output") if ok else (result.get("error") or ""))
         error = call.get("refused") or result.get("error") or "failed"
         status = Status(StatusCode.OK) if ok else Status(StatusCode.ERROR, _short(error))
         return self._span(f"execute_tool {tool}", _context(rid, "tool", n), parent, start, end, attributes,

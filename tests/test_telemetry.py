@@ -543,3 +543,28 @@ async def test_a_tui_run_says_once_that_the_collector_is_unreachable_and_converg
     told = [n for n in notices if "traces:" in n]
     assert len(told) == 1 and told[0].startswith(f"traces: could not send ") and f"to {url}: " in told[0]
     assert len(app.store.iterations(app.store.list_runs()[-1].id)) == 2
+
+
+def test_message_content_only_on_the_genai_switch_and_redacted_again(work: Path, receiver: Receiver) -> None:
+    run_id = escalate_then_converge(work)
+    # A secret the recording process did not know (its variable is set only for the export): still redacted.
+    done = loopterm("export", run_id, "--format", "otlp", "--endpoint", receiver.url, cwd=work,
+                    OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT="true", LOOPTERM_TEST_TOKEN=REASONING)
+    assert done.returncode == 0, done.stderr
+    spans = latest(receiver.spans())
+    store = Store.open(work / "db.sqlite", create=False)
+    records = {r.n: r for r in store.iterations(run_id)}
+    assert REASONING in records[1].raw_response  # it was stored as written
+    for it in (s for s in spans.values() if s["name"].startswith("iteration ")):
+        n = it["attributes"]["loopterm.iteration"]
+        kids = {s["name"].split(" ")[0]: s["attributes"] for s in spans.values() if s["parent_span_id"] == it["span_id"]}
+        sent = json.loads(kids["chat"]["gen_ai.input.messages"])
+        assert [m["role"] for m in sent] == [m["role"] for m in records[n].prompt]
+        assert GOAL in sent[0]["parts"][0]["content"] or GOAL in sent[1]["parts"][0]["content"]
+        answered = json.loads(kids["chat"]["gen_ai.output.messages"])
+        assert answered[0]["role"] == "assistant"
+        assert "[redacted:LOOPTERM_TEST_TOKEN]" in answered[0]["parts"][0]["content"]
+        assert json.loads(kids["execute_tool"]["gen_ai.tool.call.arguments"]) == records[n].tool_call["args"]
+        result = records[n].tool_result
+        assert kids["execute_tool"]["gen_ai.tool.call.result"] == (result["output"] if result["ok"] else result["error"])
+    assert REASONING not in json.dumps([s["attributes"] for s in spans.values()])
