@@ -29,15 +29,16 @@ import re
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from loopterm.core.decision import json_path
-from loopterm.core.secrets import redact, without_secrets
+from loopterm.core.secrets import redact
 from loopterm.core.tools import RewindPolicy, Tool
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ class McpTools:
 
     # -- lifecycle
 
-    async def start(self, taken: set[str] = frozenset()) -> list[McpTool]:  # type: ignore[assignment]
+    async def start(self, taken: Collection[str] = ()) -> list[McpTool]:
         """Start every server, initialize it and list its tools; raises McpStartError with one line
         (and leaves nothing running) when any of them cannot."""
         loop = asyncio.get_running_loop()

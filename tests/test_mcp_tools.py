@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from loopterm.core import CommandGate, Loop, LoopState
+from loopterm.core import CommandGate, Loop
 from loopterm.core.control import Approve, command_payload
 from loopterm.core.engine import Engine
 from loopterm.core.events import IterationCommitted, IterationStarted
