@@ -197,14 +197,20 @@ def side_effects_after(history: History, loop: Loop, parent: RunRecord, at: int)
     """The side-effecting calls the parent's lineage made after `at`: what a branch may reach again."""
     calls: list[SideEffectCall] = []
     effects = {t.name for t in loop.tools if t.side_effects}
-    if not effects:
+    if not effects and not loop.mcp_servers:
         return calls
     for run in history.lineage(parent.id):
-        for run_id, n, call in history.iteration_tool_calls(run.id, own_only=True, after=at, tools=effects):
+        # An MCP server's tools are known only once it runs: a call of a tool the loop file does not
+        # declare may be one of them, whose policy the server's listing decides when the branch starts.
+        only = None if loop.mcp_servers else effects
+        for run_id, n, call in history.iteration_tool_calls(run.id, own_only=True, after=at, tools=only):
             tool = loop.tool(call["tool"])
             if tool is not None and tool.side_effects:
                 calls.append(SideEffectCall(run_id=run_id, n=n, tool=call["tool"], args=call.get("args") or {},
                                             policy=tool.rewind_policy))
+            elif tool is None and loop.mcp_servers:
+                calls.append(SideEffectCall(run_id=run_id, n=n, tool=call["tool"], args=call.get("args") or {},
+                                            policy="from its MCP server's annotations"))
     return calls
 
 

@@ -552,3 +552,18 @@ def test_loopterm_killed_after_a_commit_leaves_no_server_and_the_resume_does_not
     assert record.n == 2 and record.tool_result["reused"] is True and record.tool_result["ok"]
     store.close()
     assert not servers_running(str(tmp_path))
+
+
+def test_a_dry_run_fork_names_the_mcp_calls_a_branch_may_make_again(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "LOOPTERM_DB": "", "COLUMNS": "300"})
+
+    assert cli("run", "mcp-git", "--headless").returncode == 0
+    recorded = json.loads(cli("runs", "--json").stdout)[0]["id"]
+    planned = cli("fork", recorded, "--at", "2", "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    lines = [" ".join(line.split()) for line in planned.stdout.splitlines() if "may reach again" in line]
+    assert [line.split(": ", 1)[1].split("(")[0] for line in lines] == [f"iteration 3 of run {recorded}: git_add",
+                                                                       f"iteration 4 of run {recorded}: git_commit"]
+    assert all(line.endswith("-> policy from its MCP server's annotations") for line in lines)
