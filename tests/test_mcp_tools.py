@@ -304,8 +304,11 @@ async def test_a_server_killed_mid_run_fails_the_call_and_the_run_and_a_resume_r
     engine.subscribe(kill_after_first)
     final = await engine.run()
     assert final.status == "failed" and final.termination_reason == "fatal_error"
-    assert final.message == (f"MCP server 'git' was killed by SIGKILL (exit code -9); git_add was not called; "
-                             f"`loopterm resume {final.id}` reconnects and continues from iteration 3")
+    # Normally the exit is noticed while the model thinks ("git_add was not called"); on a loaded machine the
+    # call may be sent first ("... during the call to git_add (it may or may not have taken effect)").
+    assert final.message.startswith("MCP server 'git' was killed by SIGKILL (exit code -9)")
+    assert "git_add was not called" in final.message or "during the call to git_add" in final.message
+    assert final.message.endswith(f"; `loopterm resume {final.id}` reconnects and continues from iteration 3")
     records = store.iterations(final.id)
     assert len(records) == 2 and not records[1].tool_result["ok"]
     assert records[1].tool_result["error"].startswith("McpServerGone: MCP server 'git' was killed by SIGKILL")
