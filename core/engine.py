@@ -293,12 +293,14 @@ class Engine:
         parent_run: str | None = None,
         goal: str | None = None,
         shadow: bool = False,
+        origin: str | None = None,
         **kwargs: Any,
     ) -> "Engine":
         """Record a new run (status created) and prepare its workspace.
 
         `workspace`: a directory someone else prepared (a git worktree for a parallel case); it is
-        used as it is, and the loop's workspace_files are not copied into it.
+        used as it is, and the loop's workspace_files are not copied into it. `origin`: what started
+        the run, recorded with it (default "child" for a called loop, else "run"; "trigger" from the daemon).
         """
         from loopterm.core.nesting import check_calls
 
@@ -331,7 +333,7 @@ class Engine:
             budget=merged_budget,
             parent_run=parent_run,
             fork_iteration=0 if parent_run else None,  # a child inherits none of its caller's iterations
-            origin="child" if parent_run else "run",
+            origin=origin or ("child" if parent_run else "run"),
         )
         journal.create_run(run)
         journal.append_event(run_id, "run_created", {"loop_ref": loop_ref, "model": run.model, "budget": merged_budget})

@@ -309,10 +309,9 @@ class TriggerDaemon:
         engine = Engine.create(
             slot.loop, self.store, loop_ref=slot.ref, model=slot.model, max_iterations=trigger.max_iterations,
             budget=budget, workspace_root=self.workspace_root, goal=trigger.goal_for(slot.loop.goal, event),
-            wait_on_person=True, workdir=self.cwd,
+            wait_on_person=True, workdir=self.cwd, origin=ORIGIN,
         )
         run_id = engine.run_id
-        self.store.update_run(run_id, origin=ORIGIN)
         self.store.append_event(run_id, "trigger", {"trigger": slot.name, "kind": trigger.on.kind, "event": event,
                                                      "triggers_file": self.triggers_file, "pid": os.getpid()})
         if refused is not None:
