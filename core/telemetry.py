@@ -20,8 +20,10 @@ The shape, following the OpenTelemetry GenAI semantic conventions:
 
 Times are the recorded ones (iteration start and end, model latency, the tool
 journal's start and finish, each gate's duration); nothing is measured again.
-Prompts, replies and tool output are never attributes: only names, numbers and
-short, redacted summaries (a decision's subgoal, an error's first line).
+Prompts, replies and tool output are not attributes unless a person sets the GenAI
+conventions' switch (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); then
+they are redacted again and capped. Otherwise only names, numbers and short, redacted
+summaries (a decision's subgoal, an error's first line).
 
 The SDK's ReadableSpan and OTLP/HTTP exporter are used directly (no global
 TracerProvider): spans are built from records with explicit ids and times, and
