@@ -224,8 +224,8 @@ class SpanBuilder:
             start_time=_ns(start), end_time=_ns(max(start, end)), instrumentation_scope=self.scope,
         )
 
-    def run_span(self, run: RunRecord, events: Iterable[EventRecord] = (), *, end: float | None = None) -> ReadableSpan:
-        """The root span of a run: from its creation to its last update (or `end`)."""
+    def run_span(self, run: RunRecord, events: Iterable[EventRecord] = ()) -> ReadableSpan:
+        """The root span of a run: from its creation to its last update."""
         attributes = _attrs(
             loopterm__run__id=run.id, loopterm__loop=run.loop, loopterm__run__status=run.status,
             loopterm__run__termination_reason=run.termination_reason, loopterm__run__origin=run.origin,
@@ -245,9 +245,8 @@ class SpanBuilder:
                        for e in events if e.iteration is None]
         status = (Status(StatusCode.ERROR, _short(run.message or run.termination_reason or "failed"))
                   if run.status == "failed" else Status(StatusCode.OK) if run.status == "converged" else None)
-        return self._span(f"run {run.loop}", _context(run.id, "run"), None, run.created_at,
-                          end if end is not None else run.updated_at, attributes, events=span_events, links=links,
-                          status=status)
+        return self._span(f"run {run.loop}", _context(run.id, "run"), None, run.created_at, run.updated_at,
+                          attributes, events=span_events, links=links, status=status)
 
     def iteration_spans(self, run: RunRecord, record: IterationRecord, events: Sequence[EventRecord],
                         tool_row: ToolCallRecord | None, request: Request, relaxed: set[str]) -> list[ReadableSpan]:

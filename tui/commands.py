@@ -59,7 +59,7 @@ def _drive(engine: Engine, console: Console, otlp: str | None = None) -> int:
     else:
         from loopterm.tui.traces import traced
 
-        with traced(engine, otlp, console):
+        with traced(engine, otlp):
             final = asyncio.run(engine.run())
     console.print(summary(final))
     return EXIT_CODES.get(Status(final.status), 1)

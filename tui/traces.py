@@ -66,7 +66,7 @@ def _warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def traced(engine: Any, endpoint: str, console: Any = None) -> Iterator[Any]:
+def traced(engine: Any, endpoint: str) -> Iterator[Any]:
     """Send the engine's spans to `endpoint` while the block runs; flush (bounded) when it ends.
     A collector that fails is reported once on stderr; the run goes on."""
     from loopterm.core.telemetry import LiveTraces
