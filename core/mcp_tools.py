@@ -121,9 +121,6 @@ class McpServer(BaseModel):
         passed = {k: os.environ[k] for k in self.pass_env if k in os.environ}
         return {**scrubbed_env(), **passed}
 
-    def where(self) -> str:
-        return self.url or " ".join(self.command or [])
-
 
 def _fill(text: str, workspace: Path) -> str:
     return text.replace("{workspace}", str(workspace)).replace("{python}", sys.executable)
