@@ -26,3 +26,13 @@ def test_the_first_command_installs_what_the_demo_needs_to_converge() -> None:
     assert any(re.match(r"pytest\b(?!-)", d) for d in deps)
     gates = [g.argv for g in __import__("loopterm.examples.demo.loop", fromlist=["loop"]).loop.gates]
     assert any("pytest" in " ".join(argv) for argv in gates)  # the dependency is there because of this gate
+
+
+def test_every_example_package_is_listed_for_a_regular_install() -> None:
+    """`pip install .` (not -e) installs only the packages pyproject lists: an example left out is missing
+    from `loopterm loops` there, though every editable install has it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    examples = {f"loopterm.examples.{p.parent.name}" for p in (ROOT / "examples").glob("*/__init__.py")}
+    assert examples and examples <= listed, sorted(examples - listed)
