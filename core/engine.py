@@ -866,7 +866,13 @@ class Engine:
         tool_call: dict[str, Any] | None = None
         if decision.action is not None:
             tool = self.loop.tool(decision.action.tool)
-            assert tool is not None  # parse_decision checked the name
+            if tool is None:  # a decision recorded before a restart names a tool the loop (or its MCP server) no longer has
+                instead = (f", or branch from iteration {n - 1} with `loopterm fork {self.run_id} --at {n - 1}`"
+                           if n > 1 else ", or start a new run")
+                raise _Stop(TerminationReason.FATAL_ERROR, (
+                    f"iteration {n}'s recorded decision calls tool {_one_line(decision.action.tool, 100)!r}, which the "
+                    "loop no longer has (its file or an MCP server changed); restore it and `loopterm resume "
+                    f"{self.run_id}`{instead}"))
             args = decision.action.args
             refused = self._precondition(tool, args)
             ask = (tool.needs_approval or self.shadow) and refused is None

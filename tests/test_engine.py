@@ -304,6 +304,37 @@ async def test_resume_reuses_a_journalled_reply_and_tool_result(tmp_path: Path, 
     assert run.tokens_in == record.tokens_in > 0  # the reply was paid for once
 
 
+async def test_a_recorded_decision_naming_a_tool_the_loop_lost_ends_the_run_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the decision, then the loop file (or an MCP server) drops that tool: the resume
+    fails the run with what to do, not an AssertionError, and nothing runs."""
+    calls: list[str] = []
+    loop = make_loop(tmp_path, [{"content": decision(text="ok")}], tools=[counting_write_tool(calls)])
+    engine, store = make_engine(tmp_path, loop)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise Crash
+
+    monkeypatch.setattr(engine.executor, "execute", crash)
+    with pytest.raises(Crash):
+        await engine.run()
+    assert store.load_intent(engine.run_id, 1) is not None
+    from loopterm.core import tool
+
+    @tool
+    def other(text: str) -> str:
+        """Another tool."""
+        return text
+
+    changed = loop.model_copy(update={"tools": [other]})
+    run = await Engine(changed, store, store.get_run(engine.run_id), workdir=tmp_path, client=_Forbidden()).run()
+    assert run.status == "failed" and calls == []
+    assert run.termination_reason == "fatal_error"
+    message = store.events(run.id)[-1].data.get("message", "")
+    assert "calls tool 'write', which the loop no longer has" in message and "start a new run" in message
+
+
 async def test_interrupted_side_effect_waits_on_a_person(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A side-effecting call that started but never finished is not fired again blindly."""
     calls: list[str] = []
