@@ -78,6 +78,16 @@ def test_show_one_iteration_and_runs_table(codefix_run: tuple[Path, subprocess.C
     assert missing.returncode == 2 and "has no iteration 99" in missing.stderr
 
 
+def test_runs_piped_without_columns_cuts_nothing_short(codefix_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Piped (no terminal, no COLUMNS), rich would fit the table in 80 columns and cut the loop, status and
+    model to `cod…`; a script reading `loopterm runs` gets every value whole."""
+    work, _ = codefix_run
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([*CLI, "runs"], cwd=work, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0
+    assert "codefix" in done.stdout and "✓ converged" in done.stdout and "scripted/codefix" in done.stdout
+
+
 def test_resume_of_a_converged_run_is_refused(codefix_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     work, _ = codefix_run
     run_id = json.loads(loopterm("runs", "--json", cwd=work).stdout)[0]["id"]

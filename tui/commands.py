@@ -273,6 +273,8 @@ def runs(db: Path, *, as_json_out: bool) -> int:
         print(as_json([{**r.model_dump(), "depth": depth} for depth, r in tree]))
         return 0
     console = _console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(console.width, 160)  # piped or in a script: no screen to fit, so nothing is cut short
     if not tree:
         console.print(f"no runs yet in {db}; try `loopterm run codefix --headless`")
         return 0
