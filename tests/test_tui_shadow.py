@@ -64,6 +64,8 @@ async def test_answer_a_shadow_run_in_the_tui_then_eval_reports_the_agreement(tm
         # 1: write(notes.txt) -> agree, with `a` and ctrl+s
         await until(pilot, lambda: waiting_at(app, 1), "the first proposal")
         assert "◐ SHADOW" in app._header_shown and "shadow proposal: write(" in app._header_shown
+        await until(pilot, lambda: any("proposes tool write (shadow: nothing will run" in str(n.message)
+                                       for n in app._notifications), "the shadow notice")
         await open_dialog(pilot, app, "a")
         await pilot.press("ctrl+s")
         # 2: lookup -> edit the arguments, then agree: what should have happened instead

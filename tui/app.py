@@ -592,8 +592,9 @@ class LooptermApp(App[None]):
             self.notify(f"run {view.run_id[:8]} waits on a person: {first_line(data.get('summary', ''), 120)} (x)",
                         severity="warning", timeout=8, markup=False)
         elif event.kind == "approval_pending":
-            self.notify(f"run {view.run_id[:8]}: tool {data.get('tool')} needs approval (a / d)", severity="warning",
-                        timeout=8, markup=False)
+            asked = ("proposes tool {} (shadow: nothing will run; a agree or edit, d deny)" if data.get("shadow")
+                     else "tool {} needs approval (a / d)").format(data.get("tool"))
+            self.notify(f"run {view.run_id[:8]}: {asked}", severity="warning", timeout=8, markup=False)
         elif event.kind == "strategy_changed":
             self.notify(f"run {view.run_id[:8]} changed strategy to {data.get('to')}: {first_line(str(data.get('why', '')), 120)}",
                         timeout=6, markup=False)
