@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
@@ -155,9 +156,10 @@ class ModelGate(BaseModel):
     async def check(self, ctx: GateContext) -> GateResult:
         if ctx.ask is None:
             return GateResult(name=self.name, passed=False, error="no model access for a model checker")
+        started = time.monotonic()
         asked = await ctx.ask(self.role, self.messages(ctx))
         spend = {"tokens_in": asked.tokens_in, "tokens_out": asked.tokens_out, "cost_usd": asked.cost_usd,
-                 "model": asked.model}
+                 "model": asked.model, "duration_s": round(time.monotonic() - started, 3)}  # a trace's gate span needs it
         try:
             verdict = parse_verdict(asked.text)
         except ValueError as exc:

@@ -512,6 +512,8 @@ def test_a_model_checker_gate_is_a_genai_call_too(tmp_path: Path, receiver: Rece
         assert a["loopterm.cost_usd"] == pytest.approx(result["cost_usd"]) and result["cost_usd"] > 0
         assert a["loopterm.gate.passed"] is result["passed"]
         assert gate["status"]["code"] == (1 if result["passed"] else 2)
+        assert result["duration_s"] > 0  # the checker's call takes time: its span is not a point
+        assert gate["end_ns"] - gate["start_ns"] == pytest.approx(result["duration_s"] * 1e9, abs=2_000)
     assert [r.gate_results[-1]["passed"] for r in records] == [False, True]
 
 
