@@ -120,6 +120,32 @@ def runs(root: Path) -> list[RunRecord]:
     with Store.open(db, create=False) as store:
         return store.list_runs()
 
+INBOX_TRIGGER = """
+[[trigger]]
+name = "inbox"
+loop = "notes_loop.py"
+on.change = "inbox"
+debounce = "200ms"
+"""
+
+
+def inbox_run(tmp_path: Path, daemons: list["Daemon"], *daemon_args: str, idempotent: bool = False) -> tuple["Daemon", RunRecord]:
+    """A daemon watching inbox/ for a 10-iteration notes loop (0.4 s a tool call), and the run a dropped
+    file started there (dropped again until it shows: the watcher may still be settling)."""
+    (tmp_path / "inbox").mkdir()
+    write_project(tmp_path, INBOX_TRIGGER, iterations=10, delay=0.4, idempotent=idempotent)
+    daemon = Daemon(tmp_path, *daemon_args)
+    daemons.append(daemon)
+    daemon.wait_log("watching inbox for changes")
+    counter = iter(range(10_000))
+
+    def drop() -> None:
+        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
+
+    drop()
+    return daemon, wait_for(lambda: runs(tmp_path), "a run started by the change", daemon, tick=drop)[0]
+
+
 
 def events(root: Path, run_id: str) -> list[EventRecord]:
     with Store.open(root / ".loopterm" / "loopterm.db", create=False) as store:
@@ -272,24 +298,7 @@ on.schedule = "every 1s"
 
 
 def test_sigterm_stops_cleanly_and_a_restart_resumes_the_run_to_the_end(tmp_path: Path, daemons: list[Daemon]) -> None:
-    (tmp_path / "inbox").mkdir()
-    write_project(tmp_path, """
-[[trigger]]
-name = "inbox"
-loop = "notes_loop.py"
-on.change = "inbox"
-debounce = "200ms"
-""", iterations=10, delay=0.4)
-    first = Daemon(tmp_path, "--grace", "60")
-    daemons.append(first)
-    first.wait_log("watching inbox for changes")
-    counter = iter(range(10_000))
-
-    def drop() -> None:
-        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
-
-    drop()
-    run = wait_for(lambda: runs(tmp_path), "a run started by the change", first, tick=drop)[0]
+    first, run = inbox_run(tmp_path, daemons, "--grace", "60")
     wait_for(lambda: runs(tmp_path)[0].iterations >= 2, "two committed iterations", first)
     assert first.stop() == 0
     stderr = first.err.read_text()
@@ -316,24 +325,8 @@ debounce = "200ms"
 
 
 def test_a_restart_resumes_a_run_the_daemon_crashed_in(tmp_path: Path, daemons: list[Daemon]) -> None:
-    (tmp_path / "inbox").mkdir()
-    write_project(tmp_path, """
-[[trigger]]
-name = "inbox"
-loop = "notes_loop.py"
-on.change = "inbox"
-debounce = "200ms"
-""", iterations=10, delay=0.4, idempotent=True)  # a SIGKILL may land inside the tool: it may run again
-    first = Daemon(tmp_path)
-    daemons.append(first)
-    first.wait_log("watching inbox for changes")
-    counter = iter(range(10_000))
-
-    def drop() -> None:
-        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
-
-    drop()
-    run = wait_for(lambda: runs(tmp_path), "a run started by the change", first, tick=drop)[0]
+    # idempotent: a SIGKILL may land inside the tool, so it may run again
+    first, run = inbox_run(tmp_path, daemons, idempotent=True)
     wait_for(lambda: runs(tmp_path)[0].iterations >= 2, "two committed iterations", first)
     first.kill()  # SIGKILL: no chance to record anything
     assert runs(tmp_path)[0].status == "running"
@@ -548,24 +541,7 @@ def test_a_store_that_is_not_a_database_is_one_line_and_left_untouched(tmp_path:
 
 
 def test_a_run_a_person_stopped_is_not_resumed_on_restart(tmp_path: Path, daemons: list[Daemon]) -> None:
-    (tmp_path / "inbox").mkdir()
-    write_project(tmp_path, """
-[[trigger]]
-name = "inbox"
-loop = "notes_loop.py"
-on.change = "inbox"
-debounce = "200ms"
-""", iterations=10, delay=0.4)
-    first = Daemon(tmp_path)
-    daemons.append(first)
-    first.wait_log("watching inbox for changes")
-    counter = iter(range(10_000))
-
-    def drop() -> None:
-        (tmp_path / "inbox" / "mail.txt").write_text(str(next(counter)))
-
-    drop()
-    run = wait_for(lambda: runs(tmp_path), "a run started by the change", first, tick=drop)[0]
+    first, run = inbox_run(tmp_path, daemons)
     with Store.open(tmp_path / ".loopterm" / "loopterm.db", create=False) as store:
         store.add_command(run.id, "stop", {"reason": "not now"})  # what `loopterm watch` sends for `s`
     wait_for(lambda: runs(tmp_path)[0].status == "stopped", "the run to stop", first)
