@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, get_args, get_origin
@@ -101,6 +104,52 @@ def alive(run: RunRecord, now: float | None = None) -> bool:
     if Status(run.status).finished:
         return False
     return (now if now is not None else time.time()) - run.updated_at < STALE_AFTER_S
+
+
+def _open_start(events: Iterable[EventRecord]) -> EventRecord | None:
+    """The run's last start (or resume) when no end was recorded after it."""
+    start: EventRecord | None = None
+    for event in events:
+        if event.kind in ("run_started", "run_resumed"):
+            start = event
+        elif event.kind == "run_finished":
+            start = None
+    return start
+
+
+def lifecycle_open(events: Iterable[EventRecord]) -> bool:
+    """Started (or resumed) and not finished since: what a run's own event log says about an engine."""
+    return _open_start(events) is not None
+
+
+def executing_elsewhere(run: RunRecord, events: Iterable[EventRecord], now: float | None = None) -> bool:
+    """Whether an engine in another process is executing this run now: a start with no end after it and a
+    fresh heartbeat (a run that just exited waiting on a person has a fresh heartbeat but an end). On the
+    machine that started it, the process itself tells at once: one killed a moment ago is not executing."""
+    start = _open_start(events)
+    if start is None or not alive(run, now):
+        return False
+    pid, host = start.data.get("pid"), start.data.get("host")
+    if isinstance(pid, int) and host == socket.gethostname():
+        if pid == os.getpid():
+            return False  # this process: its caller knows its own engines
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # someone else's process with that pid
+        return not _zombie(pid)
+    return True
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process its parent has not reaped yet still has its pid (Linux: state Z in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:][:1] in ("Z", "X")
 
 
 class _Stop(Exception):
@@ -402,7 +451,8 @@ class Engine:
         resumed_from = self.state.iteration
         self.journal.update_run(self.run_id, status=Status.RUNNING.value, updated_at=self.clock(), message=None)
         self.journal.append_event(
-            self.run_id, "run_resumed" if self._started_before else "run_started", {"from_iteration": resumed_from}
+            self.run_id, "run_resumed" if self._started_before else "run_started",
+            {"from_iteration": resumed_from, "pid": os.getpid(), "host": socket.gethostname()},  # see executing_elsewhere
         )
         self._started_before = True
         self._emit(

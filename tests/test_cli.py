@@ -95,6 +95,41 @@ def test_resume_of_a_converged_run_is_refused(codefix_run: tuple[Path, subproces
     assert done.returncode == 2 and "already converged" in done.stderr
 
 
+def test_resume_refuses_a_run_another_process_executes_and_takes_it_once_that_process_died(tmp_path: Path) -> None:
+    """Two engines on one run would fire its side effects twice: `resume` of a run a live process executes
+    (here, headless and waiting on a person) is one line, exit 2; once that process is killed, resume
+    takes it at once (the process is gone), without waiting for the heartbeat to go stale."""
+    import signal
+    import time
+
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "160"}
+    runner = subprocess.Popen([*CLI, "run", "demo", "--headless"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        run: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            listed = loopterm("runs", "--json", cwd=tmp_path)
+            if listed.returncode == 0 and listed.stdout.strip().startswith("["):
+                found = json.loads(listed.stdout)
+                if found and found[0]["status"] == "escalated":
+                    run = found[0]
+                    break
+            time.sleep(0.3)
+        assert run, "the demo did not reach its escalation"
+        refused = loopterm("resume", str(run["id"]), "--no-wait", cwd=tmp_path)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert "is executing in another process right now" in refused.stderr
+        assert f"loopterm watch {run['id']}" in refused.stderr
+        assert runner.poll() is None  # the executing process was left alone
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+    taken = loopterm("resume", str(run["id"]), "--no-wait", cwd=tmp_path)
+    assert "executing in another process" not in taken.stderr
+    assert taken.returncode == 4, taken.stdout + taken.stderr  # resumed: it waits on a person again (--no-wait)
+
+
 def test_loops_lists_the_built_in_loops_with_one_line_each(tmp_path: Path) -> None:
     done = subprocess.run([*CLI, "loops"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200"})

@@ -443,3 +443,39 @@ async def test_log_fields_are_stored_exactly_whatever_observe_does_to_them(tmp_p
         ["note 1"], ["note 1", "note 2"], ["edited in place", "note 2"], ["edited in place"],
         ["edited in place", "note 5"], ["edited in place", "note 5", "note 6"],
     ]
+
+
+def test_executing_elsewhere_asks_the_process_on_this_machine_and_the_heartbeat_elsewhere() -> None:
+    """Whether `resume` (or the daemon, or the TUI) may take a run: a start with no end, a fresh heartbeat,
+    and, on the machine that started it, a process that still exists (a killed one frees the run at once)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from loopterm.core.engine import STALE_AFTER_S, executing_elsewhere
+    from loopterm.core.records import EventRecord, RunRecord
+
+    now = time.time()
+    run = RunRecord(id="r1", loop="t", loop_ref="t", goal="g", spec_hash="h", model="m", status="running",
+                    workspace="/tmp", created_at=now, updated_at=now, max_iterations=3)
+    here = socket.gethostname()
+
+    def started(pid: int, host: str = here, *later: str) -> list[EventRecord]:
+        events = [EventRecord(run_id="r1", ts=now, kind="run_started", data={"from_iteration": 0, "pid": pid, "host": host})]
+        return events + [EventRecord(run_id="r1", ts=now, kind=k) for k in later]
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert executing_elsewhere(run, started(sleeper.pid))  # a live process started it
+        assert not executing_elsewhere(run, started(sleeper.pid, here, "run_finished"))  # it ended the run
+        assert not executing_elsewhere(run.model_copy(update={"updated_at": now - STALE_AFTER_S - 1}), started(sleeper.pid))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not executing_elsewhere(run, started(sleeper.pid))  # killed: free at once, heartbeat fresh or not
+    assert executing_elsewhere(run, started(sleeper.pid, "another-host"))  # elsewhere: only the heartbeat tells
+    assert not executing_elsewhere(run, started(sleeper.pid, "another-host", "run_finished"))
+    legacy = [EventRecord(run_id="r1", ts=now, kind="run_started", data={"from_iteration": 0})]
+    assert executing_elsewhere(run, legacy)  # recorded before pids were: the heartbeat decides
+    assert not executing_elsewhere(run.model_copy(update={"status": "stopped"}), started(sleeper.pid, "another-host"))

@@ -49,7 +49,7 @@ from textual.worker import get_current_worker
 
 from loopterm.core.control import AddFact, Command, Pause, Resume, SetSubgoal, Step, Stop, command_payload
 from loopterm.core.decision import json_path
-from loopterm.core.engine import Engine, alive, new_run_id
+from loopterm.core.engine import Engine, alive, executing_elsewhere, lifecycle_open, new_run_id
 from loopterm.core.errors import LooptermError
 from loopterm.core.events import IterationCommitted
 from loopterm.core.loop import Loop
@@ -773,7 +773,7 @@ class LooptermApp(App[None]):
             return False
         if self.view is not None and self.view.run_id == run_id and not self.view.loading:
             return self.view.lifecycle_open
-        return _lifecycle_open(self.store.events(run_id))
+        return lifecycle_open(self.store.events(run_id))
 
     def resume_here(self, run_id: str, first: Command | None = None) -> None:
         """Start an engine in this window for a run that nothing executes (optionally with a first command).
@@ -1106,7 +1106,7 @@ class LooptermApp(App[None]):
             if event.kind == "escalated":
                 packet = event.data
         approvals = _pending(events) if run.status not in FINISHED else []
-        executing = run_id in self.engines or (alive(run) and _lifecycle_open(events))
+        executing = run_id in self.engines or executing_elsewhere(run, events)
         side_effect = _pending_side_effect(events) if run.status == "escalated" else None
         return Waiting(run=run, packet=packet, approvals=approvals, executing=executing, side_effect=side_effect)
 
@@ -1254,16 +1254,6 @@ def acyclic_burst() -> Iterator[None]:
 def _stream_iterations(store: Store, run_id: str) -> Iterable[Any]:
     """The lineage's iterations a page at a time (Store.iterations builds the whole list first)."""
     return store.iter_iterations(run_id)
-
-
-def _lifecycle_open(events: Iterable[EventRecord]) -> bool:
-    open_ = False
-    for event in events:
-        if event.kind in ("run_started", "run_resumed"):
-            open_ = True
-        elif event.kind == "run_finished":
-            open_ = False
-    return open_
 
 
 def _pending(events: Iterable[EventRecord]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from loopterm.core.engine import Engine, new_run_id
+from loopterm.core.engine import Engine, executing_elsewhere, new_run_id
 from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import list_loops, load_loop
@@ -176,6 +176,9 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: s
     run_record = store.resolve_run(prefix)
     if run_record.status == Status.CONVERGED.value:
         raise ConfigError(f"run {run_record.id} already converged; nothing to resume (fork it to try something else)")
+    if executing_elsewhere(run_record, store.events(run_record.id)):  # two engines would fire its side effects twice
+        raise ConfigError(f"run {run_record.id} is executing in another process right now (its heartbeat is fresh); "
+                          f"steer it with `loopterm watch {run_record.id}`, or stop it there (s) and resume it then")
     loop, _ = load_loop(run_record.loop_ref)
     console = _console()
     if loop.spec_hash() != run_record.spec_hash:

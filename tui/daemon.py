@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loopterm.core.checkers import preflight_roles
-from loopterm.core.engine import STALE_AFTER_S, Engine, alive
+from loopterm.core.engine import STALE_AFTER_S, Engine, executing_elsewhere
 from loopterm.core.errors import ConfigError
 from loopterm.core.events import ApprovalNeeded, EngineEvent, Escalated
 from loopterm.core.gates import run_process, scrubbed_env
@@ -400,7 +400,7 @@ class TriggerDaemon:
                 kinds = [e.kind for e in events if e.kind in ("daemon_interrupted", "run_started", "run_resumed")]
                 if kinds and kinds[-1] == "daemon_interrupted":
                     now_runs.append(run)
-            elif alive(run):
+            elif executing_elsewhere(run, events):  # a daemon killed a moment ago on another machine, say
                 later.append(run)
             else:
                 now_runs.append(run)
@@ -411,16 +411,18 @@ class TriggerDaemon:
         for run in now_runs:
             self._resume(run)
         for run in later:
-            self.log(f"daemon: run {run.id} looks alive (fresh heartbeat); resuming it once its heartbeat is stale")
+            self.log(f"daemon: run {run.id} looks alive (a fresh heartbeat from a process this machine cannot see); "
+                     "resuming it once its heartbeat is stale")
             self._waiting.append(asyncio.create_task(self._resume_when_stale(run)))
 
     async def _resume_when_stale(self, run: RunRecord) -> None:
-        """A run that looks alive (the daemon was killed a moment ago): resume it once its heartbeat is stale."""
+        """A run that looks alive (a process elsewhere executes it, or did a moment ago): resume it once its
+        heartbeat is stale."""
         while not self.stopping.is_set():
             current = self.store.get_run(run.id)
             if Status(current.status).finished or current.status == Status.ESCALATED.value:
                 return
-            if not alive(current):
+            if not executing_elsewhere(current, self.store.events(current.id)):
                 self._resume(current)
                 return
             await asyncio.sleep(max(0.5, STALE_AFTER_S - (time.time() - current.updated_at) + 0.5))
