@@ -58,6 +58,8 @@ from loopterm.core.records import EventRecord, IterationRecord, RunRecord, ToolC
 from loopterm.core.secrets import redact
 
 DEFAULT_TIMEOUT_S = 5.0  # per export request, retries included (the SDK's own default is 10 s)
+LINGER_S = 0.25  # a live batch waits this long for more spans before it is sent
+MAX_BATCH_SPANS = 2_048  # ... or until it has this many
 TEXT_LIMIT = 200  # characters of a summary attribute (a subgoal, an error's first line)
 # Message content is sent only when a person opts in, with the GenAI conventions' own switch.
 CONTENT_SWITCH = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -627,9 +629,12 @@ class LiveTraces:
                 return
             more: list[ReadableSpan] = list(batch)
             stop = False
-            while True:  # whatever else is queued goes in the same request
+            # Whatever else is queued within LINGER_S goes in the same request: one request per fast
+            # iteration cost the loop itself about as much again (bench/telemetry.py); closing sends at once.
+            linger_until = time.monotonic() + LINGER_S
+            while len(more) < MAX_BATCH_SPANS:
                 try:
-                    extra = self._queue.get_nowait()
+                    extra = self._queue.get(timeout=max(0.0, linger_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if extra is None:
