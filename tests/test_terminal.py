@@ -89,3 +89,49 @@ def test_tui_in_a_real_terminal_pause_step_quit(tmp_path: Path) -> None:
         assert "EXIT=0" in done and "Traceback" not in done
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_shadow_run_in_a_real_terminal_records_verdicts_and_runs_nothing(tmp_path: Path) -> None:
+    """The README's shadow-mode steps as a person does them: `loopterm run codefix --shadow`, agree with
+    `a` then ctrl+s, deny with `d`, a reason and enter, quit; `loopterm eval --shadow` reports the verdicts,
+    and the run's workspace is as it was copied (nothing the model proposed ran)."""
+    import json
+
+    session = f"loopterm-{uuid.uuid4().hex[:8]}"
+    loopterm = Path(sys.executable).parent / "loopterm"
+    db = tmp_path / "shadow.db"
+    env = f"LOOPTERM_DB={db} LOOPTERM_CONFIG_DIR={tmp_path / 'cfg'} LITELLM_LOCAL_MODEL_COST_MAP=True"
+    tmux("new-session", "-d", "-s", session, "-x", "150", "-y", "45", "-c", str(tmp_path))
+    try:
+        tmux("send-keys", "-t", session, f"env {env} {loopterm} run codefix --shadow; echo EXIT=$?", "Enter")
+        first = wait_for(session, lambda s: "shadow proposal: write_file" in s, timeout=120)
+        assert "◐ SHADOW" in first.splitlines()[0]
+        tmux("send-keys", "-t", session, "a")
+        wait_for(session, lambda s: "shadow: nothing will run" in s)
+        tmux("send-keys", "-t", session, "C-s")
+        wait_for(session, lambda s: rows(s) == 1 and "(iteration 2)" in s)
+        tmux("send-keys", "-t", session, "d")
+        wait_for(session, lambda s: "shadow: nothing will run" in s and "(iteration 2)" in s)
+        tmux("send-keys", "-t", session, "not before the tests are read", "Enter")
+        wait_for(session, lambda s: rows(s) == 2)
+        tmux("send-keys", "-t", session, "q")
+        done = wait_for(session, lambda s: re.search(r"EXIT=\d+", s) is not None, timeout=60)
+        assert "EXIT=0" in done and "Traceback" not in done
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    env_vars = {**os.environ, "LOOPTERM_DB": str(db), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    report = subprocess.run([str(loopterm), "eval", "codefix", "--shadow", "--json"], capture_output=True, text=True,
+                            env=env_vars, timeout=120)
+    assert report.returncode == 0, report.stderr
+    totals = json.loads(report.stdout)["totals"]
+    assert (totals["proposals"], totals["agreed"], totals["denied"], totals["agreement_rate"]) == (2, 1, 1, 0.5)
+    runs = json.loads(subprocess.run([str(loopterm), "runs", "--json"], capture_output=True, text=True,
+                                     env=env_vars, timeout=120).stdout)
+    from loopterm import examples
+
+    shipped = Path(examples.__file__).parent / "codefix" / "tests"  # the loop's workspace_files
+    workspace = Path(runs[0]["workspace"])
+    assert not (workspace / "solution.py").exists()  # write_file was proposed twice and never ran
+    for original in shipped.iterdir():
+        if original.is_file():
+            assert (workspace / original.name).read_bytes() == original.read_bytes(), original.name
