@@ -642,6 +642,41 @@ async def test_watch_follows_a_run_in_another_process_and_pause_is_obeyed(tmp_pa
             proc.wait()
 
 
+async def test_watch_takes_over_at_once_a_run_whose_process_was_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the run 'running' with a fresh heartbeat. The process that started it is gone from this
+    machine, so the window does not wait ~10 s for the heartbeat to go stale: `r` resumes it here at once."""
+    loop_file = tmp_path / "watched.py"
+    loop_file.write_text(textwrap.dedent(LOOP_FILE.format(delay=0.3)))
+    db = db_of(tmp_path)
+    env = {**os.environ, "LOOPTERM_DB": str(db)}
+    proc = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", str(loop_file), "--headless", "--db", str(db)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        run_id = None
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            runs = Store.open(db).list_runs() if db.exists() else []
+            if runs and runs[0].iterations >= 2:
+                run_id = runs[0].id
+                break
+        assert run_id, "the headless run never committed two iterations"
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = Store.open(db).get_run(run_id)
+    assert killed.status == "running" and time.time() - killed.updated_at < 5  # its heartbeat is still fresh
+    app = LooptermApp(db, watch_run=run_id[:6], theme=THEME, frozen=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: loaded(app), "loaded")
+        assert not app.executing(run_id)
+        await pilot.press("r")
+        await until(pilot, lambda: run_id in app.engines, "resumed in this window", 5)
+        await until(pilot, lambda: app.store.get_run(run_id).iterations > killed.iterations, "a new iteration here", 20)
+        await pilot.press("s")
+        await until(pilot, lambda: status(app) == "stopped" and not app.engines, "stopped")
+
+
 async def test_step_on_a_run_nothing_executes_runs_exactly_one_iteration_here(tmp_path: Path) -> None:
     from loopterm.core.model import check_model
 

@@ -49,7 +49,7 @@ from textual.worker import get_current_worker
 
 from loopterm.core.control import AddFact, Command, Pause, Resume, SetSubgoal, Step, Stop, command_payload
 from loopterm.core.decision import json_path
-from loopterm.core.engine import Engine, alive, executing_elsewhere, lifecycle_open, new_run_id
+from loopterm.core.engine import Engine, alive, executing_elsewhere, new_run_id
 from loopterm.core.errors import LooptermError
 from loopterm.core.events import IterationCommitted
 from loopterm.core.loop import Loop
@@ -154,6 +154,7 @@ class View:
     relaxed: dict[str, str] = field(default_factory=dict)
     patched: tuple[int, dict[str, Any]] | None = None  # (iteration, state) of the last person's patch
     lifecycle_open: bool = False  # started and not finished: an engine somewhere is executing it
+    open_start: EventRecord | None = None  # that start (its pid and host tell whether its process still exists)
     side_effect: dict[str, Any] | None = None  # a repeatable side effect the run stopped on, unanswered
     detail_n: int | None = None
     shadow: bool = False  # a shadow run: its proposals go to a person, nothing runs (core/shadow.py)
@@ -167,9 +168,9 @@ def absorb(view: View, events: Iterable[EventRecord]) -> list[EventRecord]:
         data = event.data
         kind = event.kind
         if kind in ("run_started", "run_resumed"):
-            view.lifecycle_open = True
+            view.lifecycle_open, view.open_start = True, event
         elif kind == "run_finished":
-            view.lifecycle_open = False
+            view.lifecycle_open, view.open_start = False, None
             view.approvals.clear()
         elif kind == "approval_pending":
             view.approvals[str(data.get("key"))] = {**data, "n": event.iteration}
@@ -772,8 +773,9 @@ class LooptermApp(App[None]):
         if not alive(run):  # a stale heartbeat: whatever executed it is gone (killed, crashed)
             return False
         if self.view is not None and self.view.run_id == run_id and not self.view.loading:
-            return self.view.lifecycle_open
-        return lifecycle_open(self.store.events(run_id))
+            start = self.view.open_start
+            return executing_elsewhere(run, [start] if start is not None else [])
+        return executing_elsewhere(run, self.store.events(run_id))
 
     def resume_here(self, run_id: str, first: Command | None = None) -> None:
         """Start an engine in this window for a run that nothing executes (optionally with a first command).
