@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from loopterm.core.decision import MAX_STATE_DEPTH, json_path, json_problem, short_repr, unreadable_json
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
+from loopterm.core.mcp_tools import McpToolError
 from loopterm.core.migrations import migrate_state
 from loopterm.core.records import EventRecord, RunRecord, ToolCallRecord
 from loopterm.core.shadow import is_shadow, mark_shadow
@@ -297,9 +298,7 @@ async def _replay_calls(loop: Loop, history: History, run: RunRecord, workspace:
             result = tool.fn(*call_args, **args)
             if hasattr(result, "__await__"):
                 await result
-        except Exception as exc:
-            if type(exc).__name__ != "McpToolError":
-                raise
+        except McpToolError:
             continue  # an MCP server said no (as it may have to the parent): nothing changed in the workspace
         replayed += 1
     return replayed
