@@ -613,6 +613,10 @@ class Store:
         rows = self._rows("events", "run_id = ? AND id > ?", [run_id, after_id], order_by="id")
         return [from_row("events", EventRecord, row) for row in rows]
 
+    def runs_with_event(self, kind: str) -> set[str]:
+        """The ids of the runs that have an event of this kind (e.g. the shadow runs, for `loopterm runs`)."""
+        return {row[0] for row in self._query("SELECT DISTINCT run_id FROM events WHERE kind = ?", [kind])}
+
     # -- intents ---------------------------------------------------------------
 
     def save_intent(self, intent: Intent, *, durable: bool = True) -> None:

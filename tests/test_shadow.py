@@ -162,6 +162,24 @@ def test_a_branch_of_a_shadow_run_stays_shadow_and_replays_nothing(tmp_path: Pat
     store.close()
 
 
+def test_runs_marks_shadow_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`loopterm runs` tells a shadow run from one whose calls ran: a team reads it to find them."""
+    db = tmp_path / "db" / "loopterm.db"
+    store = Store.open(db)
+    shadow = engine_for(tmp_path, store, shadow=True, wait_on_person=True)
+    run_with_person(shadow, store)
+    ordinary = engine_for(tmp_path, store)
+    asyncio.run(ordinary.run())
+    store.close()
+    capsys.readouterr()
+    assert main(["runs", "--json", "--db", str(db)]) == 0
+    listed = {r["id"]: r["shadow"] for r in json.loads(capsys.readouterr().out)}
+    assert listed == {shadow.run_id: True, ordinary.run_id: False}
+    assert main(["runs", "--db", str(db)]) == 0
+    table = capsys.readouterr().out
+    assert f"{shadow.run_id} (shadow)" in table and f"{ordinary.run_id} (shadow)" not in table and ordinary.run_id in table
+
+
 def test_a_replay_of_a_shadow_run_is_shadow_and_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "db" / "loopterm.db"
     store = Store.open(db)

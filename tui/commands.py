@@ -24,6 +24,7 @@ from loopterm.core.checkers import preflight_roles
 from loopterm.core.nesting import check_calls
 from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
+from loopterm.core.shadow import SHADOW_EVENT
 from loopterm.core.termination import EXIT_CODES, Status
 from loopterm.store import Store
 from loopterm.tui.headless import (
@@ -271,9 +272,11 @@ def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
 
 def runs(db: Path, *, as_json_out: bool) -> int:
     """Every run, branches indented under their parents."""
-    tree = Store.open(db, create=False).tree() if db.exists() else []
+    store = Store.open(db, create=False) if db.exists() else None
+    tree = store.tree() if store is not None else []
+    shadow = store.runs_with_event(SHADOW_EVENT) if store is not None else set()
     if as_json_out:
-        print(as_json([{**r.model_dump(), "depth": depth} for depth, r in tree]))
+        print(as_json([{**r.model_dump(), "depth": depth, "shadow": r.id in shadow} for depth, r in tree]))
         return 0
     console = _console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -286,6 +289,7 @@ def runs(db: Path, *, as_json_out: bool) -> int:
 
     labels = {r.id: (("  " * (depth - 1) + f"└ {r.id}{where(r)}") if depth else r.id)
               + (" (replay)" if r.origin == "replay" else "") + (" (trigger)" if r.origin == "trigger" else "")
+              + (" (shadow)" if r.id in shadow else "")
               for depth, r in tree}
     table = Table(box=None, header_style="bold")
     # The id and the tree shape never give way; the other columns shrink first.
