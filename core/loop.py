@@ -34,6 +34,12 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+def _refuse_repeats(what: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+
+
 class Loop(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
@@ -87,19 +93,13 @@ class Loop(BaseModel):
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, tools: list[Tool]) -> list[Tool]:
-        names = [t.name for t in tools]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes)}")
+        _refuse_repeats("tool", [t.name for t in tools])
         return tools
 
     @field_validator("mcp_servers")
     @classmethod
     def _unique_servers(cls, servers: list[McpServer]) -> list[McpServer]:
-        names = [s.name for s in servers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"MCP server names must be unique; repeated: {', '.join(dupes)}")
+        _refuse_repeats("MCP server", [s.name for s in servers])
         return servers
 
     @model_validator(mode="after")
@@ -110,10 +110,7 @@ class Loop(BaseModel):
                     f"gate {gate.name!r}: its role {gate.role.name!r} has the maker's model and system prompt; "
                     "a maker never validates itself: give the checker its own system_prompt or model"
                 )
-        names = [g.name for g in self.gates]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"gate names must be unique; repeated: {', '.join(dupes)}")
+        _refuse_repeats("gate", [g.name for g in self.gates])
         return self
 
     @property

@@ -609,13 +609,19 @@ loop = Loop(name="watched", goal="never converges", tools=[write], script=HERE /
 '''
 
 
-async def test_watch_follows_a_run_in_another_process_and_pause_is_obeyed(tmp_path: Path) -> None:
+def headless_watched(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`loopterm run watched.py --headless` in a process of its own (0.3 s a reply, 30 iterations); and its db."""
     loop_file = tmp_path / "watched.py"
     loop_file.write_text(textwrap.dedent(LOOP_FILE.format(delay=0.3)))
     db = db_of(tmp_path)
     env = {**os.environ, "LOOPTERM_DB": str(db)}
     proc = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", str(loop_file), "--headless", "--db", str(db)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, db
+
+
+async def test_watch_follows_a_run_in_another_process_and_pause_is_obeyed(tmp_path: Path) -> None:
+    proc, db = headless_watched(tmp_path)
     try:
         deadline = time.monotonic() + 30
         run_id = None
@@ -645,12 +651,7 @@ async def test_watch_follows_a_run_in_another_process_and_pause_is_obeyed(tmp_pa
 async def test_watch_takes_over_at_once_a_run_whose_process_was_killed(tmp_path: Path) -> None:
     """SIGKILL leaves the run 'running' with a fresh heartbeat. The process that started it is gone from this
     machine, so the window does not wait ~10 s for the heartbeat to go stale: `r` resumes it here at once."""
-    loop_file = tmp_path / "watched.py"
-    loop_file.write_text(textwrap.dedent(LOOP_FILE.format(delay=0.3)))
-    db = db_of(tmp_path)
-    env = {**os.environ, "LOOPTERM_DB": str(db)}
-    proc = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", str(loop_file), "--headless", "--db", str(db)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, db = headless_watched(tmp_path)
     try:
         deadline = time.monotonic() + 60
         run_id = None

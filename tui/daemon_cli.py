@@ -11,17 +11,9 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from loopterm.tui import arguments
+
 DEFAULT_GRACE_S = 30.0
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds, got {text!r}")
-    return value
 
 
 def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
@@ -36,7 +28,7 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
     daemon.add_argument("--triggers", type=Path, metavar="FILE", help="the triggers file (default: .loopterm/triggers.toml)")
     daemon.add_argument("--check", action="store_true", help="check the triggers file, its loops, models, paths and "
                                                              "commands, then exit (0 when all is well); start nothing")
-    daemon.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
+    daemon.add_argument("--grace", type=arguments.seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
                         help=f"on SIGTERM, how long running runs get to reach an iteration boundary before they are "
                              f"cancelled (default {DEFAULT_GRACE_S:g})")
 

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.widgets import Button, Input, Static, TextArea
 
 from loopterm.core.control import Approve, Deny
-from loopterm.core.decision import json_path, unreadable_json
+from loopterm.core.decision import unreadable_json
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.widgets.render import literal, pretty
 
@@ -100,9 +100,7 @@ class ApprovalScreen(Dialog[Approve | Deny]):
                 return
         try:
             command = Approve(key=key, args=edited, reason=reason, tool=other if other != proposed else None)
-        except ValidationError as exc:  # what the store could not keep as written (NaN, a lone surrogate, ...)
-            err = exc.errors()[0]
-            self.fail(f"{json_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}; "
-                      "nothing was sent")
+        except ValidationError as exc:
+            self.refuse(exc)
             return
         self.dismiss(command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Generic, TypeVar
 
+from pydantic import ValidationError
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -11,6 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
+from loopterm.core.decision import json_path
 from loopterm.tui.widgets.render import literal
 
 T = TypeVar("T")
@@ -73,6 +75,11 @@ class Dialog(ModalScreen[T], Generic[T]):
         error = self.query_one("#dialog-error", Static)
         error.update(literal(message))
         error.add_class("shown")
+
+    def refuse(self, exc: ValidationError) -> None:
+        """A command the store could not keep as written (NaN, a lone surrogate, ...): say where and why."""
+        err = exc.errors()[0]
+        self.fail(f"{json_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}; nothing was sent")
 
     def clear_error(self) -> None:
         self.error_text = ""

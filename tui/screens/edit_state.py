@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.widgets import Button, Input, Static, TextArea
 
 from loopterm.core.control import EditState
-from loopterm.core.decision import json_path, unreadable_json
+from loopterm.core.decision import unreadable_json
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.widgets.render import pretty
 
@@ -70,9 +70,7 @@ class EditStateScreen(Dialog[EditState]):
             return
         try:
             command = EditState(state=data, reason=reason)
-        except ValidationError as exc:  # what the store could not keep as written (NaN, a lone surrogate, ...)
-            err = exc.errors()[0]
-            self.fail(f"{json_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}; "
-                      "nothing was sent")
+        except ValidationError as exc:
+            self.refuse(exc)
             return
         self.dismiss(command)
