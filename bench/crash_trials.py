@@ -535,17 +535,17 @@ class Trial:
     # -- what a person does
 
     def _pending_interrupted(self) -> dict[str, Any] | None:
+        """The side effect the run waits on a person for, as the run's log folds (read-only: no Store opened)."""
+        from loopterm.core.fold import fold
+        from loopterm.core.runlog import EventRecord, from_stored
+
         with self._ro() as db:
-            rows = db.execute("SELECT kind, data FROM events WHERE run_id = ? AND kind IN "
-                              "('side_effect_pending', 'side_effect_answered') ORDER BY id", [self.run_id]).fetchall()
-        pending = None
-        for kind, data in rows:
-            data = json.loads(data)
-            if kind == "side_effect_pending":
-                pending = data
-            elif pending is not None and data.get("key") == pending.get("key"):
-                pending = None
-        return pending
+            rows = db.execute("SELECT id, iteration, ts, kind, data FROM events WHERE run_id = ? ORDER BY id",
+                              [self.run_id]).fetchall()
+        log = [EventRecord(id=i, run_id=self.run_id, iteration=n, ts=ts, event=from_stored(kind, json.loads(data)))
+               for i, n, ts, kind, data in rows]
+        pending = fold(log).side_effect
+        return pending.asked.model_dump(exclude={"kind"}) if pending is not None else None
 
     def _answer(self, key: str) -> str:
         if self.answer_policy == "reexecute":

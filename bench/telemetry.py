@@ -38,7 +38,8 @@ from engine_overhead import InstantClient, make_loop  # noqa: E402
 
 from loopterm.core.engine import Engine  # noqa: E402
 from loopterm.core.events import IterationCommitted, IterationStarted  # noqa: E402
-from loopterm.core.telemetry import LiveTraces, lineage_spans, send  # noqa: E402
+from loopterm.core.spans import lineage_spans  # noqa: E402
+from loopterm.core.telemetry import LiveTraces, send  # noqa: E402
 from loopterm.store import Store  # noqa: E402
 
 RECEIVER = Path(__file__).resolve().parent.parent / "tests" / "otlp_receiver.py"

@@ -124,7 +124,8 @@ def loopterm_phase(n: int, at: int, root: Path) -> dict[str, Any]:
     from pydantic import Field, create_model
 
     from loopterm.core import AppendLog, Loop, LoopState, tool
-    from loopterm.core.engine import Engine, new_run_id
+    from loopterm.core.creation import new_run_id
+    from loopterm.core.engine import Engine
     from loopterm.core.events import IterationStarted
     from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
     from loopterm.core.model import ModelReply

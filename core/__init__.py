@@ -6,7 +6,7 @@ from loopterm.core.decision import Action, Decision
 from loopterm.core.gates import CommandGate, GateResult
 from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.loop import Loop
-from loopterm.core.mcp_tools import McpServer
+from loopterm.core.mcp_servers import McpServer
 from loopterm.core.state import LoopState, ToolRecord, WorkingMemory
 from loopterm.core.termination import Status, TerminationReason
 from loopterm.core.tools import Tool, ToolContext, tool

@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loopterm.core.checkers import preflight_roles
+from loopterm.core import runlog as log
 from loopterm.core.cases import Case, CaseSet, scripted_name
-from loopterm.core.engine import Engine, new_run_id
+from loopterm.core.creation import new_run_id
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
 from loopterm.core.persistence import Journal
+from loopterm.core.runs import create, preflight_model, record_end
 from loopterm.core.termination import Status, TerminationReason
 from loopterm.core.worktree import BaseRepo, Worktrees, code_changing, require_git
 
@@ -94,22 +95,21 @@ def check_cases(loop: Loop, cases: CaseSet | list[Case], model: str | None = Non
 
     A problem is one ConfigError line naming the case.
     """
-    from loopterm.core.model import check_model  # lazy: loads litellm only for scripted models
-
     chosen: dict[str, str] = {}
     checked: set[tuple[str, Path | None]] = set()
     for case in cases:
         name = case_model(loop, case, model)
         script = None
         if name.startswith("scripted/"):
+            import loopterm.core.scripted  # noqa: F401 - the provider that answers scripted/ (a case's own script)
+
             if case.script is not None and name == scripted_name(loop.name, case):
                 script = case.script
             elif name == f"scripted/{loop.name}":
                 script = loop.script
         if (name, script) not in checked:
             try:
-                check_model(name, script)
-                preflight_roles(loop.gates, name)
+                preflight_model(loop, name, script)
             except ConfigError as exc:
                 raise ConfigError(f"case {case.id!r}: {exc}") from None
             checked.add((name, script))
@@ -212,17 +212,16 @@ async def _run_case(
         case_budget = dict(budget or {})
         if case.budget_usd is not None:
             case_budget["usd"] = case.budget_usd
-        engine = Engine.create(
-            loop, store, loop_ref=loop_ref, model=model, max_iterations=case.max_iterations or max_iterations,
+        engine = create(
+            loop, store, ref=loop_ref, model=model, max_iterations=case.max_iterations or max_iterations,
             budget=case_budget, workspace_root=workspace_root, workspace=workspace, run_id=run_id, goal=case.goal,
             wait_on_person=False, workdir=workdir, learn=learn,
         )
         created = True
         workspace = engine.workspace
-        store.append_event(run_id, "case", {"id": case.id, "cases_file": cases_file, "expect": case.expect})
+        store.append_event(run_id, log.CaseStarted(id=case.id, cases_file=cases_file, expect=case.expect))
         if base is not None:
-            store.append_event(run_id, "worktree_added", {"path": str(workspace), "base": str(base.path),
-                                                          "commit": base.commit})
+            store.append_event(run_id, log.WorktreeAdded(path=str(workspace), base=str(base.path), commit=base.commit))
         engine.subscribe(lambda event: emit(case.id, event))
         emit(case.id, CaseStarted(case_id=case.id, run_id=run_id, model=model, workspace=str(workspace)))
         final = await engine.run()
@@ -233,12 +232,7 @@ async def _run_case(
         error = " ".join(error.split())[:500]
         if created:
             try:
-                store.update_run(run_id, status=Status.FAILED.value, termination_reason=TerminationReason.FATAL_ERROR.value,
-                                 message=error, updated_at=time.time())
-                store.append_event(run_id, "run_finished", {"status": Status.FAILED.value,
-                                                            "reason": TerminationReason.FATAL_ERROR.value,
-                                                            "message": error})
-                final = store.get_run(run_id)
+                final = record_end(store, run_id, TerminationReason.FATAL_ERROR, error)
             except Exception:  # noqa: BLE001 - the store itself failed; report what we know
                 final = None
 
@@ -250,8 +244,8 @@ async def _run_case(
         except Exception as exc:  # noqa: BLE001 - a clean-up failure keeps the worktree; it is listed
             kept = str(workspace)
             if created:
-                store.append_event(run_id, "worktree_kept", {"path": kept, "base": str(base.path),
-                                                             "status": status, "error": str(exc)})
+                store.append_event(run_id, log.WorktreeKept(path=kept, base=str(base.path), status=status,
+                                                            error=str(exc)))
     return CaseResult(
         case_id=case.id,
         run_id=run_id if created else None,
@@ -277,11 +271,11 @@ async def _settle_worktree(
 ) -> str | None:
     """Converged: record the changed files, remove the worktree; otherwise keep it. The kept path, or None."""
     files = await worktrees.changes(base, path)
-    data = {"path": str(path), "base": str(base.path), "commit": base.commit, "files": files}
+    where = {"path": str(path), "base": str(base.path), "commit": base.commit, "files": files}
     if status == Status.CONVERGED.value and run_id is not None:
-        store.append_event(run_id, "worktree_removed", data)
+        store.append_event(run_id, log.WorktreeRemoved(**where))
         await worktrees.remove(base, path)
         return None
     if run_id is not None:
-        store.append_event(run_id, "worktree_kept", {**data, "status": status})
+        store.append_event(run_id, log.WorktreeKept(**where, status=status))
     return str(path)

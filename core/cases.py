@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from loopterm.core.decision import unreadable_json
 from loopterm.core.errors import ConfigError
+from loopterm.core.text import one_line
 
 Expectation = Literal["converged", "terminated", "escalated", "failed", "stopped"]
 ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -89,10 +90,6 @@ def scripted_name(loop_name: str, case: Case) -> str:
 def _shown(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
-
-
-def _flat(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -191,7 +188,7 @@ def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
         return f"{field}: required{more}"
     if kind == "string_pattern_mismatch" and field == "id":
         return f"id: {_shown(raw.get('id'))} may hold only letters, digits, '_', '.' and '-'{more}"
-    message = _flat(str(err.get("msg", "invalid"))).removeprefix("Value error, ")
+    message = one_line(str(err.get("msg", "invalid"))).removeprefix("Value error, ")
     if field == "(case)":
         return message + more
     value = raw.get(loc[0]) if loc else None

@@ -37,7 +37,10 @@ class Pause(_Command):
 
 
 class Resume(_Command):
+    """Go on (after a pause), or answer the escalation recorded as event `escalation`: go on past it."""
+
     kind: Literal["resume"] = "resume"
+    escalation: int | None = None
 
 
 class Step(_Command):
@@ -47,16 +50,26 @@ class Step(_Command):
 
 
 class Stop(_Command):
+    """Stop at the next boundary. Naming an escalation answers it (abort); otherwise what waits on a
+    person stays pending, and the run stays resumable."""
+
     kind: Literal["stop"] = "stop"
     reason: str = "stopped by a person"
+    escalation: int | None = None
 
 
 class EditState(_Command):
-    """Replace the state the next iteration starts from (validated against the loop's state model)."""
+    """Replace the state the next iteration starts from (validated against the loop's state model).
+
+    `base_iteration` and `base_version` name the state the person edited (the iteration it followed,
+    and the patch it showed: `RunView.state_version`); an edit of a state the run has since moved
+    past is refused, never applied to a later one."""
 
     kind: Literal["edit_state"] = "edit_state"
     state: dict[str, Any]
     reason: str = Field(min_length=1)
+    base_iteration: int = Field(ge=0)
+    base_version: int | None = Field(default=0, ge=0)  # None: only the iteration is checked (a replay's edits)
 
 
 class Relax(_Command):
@@ -73,13 +86,19 @@ class Restore(_Command):
 
 
 class AddFact(_Command):
+    """A fact for working memory. With `base_iteration`, refused if the run has moved past it."""
+
     kind: Literal["add_fact"] = "add_fact"
     fact: str = Field(min_length=1)
+    base_iteration: int | None = Field(default=None, ge=0)
 
 
 class SetSubgoal(_Command):
+    """Override the subgoal. With `base_iteration`, refused if the run has moved past it."""
+
     kind: Literal["set_subgoal"] = "set_subgoal"
     subgoal: str = Field(min_length=1)
+    base_iteration: int | None = Field(default=None, ge=0)
 
 
 class Approve(_Command):

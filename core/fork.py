@@ -24,8 +24,11 @@ from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
 from loopterm.core.mcp_tools import McpToolError
 from loopterm.core.migrations import migrate_state
-from loopterm.core.records import EventRecord, RunRecord, ToolCallRecord
-from loopterm.core.shadow import is_shadow, mark_shadow
+from loopterm.core import runlog as log
+from loopterm.core.fold import fold
+from loopterm.core.records import RunRecord, ToolCallRecord
+from loopterm.core.runlog import EventRecord
+from loopterm.core.shadow import mark_shadow
 from loopterm.core.termination import Status
 from loopterm.core.tools import ToolContext
 
@@ -39,7 +42,7 @@ class History(Protocol):
 
     def create_run(self, run: RunRecord) -> None: ...
 
-    def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> Any: ...
+    def append_event(self, run_id: str, event: log.RunEvent, iteration: int | None = None) -> Any: ...
 
     def events(self, run_id: str, after_id: int = 0) -> list[EventRecord]: ...
 
@@ -226,17 +229,16 @@ def create_fork(history: History, loop: Loop, plan: ForkPlan, *, run_id: str, wo
         max_iterations=max(parent.max_iterations, plan.at + 1), budget=parent.budget, iterations=plan.at,
     )
     history.create_run(run)
-    history.append_event(run_id, "forked", {
-        "parent": parent.id, "at": plan.at, "reason": plan.reason, "model": plan.model,
-        "patches": [{"path": path, "value": value} for path, value in plan.patches],
-        "relaxed": plan.relaxed,
-        "patched_state": plan.state if plan.patches else None,
-    }, plan.at)
+    history.append_event(run_id, log.Forked(
+        parent=parent.id, at=plan.at, reason=plan.reason, model=plan.model,
+        patches=[{"path": path, "value": value} for path, value in plan.patches], relaxed=plan.relaxed,
+        patched_state=plan.state if plan.patches else None,
+    ), plan.at)
     for name, why in plan.relaxed.items():
-        history.append_event(run_id, "invariant_relaxed", {"invariant": name, "reason": why}, plan.at)
-    if is_shadow(history.events(parent.id)):  # a branch of a shadow run is one too: it proposes, nothing runs
+        history.append_event(run_id, log.InvariantRelaxed(invariant=name, reason=why), plan.at)
+    if fold(history.events(parent.id)).shadow:  # a branch of a shadow run is one too: it proposes, nothing runs
         mark_shadow(history, run_id, why=f"branch of shadow run {parent.id}")
-    history.append_event(parent.id, "branched", {"child": run_id, "at": plan.at, "reason": plan.reason}, plan.at)
+    history.append_event(parent.id, log.Branched(child=run_id, at=plan.at, reason=plan.reason), plan.at)
     return run
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
+from loopterm.core.text import first_line, one_line
 
 _MAX_LINE = 400  # longest error message we print; a loop file's exception can be huge
 _IMPORT_LOCK = threading.Lock()  # sys.path is process-global while a loop file imports
@@ -49,16 +50,6 @@ def builtin_loops() -> dict[str, str]:
     from loopterm.examples import BUILTIN_LOOPS
 
     return dict(BUILTIN_LOOPS)
-
-
-def one_line(text: str, limit: int = _MAX_LINE) -> str:
-    """Collapse whitespace so any message fits the one-line contract, and cap its length; control
-    characters (an exception's ANSI escapes) and unpaired surrogates are shown as escapes, never sent."""
-    flat = _UNSHOWN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), " ".join(str(text).split()))
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def load_loop(ref: str) -> tuple[Loop, str]:
@@ -127,10 +118,6 @@ def default_search_dirs(cwd: Path | None = None) -> list[Path]:
 
 
 # --- internals -------------------------------------------------------------------------------
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
@@ -236,9 +223,9 @@ def _import_failure(exc: BaseException, path: Path, shown: str) -> str:
         what = "Loop" if exc.title == "Loop" else exc.title
         return one_line(
             f"loop file {shown} defines an invalid {what}{where}: {_first_validation_error(exc)}; "
-            f"fix the {what}(...) call"
+            f"fix the {what}(...) call", _MAX_LINE
         )
-    return one_line(f"loop file {shown} failed to import{where}: {_describe(exc)}; fix the file and try again")
+    return one_line(f"loop file {shown} failed to import{where}: {_describe(exc)}; fix the file and try again", _MAX_LINE)
 
 
 def _line_in_file(exc: BaseException, path: Path) -> str:
@@ -260,21 +247,21 @@ def _describe(exc: BaseException) -> str:
     """'ExceptionClass: message', with SyntaxError's position kept short."""
     if isinstance(exc, SyntaxError):
         position = f" (line {exc.lineno})" if exc.lineno else ""
-        return one_line(f"{exc.__class__.__name__}: {exc.msg}{position}")
+        return one_line(f"{exc.__class__.__name__}: {exc.msg}{position}", _MAX_LINE)
     if isinstance(exc, ValidationError):
-        return one_line(f"invalid {exc.title}: {_first_validation_error(exc)}")
+        return one_line(f"invalid {exc.title}: {_first_validation_error(exc)}", _MAX_LINE)
     message = str(exc)
-    return one_line(f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__)
+    return one_line(f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__, _MAX_LINE)
 
 
 def _first_validation_error(exc: ValidationError) -> str:
     errors = exc.errors()
     if not errors:
-        return one_line(str(exc))
+        return one_line(str(exc), _MAX_LINE)
     first = errors[0]
     loc = ".".join(str(p) for p in first.get("loc", ())) or "(definition)"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return one_line(f"{loc}: {first.get('msg', 'invalid')}{more}")
+    return one_line(f"{loc}: {first.get('msg', 'invalid')}{more}", _MAX_LINE)
 
 
 def _choose(variables: dict[str, object], name: str | None, shown: str) -> tuple[str, Loop]:
@@ -322,9 +309,9 @@ def _infos_for_file(file: Path, resolved: Path) -> list[LoopInfo]:
 
 
 def _info(loop: Loop, ref: str, source: str) -> LoopInfo:
-    goal = _first_line(loop.goal)
+    goal = first_line(loop.goal)
     return LoopInfo(name=loop.name, ref=ref, source=source, goal=goal, model=loop.model,
-                    description=one_line(loop.description) if loop.description else goal, topology=loop.topology)
+                    description=one_line(loop.description, _MAX_LINE) if loop.description else goal, topology=loop.topology)
 
 
 def _display_path(file: Path) -> str:

@@ -22,7 +22,7 @@ from loopterm.core.checkers import ModelGate
 from loopterm.core.decision import Decision
 from loopterm.core.gates import CommandGate, GateResult
 from loopterm.core.invariants import Invariant
-from loopterm.core.mcp_tools import McpServer
+from loopterm.core.mcp_servers import McpServer
 from loopterm.core.state import LoopState, ToolRecord
 from loopterm.core.strategy import Strategy
 from loopterm.core.tools import Tool
@@ -127,6 +127,8 @@ class Loop(BaseModel):
             if self.script is None:
                 raise ValueError("set `model` (a litellm model string) or give a `script` for the offline model")
             self.model = f"scripted/{self.name}"
+        if self.script is not None:
+            import loopterm.core.scripted  # noqa: F401 - a loop with a script loads the provider that answers from it
         return self
 
     def tool(self, name: str) -> Tool | None:

@@ -25,112 +25,28 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import ConfigDict, create_model
 
 from loopterm.core.decision import json_path
 from loopterm.core.secrets import redact
-from loopterm.core.tools import RewindPolicy, Tool
+from loopterm.core.text import one_line
+from loopterm.core.mcp_servers import McpServer, McpStartError, ToolPolicy, fill
+from loopterm.core.tools import Tool
 
 if TYPE_CHECKING:
     from anyio.abc import Process
 
-NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 STOP_GRACE_S = 2.0  # a stdio server gets this long to exit after its stdin closes, then SIGTERM, then SIGKILL
 _QUIET = logging.NullHandler()
 _STDERR_TAIL = 600  # characters of a server's stderr quoted when it fails
-
-
-class ToolPolicy(BaseModel):
-    """A person's override of what an MCP tool's annotations imply (None: keep the default)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    side_effects: bool | None = None
-    needs_approval: bool | None = None
-    idempotent: bool | None = None
-    on_rewind: RewindPolicy | None = None
-    workspace_only: bool | None = None
-    timeout: float | None = Field(default=None, gt=0)
-
-
-class McpServer(BaseModel):
-    """One MCP server a loop uses: a stdio `command` (run in the run's workspace) or an HTTP `url`.
-
-    `{python}` and `{workspace}` in the command and in `env` values are replaced like a
-    CommandGate's. The server's environment is loopterm's without credential-named variables
-    (like gates and tools), plus `pass_env` (names passed through as they are, a key the server
-    needs included) and `env`.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME_PATTERN)
-    command: list[str] | None = Field(default=None, min_length=1)
-    url: str | None = Field(default=None, pattern=r"^https?://")
-    env: dict[str, str] = Field(default_factory=dict)
-    pass_env: list[str] = Field(default_factory=list)
-    # HTTP headers for a `url` server; `{env:NAME}` in a value is the variable's value when the run starts,
-    # so a token stays out of the loop file: headers={"Authorization": "Bearer {env:DOCS_TOKEN}"}.
-    headers: dict[str, str] = Field(default_factory=dict)
-    tools: list[str] | None = None  # the server's tools to expose (by its names); None: all of them
-    prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")  # prepended to each tool's name for the model
-    # Which side-effecting tools need a person's approval by default: those that may be destructive
-    # (destructiveHint, which MCP presumes when a tool does not say), every side-effecting one, or none.
-    approve: Literal["destructive", "side_effects", "never"] = "destructive"
-    workspace_only: bool = False  # its effects stay in the run's workspace (a branch may re-execute them)
-    overrides: dict[str, ToolPolicy] = Field(default_factory=dict)  # by the server's tool name
-    startup_timeout: float = Field(default=30.0, gt=0)  # to start, initialize and list tools
-    call_timeout: float = Field(default=60.0, gt=0)
-    output_cap: int = Field(default=16_000, ge=100)
-
-    @model_validator(mode="after")
-    def _one_transport(self) -> "McpServer":
-        if (self.command is None) == (self.url is None):
-            raise ValueError(f"MCP server {self.name!r}: give exactly one of `command` (stdio) or `url` (streamable HTTP)")
-        if self.headers and self.url is None:
-            raise ValueError(f"MCP server {self.name!r}: `headers` are for a `url` server; a stdio server gets `env`")
-        return self
-
-    def http_headers(self) -> dict[str, str]:
-        """`headers` with each `{env:NAME}` replaced by that variable's value (McpStartError when unset)."""
-        def fill(match: re.Match[str]) -> str:
-            value = os.environ.get(match.group(1))
-            if value is None:
-                raise McpStartError(f"MCP server {self.name!r} failed to start: its headers use {match.group(0)}, "
-                                    f"but {match.group(1)} is not set (set it, or fix `headers` in the loop file)")
-            return value
-
-        return {k: re.sub(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}", fill, v) for k, v in self.headers.items()}
-
-    def argv(self, workspace: Path) -> list[str]:
-        return [_fill(a, workspace) for a in self.command or []]
-
-    def environment(self) -> dict[str, str]:
-        from loopterm.core.gates import scrubbed_env
-
-        passed = {k: os.environ[k] for k in self.pass_env if k in os.environ}
-        return {**scrubbed_env(), **passed}
-
-
-def _fill(text: str, workspace: Path) -> str:
-    return text.replace("{workspace}", str(workspace)).replace("{python}", sys.executable)
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class McpStartError(Exception):
-    """A declared server could not be started, initialized or listed: the run cannot begin."""
 
 
 class McpServerGone(Exception):
@@ -170,18 +86,13 @@ class McpTool(Tool):
         except Exception as exc:  # noqa: BLE001 - the server's schema itself is broken: say so, refuse the call
             raise ValueError(f"tool {self.name!r}: its server's input schema cannot be checked ({exc.__class__.__name__})") from None
         if errors:
-            problems = "; ".join(f"{json_path(tuple(e.absolute_path)) or '(args)'}: {_clip(e.message, 200)}"
+            problems = "; ".join(f"{json_path(tuple(e.absolute_path)) or '(args)'}: {one_line(e.message, 200)}"
                                  for e in errors[:5])
             raise ValueError(f"invalid arguments for tool {self.name!r}: {problems}")
         return dict(args)
 
 
 _ANY_ARGS = create_model("mcp_args", __config__=ConfigDict(extra="allow"))
-
-
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def tool_for(server: McpServer, remote: Any, tools: "McpTools") -> McpTool:
@@ -200,7 +111,7 @@ def tool_for(server: McpServer, remote: Any, tools: "McpTools") -> McpTool:
     async def call(**args: Any) -> str:
         return await tools.call(server.name, remote_name, name, args, timeout)
 
-    description = _clip(remote.description or remote.title or "", 400)
+    description = one_line(remote.description or remote.title or "", 400)
     return McpTool(
         name=name,
         fn=call,
@@ -339,7 +250,7 @@ def _tail(file: Any) -> str:
     except (OSError, ValueError):
         return ""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return redact(_clip(" | ".join(lines[-3:]), _STDERR_TAIL)) if lines else ""
+    return redact(one_line(" | ".join(lines[-3:]), _STDERR_TAIL)) if lines else ""
 
 
 def _exit_text(code: int | None) -> str:
@@ -434,7 +345,7 @@ class McpTools:
             else:
                 conn.stderr = tempfile.TemporaryFile()
                 argv = server.argv(self.workspace)
-                env = {**server.environment(), **{k: _fill(v, self.workspace) for k, v in server.env.items()}}
+                env = {**server.environment(), **{k: fill(v, self.workspace) for k, v in server.env.items()}}
                 try:
                     read, write, conn.process = await stack.enter_async_context(
                         _stdio(argv, self.workspace, env, conn.stderr))
@@ -466,7 +377,7 @@ class McpTools:
             if missing:
                 raise McpStartError(
                     f"MCP server {server.name!r} has no tool {', '.join(repr(m) for m in missing[:5])} "
-                    f"(it offers: {_clip(', '.join(sorted(offered)), 300)}); fix `tools=` in the loop file")
+                    f"(it offers: {one_line(', '.join(sorted(offered)), 300)}); fix `tools=` in the loop file")
         unknown = sorted(set(server.overrides) - set(offered))
         if unknown:
             raise McpStartError(f"MCP server {server.name!r}: `overrides` names tools it does not offer: "
@@ -558,7 +469,7 @@ class McpTools:
                                        "(it may or may not have taken effect)") from None
             if exc.error.code == mcp_types.REQUEST_TIMEOUT:
                 raise McpToolError(f"MCP server {server!r} did not answer {name} within {timeout:g}s") from None
-            raise McpToolError(f"MCP server {server!r}: {_clip(exc.error.message, 2_000)}") from None
+            raise McpToolError(f"MCP server {server!r}: {one_line(exc.error.message, 2_000)}") from None
         except (OSError, ConnectionError) as exc:
             raise self._gone(conn, f"MCP server {server!r} cannot be reached ({_describe(exc, conn.server)}) during "
                                    f"the call to {name} (it may or may not have taken effect)") from None
@@ -615,7 +526,7 @@ def _describe(exc: BaseException, server: McpServer | None) -> str:
             continue
         current = current.__cause__ or current.__context__
     root = seen[-1]
-    text = _clip(redact(str(root) or root.__class__.__name__), 300)
+    text = one_line(redact(str(root) or root.__class__.__name__), 300)
     if isinstance(root, ConnectionRefusedError) or "refused" in text.lower() or "connect" in root.__class__.__name__.lower():
         return f"cannot connect to {(server.url if server else None) or 'it'} ({text})"
     return f"{root.__class__.__name__}: {text}"

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from loopterm.core.errors import ConfigError, ErrorKind, ModelError, classify_status
 from loopterm.core.retry import CallSettings, CircuitBreaker, RetryPolicy, breaker_for
+from loopterm.core.text import one_line
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -65,11 +66,6 @@ def redact(text: str) -> str:
     return redact_secrets(text)
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
-
-
 _PREFIX = re.compile(r"^(litellm\.)?[A-Za-z]*(Error|Exception|Timeout)\s*:\s*")
 
 
@@ -81,7 +77,7 @@ def _describe(exc: BaseException, status: int | None) -> str:
     while previous != raw:
         previous, raw = raw, _PREFIX.sub("", raw, count=1)
     raw = redact(raw.strip()) or type(exc).__name__
-    return _one_line(f"{status} {raw}" if status is not None else f"{type(exc).__name__}: {raw}")
+    return one_line(f"{status} {raw}" if status is not None else f"{type(exc).__name__}: {raw}", _MAX_MESSAGE)
 
 
 def _retry_after(exc: BaseException) -> float | None:
@@ -116,7 +112,7 @@ def classify(exc: BaseException, model: str, litellm: ModuleType) -> ModelError:
     transport = _transport_failure(exc, litellm)
     if transport is not None:
         code, what = transport
-        return ModelError(f"{model}: {_one_line(redact(what))}", ErrorKind.TRANSIENT, None, code=code)
+        return ModelError(f"{model}: {one_line(redact(what), _MAX_MESSAGE)}", ErrorKind.TRANSIENT, None, code=code)
     status = getattr(exc, "status_code", None)
     if not isinstance(status, int):
         status = None
@@ -388,33 +384,46 @@ class ModelClient:
 
 # ----------------------------------------------------------------------------- preflight
 
+# The offline providers (``scripted/``: core/scripted.py, ``replay/``: core/recording.py) register
+# their preflight here when their module is imported; this module never imports them.
+# preflight(name after the prefix, script or None) raises ConfigError when the model cannot answer.
+Preflight = Callable[[str, Path | None], None]
+_OFFLINE_PROVIDERS: dict[str, Preflight] = {}
+# What an offline model needs when its provider's module was not loaded.
+_OFFLINE_HINTS = {
+    "scripted": "model {model} has no script; scripted models answer from a script file "
+                "(the examples ship one), or pick another --model such as {example}",
+    "replay": "model {model} answers only with a recording; use `loopterm replay {name}`, "
+              "or pick another --model such as {example}",
+}
+
+
+def register_provider(prefix: str, preflight: Preflight) -> None:
+    """Make ``check_model("<prefix>/<name>", script)`` ask ``preflight`` instead of litellm (idempotent)."""
+    _OFFLINE_PROVIDERS[prefix] = preflight
+
+
+def cannot_answer(model: str) -> ConfigError:
+    """The error of an offline model (scripted/, replay/) with nothing to answer from: what it needs."""
+    prefix, _, name = model.partition("/")
+    return ConfigError(_OFFLINE_HINTS[prefix].format(model=model, name=name, example=EXAMPLE_MODEL))
+
 
 def check_model(model: str, script: Path | None = None, *, api_base: str | None = None) -> None:
     """Refuse a run that cannot make its first call: one ConfigError line saying what to do."""
     CallSettings.from_env()  # a timeout or retry setting out of range (LOOPTERM_MODEL_TIMEOUT...)
     if not model or not model.strip():
         raise ConfigError(f"no model given; use a litellm model string such as {EXAMPLE_MODEL}")
-    if model.startswith("scripted/"):
-        from loopterm.core.scripted import register_script, registered_script
-
-        name = model.removeprefix("scripted/")
-        if script is not None:
-            register_script(name, Path(script))
-        elif registered_script(name) is None:
-            raise ConfigError(
-                f"model {model} has no script; scripted models answer from a script file "
-                f"(the examples ship one), or pick another --model such as {EXAMPLE_MODEL}"
-            )
+    prefix, slash, name = model.partition("/")
+    preflight = _OFFLINE_PROVIDERS.get(prefix) if slash else None
+    if preflight is not None:
+        preflight(name, Path(script) if script is not None else None)
         return
-    if model.startswith("replay/"):
-        from loopterm.core.replay import registered_recording
-
-        if registered_recording(model.removeprefix("replay/")) is None:
-            raise ConfigError(
-                f"model {model} answers only with a recording; use `loopterm replay {model.removeprefix('replay/')}`, "
-                f"or pick another --model such as {EXAMPLE_MODEL}"
-            )
-        return
+    if slash and prefix in _OFFLINE_HINTS:
+        # Its module was never imported (no loop with a script, no `loopterm replay`): say what it needs.
+        if script is not None:  # a caller's bug: whoever passes a script loads the provider that reads it
+            raise ConfigError(f"model {model}: the {prefix} provider is not loaded (import loopterm.core.{prefix})")
+        raise cannot_answer(model)
 
     litellm = _litellm()
     try:

@@ -9,11 +9,12 @@ before anything slow.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+from loopterm.core.runlog import EventRecord, RunEvent
 from loopterm.core.records import (
     CommandRecord,
-    EventRecord,
     Intent,
     IterationRecord,
     RunRecord,
@@ -46,8 +47,9 @@ class Journal(Protocol):
 
     def update_run(self, run_id: str, **fields: Any) -> None: ...
 
-    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any], *, handover: bool = False) -> None:
-        """Atomically: insert the iteration, update the run's totals, drop the intent for it.
+    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any], *, handover: bool = False,
+                         events: Sequence[RunEvent] = ()) -> list[EventRecord]:
+        """Atomically: insert the iteration, update the run's totals, drop the intent for it, append `events`.
 
         handover=True: the caller never mutates `record.state` afterwards, so the
         journal may keep it instead of a copy.
@@ -60,7 +62,7 @@ class Journal(Protocol):
         """The last k committed iterations, oldest first."""
         ...
 
-    def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> EventRecord: ...
+    def append_event(self, run_id: str, event: RunEvent, iteration: int | None = None) -> EventRecord: ...
 
     def events(self, run_id: str, after_id: int = 0) -> list[EventRecord]: ...
 
@@ -87,4 +89,6 @@ class Journal(Protocol):
 
     def pending_commands(self, run_id: str) -> list[CommandRecord]: ...
 
-    def consume_command(self, command_id: int) -> None: ...
+    def consume_command(self, command_id: int, events: Sequence[tuple[RunEvent, int | None]] = ()) -> list[EventRecord]:
+        """Mark the command handled and append what it did (events at iterations), in one commit."""
+        ...

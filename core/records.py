@@ -58,15 +58,6 @@ class IterationRecord(BaseModel):
     state: dict[str, Any]  # the state after this iteration
 
 
-class EventRecord(BaseModel):
-    id: int | None = None
-    run_id: str
-    iteration: int | None = None
-    ts: float
-    kind: str
-    data: dict[str, Any] = Field(default_factory=dict)
-
-
 class ToolCallRecord(BaseModel):
     """The idempotency journal: one row per keyed tool call."""
 

@@ -27,39 +27,29 @@ yesterday's runs, see the first iteration where they change.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel
 
-from loopterm.core.engine import Engine, relaxed_from
+from loopterm.core import runlog as log
+from loopterm.core.control import Approve, Command, Deny, EditState, Restore, Resume, command_payload
+from loopterm.core.divergence import Divergence, compare
+from loopterm.core.engine import Engine
 from loopterm.core.errors import ConfigError
 from loopterm.core.events import EngineEvent, IterationCommitted
+from loopterm.core.fold import fold
 from loopterm.core.fork import apply_set
 from loopterm.core.loop import Loop
 from loopterm.core.persistence import Journal
-from loopterm.core.records import EventRecord, IterationRecord, RunRecord, ToolCallRecord
-from loopterm.core.shadow import is_shadow, mark_shadow
+from loopterm.core.recording import PROVIDER, RecordedCalls, Recording, guarded, register_recording
+from loopterm.core.records import IterationRecord, RunRecord
+from loopterm.core.shadow import mark_shadow
 from loopterm.core.termination import Status
-from loopterm.core.tools import Tool, idempotency_key
-
-if TYPE_CHECKING:
-    from types import ModuleType
-
-PROVIDER = "replay"
-
-DivergenceKind = Literal["prompt", "decision", "gates", "invariants", "length"]
-
-# Termination reasons the loop itself decides (a replay that is identical so far must reach them too).
-_SELF_DETERMINED = frozenset({"converged", "stalled", "max_iterations"})
-_SHORT = 100
+from loopterm.core.tools import idempotency_key
 
 
 class History(Journal, Protocol):
@@ -70,237 +60,6 @@ class History(Journal, Protocol):
     def iterations(self, run_id: str) -> list[IterationRecord]: ...
 
     def add_command(self, run_id: str, kind: str, payload: dict[str, Any]) -> Any: ...
-
-
-# ----------------------------------------------------------------------------- the recording
-
-
-@dataclass
-class Problem:
-    """A call the replay model refused, kept for the report."""
-
-    iteration: int
-    kind: Literal["prompt", "repair", "missing"]
-    message: str
-    recorded: str = ""
-    replayed: str = ""
-    where: str = ""
-
-
-@dataclass
-class Recording:
-    """What the ``replay/<run_id>`` model answers from: the recorded iterations of a run's lineage."""
-
-    run_id: str
-    iterations: dict[int, IterationRecord]
-    workspaces: set[str] = field(default_factory=set)  # masked in prompts: each run has its own
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def model(self) -> str:
-        return f"{PROVIDER}/{self.run_id}"
-
-    def problem_at(self, n: int) -> Problem | None:
-        return next((p for p in self.problems if p.iteration == n), None)
-
-    def answer(self, messages: list[Any], n: int, call: int) -> str:
-        """The recorded reply to call ``call`` of iteration ``n``; ReplayRefusal when there is none to give."""
-        record = self.iterations.get(n)
-        if record is None:
-            last = max(self.iterations, default=0)
-            raise self._refuse(Problem(n, "missing", f"replay: the recording has no iteration {n} (it ends at {last})"))
-        prompt = list(record.prompt)
-        turns = [i for i, m in enumerate(prompt) if m.get("role") == "assistant"]
-        replies = [str(prompt[i].get("content") or "") for i in turns] + [record.raw_response]
-        if call >= len(replies):
-            raise self._refuse(Problem(
-                n, "repair",
-                f"replay: iteration {n} needs repair attempt {call}, which the recording does not have "
-                "(the recorded reply is no longer accepted as a decision)",
-                recorded=f"{len(replies) - 1} repair(s)", replayed=f"repair {call} needed",
-            ))
-        expected = prompt[: turns[call]] if call < len(turns) else prompt
-        difference = self._difference(expected, list(messages))
-        if difference is not None:
-            where, recorded, replayed = difference
-            raise self._refuse(Problem(
-                n, "prompt",
-                f"replay: the prompt of iteration {n} differs from the recording "
-                f"(in the {where}: first difference near '{replayed}')",
-                recorded=recorded, replayed=replayed, where=where,
-            ))
-        return replies[call]
-
-    def _refuse(self, problem: Problem) -> "ReplayRefusal":
-        with _lock:
-            self.problems.append(problem)
-        return ReplayRefusal(problem.message)
-
-    def normalize(self, text: str) -> str:
-        """Mask what differs between two identical runs: workspace paths, measured durations, terminal width."""
-        for path in sorted(self.workspaces, key=len, reverse=True):
-            if path:
-                text = text.replace(path, "{workspace}")
-        text = _VOLATILE.sub("<duration>", text)
-        text = _RULER.sub(r"\1\1\1", text)  # separator lines sized to the terminal a gate ran in
-        return _BLANKS.sub(" ", text)  # padding that depends on the terminal width (pytest's "[100%]")
-
-    def _difference(self, expected: list[dict[str, Any]], sent: list[Any]) -> tuple[str, str, str] | None:
-        """(which message, recorded excerpt, replayed excerpt) at the first difference; None when equal."""
-        for i in range(max(len(expected), len(sent))):
-            if i >= len(expected) or i >= len(sent):
-                return (
-                    "conversation",
-                    f"{len(expected)} message(s)",
-                    f"{len(sent)} message(s)",
-                )
-            want, got = expected[i], _as_dict(sent[i])
-            where = _message_name(i, str(want.get("role", "")))
-            if want.get("role") != got.get("role"):
-                return where, f"role {want.get('role')}", f"role {got.get('role')}"
-            a = self.normalize(_content(want.get("content")))
-            b = self.normalize(_content(got.get("content")))
-            if a != b:
-                at = _first_difference(a, b)
-                return where, _excerpt(a, at), _excerpt(b, at)
-        return None
-
-
-class ReplayRefusal(Exception):
-    """The replay model will not answer (raised as a permanent provider error)."""
-
-
-_VOLATILE = re.compile(r"\b\d+\.\d+\s?(?:s|ms|sec|seconds)\b|\(\d+:\d\d:\d\d\)")
-_RULER = re.compile(r"([=\-_*~.])\1{3,}")
-_BLANKS = re.compile(r"[ \t]{2,}")
-
-
-def _as_dict(message: Any) -> dict[str, Any]:
-    if isinstance(message, dict):
-        return message
-    dump = getattr(message, "model_dump", None)
-    return dump() if callable(dump) else {"role": getattr(message, "role", None), "content": getattr(message, "content", None)}
-
-
-def _content(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return json.dumps(content, sort_keys=True, default=str)
-
-
-def _message_name(index: int, role: str) -> str:
-    if index == 0 and role == "system":
-        return "system message"
-    if index == 1 and role == "user":
-        return "user message"
-    return f"{role or 'unknown'} message {index + 1}"
-
-
-def _first_difference(a: str, b: str) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
-
-
-def _excerpt(text: str, at: int, before: int = 15, after: int = 35) -> str:
-    start = max(0, at - before)
-    piece = text[start: at + after]
-    piece = piece.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'")
-    return ("…" if start else "") + piece + ("…" if at + after < len(text) else "")
-
-
-_recordings: dict[str, Recording] = {}
-_lock = threading.Lock()
-
-
-def registered_recording(run_id: str) -> Recording | None:
-    return _recordings.get(run_id)
-
-
-def register_recording(recording: Recording) -> str:
-    """Make ``replay/<run_id>`` answer from this recording (replacing an earlier one); returns the model string."""
-    from loopterm.core.scripted import Price, register_custom_model
-
-    with _lock:
-        _recordings[recording.run_id] = recording
-    register_custom_model(PROVIDER, recording.run_id, Price(), _handler_class)
-    return recording.model
-
-
-def _handler_class(litellm: ModuleType) -> type:
-    """The litellm handler of ``replay/<run_id>`` calls (built on the scripted provider's base)."""
-    from litellm.llms.custom_llm import CustomLLMError
-
-    from loopterm.core.scripted import Step, step_handler_class
-
-    class ReplayLLM(step_handler_class(litellm)):  # type: ignore[misc]
-        """Answers with the recorded replies; refuses (400, never retried) when the prompt changed."""
-
-        provider = PROVIDER
-
-        def plan(self, model: str, messages: list[Any], iteration: int, call: int) -> Any:
-            recording = _recordings.get(model)
-            if recording is None:
-                raise litellm.NotFoundError(
-                    message=f"no recording registered for {PROVIDER}/{model}; `loopterm replay RUN` registers it",
-                    model=model, llm_provider=PROVIDER,
-                )
-            try:
-                return Step(content=recording.answer(messages, iteration, call))
-            except ReplayRefusal as exc:
-                # A 400 as it is (not through self.error, which would read "context window"
-                # in a prompt excerpt as a context-window error): permanent, not retried.
-                raise CustomLLMError(status_code=400, message=str(exc)) from None
-
-    return ReplayLLM
-
-
-class RecordedCalls:
-    """The recording's tool calls, for the replay's executor: same iteration, same tool, same arguments."""
-
-    def __init__(self, iterations: dict[int, IterationRecord]) -> None:
-        self.iterations = iterations
-
-    def find(self, tool: str, args: dict[str, Any], iteration: int) -> ToolCallRecord | None:
-        record = self.iterations.get(iteration)
-        call = record.tool_call if record is not None else None
-        if record is None or not call or record.tool_result is None or call.get("tool") != tool:
-            return None
-        if _canonical(call.get("args") or {}) != _canonical(args):
-            return None
-        return ToolCallRecord(
-            key=str(call.get("key") or ""), run_id=record.run_id, iteration=iteration, tool=tool, args=args,
-            status="done", result=record.tool_result, started_at=record.started_at, finished_at=record.ended_at,
-        )
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def guarded(loop: Loop) -> Loop:
-    """The loop with its side-effecting, non-re-executable tools unable to fire.
-
-    The executor answers them from the recording when the call matches; a call
-    the recording does not have (the arguments changed) gets an error result
-    instead of touching the world.
-    """
-    tools: list[Tool] = []
-    for t in loop.tools:
-        if t.side_effects and t.rewind_policy != "reexecute":
-            t = dataclasses.replace(t, fn=_refuser(t.name), wants_context=False)
-        tools.append(t)
-    return loop.model_copy(update={"tools": tools})
-
-
-def _refuser(name: str) -> Callable[..., Any]:
-    def refuse(*_args: Any, **_kwargs: Any) -> Any:
-        raise RuntimeError(
-            f"replay: {name} was not fired; the recording has no call of it with these arguments at this iteration"
-        )
-
-    return refuse
 
 
 # ----------------------------------------------------------------------------- sessions and interventions
@@ -317,24 +76,12 @@ class Session:
     why: str = "start"
 
 
-# A person's interventions as the engine records them; each is repeated with the command that made it.
-_INTERVENTIONS = frozenset({
-    "invariant_relaxed", "invariant_restored", "state_edited", "fact_added", "subgoal_set", "approved", "denied",
-})
-
-
 @dataclass
 class Intervention:
     """A command to send the replay before iteration ``due + 1``, as a person sent it to the recording."""
 
     due: int
-    kind: str
-    payload: dict[str, Any]
-
-
-def _relaxed_names(events: list[EventRecord]) -> set[str]:
-    found: Any = relaxed_from(events)
-    return set(found[0] if isinstance(found, tuple) else found)
+    command: Command
 
 
 def _segments(lineage: list[RunRecord], last: int) -> list[tuple[RunRecord, int, int]]:
@@ -353,27 +100,21 @@ def plan_sessions(history: History, lineage: list[RunRecord], recorded: list[Ite
     by_after: dict[int, Session] = {}
     for i, (run, start, end) in enumerate(_segments(lineage, last)):
         own = [it for it in recorded if it.run_id == run.id]
-        events = history.events(run.id)
-        changes = [e for e in events if e.kind == "max_iterations_changed"]
-        initial_max = int(changes[0].data.get("from", run.max_iterations)) if changes else run.max_iterations
-        forked = next((e for e in events if e.kind == "forked"), None)
-        for event in events:
-            if event.kind not in ("run_started", "run_resumed"):
-                continue
-            after = max([start] + [it.n for it in own if it.ended_at <= event.ts])
+        view = fold(history.events(run.id))
+        changes = view.max_iterations_changes
+        initial_max = changes[0].before if changes and changes[0].before is not None else run.max_iterations
+        for started in view.sessions:
+            after = max([start] + [it.n for it in own if it.ended_at <= started.event.ts])
             if after >= end:
                 continue  # nothing recorded came out of this session
-            before = [e for e in events if (e.id or 0) < (event.id or 0)]
-            maximum = initial_max
-            for change in (e for e in before if e.kind == "max_iterations_changed"):
-                maximum = int(change.data.get("to", maximum))
             at_fork = i > 0 and after == start
             patches: list[tuple[list[Any], Any]] = []
-            if at_fork and forked is not None:
-                patches = [(list(p["path"]), p["value"]) for p in forked.data.get("patches") or []]
+            if at_fork and view.forked is not None:
+                patches = [(list(p["path"]), p["value"]) for p in view.forked.patches]
             why = f"fork of run {run.parent_run} at {start}" if at_fork else (
                 "start" if after == 0 else f"resume after {after}")
-            by_after[after] = Session(after, maximum, _relaxed_names(before), patches, why)
+            maximum = started.max_iterations if started.max_iterations is not None else initial_max
+            by_after[after] = Session(after, maximum, set(started.relaxed), patches, why)
     if 0 not in by_after:
         by_after[0] = Session(0, lineage[0].max_iterations, set(), [], "start")
     return [by_after[k] for k in sorted(by_after)]
@@ -387,43 +128,24 @@ def plan_interventions(
     last = recorded[-1].n if recorded else 0
     out: list[Intervention] = []
     for run, start, end in _segments(lineage, last):
-        events = history.events(run.id)
-        asked = {str(e.data.get("key")): e for e in events if e.kind == "approval_pending"}
-        for event in events:
-            if event.kind not in _INTERVENTIONS or event.iteration is None:
+        view = fold(history.events(run.id))
+        for record, command in view.person_inputs:
+            if record.iteration is None:
                 continue
-            data = event.data
-            due = event.iteration - 1 if event.kind in ("approved", "denied") else event.iteration
+            answer = isinstance(command, (Approve, Deny))
+            due = record.iteration - 1 if answer else record.iteration
             if not start <= due < end:
                 continue  # obeyed outside the part of this run the recording is made of
-            if event.kind == "invariant_relaxed":
-                until = data.get("until")
-                out.append(Intervention(due, "relax", {
-                    "invariant": data.get("invariant"), "reason": data.get("reason") or "relaxed",
-                    "iterations": (int(until) - event.iteration) if until is not None else None,
-                }))
-            elif event.kind == "invariant_restored":
-                out.append(Intervention(due, "restore", {"invariant": data.get("invariant"),
-                                                         "reason": data.get("reason", "")}))
-            elif event.kind == "state_edited":
-                out.append(Intervention(due, "edit_state", {"state": data["patched_state"],
-                                                            "reason": data.get("reason") or "edited"}))
-            elif event.kind == "fact_added":
-                out.append(Intervention(due, "add_fact", {"fact": data.get("fact")}))
-            elif event.kind == "subgoal_set":
-                out.append(Intervention(due, "set_subgoal", {"subgoal": data.get("subgoal")}))
-            else:
-                question = asked.get(str(data.get("key")))
-                if question is None or question.iteration is None:
+            if isinstance(command, (Approve, Deny)):
+                asked = view.asked.get(command.key)
+                if asked is None:
                     continue  # an answer to nothing the recording asked: nothing to repeat
-                key = idempotency_key(replay_run_id, question.iteration, str(question.data.get("tool")),
-                                      question.data.get("args") or {})
-                payload: dict[str, Any] = {"key": key, "reason": data.get("reason") or ""}
-                if event.kind == "approved":
-                    payload["args"] = data.get("args")
-                    if data.get("tool") is not None:  # a shadow run's "another tool instead"
-                        payload["tool"] = data.get("tool")
-                out.append(Intervention(due, "approve" if event.kind == "approved" else "deny", payload))
+                n, question = asked
+                command = command.model_copy(update={"key": idempotency_key(replay_run_id, n, question.tool,
+                                                                             question.args)})
+            elif isinstance(command, EditState):
+                command = command.model_copy(update={"base_iteration": due, "base_version": None})
+            out.append(Intervention(due, command))
     return out
 
 
@@ -446,20 +168,11 @@ def create_replay_run(history: History, loop: Loop, recorded: RunRecord, *, run_
         max_iterations=recorded.max_iterations, budget=dict(recorded.budget),
     )
     history.create_run(run)
-    history.append_event(run_id, "run_created", {"loop_ref": run.loop_ref, "model": run.model, "budget": run.budget})
-    history.append_event(run_id, "replay_of", {
-        "run": recorded.id, "recorded_spec_hash": recorded.spec_hash, "spec_hash": run.spec_hash,
-    })
-    history.append_event(recorded.id, "replayed", {"replay_run": run_id})
+    history.append_event(run_id, log.RunCreated(loop_ref=run.loop_ref, model=run.model, budget=run.budget))
+    history.append_event(run_id, log.ReplayOf(run=recorded.id, recorded_spec_hash=recorded.spec_hash,
+                                              spec_hash=run.spec_hash))
+    history.append_event(recorded.id, log.Replayed(replay_run=run_id))
     return run
-
-
-class Divergence(BaseModel):
-    iteration: int
-    kind: DivergenceKind
-    recorded: str
-    replayed: str
-    detail: str = ""
 
 
 class ReplayReport(BaseModel):
@@ -497,7 +210,7 @@ async def replay(
     last = recorded[-1].n
     sessions = {s.after: s for s in plan_sessions(history, lineage, recorded)}
     run = create_replay_run(history, loop, recorded_run, run_id=run_id, workspace=workspace)
-    if is_shadow(history.events(recorded_run.id)):  # replayed as it ran: proposals judged, nothing executed
+    if fold(history.events(recorded_run.id)).shadow:  # replayed as it ran: proposals judged, nothing executed
         mark_shadow(history, run.id, why=f"replay of shadow run {recorded_run.id}")
     interventions = plan_interventions(history, lineage, recorded, run.id)
     recording = Recording(recorded_run.id, by_n, {r.workspace for r in lineage} | {run.workspace})
@@ -506,10 +219,13 @@ async def replay(
     prior = RecordedCalls(by_n)
     boundaries = {k for k in sessions if 0 < k < last}
 
+    # The recording's answers to approvals are given before the question, as the recording had them.
+    answers = {i.command.key: i.command for i in interventions if isinstance(i.command, (Approve, Deny))}
+
     def send(due: int) -> None:
         for item in interventions:
-            if item.due == due:
-                history.add_command(run.id, item.kind, item.payload)
+            if item.due == due and not isinstance(item.command, (Approve, Deny)):
+                history.add_command(run.id, *command_payload(item.command))
 
     session = sessions[0]
     previous: Engine | None = None
@@ -517,6 +233,7 @@ async def replay(
     while True:
         engine = Engine(replay_loop, history, history.get_run(run.id), prior=prior, replaying=True,
                         subscribers=list(subscribers or []), workdir=workdir)
+        engine.preanswered.update(answers)
         if previous is not None:
             # The recording went on in place (a person resumed the escalated engine): so does the replay.
             engine.strategy_note, engine.temperature = previous.strategy_note, previous.temperature
@@ -531,15 +248,18 @@ async def replay(
         if done in sessions and done != session.after:
             session, previous = sessions[done], None  # the recording started a fresh engine here too
         elif _escalated_in_place(history.get_run(run.id), by_n.get(done)):
-            previous = engine
+            previous = engine  # and answered the way a person answered the recording's: go on
+            pending = fold(history.events(run.id)).escalation
+            if pending is not None:
+                history.add_command(run.id, *command_payload(Resume(escalation=pending.event_id)))
         else:
             break  # the replay ended where the recording did not: compare says how
 
     for problem in recording.problems:
         if problem.kind == "repair":  # say why the recorded reply was rejected
-            rejected = [e for e in history.events(run.id) if e.kind == "invalid_reply" and e.iteration == problem.iteration]
+            rejected = fold(history.events(run.id)).invalid_replies.get(problem.iteration)
             if rejected:
-                problem.replayed = f"rejected: {rejected[-1].data.get('error', '')}"
+                problem.replayed = f"rejected: {rejected[-1].error}"
     final = history.get_run(run.id)
     divergence, compared = compare(recorded_run, recorded, final, history.iterations(run.id), recording)
     return ReplayReport(
@@ -552,18 +272,20 @@ def _start_session(engine: Engine, session: Session, history: History, run_id: s
     """Give a fresh replay engine the settings the recording's engine started with at this point."""
     engine.max_iterations = session.max_iterations
     if session.after:
-        history.append_event(run_id, "replay_session", {
-            "after": session.after, "why": session.why, "max_iterations": session.max_iterations,
-            "patches": [{"path": p, "value": v} for p, v in session.patches],
-        }, session.after)
+        history.append_event(run_id, log.ReplaySession(
+            after=session.after, why=session.why, max_iterations=session.max_iterations,
+            patches=[{"path": p, "value": v} for p, v in session.patches],
+        ), session.after)
     for name in sorted(set(engine.relaxed) - session.relaxed):  # a branch does not inherit its parent's
-        history.add_command(run_id, "restore", {"invariant": name, "reason": f"replay: {session.why}"})
+        history.add_command(run_id, *command_payload(Restore(invariant=name, reason=f"replay: {session.why}")))
     if session.patches:
         data = engine.state.model_dump(mode="json")
         for path, value in session.patches:
             apply_set(data, path, value)
         data["termination_reason"] = None
-        history.add_command(run_id, "edit_state", {"state": data, "reason": f"replay: the patches of the {session.why}"})
+        history.add_command(run_id, *command_payload(EditState(
+            state=data, reason=f"replay: the patches of the {session.why}", base_iteration=engine.state.iteration,
+            base_version=None)))
 
 
 def _escalated_in_place(run: RunRecord, recorded: IterationRecord | None) -> bool:
@@ -585,149 +307,3 @@ def _at_commit(engine: Engine, boundaries: set[int], send: Callable[[int], None]
     return on_event
 
 
-# ----------------------------------------------------------------------------- comparison
-
-
-def compare(
-    recorded_run: RunRecord,
-    recorded: list[IterationRecord],
-    replay_run: RunRecord,
-    replayed: list[IterationRecord],
-    recording: Recording | None = None,
-) -> tuple[Divergence | None, int]:
-    """The first divergence between a recording and its replay, and how many iterations were compared."""
-    mine = {it.n: it for it in replayed}
-    compared = 0
-    for rec in recorded:
-        rep = mine.get(rec.n)
-        if rep is None:
-            break
-        compared += 1
-        found = _iteration_divergence(rec, rep)
-        if found is not None:
-            return found, compared
-    k, m = len(recorded), len(replayed)
-    if m < k:
-        n = m + 1
-        problem = recording.problem_at(n) if recording is not None else None
-        if problem is not None and problem.kind == "prompt":
-            return Divergence(iteration=n, kind="prompt", recorded=problem.recorded, replayed=problem.replayed,
-                              detail=f"the {problem.where} differs from the recording; the replay model "
-                                     "did not answer"), compared
-        if problem is not None and problem.kind == "repair":
-            return Divergence(iteration=n, kind="decision", recorded=_short(_decision_text(recorded[m].decision)),
-                              replayed=_short(problem.replayed),
-                              detail="the recorded reply is no longer accepted as a decision"), compared
-        return Divergence(
-            iteration=n, kind="length", recorded=f"went on to iteration {k}",
-            replayed=_short(f"ended after {m}: {_ending(replay_run)}"),
-            detail=f"the replay ended after iteration {m}; the recording has {k} iterations",
-        ), compared
-    if m > k:
-        return Divergence(iteration=k + 1, kind="length", recorded=_short(f"ended after {k}: {_ending(recorded_run)}"),
-                          replayed=f"went on to iteration {m}", detail="the replay went on past the recording"), compared
-    went_on = recording is not None and any(p.kind == "missing" and p.iteration == k + 1 for p in recording.problems)
-    if _ended_by_itself(recorded_run, recorded) and (went_on or replay_run.termination_reason != recorded_run.termination_reason):
-        replayed_end = f"went on to iteration {k + 1}" if went_on else f"ended after {k}: {_ending(replay_run)}"
-        return Divergence(
-            iteration=k + 1 if went_on else k, kind="length",
-            recorded=_short(f"ended after {k}: {_ending(recorded_run)}"), replayed=_short(replayed_end),
-            detail="the recording ended here by the loop's own rules; the replay did not end the same way",
-        ), compared
-    return None, compared
-
-
-def _iteration_divergence(rec: IterationRecord, rep: IterationRecord) -> Divergence | None:
-    n = rec.n
-    if (rec.decision or {}) != (rep.decision or {}):
-        field_name, a, b = _decision_difference(rec.decision or {}, rep.decision or {})
-        return Divergence(iteration=n, kind="decision", recorded=_short(a), replayed=_short(b),
-                          detail=f"the decision differs in {field_name}")
-    rec_gates, rep_gates = _gates(rec), _gates(rep)
-    if rec_gates != rep_gates:
-        return Divergence(iteration=n, kind="gates", recorded=_short(_gates_text(rec_gates)),
-                          replayed=_short(_gates_text(rep_gates)), detail="the gate results differ")
-    if rec.invariant_status != rep.invariant_status:
-        names = sorted(set(rec.invariant_status) | set(rep.invariant_status))
-        changed = [x for x in names if rec.invariant_status.get(x) != rep.invariant_status.get(x)]
-        return Divergence(
-            iteration=n, kind="invariants",
-            recorded=_short(_invariants_text(rec.invariant_status, changed)),
-            replayed=_short(_invariants_text(rep.invariant_status, changed)),
-            detail=f"invariant status differs: {', '.join(changed)}",
-        )
-    return None
-
-
-def _decision_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str, str]:
-    for key in ("action", "subgoal", "done", "confidence", "reasoning", *sorted((set(a) | set(b)) - {
-        "action", "subgoal", "done", "confidence", "reasoning"})):
-        if a.get(key) != b.get(key):
-            if key == "action":
-                return key, _action_text(a.get(key)), _action_text(b.get(key))
-            return key, f"{key}: {_value(a.get(key))}", f"{key}: {_value(b.get(key))}"
-    return "(whole)", _decision_text(a), _decision_text(b)
-
-
-def _action_text(action: Any) -> str:
-    if not action:
-        return "action: none"
-    return f"action: {action.get('tool')}({_canonical(action.get('args') or {})})"
-
-
-def _decision_text(decision: dict[str, Any] | None) -> str:
-    if not decision:
-        return "no decision"
-    return f"{_action_text(decision.get('action'))}; subgoal: {_value(decision.get('subgoal'))}"
-
-
-def _value(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _gates(record: IterationRecord) -> list[tuple[Any, Any, Any]]:
-    return [(g.get("name"), g.get("passed"), g.get("exit_code")) for g in record.gate_results]
-
-
-def _gates_text(gates: list[tuple[Any, Any, Any]]) -> str:
-    if not gates:
-        return "no gate ran"
-    return ", ".join(f"{name} {'passed' if ok else 'failed'}" + (f" (exit {code})" if code is not None else "")
-                     for name, ok, code in gates)
-
-
-def _invariants_text(status: dict[str, bool], names: list[str]) -> str:
-    return ", ".join(f"{x}={'ok' if status.get(x) else ('VIOLATED' if x in status else 'absent')}" for x in names)
-
-
-def _ending(run: RunRecord) -> str:
-    reason = run.termination_reason or run.status
-    return f"{reason} ({run.message})" if run.message else str(reason)
-
-
-def _ended_by_itself(run: RunRecord, recorded: list[IterationRecord]) -> bool:
-    """The recording stopped by the loop's own rules (not a person, a budget, a crash or a provider)."""
-    if run.termination_reason in _SELF_DETERMINED:
-        return True
-    stopping = {"escalate", "abort"}
-    return run.termination_reason in ("waiting_on_person", "fatal_error") and bool(
-        recorded and stopping & set(recorded[-1].remediations))
-
-
-def _short(text: str, limit: int = _SHORT) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-__all__ = [
-    "Divergence",
-    "RecordedCalls",
-    "Recording",
-    "ReplayReport",
-    "compare",
-    "create_replay_run",
-    "plan_interventions",
-    "plan_sessions",
-    "register_recording",
-    "replay",
-]

@@ -14,23 +14,24 @@ must fail fast), read when a client or a model's breaker is made:
     LOOPTERM_BREAKER_FAILURES   consecutive failures that open a model's circuit (5)
     LOOPTERM_BREAKER_RESET      seconds an open circuit refuses calls before a trial (30)
 
-A value that is not a number in range is one ConfigError line (check_model
+They are fields of loopterm.core.settings.Settings, read through settings():
+a value that is not a number in range is one ConfigError line (check_model
 refuses the run before it starts).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loopterm.core.errors import ConfigError, ErrorKind, ModelError
+from loopterm.core.errors import ErrorKind, ModelError
+from loopterm.core.settings import settings
 
 Clock = Callable[[], float]
 
@@ -70,17 +71,6 @@ class RetryPolicy(BaseModel):
         return rng.uniform(0.0, self.ceiling(attempt))
 
 
-# setting: (environment variable, whole number?, smallest value, is the smallest value excluded?)
-_SETTINGS: dict[str, tuple[str, bool, float, bool]] = {
-    "timeout": ("LOOPTERM_MODEL_TIMEOUT", False, 0.0, True),
-    "attempts": ("LOOPTERM_MODEL_ATTEMPTS", True, 1, False),
-    "base_delay": ("LOOPTERM_RETRY_DELAY", False, 0.0, False),
-    "max_delay": ("LOOPTERM_RETRY_MAX_DELAY", False, 0.0, False),
-    "breaker_failures": ("LOOPTERM_BREAKER_FAILURES", True, 1, False),
-    "breaker_reset": ("LOOPTERM_BREAKER_RESET", False, 0.0, False),
-}
-
-
 class CallSettings(BaseModel):
     """Timeout, retry policy and circuit breaker settings for model calls (see the module docstring)."""
 
@@ -94,33 +84,12 @@ class CallSettings(BaseModel):
     breaker_reset: float = 30.0
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> CallSettings:
-        """The settings the environment asks for; ConfigError (one line) for a value out of range."""
-        env = os.environ if environ is None else environ
-        values: dict[str, float | int] = {}
-        for name, (var, integer, low, exclusive) in _SETTINGS.items():
-            raw = (env.get(var) or "").strip()
-            if not raw:
-                continue
-            try:
-                value: float | int = int(raw) if integer else float(raw)
-            except ValueError:
-                value = math.nan
-            bad = isinstance(value, float) and not math.isfinite(value)
-            if bad or value < low or (exclusive and value == low):
-                kind = "a whole number" if integer else "a number of seconds"
-                bound = f"above {low:g}" if exclusive else f"at least {low:g}"
-                default = cls.model_fields[name].default
-                raise ConfigError(f"{var}={raw!r} is not valid: it must be {kind} {bound}; unset it for the default "
-                                  f"({default:g})")
-            values[name] = value
-        settings = cls(**values)
-        if settings.max_delay < settings.base_delay:
-            raise ConfigError(
-                f"LOOPTERM_RETRY_MAX_DELAY ({settings.max_delay:g}) is smaller than LOOPTERM_RETRY_DELAY "
-                f"({settings.base_delay:g}); raise the first or lower the second"
-            )
-        return settings
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CallSettings:
+        """The settings the environment asks for (core/settings.py); ConfigError (one line) for a bad value."""
+        env = settings(environ)
+        return cls(timeout=env.model_timeout, attempts=env.model_attempts, base_delay=env.retry_delay,
+                   max_delay=env.retry_max_delay, breaker_failures=env.breaker_failures,
+                   breaker_reset=env.breaker_reset)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(max_attempts=self.attempts, base_delay=self.base_delay, max_delay=self.max_delay)

@@ -24,7 +24,7 @@ repairs included) picks step min(k, len-1).
 
 litellm is imported lazily (see ``loopterm.core.model._litellm``). The registration
 and the litellm handler base (``register_custom_model``, ``step_handler_class``)
-are shared with the ``replay/<run>`` provider (``loopterm.core.replay``).
+are shared with the ``replay/<run>`` provider (``loopterm.core.recording``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loopterm.core.errors import ConfigError
+from loopterm.core.model import cannot_answer, register_provider
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -221,6 +222,17 @@ def register_script(name: str, path: Path) -> None:
         with _lock:
             _scripts[f"{name}.{role}"] = role_script
         register_custom_model(PROVIDER, f"{name}.{role}", price, _handler_class)
+
+
+def _preflight(name: str, script: Path | None) -> None:
+    """``check_model("scripted/<name>", script)``: register the script, or refuse a model that has none."""
+    if script is not None:
+        register_script(name, script)
+    elif registered_script(name) is None:
+        raise cannot_answer(f"{PROVIDER}/{name}")
+
+
+register_provider(PROVIDER, _preflight)  # importing this module is what makes scripted/ models known
 
 
 # ----------------------------------------------------------------------------- shared with replay

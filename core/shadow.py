@@ -1,6 +1,6 @@
 """Shadow mode: the loop proposes every action, a person decides what should happen, nothing runs.
 
-A shadow run is an ordinary run in the store with a `shadow_mode` event; resuming it, branching from
+A shadow run is an ordinary run in the store with a `ShadowMode` event (`RunView.shadow`); resuming it, branching from
 it or replaying it stays in shadow mode (the event is read back from the run's own history, and a
 branch or a replay of a shadow run gets one too). Every tool call the model proposes goes to a person
 like an approval (the same `approval_pending` event, `approve` / `deny` commands and screens), and
@@ -21,14 +21,11 @@ import json
 from collections.abc import Iterable
 from typing import Any, Callable, Literal, Protocol
 
-from pydantic import BaseModel, Field
-
 from loopterm.core.control import Approve, Deny
-from loopterm.core.records import EventRecord
+from loopterm.core.fold import RunView
+from loopterm.core.runlog import RunEvent, ShadowMode, ShadowVerdict
 from loopterm.core.state import ToolRecord
 
-SHADOW_EVENT = "shadow_mode"  # the run is a shadow run (first event after run_created, or a branch's/replay's)
-VERDICT_EVENT = "shadow_verdict"  # a person's verdict on one proposal
 NOT_EXECUTED = "not executed (shadow mode: nothing runs)"
 REPORT_VERSION = 1
 
@@ -36,29 +33,11 @@ Verdict = Literal["agree", "edit", "deny"]
 
 
 class EventLog(Protocol):
-    def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> Any: ...
-
-
-class ShadowVerdict(BaseModel):
-    """What a person decided about one proposed tool call (the `shadow_verdict` event's data)."""
-
-    key: str
-    tool: str
-    args: dict[str, Any] = Field(default_factory=dict)  # what the model proposed
-    verdict: Verdict
-    person_args: dict[str, Any] | None = None  # "edit": what should have happened instead
-    person_tool: str | None = None  # "edit": the tool that should have been called, when not the proposed one
-    reason: str = ""
-    args_error: str | None = None  # "edit": the person's arguments do not fit the tool (kept as given)
-
-
-def is_shadow(events: Iterable[EventRecord]) -> bool:
-    """Whether a run's own events mark it as a shadow run."""
-    return any(e.kind == SHADOW_EVENT for e in events)
+    def append_event(self, run_id: str, event: RunEvent, iteration: int | None = None) -> Any: ...
 
 
 def mark_shadow(log: EventLog, run_id: str, why: str = "started with --shadow") -> None:
-    log.append_event(run_id, SHADOW_EVENT, {"why": why})
+    log.append_event(run_id, ShadowMode(why=why))
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -107,16 +86,10 @@ def tool_record(n: int, verdict: ShadowVerdict) -> ToolRecord:
     return ToolRecord(iteration=n, tool=verdict.tool, args=verdict.args, ok=False, error=f"{NOT_EXECUTED}; {said}")
 
 
-def verdicts(events: Iterable[EventRecord]) -> list[ShadowVerdict]:
-    """The verdicts in a run's events, one per proposal (a verdict recorded twice, by an iteration
+def verdicts(view: RunView) -> list[ShadowVerdict]:
+    """The verdicts in a run's log, one per proposal (a verdict recorded twice, by an iteration
     redone after a crash, counts once: the last one)."""
-    found: dict[str, ShadowVerdict] = {}
-    for event in events:
-        if event.kind == VERDICT_EVENT:
-            verdict = ShadowVerdict.model_validate(event.data)
-            found.pop(verdict.key, None)
-            found[verdict.key] = verdict
-    return list(found.values())
+    return [verdict for _, verdict in view.verdicts.values()]
 
 
 def _rate(agreed: int, proposals: int) -> float | None:

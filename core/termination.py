@@ -61,3 +61,12 @@ EXIT_CODES = {
     Status.ESCALATED: 4,
 }
 """Headless exit codes (DESIGN section 7); 2 is reserved for usage errors."""
+
+
+class RunEnds(Exception):
+    """Ends the run from deep inside an iteration (any phase), with a reason and one human line."""
+
+    def __init__(self, reason: TerminationReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

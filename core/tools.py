@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -408,3 +409,22 @@ def run_command(
     except RuntimeError:
         return asyncio.run(run_command_async(workspace, argv, timeout=timeout, output_cap=output_cap, env=env))
     raise RuntimeError("run_command was called on the event loop's thread; an async tool awaits run_command_async")
+
+
+def guard_tools(tools: list[Tool]) -> list[Tool]:
+    """The tools, with the side-effecting, non-re-executable ones unable to fire (a replay's).
+
+    The executor answers them from the recording when the call matches; a call the recording does not
+    have (the arguments changed) gets an error result instead of touching the world.
+    """
+    return [dataclasses.replace(t, fn=_refuser(t.name), wants_context=False)
+            if t.side_effects and t.rewind_policy != "reexecute" else t for t in tools]
+
+
+def _refuser(name: str) -> Callable[..., Any]:
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"replay: {name} was not fired; the recording has no call of it with these arguments at this iteration"
+        )
+
+    return refuse

@@ -21,7 +21,6 @@ lineage-aware: a branch (parent_run P, fork_iteration N) shows P's iterations
 from __future__ import annotations
 
 import functools
-import json
 import sqlite3
 import threading
 import time
@@ -32,14 +31,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from sqlite_utils import Database
 
+from loopterm.core.daily_budget import env_daily_budget, parse_usd
 from loopterm.core.errors import ConfigError
 from loopterm.core.memory import Embed
 from loopterm.core.records import (
     CommandRecord,
-    EventRecord,
     Intent,
     IterationRecord,
     MemoryItem,
@@ -47,8 +46,12 @@ from loopterm.core.records import (
     SpendTotal,
     ToolCallRecord,
 )
-from loopterm.store import ledger, memory
-from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy, one_line
+from loopterm.core.runlog import EventRecord, RunEvent, from_stored, to_stored
+import loopterm.store.ledger as ledger
+import loopterm.store.memory as memory
+import loopterm.store.transfer as transfer
+from loopterm.core.text import one_line
+from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy
 from loopterm.store.migrations import upgrade
 from loopterm.store.prompts import decode_prompt, encode_prompt
 from loopterm.store.rows import args_hash, dump_json, encode, from_row, to_row
@@ -81,8 +84,6 @@ FROM iterations LEFT JOIN states ON states.run_id = iterations.run_id AND states
 WHERE iterations.run_id = ? AND iterations.n > ? AND iterations.n <= ?
 ORDER BY iterations.n LIMIT ?
 """
-EXPORT_TYPE = "loopterm-export"
-EXPORT_VERSION = 1
 
 
 class DuplicateIterationError(ValueError):
@@ -358,8 +359,10 @@ class Store:
 
     # -- iterations ------------------------------------------------------------
 
-    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any], *, handover: bool = False) -> None:
-        """Atomically: insert the iteration (its state as a delta), update the run's totals, drop the intent for it.
+    def commit_iteration(self, record: IterationRecord, run_fields: dict[str, Any], *, handover: bool = False,
+                         events: Sequence[RunEvent] = ()) -> list[EventRecord]:
+        """Atomically: insert the iteration (its state as a delta), update the run's totals, drop the intent for
+        it, and append `events` at its iteration (an escalation: a crash can never keep one without the other).
 
         handover=True: the caller will never mutate `record.state` (or anything in
         it) again, so the Store keeps it as the base of the next delta instead of
@@ -372,6 +375,7 @@ class Store:
                     head = self._insert_iteration(record, self._heads, handover=handover)
                     self._update_run(record.run_id, run_fields, spend_model=record.model or None, spend_at=record.ended_at)
                     self._conn.execute("DELETE FROM intents WHERE run_id = ? AND n = ?", [record.run_id, record.n])
+                    written = [self._insert_event(record.run_id, event, record.n) for event in events]
             except BaseException:
                 self._heads.pop(record.run_id, None)  # its state may have moved past what was committed
                 if queued is not None:
@@ -381,6 +385,7 @@ class Store:
             self._heads.move_to_end(record.run_id)
             while len(self._heads) > self.heads_kept:
                 self._heads.popitem(last=False)
+            return written
 
     def _lineage(self, run_id: str) -> list[tuple[str, str | None, int | None]]:
         """LINEAGE_SQL's rows for a run, cached: a run's parent and fork point never change once it exists."""
@@ -602,19 +607,24 @@ class Store:
 
     # -- events ----------------------------------------------------------------
 
-    def append_event(self, run_id: str, kind: str, data: dict[str, Any], iteration: int | None = None) -> EventRecord:
-        event = EventRecord(run_id=run_id, iteration=iteration, ts=self._clock(), kind=kind, data=data)
+    def append_event(self, run_id: str, event: RunEvent, iteration: int | None = None) -> EventRecord:
         with self._write():
-            event.id = self._insert_row("events", to_row("events", event, exclude={"id"}))
-        return event
+            return self._insert_event(run_id, event, iteration)
+
+    def _insert_event(self, run_id: str, event: RunEvent, iteration: int | None) -> EventRecord:
+        kind, data = to_stored(event)
+        ts = self._clock()
+        row = encode("events", {"run_id": run_id, "iteration": iteration, "ts": ts, "kind": kind, "data": data})
+        return EventRecord(id=self._insert_row("events", row), run_id=run_id, iteration=iteration, ts=ts, event=event)
 
     def events(self, run_id: str, after_id: int = 0) -> list[EventRecord]:
         """Events of a run with id > after_id, oldest first (poll with the last id seen)."""
         rows = self._rows("events", "run_id = ? AND id > ?", [run_id, after_id], order_by="id")
-        return [from_row("events", EventRecord, row) for row in rows]
+        return [_event_record(row) for row in rows]
 
-    def runs_with_event(self, kind: str) -> set[str]:
-        """The ids of the runs that have an event of this kind (e.g. the shadow runs, for `loopterm runs`)."""
+    def runs_with_event(self, event: type[RunEvent]) -> set[str]:
+        """The ids of the runs that have an event of this type (e.g. the shadow runs, for `loopterm runs`)."""
+        kind = event.model_fields["kind"].default
         return {row[0] for row in self._query("SELECT DISTINCT run_id FROM events WHERE kind = ?", [kind])}
 
     # -- intents ---------------------------------------------------------------
@@ -722,12 +732,15 @@ class Store:
         rows = self._rows("commands", "run_id = ? AND consumed_at IS NULL", [run_id], order_by="id")
         return [from_row("commands", CommandRecord, row) for row in rows]
 
-    def consume_command(self, command_id: int) -> None:
-        """Mark a command handled; consuming it again keeps the first time."""
+    def consume_command(self, command_id: int, events: Sequence[tuple[RunEvent, int | None]] = ()) -> list[EventRecord]:
+        """Mark a command handled and record what it did, in one transaction: a crash between the two
+        can neither lose the command nor apply it twice. Consuming it again keeps the first time."""
         with self._write() as db:
-            if not self._rows("commands", "id = ?", [command_id]):
+            rows = self._rows("commands", "id = ?", [command_id])
+            if not rows:
                 raise KeyError(f"no command {command_id}")
             db.execute("UPDATE commands SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL", [self._clock(), command_id])
+            return [self._insert_event(rows[0]["run_id"], event, iteration) for event, iteration in events]
 
     # -- long-term memory (memory.py) ------------------------------------------
 
@@ -784,7 +797,7 @@ class Store:
 
     def daily_budget(self) -> float | None:
         """The daily budget in USD: $LOOPTERM_DAILY_BUDGET_USD if set, else the stored one, else None."""
-        from_env = ledger.env_daily_budget()
+        from_env = env_daily_budget()
         if from_env is not None:
             return from_env
         with self._lock:
@@ -798,106 +811,28 @@ class Store:
     def set_daily_budget(self, usd: float | None) -> None:
         """Keep a daily budget in this database (None removes it). $LOOPTERM_DAILY_BUDGET_USD still overrides it."""
         if usd is not None:
-            usd = ledger.parse_usd(str(usd), "the daily budget")
+            usd = parse_usd(str(usd), "the daily budget")
         with self._write():
             if usd is None:
                 self._conn.execute("DELETE FROM meta WHERE key = ?", [ledger.DAILY_BUDGET_KEY])
             else:
                 self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [ledger.DAILY_BUDGET_KEY, repr(usd)])
 
-    # -- export and import -----------------------------------------------------
+    # -- export and import (transfer.py) -------------------------------------
 
     def export_run(self, run_id: str) -> Iterator[dict[str, Any]]:
-        """The run and its whole lineage as JSON-able dicts, one per line of a JSONL export.
-
-        A header, then for each run of the lineage (root first): the run, its own
-        iterations (full state and prompt), its events (without their local id)
-        and its tool calls. `import_lines` reads it back.
-        """
-        from loopterm.core.secrets import redact_tree  # belt and braces: what the store holds is redacted already
-
-        lineage = self.lineage(run_id)
-        yield {"type": EXPORT_TYPE, "version": EXPORT_VERSION}
-        for run in lineage:
-            yield redact_tree({"type": "run", **run.model_dump()})
-            for record in self._records(run.id, own_only=True):
-                yield redact_tree({"type": "iteration", **record.model_dump()})
-            for event in self.events(run.id):
-                yield redact_tree({"type": "event", **event.model_dump(exclude={"id"})})
-            rows = self._rows("tool_calls", "run_id = ?", [run.id], order_by="iteration, started_at, key")
-            for row in rows:
-                yield redact_tree({"type": "tool_call", **from_row("tool_calls", ToolCallRecord, row).model_dump()})
+        """The run and its whole lineage as the lines of a JSONL export (see transfer.py)."""
+        return transfer.export_run(self, run_id)
 
     def import_lines(self, lines: Iterable[str]) -> list[str]:
-        """Import an export into this database in one transaction; returns the run ids imported.
+        """Import an export in one transaction, checked first; returns the run ids imported (see transfer.py)."""
+        return transfer.import_lines(self, lines)
 
-        Refused with ConfigError, importing nothing: a run id already present,
-        a malformed line (with its number), records of a run the file does not define.
-        """
-        imported: list[str] = []
-        heads: dict[str, Head] = {}  # local: discarded if the import rolls back
-        with self._lock, self._write() as db:
-            header = False
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                where = f"line {number}"
-                try:
-                    item = loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{where}: not JSON ({exc.msg}); nothing was imported") from None
-                except (ValueError, RecursionError) as exc:  # nested too deeply, a number of 4,300+ digits
-                    from loopterm.core.decision import unreadable_json
 
-                    raise ConfigError(f"{where}: not JSON ({unreadable_json(exc)}); nothing was imported") from None
-                if not isinstance(item, dict):
-                    raise ConfigError(f"{where}: expected a JSON object, got {type(item).__name__}; nothing was imported")
-                kind = item.pop("type", None)
-                if not header:
-                    if kind != EXPORT_TYPE:
-                        raise ConfigError(f"{where}: not a loopterm export (it must start with its header line); nothing was imported")
-                    if item.get("version") != EXPORT_VERSION:
-                        raise ConfigError(
-                            f"{where}: export format version {item.get('version')!r} is not supported "
-                            f"(this loopterm reads version {EXPORT_VERSION}); nothing was imported"
-                        )
-                    header = True
-                    continue
-                try:
-                    self._import_one(db, kind, item, imported, heads)
-                except ConfigError as exc:
-                    raise ConfigError(f"{where}: {exc}; nothing was imported") from None
-                except ValidationError as exc:
-                    error = exc.errors()[0]
-                    field = ".".join(str(part) for part in error["loc"]) or "(record)"
-                    raise ConfigError(f"{where}: invalid {kind} record at {field}: {error['msg']}; nothing was imported") from None
-                except (sqlite3.IntegrityError, ValueError, KeyError, TypeError) as exc:
-                    raise ConfigError(f"{where}: {one_line(exc)}; nothing was imported") from None
-            if not header:
-                raise ConfigError("no loopterm export found (the input is empty); nothing was imported")
-        return imported
-
-    def _import_one(self, db: Database, kind: Any, item: dict[str, Any], imported: list[str], heads: dict[str, Head]) -> None:
-        if kind == "run":
-            run = RunRecord.model_validate(item)
-            if self._query("SELECT 1 FROM runs WHERE id = ?", [run.id]):
-                raise ConfigError(f"run {run.id} is already in {self._path}")
-            db.table("runs").insert(to_row("runs", run))
-            imported.append(run.id)
-            return
-        if kind not in ("iteration", "event", "tool_call"):
-            raise ConfigError(f"unknown record type {kind!r} (expected run, iteration, event or tool_call)")
-        if item.get("run_id") not in imported:
-            raise ConfigError(f"{kind} of run {item.get('run_id')!r}, which no earlier line of this file defines")
-        if kind == "iteration":
-            record = IterationRecord.model_validate(item)
-            heads[record.run_id] = self._insert_iteration(record, heads)
-        elif kind == "event":
-            event = EventRecord.model_validate({**item, "id": None})
-            db.table("events").insert(to_row("events", event))
-        else:
-            call = ToolCallRecord.model_validate(item)
-            db.table("tool_calls").insert({**to_row("tool_calls", call), "args_hash": args_hash(call.args)})
+def _event_record(row: dict[str, Any]) -> EventRecord:
+    data = loads(row["data"]) if row["data"] is not None else {}
+    return EventRecord(id=row["id"], run_id=row["run_id"], iteration=row["iteration"], ts=row["ts"],
+                       event=from_stored(row["kind"], data))
 
 
 def _when_unlocked(action: Callable[[], Any], seconds: float = BUSY_TIMEOUT_MS / 1000) -> None:

@@ -15,16 +15,12 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
+from loopterm.core.text import one_line
 from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES_BY_VERSION
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 HEADER_BYTES = 100  # the database header, at the start of page 1
 OTHER_PATH = "pass --db with another path"
-
-
-def one_line(text: object) -> str:
-    """Collapse an OS or SQLite message so the error stays one line."""
-    return " ".join(str(text).split())
 
 
 # SQLite's primary result codes (an extended code keeps its primary one in the low byte).

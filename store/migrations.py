@@ -23,7 +23,8 @@ from typing import Any
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
-from loopterm.store.guard import OTHER_PATH, classify, one_line
+from loopterm.core.text import one_line
+from loopterm.store.guard import OTHER_PATH, classify
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import args_hash
 from loopterm.store.schema import ITERATIONS_SQL, SCHEMA_VERSION, V2_ADDITIONS_SQL, V3_ADDITIONS_SQL, check_fts5, run_script

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from loopterm.core import CommandGate, Loop, LoopState, ToolContext, tool
 from loopterm.core.engine import Engine
+from loopterm.core.runlog import EventRecord, to_stored
 from loopterm.store import Store
 
 PRICE = {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}
@@ -53,3 +55,30 @@ def make_engine(tmp_path: Path, loop: Loop, **kwargs: Any) -> tuple[Engine, Stor
     engine = Engine.create(loop, store, loop_ref=f"test:{loop.name}", workspace_root=tmp_path / "ws", workdir=tmp_path,
                            **kwargs)
     return engine, store
+
+
+E = TypeVar("E")
+
+
+def kinds(records: Iterable[EventRecord]) -> list[str]:
+    """The stored kinds of a run's events, in order (what `loopterm show --json` prints)."""
+    return [to_stored(r.event)[0] for r in records]
+
+
+def of(records: Iterable[EventRecord], event_type: type[E]) -> list[E]:
+    """The events of one type, in order."""
+    return [r.event for r in records if isinstance(r.event, event_type)]  # type: ignore[misc]
+
+
+def at(records: Iterable[EventRecord], event_type: type[E]) -> list[tuple[int | None, E]]:
+    """The events of one type with the iteration each was recorded at, in order."""
+    return [(r.iteration, r.event) for r in records if isinstance(r.event, event_type)]  # type: ignore[misc]
+
+
+def escalation_id(store: Any, run_id: str) -> int:
+    """The event id of the escalation the run waits on (what `Resume`/`Stop(escalation=...)` answer)."""
+    from loopterm.core.fold import fold
+
+    pending = fold(store.events(run_id)).escalation
+    assert pending is not None, f"run {run_id} has no pending escalation"
+    return pending.event_id

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from loopterm.core import runlog
 from loopterm.store import SCHEMA_VERSION, Store
 from loopterm.tui.cli import main
 
@@ -320,7 +321,7 @@ def test_a_write_outlasts_a_lock_held_past_the_busy_timeout(sample: dict[str, An
     with Store.open(db) as store:
         with lock_held(db, 1.0):
             started = time.monotonic()
-            event = store.append_event(sample["run"], "note", {"written": "after the lock"})
+            event = store.append_event(sample["run"], runlog.StatusChanged(status="paused", message="written after the lock"))
             waited = time.monotonic() - started
         assert store.lock_retries >= 3 and 0.5 < waited < 5
         assert store.events(sample["run"])[-1] == event

@@ -12,7 +12,7 @@ import hashlib
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,8 +22,10 @@ from loopterm.core.cases import Case, CaseSet
 from loopterm.core.worktree import git_env
 from loopterm.store import Store
 from loopterm.tui.cli import main
+from loopterm.core import runlog as log
 from loopterm.core import tool
-from tests.loopkit import decision, make_loop, write
+from loopterm.core.runlog import RunEvent
+from tests.loopkit import decision, make_loop, of, write
 
 CODEFIX = Path(codefix_pkg.__file__).resolve().parent
 
@@ -47,8 +49,11 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def events(store: Store, run_id: str, kind: str) -> list[dict[str, Any]]:
-    return [e.data for e in store.events(run_id) if e.kind == kind]
+E = TypeVar("E", bound=RunEvent)
+
+
+def events(store: Store, run_id: str, event_type: type[E]) -> list[E]:
+    return of(store.events(run_id), event_type)
 
 
 def worktree_list(repo: Path) -> list[Path]:
@@ -86,16 +91,16 @@ def test_eight_parallel_codefix_cases_converge_in_their_own_worktrees(
     assert len(runs) == 8 and {r.status for r in runs} == {"converged"}
     intervals, bases = [], set()
     for run in runs:
-        (case,) = events(store, run.id, "case")
-        (removed,) = events(store, run.id, "worktree_removed")
-        files = {f["path"]: f["sha256"] for f in removed["files"]}
-        assert files["solution.py"] == expected[case["id"]], case["id"]  # its own content, nobody else's
+        (case,) = events(store, run.id, log.CaseStarted)
+        (removed,) = events(store, run.id, log.WorktreeRemoved)
+        files = {f["path"]: f["sha256"] for f in removed.files}
+        assert files["solution.py"] == expected[case.id], case.id  # its own content, nobody else's
         assert all(p == "solution.py" or p.startswith("__pycache__/") for p in files), files  # py_compile's .pyc
-        assert removed["path"] == run.workspace and not Path(run.workspace).exists()
-        bases.add(removed["base"])
-        kinds = {e.kind: e.ts for e in store.events(run.id)}
-        intervals.append((kinds["run_started"], kinds["run_finished"]))
-    assert {c["id"] for r in runs for c in events(store, r.id, "case")} == set(expected)
+        assert removed.path == run.workspace and not Path(run.workspace).exists()
+        bases.add(removed.base)
+        when = {type(e.event): e.ts for e in store.events(run.id)}
+        intervals.append((when[log.RunStarted], when[log.RunFinished]))
+    assert {c.id for r in runs for c in events(store, r.id, log.CaseStarted)} == set(expected)
     store.close()
 
     (base,) = bases
@@ -119,15 +124,15 @@ def test_a_case_that_misses_its_expectation_keeps_its_worktree_and_lists_it(
     assert code == 3, out
     assert "1 of 2 converged; 1 of 2 met their expectation" in out
     store = Store.open(db, create=False)
-    by_case = {events(store, r.id, "case")[0]["id"]: r for r in store.list_runs()}
+    by_case = {events(store, r.id, log.CaseStarted)[0].id: r for r in store.list_runs()}
     stuck, good = by_case["stuck"], by_case["good"]
     assert stuck.status == "terminated" and stuck.termination_reason == "stalled"
-    (kept,) = events(store, stuck.id, "worktree_kept")
-    assert kept["path"] == stuck.workspace and Path(stuck.workspace).is_dir()
+    (kept,) = events(store, stuck.id, log.WorktreeKept)
+    assert kept.path == stuck.workspace and Path(stuck.workspace).is_dir()
     assert (Path(stuck.workspace) / "solution.py").read_text() == written(CODEFIX / "cases" / "stall.json")
     assert stuck.workspace in out.replace("\n", "")  # listed at the end of the output
     assert not Path(good.workspace).exists()
-    assert worktree_list(Path(kept["base"])) == [Path(kept["base"]), Path(stuck.workspace)]
+    assert worktree_list(Path(kept.base)) == [Path(kept.base), Path(stuck.workspace)]
     store.close()
 
 
@@ -139,7 +144,7 @@ def test_mixed_codefix_cases_converge_stall_and_escalate_as_expected(
     out = capsys.readouterr().out
     assert code == 0, out  # every case met its expectation, including the stall and the escalation
     store = Store.open(db, create=False)
-    by_case = {events(store, r.id, "case")[0]["id"]: r for r in store.list_runs()}
+    by_case = {events(store, r.id, log.CaseStarted)[0].id: r for r in store.list_runs()}
     assert {k: (r.status, r.termination_reason) for k, r in by_case.items()} == {
         "regex": ("converged", "converged"),
         "findall": ("converged", "converged"),
@@ -153,14 +158,14 @@ def test_mixed_codefix_cases_converge_stall_and_escalate_as_expected(
     assert store.iterations(fixed.id)[0].state["task"] == goal
     assert by_case["regex"].goal != goal
     assert by_case["fix-syntax"].model == "scripted/codefix.case.fix-syntax"
-    escalated = events(store, by_case["escalate"].id, "escalated")
-    assert escalated and escalated[0]["failing_invariants"][0]["name"] == "solution_only"
+    escalated = events(store, by_case["escalate"].id, log.Escalated)
+    assert escalated and escalated[0].failing_invariants[0]["name"] == "solution_only"
     flat = out.replace("\n", "")
     for kept in ("stall", "escalate"):
         assert by_case[kept].workspace in flat and Path(by_case[kept].workspace).is_dir()
-        (data,) = events(store, by_case[kept].id, "worktree_kept")
+        (data,) = events(store, by_case[kept].id, log.WorktreeKept)
         if kept == "escalate":  # the write the invariant caught is in the kept worktree, for a person to see
-            assert [f["path"] for f in data["files"]] == ["test_solution.py"]
+            assert [f["path"] for f in data.files] == ["test_solution.py"]
     store.close()
 
 
@@ -215,7 +220,7 @@ def test_a_loop_without_side_effects_gets_plain_workspaces(tmp_path: Path) -> No
                                     workspace_root=tmp_path / "ws", loop_ref="test:t"))
     assert results[0].status == "terminated" and results[0].expect_met and results[0].worktree is None
     assert not (tmp_path / "repos").exists()
-    assert not events(store, results[0].run_id or "", "worktree_added")
+    assert not events(store, results[0].run_id or "", log.WorktreeAdded)
     store.close()
 
 

@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
+from loopterm.core import runlog
 from loopterm.store import Store
+from tests.loopkit import of
 
 LOOP_FILE = '''
 import os
@@ -227,17 +229,16 @@ def run_concurrently(tmp_path: Path, n: int, cycles: int, limit_s: float) -> dic
             assert all(row[2] is not None for row in rows)
             # ... and applied exactly once: one matching event each, in the order sent.
             events = store.events(run_id)
-            kinds = [e.kind for e in events]
-            assert "command_rejected" not in kinds
-            facts = [e.data["fact"] for e in events if e.kind == "fact_added"]
+            assert of(events, runlog.CommandRejected) == []
+            facts = [e.fact for e in of(events, runlog.FactAdded)]
             assert facts == [c["payload"]["fact"] for c in sent if c["kind"] == "add_fact"]
-            relaxed = [e.data["reason"] for e in events if e.kind == "invariant_relaxed"]
+            relaxed = [e.reason for e in of(events, runlog.InvariantRelaxed)]
             assert relaxed == [c["payload"]["reason"] for c in sent if c["kind"] == "relax"]
-            restored = [e.data["reason"] for e in events if e.kind == "invariant_restored"]
+            restored = [e.reason for e in of(events, runlog.InvariantRestored)]
             assert restored == [c["payload"]["reason"] for c in sent if c["kind"] == "restore"]
-            subgoals = [e.data["subgoal"] for e in events if e.kind == "subgoal_set"]
+            subgoals = [e.subgoal for e in of(events, runlog.SubgoalSet)]
             assert subgoals == [c["payload"]["subgoal"] for c in sent if c["kind"] == "set_subgoal"]
-            statuses = [e.data["status"] for e in events if e.kind == "status_changed"]
+            statuses = [e.status for e in of(events, runlog.StatusChanged)]
             assert statuses.count("paused") == sum(c["kind"] == "pause" for c in sent)
             assert statuses.count("running") == sum(c["kind"] == "resume" for c in sent)
             assert len(sent) == 6 * cycles + 1

@@ -24,7 +24,9 @@ from loopterm.core.control import (
 from loopterm.core.engine import Engine
 from loopterm.core.events import ApprovalNeeded, IterationCommitted, StatusChanged
 from loopterm.store import Store
-from tests.loopkit import decision, make_engine, make_loop
+from loopterm.core.fold import fold
+from loopterm.core.runlog import CommandRejected, EscalationAnswered, StateEdited
+from tests.loopkit import decision, kinds, make_engine, make_loop, of
 
 
 def many(k: int = 8) -> list:
@@ -81,16 +83,16 @@ async def test_stop_while_paused(tmp_path: Path) -> None:
 async def test_state_edit_is_validated_persisted_and_seen_by_the_next_iteration(tmp_path: Path) -> None:
     engine, store = make_engine(tmp_path, make_loop(tmp_path, many(), max_iterations=2))
     state = engine.state.model_dump(mode="json")
-    send(store, engine, EditState(state={**state, "memory": {"facts": "not a list"}}, reason="oops"))
+    send(store, engine, EditState(state={**state, "memory": {"facts": "not a list"}}, reason="oops", base_iteration=0))
     send(store, engine, EditState(state={**state, "memory": {**state["memory"], "facts": ["edited by a person"]}},
-                                  reason="hint"))
+                                  reason="hint", base_iteration=0))
     run = await engine.run()
     first = store.iterations(run.id)[0]
     assert "edited by a person" in first.prompt[-1]["content"]
     events = store.events(run.id)
-    rejected = [e for e in events if e.kind == "command_rejected"]
-    assert rejected and "memory.facts" in rejected[0].data["error"]
-    assert [e.data["reason"] for e in events if e.kind == "state_edited"] == ["hint"]
+    rejected = of(events, CommandRejected)
+    assert rejected and "memory.facts" in rejected[0].error
+    assert [e.reason for e in of(events, StateEdited)] == ["hint"]
 
 
 async def test_a_state_edit_survives_a_restart_before_the_next_iteration(tmp_path: Path) -> None:
@@ -98,8 +100,9 @@ async def test_a_state_edit_survives_a_restart_before_the_next_iteration(tmp_pat
     await engine.run()
     run = store.get_run(engine.run_id)
     paused = Engine(engine.loop, store, run, workdir=tmp_path)
-    paused._apply(AddFact(fact="remember the edge case"))
-    paused._apply(SetSubgoal(subgoal="handle the edge case"))
+    store.add_command(run.id, *command_payload(AddFact(fact="remember the edge case")))
+    store.add_command(run.id, *command_payload(SetSubgoal(subgoal="handle the edge case")))
+    paused.steering.obey()
     store.update_run(run.id, max_iterations=2)
     again = Engine(engine.loop, store, store.get_run(run.id), workdir=tmp_path)  # a new process
     assert "remember the edge case" in again.state.memory.facts
@@ -122,8 +125,8 @@ async def test_relax_for_n_iterations_then_it_is_restored(tmp_path: Path) -> Non
     records = store.iterations(run.id)
     assert [r.invariant_status["never_bad"] for r in records] == [False, False, False]
     assert [r.remediations for r in records] == [[], [], ["abort"]]
-    kinds = [e.kind for e in store.events(run.id)]
-    assert "invariant_relaxed" in kinds and "invariant_restored" in kinds
+    logged = kinds(store.events(run.id))
+    assert "invariant_relaxed" in logged and "invariant_restored" in logged
 
 
 def approval_loop(tmp_path: Path, calls: list[str]):
@@ -173,8 +176,8 @@ async def test_no_wait_ends_waiting_and_an_approval_sent_later_is_obeyed(tmp_pat
     engine, store = make_engine(tmp_path, loop)
     run = await engine.run()
     assert (run.status, run.termination_reason) == ("escalated", "waiting_on_person")
-    pending = [e for e in store.events(run.id) if e.kind == "approval_pending"]
-    store.add_command(run.id, *command_payload(Approve(key=pending[0].data["key"])))  # e.g. from `loopterm watch`
+    pending = list(fold(store.events(run.id)).approvals)
+    store.add_command(run.id, *command_payload(Approve(key=pending[0])))  # e.g. from `loopterm watch`
     resumed = await Engine(loop, store, store.get_run(run.id), workdir=tmp_path, client=None).run()
     assert resumed.status == "converged" and calls == ["ok"]
 
@@ -188,7 +191,7 @@ async def test_an_escalation_waits_for_a_person_who_answers_and_resumes(tmp_path
     def answer(event: object) -> None:
         if isinstance(event, StatusChanged) and event.status == "escalated":
             send(store, engine, AddFact(fact="do not write bad"))
-            send(store, engine, Resume())
+            send(store, engine, Resume(escalation=engine.view.escalation.event_id))
 
     engine.subscribe(answer)
     run = await asyncio.wait_for(engine.run(), 10)
@@ -202,4 +205,99 @@ async def test_malformed_command_is_refused_without_harm(tmp_path: Path) -> None
     store.add_command(engine.run_id, "frobnicate", {})
     run = await engine.run()
     assert run.iterations == 1
-    assert len([e for e in store.events(run.id) if e.kind == "command_rejected"]) == 2
+    assert len(of(store.events(run.id), CommandRejected)) == 2
+
+
+# -- a person's input is never lost or misapplied ------------------------------------------------------------
+
+
+async def test_a_stale_state_edit_is_refused_and_never_rolls_the_run_back(tmp_path: Path) -> None:
+    """The dialog showed iteration 1's state; the run went on to 3; the edit, sent unchanged, must not be
+    adopted as iteration 3's state (it was, silently, before the typed log: the facts went back)."""
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, many(), max_iterations=6), poll_interval=0.02)
+    seen: dict[str, Any] = {}
+
+    def on(event: object) -> None:
+        if isinstance(event, IterationCommitted) and event.record.n == 1:
+            seen["state"] = event.record.state  # what a person's editor showed
+        if isinstance(event, IterationCommitted) and event.record.n == 3:
+            send(store, engine, EditState(state=seen["state"], reason="looks fine", base_iteration=1))
+            send(store, engine, Pause())
+
+    engine.subscribe(on)
+    task = asyncio.create_task(engine.run())
+    await until(lambda: store.get_run(engine.run_id).status == "paused")
+    facts_before = list(engine.state.memory.facts)
+    rejected = of(store.events(engine.run_id), CommandRejected)
+    assert rejected and rejected[0].command == "edit_state"
+    assert "moved from iteration 1 to 3" in rejected[0].error
+    assert of(store.events(engine.run_id), StateEdited) == []
+    assert engine.state.iteration == 3 and engine.state.memory.facts == facts_before and len(facts_before) >= 3
+    send(store, engine, Stop())
+    await asyncio.wait_for(task, 10)
+
+
+async def test_an_edit_based_on_the_current_iteration_but_an_older_patch_is_refused(tmp_path: Path) -> None:
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, many(), max_iterations=1))
+    state = engine.state.model_dump(mode="json")
+    send(store, engine, AddFact(fact="someone else's fact"))
+    send(store, engine, EditState(state=state, reason="mine", base_iteration=0, base_version=0))
+    engine.steering.obey()
+    rejected = of(store.events(engine.run_id), CommandRejected)
+    assert rejected and "changed by someone else" in rejected[0].error
+    assert "someone else's fact" in engine.state.memory.facts
+
+
+async def test_an_escalation_stays_pending_through_stop_and_resume_waits_again(tmp_path: Path) -> None:
+    """`q` (a stop) while the run escalates: the escalation is not turned into "stopped" and forgotten."""
+    inv = Invariant(name="never_bad", check=never_bad, remediation=Remediation.ESCALATE)
+    turns = [{"content": decision(text="bad", subgoal="a")}, {"content": decision(text="ok", subgoal="b")}]
+    loop = make_loop(tmp_path, turns, invariants=[inv])
+    engine, store = make_engine(tmp_path, loop, wait_on_person=True, poll_interval=0.02)
+    engine.subscribe(lambda e: engine.request_stop("loopterm quit")
+                     if isinstance(e, StatusChanged) and e.status == "escalated" else None)
+    run = await asyncio.wait_for(engine.run(), 10)
+    assert run.status == "stopped" and run.iterations == 1
+    pending = fold(store.events(run.id)).escalation
+    assert pending is not None and pending.iteration == 1  # still waits on a person
+    again = await Engine(loop, store, store.get_run(run.id), workdir=tmp_path).run()  # `resume --no-wait`
+    assert (again.status, again.termination_reason, again.iterations) == ("escalated", "waiting_on_person", 1)
+    send(store, again_engine := Engine(loop, store, store.get_run(run.id), workdir=tmp_path), Resume())  # bare
+    store.add_command(run.id, *command_payload(Resume(escalation=pending.event_id)))
+    final = await asyncio.wait_for(again_engine.run(), 10)
+    assert final.status == "converged" and final.iterations == 2
+    events = store.events(run.id)
+    assert [e.escalation for e in of(events, EscalationAnswered)] == [pending.event_id]
+    assert any("waits on a person's answer" in r.error for r in of(events, CommandRejected))
+
+
+async def test_an_answer_to_something_no_longer_pending_is_refused(tmp_path: Path) -> None:
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, many(), max_iterations=1))
+    send(store, engine, Approve(key="k-nobody-asked"))
+    send(store, engine, Resume(escalation=12345))
+    run = await engine.run()
+    errors = [r.error for r in of(store.events(run.id), CommandRejected)]
+    assert any("no call waits for that answer" in e for e in errors)
+    assert any("already answered" in e for e in errors)
+
+
+async def test_a_crash_between_consuming_and_applying_a_command_loses_nothing(tmp_path: Path) -> None:
+    """Consuming a command and recording what it did commit together: a crash in between (here, the event
+    write failing) leaves the command pending, and the next engine applies it."""
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, many(), max_iterations=1))
+    store.add_command(engine.run_id, *command_payload(AddFact(fact="do not lose me")))
+    original = store._insert_event
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt("killed")
+
+    store._insert_event = crash  # type: ignore[method-assign]
+    try:
+        engine.steering.obey()
+    except KeyboardInterrupt:
+        pass
+    store._insert_event = original  # type: ignore[method-assign]
+    assert [c.kind for c in store.pending_commands(engine.run_id)] == ["add_fact"]  # not consumed
+    again = Engine(engine.loop, store, store.get_run(engine.run_id), workdir=tmp_path)
+    run = await again.run()
+    assert "do not lose me" in store.iterations(run.id)[0].prompt[-1]["content"]

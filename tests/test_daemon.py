@@ -19,10 +19,13 @@ from typing import Any
 
 import pytest
 
+from loopterm.core import runlog
 from loopterm.core.errors import ConfigError
-from loopterm.core.records import EventRecord, RunRecord
+from loopterm.core.records import RunRecord
+from loopterm.core.runlog import EventRecord
 from loopterm.core.triggers import Schedule, change_event, command_event, load_triggers, parse_duration
 from loopterm.store import Store
+from tests.loopkit import escalation_id, kinds, of
 
 CLI = [sys.executable, "-m", "loopterm.tui.cli"]
 DEADLINE_S = 120.0
@@ -193,8 +196,8 @@ debounce = "200ms"
     wait_for(lambda: runs(tmp_path)[0].status == "converged", "the run to converge", daemon)
     listed = cli_runs_json(tmp_path)
     assert listed[0]["id"] == run.id and listed[0]["origin"] == "trigger" and listed[0]["status"] == "converged"
-    marks = [e for e in events(tmp_path, run.id) if e.kind == "trigger"]
-    assert marks and marks[0].data["trigger"] == "on-src" and "src/parser.py" in marks[0].data["event"]
+    marks = of(events(tmp_path, run.id), runlog.TriggerFired)
+    assert marks and marks[0].trigger == "on-src" and "src/parser.py" in marks[0].event
     # The run wrote its workspace (under .loopterm/): that is ignored, so nothing else fired.
     workspace_notes = Path(run.workspace) / "notes.txt"
     assert workspace_notes.read_text().splitlines() == ["note 1", "note 2"]
@@ -286,9 +289,9 @@ on.schedule = "every 1s"
     run = recorded[0]
     assert run.status == "terminated" and run.iterations == 0 and run.cost_usd == 0
     assert run.origin == "trigger" and run.message is not None and "daily budget is spent" in run.message
-    refusals = [e for e in events(tmp_path, run.id) if e.kind == "trigger_refused"]
+    refusals = of(events(tmp_path, run.id), runlog.TriggerRefused)
     assert len(refusals) >= 3
-    assert not any(e.kind == "run_started" for e in events(tmp_path, run.id))
+    assert not of(events(tmp_path, run.id), runlog.RunStarted)
     # Raise the budget: the next firing runs.
     raised = subprocess.run([*CLI, "budget", "--set-daily", "5"], cwd=tmp_path, env=env(), capture_output=True,
                             text=True, timeout=120)
@@ -305,8 +308,8 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_run_to_the_end(tmp_path
     assert "Traceback" not in stderr and stderr.strip() == "", stderr
     stopped = runs(tmp_path)[0]
     assert stopped.id == run.id and stopped.status == "stopped" and 2 <= stopped.iterations < 10
-    kinds = [e.kind for e in events(tmp_path, run.id)]
-    assert "daemon_interrupted" in kinds and kinds[-1] == "run_finished"
+    stored = kinds(events(tmp_path, run.id))
+    assert "daemon_interrupted" in stored and stored[-1] == "run_finished"
     assert "daemon: SIGTERM received; stopping" in first.log() and first.log().rstrip().endswith("daemon: stopped")
 
     second = Daemon(tmp_path, tag="2")
@@ -317,8 +320,8 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_run_to_the_end(tmp_path
     final = runs(tmp_path)
     assert len(final) == 1  # resumed, not started again
     assert final[0].iterations == 10
-    kinds = [e.kind for e in events(tmp_path, run.id)]
-    assert kinds.count("run_started") == 1 and kinds.count("run_resumed") == 1 and "daemon_resumed" in kinds
+    stored = kinds(events(tmp_path, run.id))
+    assert stored.count("run_started") == 1 and stored.count("run_resumed") == 1 and "daemon_resumed" in stored
     # Every iteration's side effect happened once: nothing lost, nothing repeated across the stop.
     notes = (Path(run.workspace) / "notes.txt").read_text().splitlines()
     assert notes == [f"note {i}" for i in range(1, 11)]
@@ -420,7 +423,7 @@ on.schedule = "every 1s"
     assert gated()[0].status == "escalated" and gated()[0].iterations == 2
     # Answer through the store's control channel, as `loopterm watch` does.
     with Store.open(tmp_path / ".loopterm" / "loopterm.db", create=False) as store:
-        store.add_command(waiting.id, "resume", {})
+        store.add_command(waiting.id, "resume", {"escalation": escalation_id(store, waiting.id)})
     wait_for(lambda: next(r for r in gated() if r.id == waiting.id).status == "converged", "the answered run to converge",
              daemon)
     assert next(r for r in gated() if r.id == waiting.id).iterations == 4
@@ -499,6 +502,7 @@ async def test_loopterm_watch_attaches_to_a_daemon_run_and_answers_it(
     import asyncio
 
     from loopterm.tui.app import LooptermApp
+    from loopterm.tui.screens.escalations import EscalationScreen
 
     monkeypatch.setenv("LOOPTERM_CONFIG_DIR", str(tmp_path / "config"))
     write_project(tmp_path, """
@@ -520,13 +524,19 @@ on.schedule = "every 1s"
         while not (app.view is not None and not app.view.loading and app.timeline.row_count == 2):
             assert time.monotonic() < deadline, "the watched run's two iterations never showed"
             await pilot.pause(0.1)
-        await pilot.press("space")  # answer: go on
+        # space does not go past an escalation: it opens the escalation, whose r is the answer that goes on
+        await pilot.press("space")
+        while not isinstance(app.screen, EscalationScreen):
+            assert time.monotonic() < deadline, "space did not open the run's escalation"
+            await pilot.pause(0.1)
+        assert app.store.get_run(run_id).status == "escalated"
+        await pilot.press("r")  # answer: go on
         while app.store.get_run(run_id).status != "converged":
             assert time.monotonic() < deadline, f"the run never converged after the answer:\n{daemon.log()}"
             await pilot.pause(0.2)
     assert runs(tmp_path)[0].iterations == 4
-    kinds = [e.kind for e in events(tmp_path, run_id)]
-    assert "escalated" in kinds and kinds.index("escalated") < kinds.index("run_finished")
+    stored = kinds(events(tmp_path, run_id))
+    assert "escalated" in stored and stored.index("escalated") < stored.index("run_finished")
     assert daemon.stop() == 0
 
 

@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 
-from loopterm.core import LoopState, ToolContext, ToolRecord
+from loopterm.core import LoopState, ToolContext, ToolRecord, runlog
 from loopterm.core.control import AddFact, Approve, Command, Deny, Resume, command_payload
 from loopterm.core.engine import Engine
 from loopterm.core.events import ApprovalNeeded, EngineEvent, Escalated, StatusChanged
+from loopterm.core.fold import fold
 from loopterm.core.loader import load_loop
 from loopterm.examples import BUILTIN_LOOPS, DEFAULT_LOOP
 from loopterm.examples.demo import loop as demo
 from loopterm.store import Store
+from tests.loopkit import escalation_id, kinds, of
 
 SHIPPED_TESTS = (demo.WORKSPACE / "test_solution.py").read_text(encoding="utf-8")
 FACT = "only solution.py may change: the tests are the specification"
@@ -117,8 +119,8 @@ def test_headless_no_wait_stops_at_the_escalation_with_exit_4(tmp_path: Path) ->
     store = Store.open(tmp_path / "db.sqlite")
     (run,) = store.list_runs()
     assert (run.status, run.termination_reason, run.iterations) == ("escalated", "waiting_on_person", 3)
-    escalated = [e for e in store.events(run.id) if e.kind == "escalated"]
-    assert [i["name"] for i in escalated[0].data["failing_invariants"]] == ["solution_only"]
+    escalated = of(store.events(run.id), runlog.Escalated)
+    assert [i["name"] for i in escalated[0].failing_invariants] == ["solution_only"]
     assert (Path(run.workspace) / "test_solution.py").read_text(encoding="utf-8") == SHIPPED_TESTS
 
 
@@ -152,7 +154,7 @@ class Person:
         self.seen.append(event)
         if isinstance(event, StatusChanged) and event.status == "escalated" and "invariant" in event.message:
             send(self.store, self.engine, AddFact(fact=FACT))
-            send(self.store, self.engine, Resume())
+            send(self.store, self.engine, Resume(escalation=escalation_id(self.store, self.engine.run_id)))
         elif isinstance(event, ApprovalNeeded):
             verdict = self.verdicts.pop(0)
             answer: Command = (Approve(key=event.key, reason="reads well") if verdict == "approve"
@@ -190,7 +192,8 @@ async def test_the_whole_story_with_a_person_answering(tmp_path: Path) -> None:
     assert three.invariant_status["solution_only"] is False and three.remediations == ["escalate"]
     escalations = [e for e in person.seen if isinstance(e, Escalated)]
     assert [(e.n, [i["name"] for i in e.packet["failing_invariants"]]) for e in escalations] == [(3, ["solution_only"])]
-    assert "escalated" in [e.kind for e in store.events(run.id)]
+    assert "escalated" in kinds(store.events(run.id))
+    assert fold(store.events(run.id)).escalation is None  # answered
     assert FACT in prompt(4)
     assert (Path(run.workspace) / "test_solution.py").read_text(encoding="utf-8") == SHIPPED_TESTS
 
@@ -200,8 +203,8 @@ async def test_the_whole_story_with_a_person_answering(tmp_path: Path) -> None:
     assert four.invariant_status == {"solution_only": True, "tools_keep_working": False, "bounded_context": True}
     assert four.remediations == ["change_strategy"]
     assert "Strategy: the last approach broke invariant 'tools_keep_working'" in prompt(5)
-    violated = [(e.iteration, e.data["invariant"], e.data["remediation"])
-                for e in store.events(run.id) if e.kind == "invariant_violated"]
+    violated = [(e.iteration, e.event.invariant, e.event.remediation)
+                for e in store.events(run.id) if isinstance(e.event, runlog.InvariantViolated)]
     assert violated == [(3, "solution_only", "escalate"), (4, "tools_keep_working", "change_strategy")]
 
     # 6: the right code; only the changelog is missing.

@@ -10,7 +10,8 @@ from loopterm.core import Budget, Invariant, LoopState, Remediation
 from loopterm.core.events import Escalated, IterationCommitted
 
 from loopterm.core.engine import Engine
-from tests.loopkit import decision, make_engine, make_loop
+from loopterm.core.runlog import RunFinished
+from tests.loopkit import decision, kinds, make_engine, make_loop, of
 
 
 def bad_then_ok() -> list:
@@ -148,7 +149,7 @@ async def test_escalate_waits_on_a_person_with_a_packet(tmp_path: Path) -> None:
     packet = seen[0].packet
     assert packet["failing_invariants"][0]["name"] == "never_bad"
     assert packet["confidence_trajectory"] == [0.3]
-    assert any(e.kind == "escalated" for e in store.events(run.id))
+    assert "escalated" in kinds(store.events(run.id))
     assert store.iterations(run.id)[0].invariant_status == {"never_bad": False}
 
 
@@ -232,7 +233,7 @@ async def test_repair_gives_up_after_the_bound(tmp_path: Path) -> None:
     run = await engine.run()
     assert (run.status, run.termination_reason) == ("failed", "fatal_error")
     assert "after 2 repair attempt(s)" in (run.message or "")
-    assert [e.kind for e in store.events(run.id)].count("invalid_reply") == 3
+    assert kinds(store.events(run.id)).count("invalid_reply") == 3
     assert run.tokens_in > 0  # the failed calls were paid for and are counted
 
 
@@ -246,10 +247,10 @@ async def test_transient_error_is_retried_and_recorded(tmp_path: Path) -> None:
     async def no_sleep(_: float) -> None:
         return None
 
-    engine._client = ModelClient(loop.model, retry=RetryPolicy(base_delay=0.01), on_retry=engine._on_retry, sleep=no_sleep)
+    engine._client = ModelClient(loop.model, retry=RetryPolicy(base_delay=0.01), on_retry=engine.on_retry, sleep=no_sleep)
     run = await engine.run()
     assert run.status == "converged"
-    assert [e.kind for e in store.events(run.id)].count("model_retry") == 1
+    assert kinds(store.events(run.id)).count("model_retry") == 1
 
 
 async def test_rules_file_reaches_the_prompt(tmp_path: Path) -> None:
@@ -300,7 +301,7 @@ async def test_resume_reuses_a_journalled_reply_and_tool_result(tmp_path: Path, 
     assert calls == ["ok"]  # the tool did not run again
     record = store.iterations(run.id)[0]
     assert record.tool_result is not None and record.tool_result["reused"] is True
-    assert "intent_reused" in [e.kind for e in store.events(run.id)]
+    assert "intent_reused" in kinds(store.events(run.id))
     assert run.tokens_in == record.tokens_in > 0  # the reply was paid for once
 
 
@@ -331,7 +332,7 @@ async def test_a_recorded_decision_naming_a_tool_the_loop_lost_ends_the_run_in_o
     run = await Engine(changed, store, store.get_run(engine.run_id), workdir=tmp_path, client=_Forbidden()).run()
     assert run.status == "failed" and calls == []
     assert run.termination_reason == "fatal_error"
-    message = store.events(run.id)[-1].data.get("message", "")
+    message = of(store.events(run.id), RunFinished)[-1].message
     assert "calls tool 'write', which the loop no longer has" in message and "start a new run" in message
 
 
@@ -387,7 +388,7 @@ async def test_a_running_engine_keeps_a_heartbeat_and_a_killed_one_goes_stale(tm
     import time as _time
 
     from loopterm.core import engine as engine_module
-    from loopterm.core.engine import alive
+    from loopterm.core.liveness import alive
 
     monkeypatch.setattr(engine_module, "HEARTBEAT_S", 0.05)
     turns = [{"content": decision(text="v", subgoal="s"), "delay": 0.5}]
@@ -453,29 +454,31 @@ def test_executing_elsewhere_asks_the_process_on_this_machine_and_the_heartbeat_
     import sys
     import time
 
-    from loopterm.core.engine import STALE_AFTER_S, executing_elsewhere
-    from loopterm.core.records import EventRecord, RunRecord
+    from loopterm.core.liveness import STALE_AFTER_S, executing_elsewhere
+    from loopterm.core.fold import RunView, fold
+    from loopterm.core.records import RunRecord
+    from loopterm.core.runlog import EventRecord, RunStarted
 
     now = time.time()
     run = RunRecord(id="r1", loop="t", loop_ref="t", goal="g", spec_hash="h", model="m", status="running",
                     workspace="/tmp", created_at=now, updated_at=now, max_iterations=3)
     here = socket.gethostname()
 
-    def started(pid: int, host: str = here, *later: str) -> list[EventRecord]:
-        events = [EventRecord(run_id="r1", ts=now, kind="run_started", data={"from_iteration": 0, "pid": pid, "host": host})]
-        return events + [EventRecord(run_id="r1", ts=now, kind=k) for k in later]
+    def started(pid: int, host: str = here, *, finished: bool = False) -> RunView:
+        events = [EventRecord(run_id="r1", ts=now, event=RunStarted(pid=pid, host=host))]
+        return fold(events + [EventRecord(run_id="r1", ts=now, event=RunFinished())] if finished else events)
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert executing_elsewhere(run, started(sleeper.pid))  # a live process started it
-        assert not executing_elsewhere(run, started(sleeper.pid, here, "run_finished"))  # it ended the run
+        assert not executing_elsewhere(run, started(sleeper.pid, here, finished=True))  # it ended the run
         assert not executing_elsewhere(run.model_copy(update={"updated_at": now - STALE_AFTER_S - 1}), started(sleeper.pid))
     finally:
         sleeper.kill()
         sleeper.wait()
     assert not executing_elsewhere(run, started(sleeper.pid))  # killed: free at once, heartbeat fresh or not
     assert executing_elsewhere(run, started(sleeper.pid, "another-host"))  # elsewhere: only the heartbeat tells
-    assert not executing_elsewhere(run, started(sleeper.pid, "another-host", "run_finished"))
-    legacy = [EventRecord(run_id="r1", ts=now, kind="run_started", data={"from_iteration": 0})]
+    assert not executing_elsewhere(run, started(sleeper.pid, "another-host", finished=True))
+    legacy = fold([EventRecord(run_id="r1", ts=now, event=RunStarted())])
     assert executing_elsewhere(run, legacy)  # recorded before pids were: the heartbeat decides
     assert not executing_elsewhere(run.model_copy(update={"status": "stopped"}), started(sleeper.pid, "another-host"))

@@ -13,7 +13,9 @@ import loopterm.examples.codefix as codefix_pkg
 from loopterm.core.cases import load_cases
 from loopterm.core.errors import ConfigError
 from loopterm.core.evaluation import percentile
+from loopterm.core import runlog
 from loopterm.store import Store
+from tests.loopkit import of
 from loopterm.tui.cli import main
 
 CODEFIX = Path(codefix_pkg.__file__).resolve().parent
@@ -53,7 +55,7 @@ def test_eval_json_matches_the_store(tmp_path: Path, capsys: pytest.CaptureFixtu
     for case_id, row in rows.items():
         run = store.get_run(row["run_id"])
         its = store.iterations(run.id)
-        assert [e.data["id"] for e in store.events(run.id) if e.kind == "case"] == [case_id]
+        assert [e.id for e in of(store.events(run.id), runlog.CaseStarted)] == [case_id]
         assert row["status"] == run.status and row["termination_reason"] == run.termination_reason
         assert row["converged"] == (run.status == "converged")
         assert row["iterations"] == run.iterations == len(its)

@@ -55,8 +55,10 @@ from loopterm.core.migrations import migrate_state
 from loopterm.core.model import ModelReply
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.termination import Status
+from loopterm.core import runlog
 from loopterm.store import Store
 from tests import fuzz_strategies as fs
+from tests.loopkit import kinds, of
 
 # ----------------------------------------------------------------------------- profiles
 
@@ -227,8 +229,8 @@ def check_store(path: Path, loop: Loop | None = None, run_ids: list[str] | None 
             stamps = [e.ts for e in events]
             assert all(a <= b + 1e-3 for a, b in zip(stamps, stamps[1:])), "event times out of order"
             if run.origin == "run":
-                assert events and events[0].kind == "run_created", [e.kind for e in events[:3]]
-            lifecycle = [e.kind for e in events if e.kind in ("run_started", "run_resumed", "run_finished")]
+                assert events and isinstance(events[0].event, runlog.RunCreated), kinds(events[:3])
+            lifecycle = [k for k in kinds(events) if k in ("run_started", "run_resumed", "run_finished")]
             if Status(run.status).finished and lifecycle:  # a finished run's last start has its end after it
                 assert lifecycle[-1] == "run_finished", lifecycle[-3:]
             assert run.status in FINISHED or run.status == Status.CREATED.value, run.status
@@ -335,7 +337,7 @@ def _check_run(bench: Bench, engine: Engine, client: Client, final: RunRecord) -
         one_line(final.message)
     store = bench.store
     events = store.events(final.id)
-    invalid = [e for e in events if e.kind == "invalid_reply"]
+    invalid = of(events, runlog.InvalidReply)
     calls_after_invalid = 0
     for i, messages in enumerate(client.calls):
         repairing = messages[-1]["role"] == "user" and messages[-1]["content"].startswith(REPAIR_PROMPT)
@@ -344,7 +346,7 @@ def _check_run(bench: Bench, engine: Engine, client: Client, final: RunRecord) -
             assert messages[-2]["role"] == "assistant"
     assert calls_after_invalid <= len(invalid)
     for event in invalid:
-        one_line(str(event.data["error"]), limit=1_000)
+        one_line(event.error, limit=1_000)
     for record in store.iterations(final.id):
         decision = Decision.model_validate(record.decision)
         assert record.repairs <= bench.loop.max_repairs
@@ -424,9 +426,13 @@ def hostile_command(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     kind = draw(st.sampled_from(["edit_state"] * 6 + ["add_fact", "set_subgoal", "relax", "restore", "stop",
                                                         "approve", "deny", "frobnicate", "pause", "resume"]))
     if kind == "edit_state":
-        payload: dict[str, Any] = {"state": draw(fs.state_edit(BASE_STATE)), "reason": draw(fs.nasty_text())}
+        # the state after iteration 1 (the run has made one when these are sent); now and then a stale or hostile base
+        payload: dict[str, Any] = {"state": draw(fs.state_edit(BASE_STATE)), "reason": draw(fs.nasty_text()),
+                                   "base_iteration": 1}
         if draw(st.integers(0, 6)) == 0:
             payload["state"] = draw(fs.hostile_values)
+        if draw(st.integers(0, 6)) == 0:
+            payload["base_iteration"] = draw(st.one_of(st.integers(-3, 10**20), fs.hostile_values))
     else:
         field = {"add_fact": "fact", "set_subgoal": "subgoal", "relax": "invariant", "restore": "invariant",
                  "stop": "reason", "approve": "key", "deny": "key"}.get(kind, "x")
@@ -441,7 +447,7 @@ def hostile_command(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 def _edit(**changes: Any) -> tuple[str, dict[str, Any]]:
     state = json.loads(json.dumps(BASE_STATE))
     state.update(changes)
-    return "edit_state", {"state": state, "reason": "regression"}
+    return "edit_state", {"state": state, "reason": "regression", "base_iteration": 1}
 
 
 @budget(ci=80, slow=1_000)
@@ -475,12 +481,13 @@ def test_state_edits_through_the_control_channel(bench: Bench, commands: list[tu
     final = drive(resumed)
     assert final.status in FINISHED, final
     events = bench.store.events(run.id)
-    for event in events:
-        if event.kind in ("state_edited", "fact_added", "subgoal_set"):
-            state = bench.loop.state.model_validate(migrate_state(bench.loop, event.data["patched_state"]))
+    for event in (e.event for e in events):
+        if isinstance(event, (runlog.StateEdited, runlog.FactAdded, runlog.SubgoalSet)):
+            assert event.patched_state is not None
+            state = bench.loop.state.model_validate(migrate_state(bench.loop, event.patched_state))
             assert state.iteration == 1
-        if event.kind == "command_rejected":
-            one_line(str(event.data["error"]))
+        if isinstance(event, runlog.CommandRejected):
+            one_line(event.error)
     assert bench.store.pending_commands(run.id) == []
     check_store(bench.db, bench.loop, [run.id])
 

@@ -14,7 +14,7 @@ import pytest
 
 from loopterm.core.errors import ConfigError
 from loopterm.store import SCHEMA_VERSION, Store
-from loopterm.store.ledger import DAILY_BUDGET_ENV, check_daily_budget, local_day
+from loopterm.core.daily_budget import DAILY_BUDGET_ENV, check_daily_budget, local_day
 from loopterm.tui.cli import main
 from tests.loopkit import PRICE, decision, make_engine, make_loop
 from tests.test_store import make_iteration, make_run, sha, siblings

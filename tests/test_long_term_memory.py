@@ -8,7 +8,8 @@ from pathlib import Path
 
 from loopterm.core import Decision, Loop, LoopState
 from loopterm.core.invariants import Invariant, Remediation
-from tests.loopkit import FLAG_GATE, PRICE, decision, make_engine, write
+from loopterm.core import runlog
+from tests.loopkit import FLAG_GATE, PRICE, decision, make_engine, of, write
 
 
 def _loop(tmp_path: Path, name: str, turns: list[dict], **kw: object) -> Loop:
@@ -36,7 +37,7 @@ def test_a_new_run_recalls_memory_and_a_contradiction_is_flagged(tmp_path: Path)
     store.remember("mem", "colour", "blue")
     store.remember("mem", "widget", "the blue widget ships in a box", kind="document")
     store.remember("other", "widget", "not this loop's", kind="document")
-    engine.state = engine._load_state(None, [])  # recall sees what was remembered after create
+    engine.state = engine._load_state(None)  # recall sees what was remembered after create
     final = asyncio.run(engine.run())
     assert final.status == "converged" and final.iterations == 2
     first, second = store.iterations(final.id)
@@ -46,7 +47,7 @@ def test_a_new_run_recalls_memory_and_a_contradiction_is_flagged(tmp_path: Path)
     assert first.invariant_status == {"consistent": False}
     assert second.invariant_status == {"consistent": True}
     assert "the widget is blue" in second.prompt[1]["content"]
-    events = [e.data for e in store.events(final.id) if e.kind == "invariant_violated"]
+    events = [runlog.to_stored(e)[1] for e in of(store.events(final.id), runlog.InvariantViolated)]
     assert events == [{"invariant": "consistent", "remediation": "custom"}]
 
 
@@ -80,7 +81,7 @@ def test_recall_ranks_by_meaning_through_a_litellm_embedding_model(tmp_path: Pat
     loop = _loop(tmp_path, "emb", [decision(text="ok")], embedding_model="scripted/words")
     engine, store2 = make_engine(tmp_path / "e", loop)
     store2.remember("emb", "widget", "the blue widget ships in a box", kind="document")
-    engine.state = engine._load_state(None, [])
+    engine.state = engine._load_state(None)
     assert engine.state.memory.retrieved == ["widget: the blue widget ships in a box"]
     assert store2.memories("emb")[0].key == "widget"
 

@@ -22,10 +22,13 @@ import pytest
 from loopterm.core import CommandGate, Loop
 from loopterm.core.control import Approve, command_payload
 from loopterm.core.engine import Engine
+from loopterm.core.fold import fold
 from loopterm.core.events import IterationCommitted, IterationStarted
-from loopterm.core.mcp_tools import McpServer, McpStartError, McpTools, ToolPolicy
+from loopterm.core.mcp_servers import McpServer, McpStartError, ToolPolicy
+from loopterm.core.mcp_tools import McpTools
 from loopterm.store import Store
-from tests.loopkit import decision, make_engine, make_loop
+from loopterm.core import runlog
+from tests.loopkit import decision, make_engine, make_loop, of
 
 HERE = Path(__file__).resolve().parent
 TEST_SERVER = str(HERE / "mcp_test_server.py")
@@ -101,7 +104,9 @@ def _running(marker: str) -> list[int]:
 
 
 def server_pids(engine: Engine) -> list[int]:
-    mcp = engine._mcp
+    from loopterm.core.hooks import McpServers
+
+    mcp = next((hook.tools for hook in engine.hooks if isinstance(hook, McpServers)), None)
     return [c.process.pid for c in mcp.connections.values() if c.process is not None] if mcp else []
 
 
@@ -172,14 +177,14 @@ async def test_a_read_only_call_returns_the_real_output_and_invalid_arguments_ar
     assert log["ok"] and log["tool"] == "git_log"
     assert git(repo, "rev-parse", "HEAD") in log["output"] and "first commit: add the README" in log["output"]
     assert second.tool_result["ok"] and "NOTES.md" in second.tool_result["output"] and "README.md" in second.tool_result["output"]
-    invalid = [e for e in store.events(final.id) if e.kind == "invalid_reply"]
+    invalid = of(store.events(final.id), runlog.InvalidReply)
     assert len(invalid) == 1
-    error = invalid[0].data["error"]
+    error = invalid[0].error
     assert error.startswith("invalid arguments for tool 'git_add': ")
     assert "'repo_path' is a required property" in error and "files: [] should be non-empty" in error
     assert git(repo, "diff", "--cached", "--name-only") == ""  # the refused call never reached the server
-    connected = next(e for e in store.events(final.id) if e.kind == "mcp_connected")
-    assert "git_commit" in connected.data["tools"]
+    connected = next(iter(of(store.events(final.id), runlog.McpConnected)))
+    assert "git_commit" in connected.tools
     assert not servers_running(str(tmp_path))
     store.close()
 
@@ -214,8 +219,9 @@ async def test_a_side_effect_waits_for_approval_and_runs_exactly_once_across_res
     assert final.status == "escalated" and "tool 'git_commit' needs approval (iteration 2)" in final.message
     assert git(repo, "rev-list", "--count", "HEAD") == "1"  # nothing committed without a person
     assert not servers_running(str(tmp_path))
-    pending = next(e for e in store.events(final.id) if e.kind == "approval_pending")
-    store.add_command(final.id, *command_payload(Approve(key=pending.data["key"], reason="looks right")))
+    pending = next(iter(of(store.events(final.id), runlog.ApprovalPending)))
+    assert list(fold(store.events(final.id)).approvals) == [pending.key]
+    store.add_command(final.id, *command_payload(Approve(key=pending.key, reason="looks right")))
 
     resumed = Engine(loop, store, store.get_run(final.id))
     task = asyncio.create_task(resumed.run())

@@ -39,8 +39,10 @@ import pytest
 from loopterm.core.errors import ConfigError, ErrorKind, ModelError
 from loopterm.core.model import ModelClient, _litellm, check_model
 from loopterm.core.retry import BreakerState, CallSettings, CircuitBreaker, RetryPolicy, breaker_for, reset_breakers
+from loopterm.core import runlog
 from loopterm.store import Store
 from loopterm.tui.cli import main as cli_main
+from tests.loopkit import at, kinds, of
 
 MODEL = "openai/gpt-4o-mini"
 DUMMY_KEY = "sk-loopterm-faults-dummy-0123456789"
@@ -378,7 +380,7 @@ def assert_clean_failure(ran: Ran, *phrases: str) -> None:
     # The reason is in the summary, not a stray error line. (litellm's logging worker warns when a second
     # asyncio.run in one process reuses it: an artefact of running the CLI in-process, not a fault's.)
     assert [line for line in ran.err.splitlines() if "LoggingWorker: event loop changed" not in line] == []
-    assert [e.data["message"] for e in ran.events if e.kind == "run_finished"][-1] == message
+    assert [e.message for e in of(ran.events, runlog.RunFinished)][-1] == message
 
 
 def assert_nothing_lost(p: Project, before: list[dict[str, Any]], final: Ran) -> None:
@@ -390,7 +392,7 @@ def assert_nothing_lost(p: Project, before: list[dict[str, Any]], final: Ran) ->
     effects = p.effects
     assert [n for n, _ in effects] == [1, 2, 3, 4]  # exactly once each, in order
     assert [key for _, key in effects] == [r.tool_call["key"] for r in final.iterations]
-    assert [e.kind for e in final.events].count("run_resumed") == 1
+    assert len(of(final.events, runlog.RunResumed)) == 1
 
 
 # ----------------------------------------------------------------------------- ModelClient, fault by fault
@@ -618,10 +620,10 @@ def test_run_ends_cleanly_on_a_provider_fault_and_resumes_after_recovery(
                 f"`loopterm resume {failed.run.id}` continues from iteration {FAULT_AT} once the provider answers")
         assert [r.n for r in failed.iterations] == [1, 2]  # what was committed before the fault is all there
         assert [n for n, _ in p.effects] == [1, 2]
-        retries = [e for e in failed.events if e.kind == "model_retry"]
-        assert len(retries) == (0 if fault == "not_a_decision" else 2) and all(e.iteration == FAULT_AT for e in retries)
+        retries = at(failed.events, runlog.ModelRetried)
+        assert len(retries) == (0 if fault == "not_a_decision" else 2) and all(n == FAULT_AT for n, _ in retries)
         if fault == "not_a_decision":
-            assert [e.kind for e in failed.events].count("invalid_reply") == 3
+            assert kinds(failed.events).count("invalid_reply") == 3
         if source == "socket":
             assert server.seen[FAULT_AT] == (0 if fault == "refused" else 3)
         before = snapshot(failed.iterations)
@@ -653,7 +655,7 @@ def test_a_429_burst_inside_a_run_is_absorbed_by_the_retries(fakellm_server: Any
         ran = run_headless(p, capsys)
         assert ran.code == 0 and ran.run.status == "converged", ran.run.message
         assert [r.n for r in ran.iterations] == [1, 2, 3, 4] and [n for n, _ in p.effects] == [1, 2, 3, 4]
-        retries = [(e.iteration, e.data["attempt"]) for e in ran.events if e.kind == "model_retry"]
+        retries = [(n, e.attempt) for n, e in at(ran.events, runlog.ModelRetried)]
         assert retries == [(FAULT_AT, 1), (FAULT_AT, 2)]
         assert "429" in ran.out and "retry 1" in ran.out  # the person saw the retries go by
         assert fakellm_server.hits(f"{tag}-fault") == 2
@@ -709,7 +711,7 @@ def test_checker_model_fault_after_the_side_effect_is_not_fired_twice(fakellm_se
         resumed = resume(p, capsys, failed.run.id)
         assert_nothing_lost(p, before, resumed)
         assert fakellm_server.hits(f"{tag}r-ok-{FAULT_AT}") == 0  # the maker's reply was reused, not asked again
-        assert [e.iteration for e in resumed.events if e.kind == "intent_reused"] == [FAULT_AT]
+        assert [n for n, _ in at(resumed.events, runlog.IntentReused)] == [FAULT_AT]
 
 
 # ----------------------------------------------------------------------------- the breaker across runs
@@ -773,16 +775,17 @@ def test_context_window_error_is_retried_with_a_pruned_prompt(fakellm_server: An
         ran = run_headless(p, capsys)
         assert ran.code == 0 and ran.run.status == "converged", ran.run.message
         assert [r.n for r in ran.iterations] == [1, 2, 3, 4] and [n for n, _ in p.effects] == [1, 2, 3, 4]
-        pruned = [e for e in ran.events if e.kind == "prompt_pruned"]
+        pruned = at(ran.events, runlog.PromptPruned)
         refused = fakellm_server.hits(f"{tag}-too-long")
         assert refused >= 1 and len(pruned) == refused  # every refusal was recorded, and retried once
-        for event in pruned:
-            assert "maximum context length is 8192 tokens" in event.data["error"]
-            assert event.data["retry"] == 1 and event.data["token_budget"] == 3000
-            assert event.data["tokens_after"] < event.data["tokens_before"]
-            record = ran.iterations[event.iteration - 1]
+        for n, event in pruned:
+            assert "maximum context length is 8192 tokens" in event.error
+            assert event.retry == 1 and event.token_budget == 3000
+            assert event.tokens_after < event.tokens_before
+            assert n is not None
+            record = ran.iterations[n - 1]
             assert "ZZOLDEST" not in json.dumps(record.prompt)  # the journalled prompt is the one that was answered
-        assert not [e for e in ran.events if e.kind == "model_retry"]  # a 400 is never retried as it was
+        assert not of(ran.events, runlog.ModelRetried)  # a 400 is never retried as it was
 
 
 def test_context_window_error_that_pruning_cannot_fix_ends_the_run(fakellm_server: Any, tmp_path: Path,
@@ -800,7 +803,7 @@ def test_context_window_error_that_pruning_cannot_fix_ends_the_run(fakellm_serve
                              "still too long after pruning it 2 time(s), to about",
                              "use a model with a larger context window")
         assert fakellm_server.hits(f"{tag}-too-long") == 3  # the prompt, half of it, a quarter: then it stops
-        pruned = [e.data["token_budget"] for e in failed.events if e.kind == "prompt_pruned" and e.iteration == FAULT_AT]
+        pruned = [e.token_budget for n, e in at(failed.events, runlog.PromptPruned) if n == FAULT_AT]
         assert pruned == [3000, 1500]
         assert [r.n for r in failed.iterations] == [1, 2] and [n for n, _ in p.effects] == [1, 2]
         before = snapshot(failed.iterations)
@@ -821,7 +824,7 @@ def test_context_window_error_with_nothing_to_prune_is_not_retried(fakellm_serve
         failed = run_headless(p, capsys)
         assert_clean_failure(failed, "the prompt does not fit the context window", "nothing left to prune in it")
         assert fakellm_server.hits(f"{tag}-too-long") == 1  # the same prompt is never sent twice
-        assert not [e for e in failed.events if e.kind == "prompt_pruned"]
+        assert not of(failed.events, runlog.PromptPruned)
         assert failed.iterations == [] and p.effects == []
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from loopterm.tui.cli import main
+from tests.loopkit import escalation_id
 
 CLI = [sys.executable, "-m", "loopterm.tui.cli"]
 
@@ -233,10 +234,12 @@ def test_a_run_a_person_steered_replays_identically(work: Path, capsys: pytest.C
     code, out, err = cli(capsys, "run", str(folder / "loop.py"), "--headless", "--no-wait", "--db", str(db))
     assert code == 4, out + err
     recorded = str(cli_json(capsys, "runs", "--db", str(db))[-1]["id"])
-    # A person relaxes the invariant, adds a fact and resumes: all of it shapes the prompt of iteration 3.
+    # A person relaxes the invariant, adds a fact, answers the escalation (go on) and resumes: all of it
+    # shapes the prompt of iteration 3.
     with Store.open(db) as store:
         store.add_command(recorded, "relax", {"invariant": "short_run", "reason": "it is fine"})
         store.add_command(recorded, "add_fact", {"fact": "the team was told"})
+        store.add_command(recorded, "resume", {"escalation": escalation_id(store, recorded)})
     code, out, err = cli(capsys, "resume", recorded, "--no-wait", "--db", str(db))
     assert code == 0, out + err
     third = cli_json(capsys, "show", recorded, "--iteration", "3", "--db", str(db))
@@ -268,7 +271,7 @@ def test_a_run_a_person_resumed_in_place_replays_identically(work: Path, capsys:
             if isinstance(event, Escalated):
                 store.add_command(engine.run_id, "relax", {"invariant": "short_run", "reason": "fine", "iterations": 1})
                 store.add_command(engine.run_id, "set_subgoal", {"subgoal": "finish it"})
-                store.add_command(engine.run_id, "resume", {})
+                store.add_command(engine.run_id, "resume", {"escalation": escalation_id(store, engine.run_id)})
                 engine.wake()
 
         engine.subscribe(answer)

@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 
 from loopterm.core import CommandGate, tool
+from loopterm.core import runlog
 from loopterm.core.gates import scrubbed_env
 from loopterm.core.records import RunRecord
+from loopterm.core.runlog import to_stored
 from loopterm.core.secrets import (
     KEY_MARKER,
     is_secret_name,
@@ -277,7 +279,8 @@ async def test_logs_events_and_the_escalation_packet_hold_no_key(tmp_path: Path,
     packet = next(e.packet for e in events if type(e).__name__ == "Escalated")
     found = (leaks("log records", "\n".join(messages)) + leaks("log text", caplog.text)
              + leaks("events", repr(events)) + leaks("packet", json.dumps(packet))
-             + [hit for e in store.events(run_id) for hit in leaks(f"event {e.kind}", json.dumps(e.data))])
+             + [hit for kind, data in (to_stored(e.event) for e in store.events(run_id))
+                for hit in leaks(f"event {kind}", json.dumps(data))])
     files = {p.name: p.read_bytes() for p in (tmp_path / "db").glob("loopterm.db*")}  # open: the -wal holds pages
     assert "loopterm.db-wal" in files and b"[redacted:" in b"".join(files.values())
     found += [hit for name, blob in files.items() for hit in leaks(name, blob)]
@@ -613,7 +616,7 @@ def test_the_export_redacts_what_an_older_loopterm_stored(tmp_path: Path) -> Non
     store.create_run(RunRecord(id="old1", loop="l", loop_ref="l", goal=f"use {SHAPED['project']}", spec_hash="h",
                                model="m", status="failed", workspace=str(tmp_path), created_at=0, updated_at=0,
                                max_iterations=5, message=f"Authorization: Bearer {SHAPED['bearer']}"))
-    store.append_event("old1", "model_retry", {"error": f"bad key {SHAPED['aws']}"})
+    store.append_event("old1", runlog.ModelRetried(error=f"bad key {SHAPED['aws']}"))
     lines = [json.dumps(line) for line in store.export_run("old1")]
     store.close()
     assert leaks("export", "\n".join(lines)) == [] and KEY_MARKER in lines[1] and KEY_MARKER in lines[2]
@@ -674,7 +677,7 @@ async def test_a_key_a_person_types_into_a_command_is_redacted_as_it_enters(tmp_
     await engine.run()
     states = json.dumps([r.state for r in store.iterations(engine.run_id)])
     prompts = json.dumps([r.prompt for r in store.iterations(engine.run_id)])
-    events = json.dumps([e.data for e in store.events(engine.run_id)])
+    events = json.dumps([to_stored(e.event)[1] for e in store.events(engine.run_id)])
     store.close()
     assert f"deploy with {KEY_MARKER}" in states and f"deploy with {KEY_MARKER}" in events
     assert leaks("state", states) + leaks("prompt", prompts) + leaks("events", events) == []

@@ -17,9 +17,12 @@ from loopterm.core.control import Approve, Deny, command_payload
 from loopterm.core.engine import Engine
 from loopterm.core.events import ApprovalNeeded
 from loopterm.core.loader import load_loop
-from loopterm.core.shadow import SHADOW_EVENT, VERDICT_EVENT, agreement, is_shadow, verdicts
+from loopterm.core.fold import fold
+from loopterm.core.runlog import ApprovalPending, CommandRejected, ShadowMode, ShadowVerdict
+from loopterm.core.shadow import agreement, verdicts
 from loopterm.store import Store
 from loopterm.tui.cli import main
+from tests.loopkit import of
 from tests.shadowkit import ANSWERS, EXPECTED_TOOLS, EXPECTED_TOTALS, TURNS, trace, write_loop
 
 
@@ -78,20 +81,21 @@ def test_a_shadow_run_executes_nothing_records_every_verdict_and_never_converges
 
     assert trace(tmp_path / "loop") == ""  # no tool function and no gate ever ran
     assert (workspace / "notes.txt").read_text() == "original\n" and not (workspace / "other.txt").exists()
-    keys = [str(e.data["key"]) for e in store.events(engine.run_id) if e.kind == "approval_pending"]
+    keys = [e.key for e in of(store.events(engine.run_id), ApprovalPending)]
     assert len(keys) == 5 and all(store.tool_call(k) is None for k in keys)  # the executor journalled no call
     assert [a.tool for a in person.asked] == [t for t, _ in TURNS]  # every call went to the person, lookup too
     assert all(a.shadow for a in person.asked)
     assert run.status == "terminated" and run.termination_reason == "max_iterations" and run.iterations == 5
 
     events = store.events(engine.run_id)
-    assert is_shadow(events)
-    recorded = [e for e in events if e.kind == VERDICT_EVENT]
-    assert [(e.iteration, e.data["tool"], e.data["verdict"]) for e in recorded] == [
+    assert fold(events).shadow
+    at = [e.iteration for e in events if isinstance(e.event, ShadowVerdict)]
+    recorded = of(events, ShadowVerdict)
+    assert [(n, e.tool, e.verdict) for n, e in zip(at, recorded)] == [
         (n, tool, ANSWERS[n - 1][0]) for n, (tool, _) in enumerate(TURNS, 1)]
-    assert recorded[1].data["person_args"] == {"query": "release date 2.1"}
-    assert recorded[2].data["reason"] == "never write a vague date"
-    assert agreement(verdicts(events)) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
+    assert recorded[1].person_args == {"query": "release date 2.1"}
+    assert recorded[2].reason == "never write a vague date"
+    assert agreement(verdicts(fold(events))) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
 
     iterations = store.iterations(engine.run_id)
     for it, (verdict, _, _, _) in zip(iterations, ANSWERS):
@@ -102,8 +106,8 @@ def test_a_shadow_run_executes_nothing_records_every_verdict_and_never_converges
     assert "release date 2.1" in iterations[1].tool_result["error"]
     assert "would not have made this call (never write a vague date)" in iterations[2].tool_result["error"]
     assert "would have called tool 'lookup' instead" in iterations[4].tool_result["error"]
-    assert (recorded[4].data["tool"], recorded[4].data["person_tool"]) == ("write", "lookup")
-    assert recorded[4].data["person_args"] == {"query": "who owns other.txt"} and recorded[4].data["args_error"] is None
+    assert (recorded[4].tool, recorded[4].person_tool) == ("write", "lookup")
+    assert recorded[4].person_args == {"query": "who owns other.txt"} and recorded[4].args_error is None
     assert "not executed (shadow mode" in json.dumps(iterations[3].prompt)  # the next prompt carries it
     assert store.memories("shadowed") == []  # a shadow run teaches long-term memory nothing
     store.close()
@@ -116,10 +120,11 @@ def test_without_a_person_a_shadow_run_waits_and_resuming_it_stays_shadow(tmp_pa
     run = store.get_run(engine.run_id)
     assert run.status == "escalated" and run.termination_reason == "waiting_on_person"
     assert "shadow" in (run.message or "") and "nothing will run" in (run.message or "")
-    pending = [e for e in store.events(run.id) if e.kind == "approval_pending"]
-    assert len(pending) == 1 and pending[0].data["shadow"] is True
+    pending = of(store.events(run.id), ApprovalPending)
+    assert len(pending) == 1 and pending[0].shadow is True
+    assert list(fold(store.events(run.id)).approvals) == [pending[0].key]
 
-    kind, payload = command_payload(answer(1, str(pending[0].data["key"])))  # answered while nothing runs it
+    kind, payload = command_payload(answer(1, pending[0].key))  # answered while nothing runs it
     store.add_command(run.id, kind, payload)
     loop, _ = load_loop(run.loop_ref)
     resumed = Engine(loop, store, store.get_run(run.id), wait_on_person=True, workdir=tmp_path)
@@ -127,8 +132,8 @@ def test_without_a_person_a_shadow_run_waits_and_resuming_it_stays_shadow(tmp_pa
     run_with_person(resumed, store)
     assert trace(tmp_path / "loop") == ""
     events = store.events(run.id)
-    assert [e.kind for e in events].count(SHADOW_EVENT) == 1
-    assert agreement(verdicts(events)) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
+    assert len(of(events, ShadowMode)) == 1
+    assert agreement(verdicts(fold(events))) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
     store.close()
 
 
@@ -140,7 +145,7 @@ def test_an_ordinary_run_of_the_same_loop_executes_and_asks_nobody(tmp_path: Pat
     assert not engine.shadow and person.asked == []
     assert trace(tmp_path / "loop").startswith("write notes.txt\ngate\nlookup release\ngate\n")
     assert (Path(engine.run_record.workspace) / "notes.txt").read_text() == "release: soon"  # iteration 3 wrote it
-    assert [e for e in store.events(engine.run_id) if e.kind == VERDICT_EVENT] == []
+    assert of(store.events(engine.run_id), ShadowVerdict) == []
     assert [(m.key, m.value) for m in store.memories("shadowed")] == [("last_status", "terminated")]
     store.close()
 
@@ -156,7 +161,7 @@ def test_a_branch_of_a_shadow_run_stays_shadow_and_replays_nothing(tmp_path: Pat
     assert code == 4
     store = Store.open(db)
     branch = [r for r in store.list_runs() if r.parent_run == engine.run_id][0]
-    assert is_shadow(store.events(branch.id))
+    assert fold(store.events(branch.id)).shadow
     assert (Path(branch.workspace) / "notes.txt").read_text() == "original\n"  # write(notes.txt) was only proposed
     assert trace(tmp_path / "loop") == ""
     store.close()
@@ -190,10 +195,10 @@ def test_a_replay_of_a_shadow_run_is_shadow_and_identical(tmp_path: Path, capsys
     report = json.loads(capsys.readouterr().out)
     store = Store.open(db)
     replayed = report.get("replay_run") or [r.id for r in store.list_runs() if r.origin == "replay"][0]
-    assert is_shadow(store.events(replayed))
+    assert fold(store.events(replayed)).shadow
 
     def judged(run_id: str) -> list[tuple[Any, ...]]:
-        return [(v.tool, v.verdict, v.person_tool, v.person_args, v.reason) for v in verdicts(store.events(run_id))]
+        return [(v.tool, v.verdict, v.person_tool, v.person_args, v.reason) for v in verdicts(fold(store.events(run_id)))]
 
     assert judged(replayed) == judged(engine.run_id) and len(judged(replayed)) == 5  # another tool re-sent too
     assert trace(tmp_path / "loop") == ""
@@ -277,8 +282,8 @@ def test_a_headless_shadow_run_waits_for_verdicts_sent_from_another_process(tmp_
             with Store.open(db) as store:
                 for run in store.list_runs():
                     for event in store.events(run.id):
-                        key = str(event.data.get("key"))
-                        if event.kind == "approval_pending" and key not in answered:
+                        key = event.event.key if isinstance(event.event, ApprovalPending) else None
+                        if key is not None and key not in answered:
                             kind, payload = command_payload(answer(event.iteration or 0, key))
                             store.add_command(run.id, kind, payload)
                             answered.add(key)
@@ -293,7 +298,7 @@ def test_a_headless_shadow_run_waits_for_verdicts_sent_from_another_process(tmp_
     with Store.open(db) as store:
         (run,) = store.list_runs()
         assert run.termination_reason == "max_iterations"
-        assert agreement(verdicts(store.events(run.id))) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
+        assert agreement(verdicts(fold(store.events(run.id)))) == {"tools": EXPECTED_TOOLS, "totals": EXPECTED_TOTALS}
 
 
 def test_a_run_that_executes_never_swaps_the_tool_a_person_was_asked_about(tmp_path: Path) -> None:
@@ -330,6 +335,6 @@ def test_a_run_that_executes_never_swaps_the_tool_a_person_was_asked_about(tmp_p
     assert calls == []
     first = store.get_iteration(engine.run_id, 1)
     assert first.tool_call["approval"] == "deny" and "named another tool (write)" in first.tool_result["error"]
-    rejected = [e.data for e in store.events(engine.run_id) if e.kind == "command_rejected"]
-    assert rejected and "only a shadow run records another tool" in rejected[0]["error"]
+    rejected = of(store.events(engine.run_id), CommandRejected)
+    assert rejected and "only a shadow run records another tool" in rejected[0].error
     store.close()

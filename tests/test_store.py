@@ -18,14 +18,15 @@ import pydantic
 import pytest
 
 from loopterm.core.errors import ConfigError
+from loopterm.core import runlog
 from loopterm.core.records import (
     CommandRecord,
-    EventRecord,
     Intent,
     IterationRecord,
     RunRecord,
     ToolCallRecord,
 )
+from loopterm.core.runlog import EventRecord
 from loopterm.store import SCHEMA_VERSION, DuplicateIterationError, Store
 
 BIG = ("naïve 日本語 🚀 line\n\ttab \"quote\" \\ back\x00nul " * 20_000)[: 1024 * 1024]
@@ -129,8 +130,9 @@ def test_columns_match_the_records(store: Store) -> None:
         "runs": RunRecord, "iterations": IterationRecord, "events": EventRecord,
         "tool_calls": ToolCallRecord, "intents": Intent, "commands": CommandRecord,
     }
-    elsewhere = {"iterations": {"state"}}  # the state lives in `states` (deltas and keyframes)
-    derived = {"tool_calls": {"args_hash"}}  # indexed for prior_tool_calls
+    # the state lives in `states` (deltas and keyframes); an event is stored as (kind, data) (runlog.to_stored)
+    elsewhere = {"iterations": {"state"}, "events": {"event"}}
+    derived = {"tool_calls": {"args_hash"}, "events": {"kind", "data"}}  # args_hash: indexed for prior_tool_calls
     for table, model in models.items():
         expected = set(model.model_fields) - elsewhere.get(table, set()) | derived.get(table, set())
         assert set(store._db.table(table).columns_dict) == expected, table
@@ -365,7 +367,7 @@ def test_events_are_append_only_and_ordered(tmp_path: Path) -> None:
     with Store.open(tmp_path / "e.db", clock=lambda: float(next(ticks))) as store:
         store.create_run(make_run("r1"))
         store.create_run(make_run("r2"))
-        written = [store.append_event("r1" if i % 3 else "r2", "note", {"i": i, "why": "ü\n"}, iteration=i) for i in range(12)]
+        written = [store.append_event("r1" if i % 3 else "r2", runlog.StatusChanged(status="running", message=f"{i} ü\n"), iteration=i) for i in range(12)]
         ids = [e.id for e in written]
         assert ids == sorted(ids) and len(set(ids)) == 12
         r1 = store.events("r1")
@@ -449,7 +451,7 @@ def test_every_method_commits_before_returning(store: Store) -> None:
         lambda: store.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1}),
         lambda: store.get_iteration("run-0001", 1),
         lambda: store.last_iterations("run-0001", 2),
-        lambda: store.append_event("run-0001", "note", {}),
+        lambda: store.append_event("run-0001", runlog.ShadowMode(why="note")),
         lambda: store.add_command("run-0001", "stop", {}),
         lambda: store.pending_commands("run-0001"),
         lambda: store.consume_command(1),
@@ -568,7 +570,7 @@ def test_two_writers_and_concurrent_creation(tmp_path: Path) -> None:
     stores[0].create_run(make_run())
 
     def append(s: Store) -> Any:
-        return lambda: [s.append_event("run-0001", "tick", {"i": i}) for i in range(200)]
+        return lambda: [s.append_event("run-0001", runlog.ModelRetried(attempt=i)) for i in range(200)]
 
     assert run_threads(*[append(s) for s in stores[:2]]) == []
     events = stores[3].events("run-0001")
@@ -624,7 +626,7 @@ def test_queued_writes_join_the_next_write_and_close(tmp_path: Path) -> None:
     assert seen is not None and (seen.status, seen.result) == ("done", {"ok": True})
     with pytest.raises(ValueError, match="already finished"):
         store.tool_call_started(call)
-    store.append_event("run-0001", "note", {})
+    store.append_event("run-0001", runlog.ShadowMode(why="note"))
     assert rows_in(path, "SELECT status, result FROM tool_calls", []) == [("done", '{"ok": true}')]
     store.save_intent(make_intent("run-0001", 2), durable=False)
     store.close()

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopterm.core.errors import ConfigError
-from loopterm.core.records import EventRecord, Intent, IterationRecord, ToolCallRecord
+from loopterm.core import runlog
+from loopterm.core.records import Intent, IterationRecord, ToolCallRecord
+from loopterm.core.runlog import EventRecord, from_stored
 from loopterm.store import SCHEMA_VERSION, DuplicateIterationError, Store
 from loopterm.store import delta as delta_module
 from loopterm.store import states as states_module
@@ -451,10 +453,11 @@ def populated(path: Path) -> Store:
     tree.fork("leaf", "mid", 70, 5)
     tree.root("other", 3)
     for run_id in ("root", "mid", "leaf", "other"):
-        s.append_event(run_id, "note", {"why": f"ü {run_id}"}, 1)
+        s.append_event(run_id, runlog.StatusChanged(status="running", message=f"ü {run_id}"), 1)
         s.tool_call_started(ToolCallRecord(key=f"k-{run_id}", run_id=run_id, iteration=2, tool="send", args={"x": run_id}, status="started", started_at=1.0))
         s.tool_call_finished(f"k-{run_id}", {"ok": True}, 2.0)
-    s.commit_iteration(it("leaf", 76, {"log": []}, prompt=[{"role": "system", "content": "long section " * 20 + "\n\nshort"}]), {})
+    s.commit_iteration(it("leaf", 76, {"log": []}, prompt=[{"role": "system", "content": "long section " * 20 + "\n\nshort"}]),
+                       {"iterations": 76})
     return s
 
 
@@ -465,7 +468,7 @@ def lines_of(store: Store, run_id: str) -> list[str]:
 def test_export_import_round_trip(tmp_path: Path) -> None:
     with populated(tmp_path / "one.db") as one, Store.open(tmp_path / "two.db") as two:
         exported = lines_of(one, "leaf")
-        assert json.loads(exported[0]) == {"type": "loopterm-export", "version": 1}
+        assert json.loads(exported[0]) == {"type": "loopterm-export", "version": 2}
         kinds = [json.loads(line)["type"] for line in exported]
         assert kinds.count("run") == 3 and kinds.count("iteration") == 90 + 10 + 6
         assert [json.loads(line)["id"] for line in exported if json.loads(line)["type"] == "run"] == ["root", "mid", "leaf"]
@@ -485,11 +488,11 @@ def test_export_import_round_trip(tmp_path: Path) -> None:
     [
         (lambda ls: ls[:3] + ["{not json"] + ls[3:], r"^line 4: not JSON"),
         (lambda ls: ls[1:], r"^line 1: not a loopterm export"),
-        (lambda ls: [ls[0].replace('"version": 1', '"version": 9')] + ls[1:], r"^line 1: export format version 9 is not supported"),
+        (lambda ls: [ls[0].replace('"version": 2', '"version": 9')] + ls[1:], r"^line 1: export format version 9 is not supported"),
         (lambda ls: ls[:2] + ['{"type": "mystery"}'] + ls[2:], r"^line 3: unknown record type 'mystery'"),
         (lambda ls: ls[:2] + ['{"type": "iteration", "run_id": "root", "n": "x"}'] + ls[2:], r"^line 3: invalid iteration record at"),
         (lambda ls: [ls[0]] + ls[2:], r"^line 2: iteration of run 'root', which no earlier line of this file defines"),
-        (lambda ls: ls + [ls[5]], r"^line \d+: iteration 4 of run root is already committed"),
+        (lambda ls: ls[:6] + [ls[5]] + ls[6:], r"^line 7: run root: iteration 4 again, after iteration 4"),
         (lambda ls: ["[1, 2]"] + ls, r"^line 1: expected a JSON object"),
         (lambda ls: [], r"^no loopterm export found"),
     ],
@@ -655,12 +658,14 @@ def build_v1(path: Path, *, runs: int = 2, steps: int = 70, wal: bool = True) ->
             records.append(record)
         written["iterations"][run.id] = records
         events = []
-        for i in range(3):
-            event = EventRecord(id=None, run_id=run.id, iteration=i, ts=100.0 + i, kind="note", data={"i": i})
+        # as a v1 engine wrote them: known kinds, and one no model fits (kept as Unrecognized)
+        stored = [("run_started", {"from_iteration": 0}), ("status_changed", {"status": "paused", "message": "ü"}),
+                  ("note", {"i": 2})]
+        for i, (kind, data) in enumerate(stored):
             cursor = conn.execute("INSERT INTO events (run_id, iteration, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
-                                  [event.run_id, event.iteration, event.ts, event.kind, json.dumps(event.data)])
-            event.id = cursor.lastrowid
-            events.append(event)
+                                  [run.id, i, 100.0 + i, kind, json.dumps(data)])
+            events.append(EventRecord(id=cursor.lastrowid, run_id=run.id, iteration=i, ts=100.0 + i,
+                                      event=from_stored(kind, data)))
         written["events"][run.id] = events
         call = ToolCallRecord(key=f"{run.id}-k1", run_id=run.id, iteration=1, tool="send", args={"n": 1}, status="done",
                               result={"ok": True}, started_at=1.0, finished_at=2.0)
@@ -700,6 +705,8 @@ def test_v1_database_is_migrated_after_a_backup(tmp_path: Path, wal: bool) -> No
             assert s.get_iteration(run.id, 65) == written["iterations"][run.id][64]
             assert s.state_at(run.id, 70) == written["iterations"][run.id][69].state
             assert s.events(run.id) == written["events"][run.id]
+            assert [type(e.event) for e in s.events(run.id)] == [runlog.RunStarted, runlog.StatusChanged, runlog.Unrecognized]
+            assert runlog.to_stored(s.events(run.id)[2].event) == ("note", {"i": 2})
         assert [s.tool_call(c.key) for c in written["tool_calls"]] == written["tool_calls"]
         assert [s.load_intent(i.run_id, i.n) for i in written["intents"]] == written["intents"]
         assert [c.kind for c in s.pending_commands("v1run-0")] == ["stop"]

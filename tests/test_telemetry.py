@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from loopterm.core.telemetry import provider_name, span_id, trace_id
+from loopterm.core.spans import provider_name, span_id, trace_id
 from loopterm.store import Store
 from loopterm.tui.traces import traces_endpoint
+from tests.loopkit import escalation_id
 
 RECEIVER = Path(__file__).with_name("otlp_receiver.py")
 GOAL = "make flag.txt say ok"
@@ -159,10 +160,18 @@ def latest(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {s["span_id"]: s for s in spans}
 
 
+def answer_escalation(work: Path, run_id: str) -> None:
+    """A person's answer to the run's escalation (go on past it), as `loopterm watch` sends it: a resume
+    alone would wait on the unanswered escalation again."""
+    with Store.open(work / "db.sqlite", create=False) as store:
+        store.add_command(run_id, "resume", {"escalation": escalation_id(store, run_id)})
+
+
 def escalate_then_converge(work: Path, *otlp: str) -> str:
     first = loopterm("run", "traced.py", "--headless", "--no-wait", *otlp, cwd=work)
     assert first.returncode == 4, first.stdout + first.stderr  # waiting on a person at iteration 3
     run_id = Store.open(work / "db.sqlite", create=False).list_runs()[-1].id
+    answer_escalation(work, run_id)
     second = loopterm("resume", run_id, *otlp, cwd=work)
     assert second.returncode == 0, second.stdout + second.stderr
     return run_id
@@ -312,6 +321,7 @@ def test_live_run_and_its_resume_land_in_the_same_trace_as_the_export(work: Path
     assert sorted(s["name"] for s in first.values() if s["name"].startswith("iteration")) == [
         "iteration 1", "iteration 2", "iteration 3"]
 
+    answer_escalation(work, run_id)
     resumed = loopterm("resume", run_id, "--otlp", receiver.url, cwd=work)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     live = latest(receiver.spans())

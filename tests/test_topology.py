@@ -21,7 +21,8 @@ from loopterm.core.roles import Role
 from loopterm.core.strategy import Strategy
 from loopterm.core.topology import maker_checker, proposer_critic_judge, reflexive
 from loopterm.tui.cli import main
-from tests.loopkit import FLAG_GATE, PRICE, decision, make_engine, write
+from loopterm.core import runlog
+from tests.loopkit import FLAG_GATE, PRICE, decision, make_engine, of, write
 
 CHECKER = Role(name="checker", system_prompt="You check another model's work. Be strict.")
 CRITIC = Role(name="critic", system_prompt="You argue against the proposal.")
@@ -137,8 +138,8 @@ def test_a_stall_changes_strategy_and_is_recorded(tmp_path: Path) -> None:
     engine, store = make_engine(tmp_path, loop)
     final = run(engine)
     assert final.status == "converged" and final.iterations == 4
-    changed = [e for e in store.events(final.id) if e.kind == "strategy_changed"]
-    assert len(changed) == 1 and changed[0].data["to"] == "careful" and "stalled" in changed[0].data["why"]
+    changed = of(store.events(final.id), runlog.StrategyChanged)
+    assert len(changed) == 1 and changed[0].to == "careful" and "stalled" in changed[0].why
     fourth = store.iterations(final.id)[3]
     assert "read the gate output before writing" in fourth.prompt[1]["content"]
     assert any("strategy changed to careful" in f for f in fourth.state["memory"]["facts"])

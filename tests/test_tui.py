@@ -21,7 +21,7 @@ import pytest
 from rich.console import Console
 from textual.widgets import Input, TextArea
 
-from loopterm.core import Invariant, LoopState, Remediation, ToolContext, tool
+from loopterm.core import Invariant, LoopState, Remediation, ToolContext, runlog, tool
 from loopterm.core.engine import Engine
 from loopterm.store import Store
 from loopterm.tui.app import SUPERVISION_BINDINGS, LooptermApp
@@ -33,7 +33,7 @@ from loopterm.tui.screens.escalations import EscalationScreen, InboxScreen
 from loopterm.tui.screens.help import HelpScreen
 from loopterm.tui.screens.relax import RelaxScreen
 from loopterm.tui.screens.side_effect import SideEffectScreen
-from tests.loopkit import FLAG_GATE, decision, make_loop, write
+from tests.loopkit import FLAG_GATE, decision, make_loop, of, write
 
 SIZE = (140, 40)
 THEME = "textual-dark"
@@ -374,7 +374,7 @@ async def test_branch_from_the_selected_iteration_creates_a_live_child_run(tmp_p
         await until(pilot, lambda: child.id in app.run_tree.run_ids, "the branch in the tree")
         assert app.view.run_id == child.id
         # it runs live; its next call repeats one its parent made after the fork point: a person decides
-        await until(pilot, lambda: app.view.side_effect is not None, "the side-effect question")
+        await until(pilot, lambda: app.view.log.side_effect is not None, "the side-effect question")
         assert app.store.get_run(child.id).status == "escalated"
         await pilot.press("r")
         await pilot.pause()
@@ -384,9 +384,10 @@ async def test_branch_from_the_selected_iteration_creates_a_live_child_run(tmp_p
         await until(pilot, lambda: app.timeline.row_count == 2, "the branch's timeline")
         assert cell_text(app, 0, "n") == "↑1"  # inherited from the parent
         assert cell_text(app, 1, "n") == "2"
-        forked = [e for e in app.store.events(child.id) if e.kind == "forked"][0]
-        assert forked.data["reason"] == "try a different subgoal"
-        assert forked.data["patched_state"]["memory"]["subgoal"] == "take the other road"
+        forked = of(app.store.events(child.id), runlog.Forked)[0]
+        assert forked.reason == "try a different subgoal"
+        assert forked.patched_state is not None
+        assert forked.patched_state["memory"]["subgoal"] == "take the other road"
 
 
 async def test_search_filters_the_timeline(tmp_path: Path) -> None:
@@ -468,7 +469,7 @@ async def test_a_valid_edit_is_used_by_the_next_iteration(tmp_path: Path) -> Non
         area.text = json.dumps(state)
         screen.query_one("#reason", Input).value = "tell it"
         await pilot.press("ctrl+s")
-        await until(pilot, lambda: any(e.kind == "state_edited" for e in app.store.events(app.view.run_id)),
+        await until(pilot, lambda: of(app.store.events(app.view.run_id), runlog.StateEdited),
                     "the edit applied")
         await pilot.press("n")
         await until(pilot, lambda: app.timeline.row_count == rows + 1, "the next iteration")
@@ -486,9 +487,9 @@ async def test_relax_is_obeyed_and_recorded(tmp_path: Path) -> None:
         await pilot.pause()
         app.screen.query_one("#reason", Input).value = "long flags are fine today"
         await pilot.click("#relax")
-        await until(pilot, lambda: "short_flag" in app.view.relaxed, "the relaxation recorded")
-        event = [e for e in app.store.events(app.view.run_id) if e.kind == "invariant_relaxed"][0]
-        assert event.data["reason"] == "long flags are fine today"
+        await until(pilot, lambda: "short_flag" in app.view.log.relaxed, "the relaxation recorded")
+        event = of(app.store.events(app.view.run_id), runlog.InvariantRelaxed)[0]
+        assert event.reason == "long flags are fine today"
         app.timeline.move_cursor(row=app.timeline.row_count - 1)
         await pilot.pause()
         assert "relaxed: long flags are fine today" in app.detail.body("invariants").plain
@@ -501,7 +502,7 @@ async def test_approve_and_deny_a_tool_call(tmp_path: Path) -> None:
                                 turn("ok", tool_name="write")], tools=[write, guarded_write], gates=[FLAG_GATE])
     app = app_for(tmp_path, start=(loop, "test:t"))
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.view is not None and app.view.approvals, "an approval pending")
+        await until(pilot, lambda: app.view is not None and app.view.log.approvals, "an approval pending")
         await pilot.press("a")
         await pilot.pause()
         screen = app.screen
@@ -511,7 +512,7 @@ async def test_approve_and_deny_a_tool_call(tmp_path: Path) -> None:
         await until(pilot, lambda: app.timeline.row_count >= 1, "the approved iteration")
         first = app.store.get_iteration(app.view.run_id, 1)
         assert first.tool_call["approval"] == "approve" and first.tool_call["args"] == {"text": "edited"}
-        await until(pilot, lambda: app.view.approvals, "the second approval pending")
+        await until(pilot, lambda: app.view.log.approvals, "the second approval pending")
         await pilot.press("d")
         await pilot.pause()
         assert isinstance(app.screen, ApprovalScreen)
@@ -545,7 +546,7 @@ async def test_an_escalation_answered_in_the_inbox_resumes_the_run(tmp_path: Pat
         assert isinstance(app.screen, TextPrompt)
         app.screen.query_one("#text", Input).value = "never write bad"
         await pilot.press("enter")
-        await until(pilot, lambda: any(e.kind == "fact_added" for e in app.store.events(run_id)), "the fact added")
+        await until(pilot, lambda: of(app.store.events(run_id), runlog.FactAdded), "the fact added")
         await pilot.press("r")
         await until(pilot, lambda: app.store.get_run(run_id).status == "converged", "converged after the answer")
         last = app.store.get_iteration(run_id, 2)
@@ -570,7 +571,7 @@ async def test_resuming_an_escalated_run_that_nothing_executes_starts_it_here(tm
         await pilot.pause()
         await pilot.press("r")
         await until(pilot, lambda: app.store.get_run(run_id).status == "converged", "converged in this window")
-        assert any(e.kind == "invariant_relaxed" for e in app.store.events(run_id))
+        assert of(app.store.events(run_id), runlog.InvariantRelaxed)
 
 
 async def test_quit_stops_owned_runs_resumably(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from loopterm.tui.app import LooptermApp
 from loopterm.tui.cli import main
 from loopterm.tui.screens.approval import ApprovalScreen
 from loopterm.tui.screens.escalations import EscalationScreen, InboxScreen
+from loopterm.core.runlog import ShadowVerdict
+from tests.loopkit import of
 from tests.shadowkit import EXPECTED_TOOLS, EXPECTED_TOTALS, trace, write_loop
 
 SIZE = (140, 40)
@@ -40,7 +42,7 @@ async def until(pilot: Any, condition: Callable[[], Any], what: str, timeout: fl
 
 def waiting_at(app: LooptermApp, n: int) -> bool:
     view = app.view
-    return view is not None and any(p.get("n") == n for p in view.approvals.values())
+    return view is not None and any(p.iteration == n for p in view.log.approvals.values())
 
 
 async def open_dialog(pilot: Any, app: LooptermApp, key: str) -> ApprovalScreen:
@@ -160,7 +162,9 @@ def shadow_db(tmp_path: Path) -> Path:
             continue  # --no-wait ended it; a run still waiting (`--headless` without it) has no end yet
         text = json.dumps(item).replace(engine.run_id, SHADOW_ID).replace(str(tmp_path), "/tmp/loopterm")
         lines.append(json.dumps(_normalise(json.loads(text))))
-    target.import_lines(lines)
+    from loopterm.store.transfer import seal  # rewritten on purpose, so its counts and digests are made again
+
+    target.import_lines([json.dumps(item) for item in seal(json.loads(line) for line in lines)])
     source.close()
     target.close()
     return db
@@ -169,7 +173,7 @@ def shadow_db(tmp_path: Path) -> Path:
 def test_the_shadow_dialog_snapshot(snap_compare: Any, shadow_db: Path) -> None:
     async def open_the_dialog(pilot: Any) -> None:
         app = pilot.app
-        await until(pilot, lambda: app.view is not None and not app.view.loading and app.view.approvals,
+        await until(pilot, lambda: app.view is not None and not app.view.loading and app.view.log.approvals,
                     "the proposal on screen")
         await pilot.press("a")
         await until(pilot, lambda: isinstance(app.screen, ApprovalScreen), "the shadow dialog")
@@ -202,6 +206,6 @@ async def test_a_shadow_run_that_stopped_waiting_is_continued_from_watch_and_sta
         await until(pilot, lambda: waiting_at(app, 2), "the next proposal")
         await pilot.press("s")
         await until(pilot, lambda: app.store.get_run(run_id).status == "stopped", "stopped")
-        verdicts = [e.data for e in app.store.events(run_id) if e.kind == "shadow_verdict"]
-    assert [(v["tool"], v["verdict"], v["reason"]) for v in verdicts] == [("write", "deny", "not yet")]
+        verdicts = of(app.store.events(run_id), ShadowVerdict)
+    assert [(v.tool, v.verdict, v.reason) for v in verdicts] == [("write", "deny", "not yet")]
     assert trace(folder) == ""

@@ -78,7 +78,9 @@ def _copy_normalised(source: Store, target: Store, run_id: str, new_id: str, roo
     for item in source.export_run(run_id):
         text = json.dumps(item).replace(run_id, new_id).replace(str(root), "/tmp/loopterm")
         lines.append(json.dumps(_normalise(json.loads(text))))
-    target.import_lines(lines)
+    from loopterm.store.transfer import seal  # rewritten on purpose, so its counts and digests are made again
+
+    target.import_lines([json.dumps(item) for item in seal(json.loads(line) for line in lines)])
 
 
 async def _make_runs(root: Path, store: Store) -> tuple[str, str]:

@@ -137,7 +137,7 @@ def theme_from_data(data: dict[str, Any]) -> Theme:
 BUILTIN_THEMES: dict[str, Theme] = {name: theme_from_data(data) for name, data in BUILTIN_THEME_DATA.items()}
 
 
-def _one_line(error: ValidationError) -> str:
+def _first_problem(error: ValidationError) -> str:
     problems = error.errors(include_url=False)
     first = problems[0]
     where = ".".join(str(part) for part in first["loc"])
@@ -167,7 +167,7 @@ def _read_theme_file(path: Path) -> Theme:
     try:
         return theme_from_data(data)
     except ValidationError as exc:
-        raise ValueError(_one_line(exc)) from None
+        raise ValueError(_first_problem(exc)) from None
 
 
 def load_themes(config_dir: Path | str | None = None) -> tuple[list[Theme], list[str]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
-import os
 import time
 from array import array
 from contextlib import contextmanager
@@ -47,14 +46,31 @@ from textual.timer import Timer
 from textual.widgets import Footer, Input, Sparkline, Static
 from textual.worker import get_current_worker
 
-from loopterm.core.control import AddFact, Command, Pause, Resume, SetSubgoal, Step, Stop, command_payload
+from loopterm.core import events as notices
+from loopterm.core import runlog
+from loopterm.core.control import (
+    AddFact,
+    Command,
+    EditState,
+    Pause,
+    Resume,
+    SetSubgoal,
+    Step,
+    Stop,
+    command_payload,
+)
 from loopterm.core.decision import json_path
-from loopterm.core.engine import Engine, alive, executing_elsewhere, new_run_id
+from loopterm.core import runs as service
+from loopterm.core.creation import new_run_id
+from loopterm.core.termination import TerminationReason
+from loopterm.core.engine import Engine
+from loopterm.core.liveness import alive, executing_elsewhere
 from loopterm.core.errors import LooptermError
-from loopterm.core.events import IterationCommitted
 from loopterm.core.loop import Loop
-from loopterm.core.records import EventRecord, RunRecord
-from loopterm.core.shadow import SHADOW_EVENT
+from loopterm.core.fold import PendingApproval, RunView, fold
+from loopterm.core.records import RunRecord
+from loopterm.core.runlog import EventRecord
+from loopterm.core.settings import settings
 from loopterm.store import Store
 from loopterm.tui.screens.approval import ApprovalScreen
 from loopterm.tui.screens.branch import BranchScreen
@@ -85,11 +101,12 @@ LOAD_BATCH = 1000  # and in each batch after it
 MAX_ROWS_PER_POLL = 400  # iterations read per poll while catching up with a fast run
 FOLLOW_DETAIL_SECONDS = 0.2  # while the cursor follows a fast run, its detail pane catches up this often
 FINISHED = {"converged", "terminated", "failed", "stopped"}
-PATCH_EVENTS = {"state_edited", "fact_added", "subgoal_set", "forked"}
+RUNNING = {"running", "stepping"}
 
 SUPERVISION_BINDINGS: list[Binding] = [
     Binding("space", "app.toggle_pause", "Pause/resume", id="pause",
-            tooltip="Pause the run at its next iteration boundary, or let a paused or answered run continue"),
+            tooltip="Pause the run at its next iteration boundary, or let a paused run continue (a run waiting on "
+                    "its escalation opens it instead: r there answers it)"),
     Binding("n", "app.step", "Step", id="step", tooltip="Run exactly one iteration, then pause"),
     Binding("e", "app.edit_state", "Edit state", id="edit_state",
             tooltip="Edit the state the next iteration starts from (JSON, validated against the loop's state model)"),
@@ -104,12 +121,14 @@ SUPERVISION_BINDINGS: list[Binding] = [
     Binding("slash", "app.search", "Search", id="search",
             tooltip="Search the reasoning trail: filter the timeline to iterations whose reasoning or subgoal match"),
     Binding("r", "app.resume", "Resume", id="resume",
-            tooltip="Let the run continue; a run nothing executes (stopped, escalated, crashed) starts in this window"),
+            tooltip="Let the run continue, past its pending escalation if it has one (that is the answer); a run "
+                    "nothing executes (stopped, escalated, crashed) starts in this window"),
     Binding("s", "app.stop", "Stop", id="stop",
             tooltip="Stop the run at its next iteration boundary (it stays resumable)"),
     Binding("question_mark", "app.help", "Help", id="help", tooltip="Every key binding"),
     Binding("q", "app.quit", "Quit", id="quit",
-            tooltip="Quit; runs started here stop at their next boundary and stay resumable"),
+            tooltip="Quit; runs started here stop at their next boundary and stay resumable (what waits on a person "
+                    "stays in the inbox)"),
 ]
 SEARCH_CLOSE = Binding("escape", "app.close_search", "Close search", id="close_search", show=False,
                        tooltip="Clear the search and show every iteration")
@@ -146,52 +165,19 @@ class View:
     run_id: str
     run: RunRecord
     loading: bool = True
-    last_event: int = 0
+    log: RunView = field(default_factory=RunView)  # the fold of its log (core/fold.py), as far as it was read
     costs: array[float] = field(default_factory=lambda: array("d"))  # spend per iteration (8 bytes each)
     cost_max: float = 0.0
-    approvals: dict[str, dict[str, Any]] = field(default_factory=dict)  # pending, by key
-    packet: dict[str, Any] | None = None  # the last escalation packet
-    relaxed: dict[str, str] = field(default_factory=dict)
-    patched: tuple[int, dict[str, Any]] | None = None  # (iteration, state) of the last person's patch
-    lifecycle_open: bool = False  # started and not finished: an engine somewhere is executing it
-    open_start: EventRecord | None = None  # that start (its pid and host tell whether its process still exists)
-    side_effect: dict[str, Any] | None = None  # a repeatable side effect the run stopped on, unanswered
     detail_n: int | None = None
-    shadow: bool = False  # a shadow run: its proposals go to a person, nothing runs (core/shadow.py)
 
 
-def absorb(view: View, events: Iterable[EventRecord]) -> list[EventRecord]:
-    """Fold events into the view; returns them (for notifications)."""
-    seen = []
-    for event in events:
-        view.last_event = max(view.last_event, event.id or 0)
-        data = event.data
-        kind = event.kind
-        if kind in ("run_started", "run_resumed"):
-            view.lifecycle_open, view.open_start = True, event
-        elif kind == "run_finished":
-            view.lifecycle_open, view.open_start = False, None
-            view.approvals.clear()
-        elif kind == "approval_pending":
-            view.approvals[str(data.get("key"))] = {**data, "n": event.iteration}
-        elif kind in ("approved", "denied"):
-            view.approvals.pop(str(data.get("key")), None)
-        elif kind == "escalated":
-            view.packet = data
-        elif kind == "side_effect_pending":
-            view.side_effect = dict(data)
-        elif kind == "side_effect_answered":
-            view.side_effect = None
-        elif kind == "invariant_relaxed":
-            view.relaxed[str(data.get("invariant"))] = str(data.get("reason", ""))
-        elif kind == "invariant_restored":
-            view.relaxed.pop(str(data.get("invariant")), None)
-        elif kind == SHADOW_EVENT:
-            view.shadow = True
-        if kind in PATCH_EVENTS and data.get("patched_state") is not None:
-            view.patched = (event.iteration or 0, data["patched_state"])
-        seen.append(event)
-    return seen
+@dataclass
+class EditInFlight:
+    """A state edit this window sent and whose outcome it has not seen yet (the engine may refuse it as stale)."""
+
+    run_id: str
+    command: EditState
+    command_id: int  # its row in the control channel: the engine's outcome names it
 
 
 class MainScreen(Screen[None]):
@@ -256,7 +242,7 @@ class LooptermApp(App[None]):
         self.max_iterations = max_iterations
         self.otlp = otlp  # send traces of the engines this window drives (tui/traces.py)
         self.live_traces: Any = None
-        self.frozen = bool(int(os.environ.get("LOOPTERM_FROZEN", "0") or 0)) if frozen is None else frozen
+        self.frozen = settings().frozen if frozen is None else frozen
         if self.frozen:
             self.animation_level = "none"
         self.requested_theme = theme
@@ -273,7 +259,10 @@ class LooptermApp(App[None]):
         self._spend_dirty = False
         self._tree_iterations: int | None = None  # the shown run's iteration count when the tree was drawn
         self._quitting = False
-        self._escalated_count = 0
+        self._escalated_count = 0  # runs across the database that wait on a person (the inbox)
+        self._folds: dict[str, RunView] = {}  # run id -> the fold of its log, kept up to date as it is read
+        self._answering: dict[str, int] = {}  # runs this window sent commands to -> their log's last id then
+        self._edits: dict[str, EditInFlight] = {}  # run id -> the state edit sent to it, until its outcome
         self._remember_theme = False
         self._last_theme = ""
         self._screen_ready = False
@@ -396,7 +385,7 @@ class LooptermApp(App[None]):
             note = self._attention(view)
         owned = view is not None and view.run_id in self.engines
         text = header_text(view.run if view else None, self.palette, status=status, owned=owned, note=note,
-                           inbox=self._escalated_count, shadow=view is not None and view.shadow)
+                           inbox=self._escalated_count, shadow=view is not None and view.log.shadow)
         if view is None and self._header_note is not None:
             text = Text()
             text.append("loopterm  ", style="bold")
@@ -411,31 +400,33 @@ class LooptermApp(App[None]):
 
     def _attention(self, view: View) -> Text | None:
         palette = self.palette
-        if view.approvals:
-            call = next(iter(view.approvals.values()))
-            shadow = bool(call.get("shadow"))
-            text = Text("◐ shadow proposal: " if shadow else "⚑ waiting for approval: ", style=f"bold {palette.warn}")
-            args = call.get("args") or {}
-            first = next(iter(args.values()), "") if args else ""
-            text.append(literal(f"{call.get('tool', '?')}({first_line(first, 40)})"))
-            text.append("   nothing will run: a agree or edit · d deny" if shadow
+        log = view.log
+        if log.approvals:
+            asked = next(iter(log.approvals.values())).asked
+            text = Text("◐ shadow proposal: " if asked.shadow else "⚑ waiting for approval: ",
+                        style=f"bold {palette.warn}")
+            first = next(iter(asked.args.values()), "") if asked.args else ""
+            text.append(literal(f"{asked.tool}({first_line(first, 40)})"))
+            text.append("   nothing will run: a agree or edit · d deny" if asked.shadow
                         else "   a approve (arguments editable) · d deny", style="italic")
             return text
         status = view.run.status
-        if status == "escalated" and view.side_effect is not None:
+        if log.side_effect is not None:
             text = Text("⚑ a side effect may repeat: ", style=f"bold {palette.warn}")
-            text.append(literal(f"{view.side_effect.get('tool', '?')}"))
+            text.append(literal(log.side_effect.asked.tool or "?"))
             text.append("   r decides (reuse the recorded result or execute again) and resumes", style="italic")
             return text
-        if status == "escalated" and view.packet:
+        if log.escalation is not None:
             text = Text("⚑ ", style=f"bold {palette.warn}")
-            text.append(literal(first_line(view.packet.get("summary", ""), 100), f"bold {palette.warn}"))
+            if status != "escalated":  # stopped (quit, `s`) while it waited: it still waits on a person
+                text.append(f"{status} · waits on you: ", style=f"bold {palette.warn}")
+            text.append(literal(first_line(log.escalation.packet.summary, 100), f"bold {palette.warn}"))
             text.append("   x inbox · i relax · e edit state · r resume", style="italic")
             return text
         if status == "paused":
             return Text("⏸ paused   space resumes · n steps one iteration · e edits the state", style=f"{palette.warn}")
         if status in FINISHED or status == "escalated":
-            if view.run_id not in self.engines and not view.lifecycle_open and status != "converged":
+            if view.run_id not in self.engines and not log.lifecycle_open and status != "converged":
                 return Text("not executing   r resumes it in this window · b branches from the selected iteration",
                             style="dim")
         return None
@@ -445,12 +436,21 @@ class LooptermApp(App[None]):
     @on_screen
     def refresh_tree(self, force_labels: bool = False) -> None:
         rows = self.store.tree()
-        self._escalated_count = sum(1 for _, run in rows if run.status == "escalated")
+        waiting = {run.id for _, run in rows if self._waits(run.id)}
+        self._escalated_count = len(waiting)
         self._tree_iterations = self.view.run.iterations if self.view is not None else None
         tree = self.run_tree
         if force_labels:
             tree._labels.clear()
-        tree.update_runs(rows, self.palette, set(self.engines), self.view.run_id if self.view else None)
+        tree.update_runs(rows, self.palette, set(self.engines), self.view.run_id if self.view else None, waiting)
+
+    def _waits(self, run_id: str) -> bool:
+        """Whether the run waits on a person, for the tree and the inbox count: the shown run's log is read in a
+        thread while it loads (it is counted once loaded; `_loaded` redraws the tree)."""
+        view = self.view
+        if view is not None and view.run_id == run_id and view.loading and run_id not in self._folds:
+            return False
+        return self.run_view(run_id).waiting
 
     def on_tree_node_selected(self, event: RunTree.NodeSelected[str]) -> None:
         if event.node.data and (self.view is None or event.node.data != self.view.run_id):
@@ -489,21 +489,25 @@ class LooptermApp(App[None]):
                 if len(batch) >= size:
                     self.call_from_thread(self._loaded, view, batch, None)
                     batch, size = [], LOAD_BATCH
-            events = self.store.events(view.run_id)
+            log = fold(self.store.events(view.run_id))  # the whole log, folded here (off the App's loop)
         except Exception as exc:  # a damaged database: say so, keep the screen
             self.call_from_thread(self.notify, f"could not read run {view.run_id}: {exc}", severity="error")
-            events = []
+            log = RunView()
         if not worker.is_cancelled:
-            self.call_from_thread(self._loaded, view, batch, events)
+            self.call_from_thread(self._loaded, view, batch, log)
 
     @on_screen
-    def _loaded(self, view: View, batch: list[tuple[RowInfo, float]], events: list[EventRecord] | None) -> None:
+    def _loaded(self, view: View, batch: list[tuple[RowInfo, float]], log: RunView | None) -> None:
         if self.view is not view:
             return
         self._append(view, batch)
-        if events is not None:
-            absorb(view, events)
+        if log is not None:
+            known = self._folds.get(view.run_id)
+            if known is not None:
+                log = known  # read meanwhile (a command sent, the inbox): what it lacks, the poll below folds in
+            view.log = self._folds[view.run_id] = log
             view.loading = False
+            self.refresh_tree()  # the inbox count and the tree's flags now know this run's log
             self.refresh_bindings()
             self._paint_spend(view)
             self.update_header()
@@ -539,6 +543,8 @@ class LooptermApp(App[None]):
         filled the old generation of the garbage collector (a 50-70 ms full collection every second)."""
         self._ticks += 1
         self.poll()
+        if self._answering:
+            self._follow_answers()
         view = self.view
         if view is not None and self._spend_dirty and not view.loading:
             self._paint_spend(view)
@@ -564,16 +570,7 @@ class LooptermApp(App[None]):
                 new = islice(self.store.iter_iterations(view.run_id, first=self.timeline.last_n + 1), MAX_ROWS_PER_POLL)
                 rows = [(summarize(record), record.cost_usd) for record in new]
             self._append(view, rows)
-        absorbed = False
-        if not view.loading:
-            waiting, relaxed = set(view.approvals), dict(view.relaxed)
-            for event in absorb(view, self.store.events(view.run_id, after_id=view.last_event)):
-                absorbed = True
-                self._announce(view, event)
-            if set(view.approvals) != waiting:
-                self.refresh_bindings()
-            if view.relaxed != relaxed and view.detail_n is not None:
-                self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed
+        absorbed = not view.loading and self._follow(view)
         old, view.run = view.run, run
         if old.status != run.status or absorbed:
             self.refresh_tree()
@@ -584,37 +581,87 @@ class LooptermApp(App[None]):
             self._poll_queued = True
             self.call_later(self.poll)
 
-    def _announce(self, view: View, event: EventRecord) -> None:
-        data = event.data
-        if event.kind == "command_rejected":
-            self.notify(f"run {view.run_id[:8]} refused {data.get('command')}: {data.get('error')}", severity="error",
-                        timeout=8, markup=False)
-        elif event.kind == "escalated":
-            self.notify(f"run {view.run_id[:8]} waits on a person: {first_line(data.get('summary', ''), 120)} (x)",
+    # -- the fold of each run's log ------------------------------------------------
+
+    def run_view(self, run_id: str) -> RunView:
+        """What a run's log says now (core/fold.py): kept per run and brought up to date by one indexed read
+        of what is new. Everything the screens show of a run's log comes from here."""
+        view = self.view
+        if view is not None and view.run_id == run_id and not view.loading:
+            self._follow(view)
+            return view.log
+        log = self._folds.get(run_id)
+        if log is None:
+            log = self._folds[run_id] = fold(self.store.events(run_id))
+            return log  # the log as it was before this window read it: nothing in it is news
+        self._arrived(run_id, log.absorb(self.store.events(run_id, after_id=log.last_id)))
+        return log
+
+    def _follow(self, view: View) -> bool:
+        """Fold what is new in the shown run's log; say what a person should hear of it. Whether anything was."""
+        log = view.log
+        approvals, relaxed = set(log.approvals), dict(log.relaxed)
+        new = log.absorb(self.store.events(view.run_id, after_id=log.last_id))
+        if not new:
+            return False
+        for record in new:
+            self._announce(view, record)
+        self._arrived(view.run_id, new)
+        if set(log.approvals) != approvals:
+            self.refresh_bindings()
+        if log.relaxed != relaxed and view.detail_n is not None:
+            self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed
+        return True
+
+    def _announce(self, view: View, record: EventRecord) -> None:
+        """A notification for an event of the shown run that a person should hear of as it arrives."""
+        event, run = record.event, view.run_id[:8]
+        if isinstance(event, runlog.Escalated):
+            self.notify(f"run {run} waits on a person: {first_line(event.summary, 120)} (x)",
                         severity="warning", timeout=8, markup=False)
-        elif event.kind == "approval_pending":
-            asked = ("proposes tool {} (shadow: nothing will run; a agree or edit, d deny)" if data.get("shadow")
-                     else "tool {} needs approval (a / d)").format(data.get("tool"))
-            self.notify(f"run {view.run_id[:8]}: {asked}", severity="warning", timeout=8, markup=False)
-        elif event.kind == "strategy_changed":
-            self.notify(f"run {view.run_id[:8]} changed strategy to {data.get('to')}: {first_line(str(data.get('why', '')), 120)}",
+        elif isinstance(event, runlog.ApprovalPending):
+            asked = (f"proposes tool {event.tool} (shadow: nothing will run; a agree or edit, d deny)" if event.shadow
+                     else f"tool {event.tool} needs approval (a / d)")
+            self.notify(f"run {run}: {asked}", severity="warning", timeout=8, markup=False)
+        elif isinstance(event, runlog.StrategyChanged):
+            self.notify(f"run {run} changed strategy to {event.to}: {first_line(event.why, 120)}",
                         timeout=6, markup=False)
+
+    def _arrived(self, run_id: str, new: list[EventRecord]) -> None:
+        """The outcome of what this window sent a run (shown or not): a refusal is said, with why; a refused
+        state edit opens the editor again on the state the run now starts from."""
+        sent = self._answering.get(run_id)
+        edit = self._edits.get(run_id)
+        shown = self.view is not None and self.view.run_id == run_id
+        for record in new:
+            event = record.event
+            if edit is not None and getattr(event, "command_id", None) == edit.command_id:
+                if isinstance(event, runlog.StateEdited):
+                    self._edits.pop(run_id, None)
+                    edit = None
+                elif isinstance(event, runlog.CommandRejected):
+                    self._edits.pop(run_id, None)
+                    self.call_later(self._edit_refused, edit, event)
+                    edit = None
+                    continue  # the editor says it (and why), not a notification too
+            if isinstance(event, runlog.CommandRejected) and (shown or (sent is not None and (record.id or 0) > sent)):
+                self.notify(f"run {run_id[:8]} refused {event.command.replace('_', ' ')}: {event.error}",
+                            severity="error", timeout=10, markup=False)
 
     @on_screen
     def on_engine_notice(self, message: EngineNotice) -> None:
         event = message.event
         view = self.view
-        if isinstance(event, IterationCommitted) and view is not None and event.record.run_id == view.run_id \
+        if isinstance(event, notices.IterationCommitted) and view is not None and event.record.run_id == view.run_id \
                 and not view.loading:
             self._append(view, [(summarize(event.record), event.record.cost_usd)])
         run_id = getattr(event, "run_id", None) or getattr(getattr(event, "record", None), "run_id", None)
-        kind = getattr(event, "kind", "")
-        if run_id and (view is None or run_id != view.run_id):
-            if kind == "escalated":
+        if run_id and (view is None or run_id != view.run_id):  # the shown run's are said as its log is read
+            if isinstance(event, notices.Escalated):
                 self.notify(f"run {run_id[:8]} waits on a person (x)", severity="warning", timeout=8)
-            elif kind == "approval_needed":
+            elif isinstance(event, notices.ApprovalNeeded):
                 self.notify(f"run {run_id[:8]}: a tool call needs approval (x)", severity="warning", timeout=8)
-        if kind in ("run_started", "run_finished", "status_changed", "escalated"):
+        if isinstance(event, (notices.RunStarted, notices.RunFinished, notices.StatusChanged, notices.Escalated)):
             self.refresh_tree()
         self.poll_soon()
 
@@ -673,7 +720,7 @@ class LooptermApp(App[None]):
                 except Exception:
                     previous = None
         return DetailContext.of(record, previous, invariants=self._invariant_infos(view.run),
-                                relaxed=dict(view.relaxed), palette=self.palette)
+                                relaxed=dict(view.log.relaxed), palette=self.palette)
 
     def _invariant_infos(self, run: RunRecord) -> list[InvariantInfo]:
         loop = self.loop_for(run)
@@ -704,18 +751,11 @@ class LooptermApp(App[None]):
                         timeout=10, markup=False)
         return loop
 
-    def _engine_kwargs(self) -> dict[str, Any]:
-        params = inspect.signature(Engine.__init__).parameters
-        return {"wait_on_person": True} if "wait_on_person" in params else {}
-
     async def _model_ready(self, loop: Loop, model: str) -> bool:
         """Check the model before a run starts (registers the offline script); litellm loads in a thread."""
-        from loopterm.core.checkers import preflight_roles
-        from loopterm.core.model import check_model
-
         try:
-            await asyncio.to_thread(check_model, model, loop.script if model.startswith("scripted/") else None)
-            preflight_roles(loop.gates, model)
+            await asyncio.to_thread(service.preflight_model, loop, model,
+                                    loop.script if model.startswith("scripted/") else None)
         except LooptermError as exc:
             self.notify(str(exc), severity="error", timeout=15, markup=False)
             return False
@@ -727,10 +767,9 @@ class LooptermApp(App[None]):
             self._header_note = Text(f"could not start {loop.name}: see the message", style="bold red")
             self.update_header()
             return
-        engine = Engine.create(
-            loop, self.store, loop_ref=ref, model=model, max_iterations=self.max_iterations, budget=self.budget or {},
-            workspace_root=self.workspace_root, **self._engine_kwargs(), **({"shadow": True} if self.shadow else {}),
-        )
+        engine = service.create(loop, self.store, ref=ref, model=model, max_iterations=self.max_iterations,
+                                budget=self.budget or {}, workspace_root=self.workspace_root, shadow=self.shadow,
+                                wait_on_person=True)
         self.own(engine)
         self.refresh_tree()
         self.show_run(engine.run_id)
@@ -772,13 +811,11 @@ class LooptermApp(App[None]):
             return False
         if not alive(run):  # a stale heartbeat: whatever executed it is gone (killed, crashed)
             return False
-        if self.view is not None and self.view.run_id == run_id and not self.view.loading:
-            start = self.view.open_start
-            return executing_elsewhere(run, [start] if start is not None else [])
-        return executing_elsewhere(run, self.store.events(run_id))
+        return executing_elsewhere(run, self.run_view(run_id))
 
     def resume_here(self, run_id: str, first: Command | None = None) -> None:
-        """Start an engine in this window for a run that nothing executes (optionally with a first command).
+        """Start an engine in this window for a run that nothing executes (optionally with a first command,
+        which the engine takes before anything else: the answer to what it waits on, a step, a stop).
 
         A run that stopped on a side effect it may repeat asks the person first (reuse or execute again).
         """
@@ -791,55 +828,60 @@ class LooptermApp(App[None]):
         loop = self._loop_or_say(run, "resume it here")
         if loop is None:
             return
-        side_effect = _pending_side_effect(self.store.events(run_id))
-        if side_effect is not None:
+        stopping = isinstance(first, Stop)  # it only records the answer and ends: nothing runs, nothing is spent
+        pending = self.run_view(run_id).side_effect
+        if pending is not None and not stopping:
+            key = pending.asked.key
+
             def answered(answer: str | None) -> None:
                 if answer is not None:
-                    key = str(side_effect["key"])
-                    self.store.append_event(run_id, "side_effect_answered", {"key": key, "answer": answer})
+                    self.store.append_event(run_id, runlog.SideEffectAnswered(key=key, answer=answer))
                     self._start_engine(run, loop, first, {key: answer})
 
-            self.push_screen(SideEffectScreen(run_id, side_effect), callback=answered)
+            self.push_screen(SideEffectScreen(run_id, pending.asked), callback=answered)
             return
-        self._start_engine(run, loop, first, None)
+        self._start_engine(run, loop, first, None, checks=not stopping)
 
-    def _start_engine(self, run: RunRecord, loop: Loop, first: Command | None, answers: dict[str, str] | None) -> None:
+    def _start_engine(self, run: RunRecord, loop: Loop, first: Command | None, answers: dict[str, str] | None,
+                      *, checks: bool = True) -> None:
         if run.id in self._starting or run.id in self.engines:
             return
         self._starting.add(run.id)
         if first is not None:
             self.send(run.id, first, quiet=True)
-        self.run_worker(self._resume(run, loop, answers), name=f"resume {run.id}", group="launch", exit_on_error=False)
+        self.run_worker(self._resume(run, loop, answers, checks=checks), name=f"resume {run.id}", group="launch",
+                        exit_on_error=False)
 
-    def _within_daily_budget(self, run: RunRecord, loop: Loop, what: str) -> bool:
-        """The daily-budget gate of `loopterm resume` and `fork`, for a run continued from this screen."""
-        from loopterm.store.ledger import cap_run, money
-
+    def _continuing(self, run_id: str, loop: Loop, what: str, answers: dict[str, str] | None = None) -> Engine | None:
+        """The engine that continues a run from this screen, through the run service's gates (the daily budget
+        of `loopterm resume` and `fork`); None, said, when one refuses."""
         try:
-            _, cap = cap_run(self.store, run, loop.budget.usd, what=what)
+            engine, note = service.continuing(self.store, loop, self.store.get_run(run_id), what=what, checked=True,
+                                              side_effect_answers=answers or {}, wait_on_person=True)
         except LooptermError as exc:
             self.notify(str(exc), severity="error", timeout=15, markup=False)
-            return False
-        if cap is not None:
-            self.notify(f"{what} had no USD cap: it gets what is left of today's daily budget, {money(cap)}",
-                        timeout=6, markup=False)
-        return True
+            return None
+        if note:
+            self.notify(note, timeout=6, markup=False)
+        return engine
 
-    async def _resume(self, run: RunRecord, loop: Loop, answers: dict[str, str] | None = None) -> None:
+    async def _resume(self, run: RunRecord, loop: Loop, answers: dict[str, str] | None = None, *,
+                      checks: bool = True) -> None:
+        """`checks`: the model and the daily budget are checked first (not for an engine started only to take
+        a stop: it calls no model)."""
         try:
-            if not await self._model_ready(loop, run.model):
+            if checks and not await self._model_ready(loop, run.model):
                 return
-            if not self._within_daily_budget(self.store.get_run(run.id), loop, "what this run may still spend"):
+            if checks:
+                engine = self._continuing(run.id, loop, "what this run may still spend", answers)
+            else:
+                engine = service.engine_for(self.store, loop, self.store.get_run(run.id),
+                                            side_effect_answers=answers or {}, wait_on_person=True)
+            if engine is None:
                 return
-            from loopterm.core.fork import AncestorCalls
-
-            prior = AncestorCalls(self.store, run) if run.origin == "fork" else None
-            kwargs = self._engine_kwargs()
-            if answers:
-                kwargs["side_effect_answers"] = answers
-            engine = Engine(loop, self.store, self.store.get_run(run.id), prior=prior, **kwargs)
             self.own(engine)
-            self.notify(f"run {run.id[:8]} continues in this window", timeout=3)
+            if checks:
+                self.notify(f"run {run.id[:8]} continues in this window", timeout=3)
         finally:
             self._starting.discard(run.id)
         self.refresh_tree()
@@ -848,12 +890,28 @@ class LooptermApp(App[None]):
     # ------------------------------------------------------------------ sending commands
 
     def send(self, run_id: str, command: Command, *, quiet: bool = False) -> None:
-        """Every control goes through the store's control channel, for runs here and in other processes alike."""
+        """Every control goes through the store's control channel, for runs here and in other processes alike.
+        What the run does with it is read back from its log: a refusal is said, with the engine's reason."""
+        log = self.run_view(run_id)  # read up to now: what comes after is this command's outcome (or later)
+        self._answering.setdefault(run_id, log.last_id)
         kind, payload = command_payload(command)
-        self.store.add_command(run_id, kind, payload)
+        row = self.store.add_command(run_id, kind, payload)
+        if isinstance(command, EditState):
+            self._edits[run_id] = EditInFlight(run_id, command, row.id or 0)
+        engine = self.engines.get(run_id)
+        if engine is not None:
+            engine.wake()  # it reads the channel now, not at its next poll
         if not quiet:
             self.notify(f"{kind.replace('_', ' ')} sent to run {run_id[:8]}", timeout=3)
         self.poll_soon()
+
+    def _follow_answers(self) -> None:
+        """Read the log of each run this window sent a command to until the run took them all (its refusals
+        are said as they arrive, also for runs not on screen)."""
+        for run_id in list(self._answering):
+            if not self.store.pending_commands(run_id):  # taken: what it did is in the log now
+                self.run_view(run_id)
+                self._answering.pop(run_id, None)
 
     def _current_run(self) -> RunRecord | None:
         if self.view is None:
@@ -874,24 +932,38 @@ class LooptermApp(App[None]):
             self.notify(f"no run {run_id}", severity="error")
             return None
 
+    def _escalation_first(self, run: RunRecord, doing: str) -> bool:
+        """A run waiting on a person's answer to its escalation is not resumed or stepped past it by a key that
+        does not name it: its escalation opens instead (r there resumes past it, k aborts). Whether it did."""
+        pending = self.run_view(run.id).escalation
+        if pending is None:
+            return False
+        self.notify(f"run {run.id[:8]} waits on your answer to its escalation at iteration {pending.iteration}: "
+                    f"{doing} would not go past it. r resumes past it, k aborts, f/g/i/e change what it continues with",
+                    severity="warning", timeout=8, markup=False)
+        self.push_screen(EscalationScreen(run.id))
+        return True
+
     def action_toggle_pause(self) -> None:
         run = self._current_run()
         if run is None:
             return
         if self.executing(run.id):
             if run.status in ("paused", "escalated"):
-                if run.status == "escalated" and self.view and self.view.approvals:
+                if self._escalation_first(run, "space"):
+                    return
+                if self.run_view(run.id).approvals:
                     self.notify("a tool call waits for approval: a approves, d denies", severity="warning")
                     return
                 self.send(run.id, Resume())
             else:
                 self.send(run.id, Pause())
-        else:
+        elif not self._escalation_first(run, "space"):
             self.resume_here(run.id)
 
     def action_step(self) -> None:
         run = self._current_run()
-        if run is None:
+        if run is None or self._escalation_first(run, "a step"):
             return
         if self.executing(run.id):
             self.send(run.id, Step())
@@ -904,56 +976,80 @@ class LooptermApp(App[None]):
             self.resume_run(run.id)
 
     def resume_run(self, run_id: str) -> None:
+        """Let the run go on; when it waits on an escalation, this is the answer that goes past it (it names the
+        escalation it answers: one answered or superseded meanwhile is refused, not applied to another)."""
+        log = self.run_view(run_id)
+        pending = log.escalation
+        command = Resume(escalation=pending.event_id) if pending is not None else Resume()
         if self.executing(run_id):
-            self.send(run_id, Resume())
+            if pending is None and log.approvals:  # its engine waits for that answer, not for a resume
+                self.notify("a tool call waits for approval: a approves, d denies", severity="warning")
+                return
+            self.send(run_id, command)
         else:
-            self.resume_here(run_id)
+            self.resume_here(run_id, first=command if pending is not None else None)
 
     def action_stop(self) -> None:
         run = self._current_run()
         if run is not None:
             self.stop_run(run.id, "stopped by a person")
 
-    def stop_run(self, run_id: str, reason: str) -> None:
+    def abort_run(self, run_id: str, reason: str = "aborted by a person answering its escalation") -> None:
+        """The answer to an escalation that ends the run (recorded as that answer); without one pending, a stop."""
+        pending = self.run_view(run_id).escalation
+        self.stop_run(run_id, reason, escalation=pending.event_id if pending is not None else None)
+
+    def stop_run(self, run_id: str, reason: str, *, escalation: int | None = None) -> None:
+        """Stop at the next boundary. What waits on a person stays pending (the run stays resumable), unless
+        `escalation` names the escalation this stop answers."""
+        command = Stop(reason=reason, escalation=escalation)
         if self.executing(run_id):
-            self.send(run_id, Stop(reason=reason))
+            self.send(run_id, command)
             return
         run = self.store.get_run(run_id)
+        if escalation is not None:
+            # An answer is taken by an engine (consumed and recorded in one commit): one starts here to take it.
+            if self.loop_for(run) is None:
+                self.send(run_id, command, quiet=True)
+                self.notify(f"run {run_id[:8]}: its loop does not load here, so the answer waits in its control "
+                            "channel; it applies when the run is next resumed", severity="warning", timeout=10)
+                return
+            self.resume_here(run_id, first=command)
+            return
         if run.status in FINISHED:
             self.notify(f"run {run_id[:8]} is not executing (it {run.status})", severity="warning")
             return
-        # Escalated (or crashed) with nothing executing it: record the end in the store directly.
-        self.send(run_id, Stop(reason=reason), quiet=True)
-        self.store.update_run(run_id, status="stopped", termination_reason="stopped", message=reason, updated_at=time.time())
-        self.store.append_event(run_id, "run_finished", {"status": "stopped", "reason": "stopped", "message": reason})
+        # Nothing executes it (it ended waiting on a person, or crashed): record its end here. What waits on a
+        # person stays pending (core/fold.py): it stays in the inbox, and a resume asks again.
+        service.record_end(self.store, run_id, TerminationReason.STOPPED, reason)
         self.notify(f"run {run_id[:8]} stopped", timeout=3)
         self.refresh_tree()
         self.poll_soon()
 
     # -- state, invariants, facts, subgoals ----------------------------------------
 
-    def latest_state(self, run: RunRecord) -> dict[str, Any]:
-        """The state the run's next iteration starts from: the last committed, or a person's later patch."""
-        patched: tuple[int, dict[str, Any]] | None = None
-        if self.view is not None and self.view.run_id == run.id and not self.view.loading:
-            patched = self.view.patched
-        else:
-            for event in self.store.events(run.id):
-                if event.kind in PATCH_EVENTS and event.data.get("patched_state") is not None:
-                    patched = (event.iteration or 0, event.data["patched_state"])
-        if patched is not None and patched[0] >= run.iterations:
-            return patched[1]
-        if run.iterations:
-            state = self.store.state_at(run.id, run.iterations)
-            if state is not None:
-                return state
-        loop = self.loop_for(run)
-        return loop.new_state().model_dump(mode="json") if loop else {}
+    def latest_state(self, run: RunRecord) -> tuple[dict[str, Any], int, int]:
+        """The state the run's next iteration starts from, with what an edit of it is based on: (state, the
+        iteration it follows, the version of a person's patch of it: `RunView.state_version`)."""
+        log = self.run_view(run.id)
+        n = run.iterations
+        patched = log.state_after(n)
+        if patched is not None:
+            return patched, n, log.state_version(n)
+        state = self.store.state_at(run.id, n) if n else None
+        if state is None:
+            loop = self.loop_for(run)
+            state = loop.new_state().model_dump(mode="json") if loop else {}
+        return state, n, log.state_version(n)
 
     def action_edit_state(self) -> None:
         self.open_edit_state(None)
 
-    def open_edit_state(self, run_id: str | None) -> None:
+    def open_edit_state(self, run_id: str | None, *, refused: str = "", reason: str = "",
+                        edited: dict[str, Any] | None = None) -> None:
+        """The state editor, on the state the run's next iteration starts from. A running run is asked to pause
+        first (at its next boundary). `refused`: why the engine refused this person's last edit (their reason is
+        kept; `edited`, their state, when it was refused for what it says rather than for being stale)."""
         run = self._target(run_id)
         if run is None:
             return
@@ -963,10 +1059,24 @@ class LooptermApp(App[None]):
             return
         loop = self.loop_for(run)
         validate = partial(_validate_state, loop) if loop is not None else None
-        note = "" if loop is not None else (
-            f"The loop ({run.loop_ref}) does not load here: the run's engine validates the edit and refuses a bad one.")
-        self.push_screen(EditStateScreen(run.id, self.latest_state(run), validate, note),
+        notes = []
+        if loop is None:
+            notes.append(f"The loop ({run.loop_ref}) does not load here: the run's engine validates the edit and "
+                         "refuses a bad one.")
+        if self.executing(run.id) and run.status in RUNNING:
+            self.send(run.id, Pause(), quiet=True)
+            notes.append("The run was running: it pauses at its next iteration boundary (space resumes it). If an "
+                         "iteration commits first, this edit is refused and the newer state is shown to edit again.")
+        state, base, version = self.latest_state(run)
+        self.push_screen(EditStateScreen(run.id, edited if edited is not None else state, validate, "\n".join(notes),
+                                         base_iteration=base, base_version=version, reason=reason, refused=refused),
                          callback=partial(self._sent, run.id))
+
+    def _edit_refused(self, edit: EditInFlight, refusal: runlog.CommandRejected) -> None:
+        """The engine refused a state edit sent from here: the editor opens again, saying why, with the person's
+        reason; on the state the run now starts from when it had moved on (never their edit of an older one)."""
+        self.open_edit_state(edit.run_id, refused=f"Not applied: {refusal.error}", reason=edit.command.reason,
+                             edited=None if refusal.stale else edit.command.state)
 
     def _sent(self, run_id: str, command: Command | None) -> None:
         if command is not None:
@@ -980,10 +1090,7 @@ class LooptermApp(App[None]):
         if run is None:
             return
         loop = self.loop_for(run)
-        if self.view is not None and self.view.run_id == run.id and not self.view.loading:
-            relaxed = dict(self.view.relaxed)
-        else:
-            relaxed = _relaxed(self.store.events(run.id))
+        relaxed = dict(self.run_view(run.id).relaxed)
         status: dict[str, bool] = {}
         if run.iterations:
             last = self.store.get_iteration(run.id, run.iterations)
@@ -998,13 +1105,24 @@ class LooptermApp(App[None]):
         initial = next((c.name for c in choices if c.holds is False and c.relaxed is None), None)
         self.push_screen(RelaxScreen(run.id, choices, initial), callback=partial(self._sent, run.id))
 
+    def _answer_base(self, run_id: str) -> int | None:
+        """What a fact or a subgoal given while the run waits on a person answers: the iteration it waits after
+        (the engine refuses it once the run has moved past). None while it runs on: it applies at the next boundary."""
+        try:
+            run = self.store.get_run(run_id)
+        except KeyError:
+            return None
+        return run.iterations if self.run_view(run_id).waiting else None
+
     def ask_add_fact(self, run_id: str) -> None:
+        base = self._answer_base(run_id)
         self.push_screen(TextPrompt(f"Add a fact to the working memory of run {run_id}", "the fact", button="Add fact"),
-                         callback=lambda fact: fact and self.send(run_id, AddFact(fact=fact)))
+                         callback=lambda fact: fact and self.send(run_id, AddFact(fact=fact, base_iteration=base)))
 
     def ask_subgoal(self, run_id: str) -> None:
+        base = self._answer_base(run_id)
         self.push_screen(TextPrompt(f"Override the subgoal of run {run_id}", "the next subgoal", button="Set subgoal"),
-                         callback=lambda goal: goal and self.send(run_id, SetSubgoal(subgoal=goal)))
+                         callback=lambda goal: goal and self.send(run_id, SetSubgoal(subgoal=goal, base_iteration=base)))
 
     # -- approvals ----------------------------------------------------------------
 
@@ -1016,10 +1134,8 @@ class LooptermApp(App[None]):
         if self.view is not None:
             self.open_approval(self.view.run_id, deny=True)
 
-    def pending_approvals(self, run_id: str) -> list[dict[str, Any]]:
-        if self.view is not None and self.view.run_id == run_id and not self.view.loading:
-            return list(self.view.approvals.values())
-        return _pending(self.store.events(run_id))
+    def pending_approvals(self, run_id: str) -> list[PendingApproval]:
+        return list(self.run_view(run_id).approvals.values())
 
     def open_approval(self, run_id: str, *, deny: bool) -> None:
         pending = self.pending_approvals(run_id)
@@ -1030,7 +1146,21 @@ class LooptermApp(App[None]):
         loop = self.loop_for(run)
         self.push_screen(ApprovalScreen(run_id, pending[0], deny=deny, validate=partial(_validate_args, loop) if loop else None,
                                         tools=[t.name for t in loop.tools] if loop else None),
-                         callback=partial(self._sent, run_id))
+                         callback=partial(self._answered, run_id))
+
+    def _answered(self, run_id: str, command: Command | None) -> None:
+        """An answer to what the run waits on: sent to the engine executing it; when nothing does, an engine
+        starts here and takes it first (an answer queued for a run no one resumes would answer nothing)."""
+        if command is None:
+            return
+        if self.executing(run_id):
+            self.send(run_id, command)
+        elif self.loop_for(self.store.get_run(run_id)) is not None:
+            self.resume_here(run_id, first=command)
+        else:
+            self.send(run_id, command)
+            self.notify(f"run {run_id[:8]}: its loop does not load here, so the answer waits in its control channel; "
+                        "it applies when the run is next resumed", severity="warning", timeout=10)
 
     # -- branching ----------------------------------------------------------------
 
@@ -1063,13 +1193,11 @@ class LooptermApp(App[None]):
             self.run_worker(self._branch(loop, plan), name="branch", group="launch", exit_on_error=False)
 
     async def _branch(self, loop: Loop, plan: Any) -> None:
-        from loopterm.core.fork import AncestorCalls, create_fork, rebuild_workspace
-
-        from loopterm.store.ledger import check_daily_budget
+        from loopterm.core.fork import create_fork, rebuild_workspace
 
         parent_usd = (plan.parent.budget or {}).get("usd", loop.budget.usd)
         try:  # refused here, nothing is created (as `loopterm fork` does)
-            check_daily_budget(self.store, parent_usd, what="the branch's budget", lower=None)
+            service.new_run_budget(self.store, loop, usd=parent_usd, what="the branch's budget", lower=None)
         except LooptermError as exc:
             self.notify(str(exc), severity="error", timeout=15, markup=False)
             return
@@ -1089,11 +1217,9 @@ class LooptermApp(App[None]):
         try:
             if not await self._model_ready(loop, branch.model):
                 return
-            if not self._within_daily_budget(self.store.get_run(run_id), loop, "the branch's budget"):
-                return
-            engine = Engine(loop, self.store, self.store.get_run(run_id), prior=AncestorCalls(self.store, branch),
-                            **self._engine_kwargs())
-            self.own(engine)
+            engine = self._continuing(run_id, loop, "the branch's budget")
+            if engine is not None:
+                self.own(engine)
         finally:
             self._starting.discard(run_id)
         self.refresh_tree()
@@ -1101,20 +1227,16 @@ class LooptermApp(App[None]):
     # -- escalations --------------------------------------------------------------
 
     def waiting_for(self, run_id: str) -> Waiting:
+        """What the run waits on a person for (its log's fold), and whether an engine holds it meanwhile."""
         run = self.store.get_run(run_id)
-        events = self.store.events(run_id)
-        packet = None
-        for event in events:
-            if event.kind == "escalated":
-                packet = event.data
-        approvals = _pending(events) if run.status not in FINISHED else []
-        executing = run_id in self.engines or executing_elsewhere(run, events)
-        side_effect = _pending_side_effect(events) if run.status == "escalated" else None
-        return Waiting(run=run, packet=packet, approvals=approvals, executing=executing, side_effect=side_effect)
+        log = self.run_view(run_id)
+        return Waiting.of(run, log, executing=run_id in self.engines or run_id in self._starting
+                          or executing_elsewhere(run, log))
 
     def waiting_runs(self) -> list[Waiting]:
-        """Every run in the database that waits on a person (an escalation or an approval)."""
-        return [self.waiting_for(run.id) for run in self.store.list_runs() if run.status == "escalated"]
+        """Every run in the database that waits on a person (an escalation, an approval, a side effect), whatever
+        its status: one stopped or quit while it waited still waits."""
+        return [self.waiting_for(run.id) for run in self.store.list_runs() if self.run_view(run.id).waiting]
 
     def action_inbox(self) -> None:
         self.push_screen(InboxScreen())
@@ -1190,7 +1312,7 @@ class LooptermApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """a/d show in the footer (and act) only while a tool call waits for approval."""
         if action in ("approve", "deny"):
-            return bool(self.view is not None and self.view.approvals)
+            return bool(self.view is not None and self.view.log.approvals)
         return True
 
     async def action_quit(self) -> None:
@@ -1256,39 +1378,6 @@ def acyclic_burst() -> Iterator[None]:
 def _stream_iterations(store: Store, run_id: str) -> Iterable[Any]:
     """The lineage's iterations a page at a time (Store.iterations builds the whole list first)."""
     return store.iter_iterations(run_id)
-
-
-def _pending(events: Iterable[EventRecord]) -> list[dict[str, Any]]:
-    pending: dict[str, dict[str, Any]] = {}
-    for event in events:
-        if event.kind == "approval_pending":
-            pending[str(event.data.get("key"))] = {**event.data, "n": event.iteration}
-        elif event.kind in ("approved", "denied"):
-            pending.pop(str(event.data.get("key")), None)
-        elif event.kind == "run_finished":
-            pending.clear()
-    return list(pending.values())
-
-
-def _pending_side_effect(events: Iterable[EventRecord]) -> dict[str, Any] | None:
-    """The side-effecting call the run stopped on and nobody answered yet (the latest), if any."""
-    pending: dict[str, Any] | None = None
-    for event in events:
-        if event.kind == "side_effect_pending":
-            pending = dict(event.data)
-        elif event.kind == "side_effect_answered" and pending is not None and event.data.get("key") == pending.get("key"):
-            pending = None
-    return pending
-
-
-def _relaxed(events: Iterable[EventRecord]) -> dict[str, str]:
-    relaxed: dict[str, str] = {}
-    for event in events:
-        if event.kind == "invariant_relaxed":
-            relaxed[str(event.data.get("invariant"))] = str(event.data.get("reason", ""))
-        elif event.kind == "invariant_restored":
-            relaxed.pop(str(event.data.get("invariant")), None)
-    return relaxed
 
 
 def _validate_state(loop: Loop, data: dict[str, Any]) -> str | None:

@@ -34,7 +34,7 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
 
 def report(store: Any, days: int, today: dt.date | None = None) -> dict[str, Any]:
     """The figures `loopterm budget --json` prints (store: a Store, or None when there is no database yet)."""
-    from loopterm.store.ledger import DAILY_BUDGET_ENV, env_daily_budget
+    from loopterm.core.daily_budget import DAILY_BUDGET_ENV, env_daily_budget
 
     today = today or dt.date.fromtimestamp(time.time())
     since = today - dt.timedelta(days=days - 1)
@@ -71,7 +71,7 @@ def report(store: Any, days: int, today: dt.date | None = None) -> dict[str, Any
 
 def run(args: argparse.Namespace, db: Path) -> int:
     from loopterm.store import Store
-    from loopterm.store.ledger import DAILY_BUDGET_ENV, env_daily_budget, money
+    from loopterm.core.daily_budget import DAILY_BUDGET_ENV, env_daily_budget, money
 
     notes: list[str] = []
     store = None
@@ -102,7 +102,7 @@ def _print(figures: dict[str, Any], notes: list[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from loopterm.store.ledger import money
+    from loopterm.core.daily_budget import money
 
     console = Console(highlight=False)
     for note in notes:

@@ -8,33 +8,21 @@ the command that needs them. `loopterm --help` never imports litellm.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from loopterm.tui import arguments
-
-DEFAULT_DB = Path(".loopterm") / "loopterm.db"
-USAGE_ERROR = 2
+from loopterm.tui.console import DEFAULT_DB, USAGE_ERROR, db_path, error
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, what to do), exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        from loopterm.core.text import one_line  # only on a usage error: --help never loads loopterm.core
+
         self.exit(USAGE_ERROR, f"loopterm: {one_line(message)} (see `{self.prog} --help`)\n")
-
-
-_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
-
-
-def one_line(text: object, limit: int = 2_000) -> str:
-    """An error as one line a terminal shows as written: whitespace collapsed, control characters (an
-    argument's or a file's ANSI escapes), unpaired surrogates and bidi overrides as escapes, capped."""
-    flat = _UNSHOWN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), " ".join(str(text).split()))
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _otlp_url(text: str) -> str:
@@ -92,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--side-effects", choices=["reuse", "reexecute"],
                         help="answer a pending side-effecting call: reuse the recorded result or execute it again")
     resume.add_argument("--otlp", metavar="URL", type=_otlp_url, help="send OpenTelemetry traces live to this OTLP/HTTP endpoint")
+
+    answer = sub.add_parser("answer", parents=[db], help="answer what a run waits on (an escalation or an approval), without a screen",
+                            description="Answer a run's pending escalation (add facts, set the subgoal, relax an invariant, "
+                                        "then go on, or abort it) or its pending approval. The executing process obeys at "
+                                        "once; a run nothing executes takes the answer when it is resumed.")
+    answer.add_argument("run", metavar="RUN")
+    answer.add_argument("--fact", action="append", default=[], metavar="TEXT", help="add a fact to working memory (repeatable)")
+    answer.add_argument("--subgoal", metavar="TEXT", help="override the subgoal")
+    answer.add_argument("--relax", action="append", default=[], metavar="NAME", help="relax an invariant (repeatable; needs --reason)")
+    answer.add_argument("--reason", default="", help="why (recorded with a relaxation, an abort or a denial)")
+    what = answer.add_mutually_exclusive_group()
+    what.add_argument("--abort", action="store_true", help="stop the run instead of going on (answers the escalation)")
+    what.add_argument("--approve", action="store_true", help="approve the pending tool call")
+    what.add_argument("--deny", action="store_true", help="deny the pending tool call")
 
     fork = sub.add_parser("fork", parents=[db], help="branch a run from one of its iterations",
                           description="Continue a run from iteration N as a new branch; nothing of the parent is copied.")
@@ -159,41 +161,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def db_path(args: argparse.Namespace) -> Path:
-    return args.db or Path(os.environ.get("LOOPTERM_DB") or DEFAULT_DB)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from loopterm.core.errors import LooptermError
+    from loopterm.core.settings import settings
+    from loopterm.core.text import one_line
 
     try:
+        settings()  # every LOOPTERM_* value is checked before any command starts: a bad one is one line, exit 2
         return _dispatch(args)
     except LooptermError as exc:
-        print(f"loopterm: {one_line(exc)}", file=sys.stderr)
+        error(exc)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("loopterm: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: one line for the person, the traceback on request
-        if os.environ.get("LOOPTERM_DEBUG"):
+        if _debug():
             raise
         failure = _store_failure(exc, args)
         if failure is not None:  # the database failed under us: full, locked too long, damaged, read-only
             message, bad_input = failure
             print(f"loopterm: {message}", file=sys.stderr)
             return USAGE_ERROR if bad_input else 1
-        print(f"loopterm: unexpected error: {exc.__class__.__name__}: {one_line(exc, 500)} (set LOOPTERM_DEBUG=1 for "
-              "the traceback)", file=sys.stderr)
+        error(f"unexpected error: {exc.__class__.__name__}: {one_line(exc, 500)} (set LOOPTERM_DEBUG=1 for the traceback)")
         return 1
+
+
+def _debug() -> bool:
+    """$LOOPTERM_DEBUG; off when a LOOPTERM_ value is bad (this runs while reporting another error)."""
+    from loopterm.core.errors import LooptermError
+    from loopterm.core.settings import settings
+
+    try:
+        return settings().debug
+    except LooptermError:
+        return False
 
 
 def _store_failure(exc: BaseException, args: argparse.Namespace) -> tuple[str, bool] | None:
     """One line for a SQLite error anywhere in the cause chain (a full disk mid-run, a lock held too long, a
     page found damaged while reading), naming the database file; None if the error is not the store's."""
+    from loopterm.core.errors import LooptermError
     from loopterm.store.guard import describe_failure
 
-    db = getattr(args, "db", None) or Path(os.environ.get("LOOPTERM_DB") or DEFAULT_DB)
+    try:
+        db = db_path(args)
+    except LooptermError:  # a bad LOOPTERM_ value must not hide the error being reported
+        db = getattr(args, "db", None) or DEFAULT_DB
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     while pending:
@@ -253,6 +268,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         return commands.resume(db_path(args), args.run, max_iterations=args.max_iterations,
                                side_effects=args.side_effects, otlp=args.otlp, wait=not args.no_wait)
+    if args.command == "answer":
+        return commands.answer(db_path(args), args.run, facts=args.fact, subgoal=args.subgoal, relax=args.relax,
+                               reason=args.reason, abort=args.abort, approve=args.approve, deny=args.deny)
     if args.command == "fork":
         return commands.fork(db_path(args), args.run, at=args.at, sets=args.set, relax=args.relax, model=args.model,
                              reason=args.reason, dry_run=args.dry_run, otlp=args.otlp, wait=not args.no_wait)

@@ -15,16 +15,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from loopterm.core.engine import Engine, executing_elsewhere, new_run_id
-from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
+from loopterm.core.creation import new_run_id
+from loopterm.core.engine import Engine
+from loopterm.core.fork import create_fork, plan_fork, rebuild_workspace
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import list_loops, load_loop
-from loopterm.core.loop import Loop
-from loopterm.core.checkers import preflight_roles
-from loopterm.core.nesting import check_calls
 from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
-from loopterm.core.shadow import SHADOW_EVENT
+from loopterm.core import runs as service
+from loopterm.core.control import AddFact, Approve, Command, Deny, Relax, Resume, SetSubgoal, Stop, command_payload
+from loopterm.core.fold import fold, waiting_lines
+from loopterm.core.liveness import executing_elsewhere
+from loopterm.core.runlog import ShadowMode, to_stored
 from loopterm.core.termination import EXIT_CODES, Status
 from loopterm.store import Store
 from loopterm.tui.headless import (
@@ -36,6 +38,7 @@ from loopterm.tui.headless import (
     status_text,
     summary,
 )
+from loopterm.tui.console import default_db
 from loopterm.tui.widgets.render import clean
 
 DEMO_LOOP = "demo"
@@ -43,14 +46,6 @@ DEMO_LOOP = "demo"
 
 def _console() -> Console:
     return Console(highlight=False)
-
-
-def _prepare_model(loop: Loop, model: str) -> None:
-    """Fail before the run starts: unknown model, missing key, scripted model without a script."""
-    from loopterm.core.model import check_model
-
-    check_model(model, loop.script if model.startswith("scripted/") else None)
-    preflight_roles(loop.gates, model)
 
 
 def _drive(engine: Engine, console: Console, otlp: str | None = None) -> int:
@@ -67,7 +62,7 @@ def _drive(engine: Engine, console: Console, otlp: str | None = None) -> int:
 
 
 def demo() -> int:
-    return run(DEMO_LOOP, _default_db(), headless=False)
+    return run(DEMO_LOOP, default_db(), headless=False)
 
 
 def _has_terminal() -> bool:
@@ -90,35 +85,10 @@ def watch(db: Path, prefix: str) -> int:
     return _open_tui(db, watch_run=run_record.id)
 
 
-def _default_db() -> Path:
-    from loopterm.tui.cli import DEFAULT_DB
-
-    return Path(os.environ.get("LOOPTERM_DB") or DEFAULT_DB)
-
-
-def daily_budget_cap(store: Store | None, run_budget_usd: float | None, *, what: str = "this run's budget",
-                     lower: str | None = "--budget-usd") -> float | None:
-    """The daily-budget gate before a run starts (see store.ledger.check_daily_budget): refuses with a
-    one-line ConfigError, or returns the run's USD cap (None: no daily budget), saying so on stderr
-    when an uncapped run is capped at what is left of today's budget."""
-    from loopterm.store.ledger import check_daily_budget, money
-
-    cap = check_daily_budget(store, run_budget_usd, what=what, lower=lower)
-    if cap is not None and run_budget_usd is None:
-        print(f"loopterm: this run has no USD budget, so it gets what is left of today's daily budget: {money(cap)}",
-              file=sys.stderr)
-    return cap
-
-
-def _capped(store: Store, run_record: RunRecord, loop: Loop, *, what: str) -> RunRecord:
-    """cap_run (store/ledger.py), saying on stderr when an uncapped run got a cap."""
-    from loopterm.store.ledger import cap_run, money
-
-    run_record, cap = cap_run(store, run_record, loop.budget.usd, what=what)
-    if cap is not None:
-        print(f"loopterm: {what} had no USD cap, so it gets what is left of today's daily budget: {money(cap)}",
-              file=sys.stderr)
-    return run_record
+def _note(line: str | None) -> None:
+    """What the run service decided on a person's behalf (a budget capped at what is left today), on stderr."""
+    if line:
+        print(f"loopterm: {line}", file=sys.stderr)
 
 
 def run(
@@ -135,18 +105,11 @@ def run(
     shadow: bool = False,
 ) -> int:
     loop, ref = load_loop(loop_ref)
-    check_calls(loop, ref)  # loops calling each other in a cycle: refused before any screen or run
     chosen = model or loop.model
-    _prepare_model(loop, chosen)
-    budget: dict[str, Any] = {}
-    if budget_usd is not None:
-        budget["usd"] = budget_usd
-    if budget_tokens is not None:
-        budget["tokens"] = budget_tokens
+    service.preflight(loop, ref, chosen)  # loops calling each other, the model, its key: before any screen or run
     with (Store.open(db) if db.exists() else contextlib.nullcontext()) as known:
-        cap = daily_budget_cap(known, budget_usd if budget_usd is not None else loop.budget.usd)
-    if cap is not None:
-        budget["usd"] = cap
+        budget, note = service.new_run_budget(known, loop, usd=budget_usd, tokens=budget_tokens)
+    _note(note)
     if not headless:
         if _has_terminal():
             Store.open(db).close()  # refuse a bad database before the screen opens
@@ -154,10 +117,8 @@ def run(
                              **({"shadow": True} if shadow else {}))
         print("loopterm: no terminal here, so running headless (pass --headless to say so)", file=sys.stderr)
     store = Store.open(db)
-    engine = Engine.create(
-        loop, store, loop_ref=ref, model=chosen, max_iterations=max_iterations, budget=budget,
-        workspace_root=db.resolve().parent / "workspaces", wait_on_person=wait, shadow=shadow,
-    )
+    engine = service.create(loop, store, ref=ref, model=chosen, max_iterations=max_iterations, budget=budget,
+                            workspace_root=service.workspace_root(db), wait_on_person=wait, shadow=shadow)
     if shadow:
         from loopterm.tui.shadow_cli import announce
 
@@ -165,42 +126,59 @@ def run(
     return _drive(engine, _console(), otlp=otlp)
 
 
-def _engine_for(store: Store, loop: Loop, run_record: RunRecord, **kwargs: Any) -> Engine:
-    """An engine for an existing run; a branch answers its ancestors' side effects by policy."""
-    prior = AncestorCalls(store, run_record) if run_record.origin == "fork" else None
-    return Engine(loop, store, run_record, prior=prior, **kwargs)
-
-
 def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: str | None = None,
            wait: bool = True, otlp: str | None = None) -> int:
     store = Store.open(db, create=False)
     run_record = store.resolve_run(prefix)
-    if run_record.status == Status.CONVERGED.value:
-        raise ConfigError(f"run {run_record.id} already converged; nothing to resume (fork it to try something else)")
-    if executing_elsewhere(run_record, store.events(run_record.id)):  # two engines would fire its side effects twice
-        raise ConfigError(f"run {run_record.id} is executing in another process right now (its heartbeat is fresh); "
-                          f"steer it with `loopterm watch {run_record.id}`, or stop it there (s) and resume it then")
+    service.resume_guard(store, run_record)
     loop, _ = load_loop(run_record.loop_ref)
     console = _console()
     if loop.spec_hash() != run_record.spec_hash:
         console.print(Text(f"note: loop {loop.name!r} changed since run {run_record.id} started; resuming with the current definition",
                            style="yellow"))
-    _prepare_model(loop, run_record.model)
-    run_record = _capped(store, run_record, loop, what="what this run may still spend")
-    if max_iterations is not None and max_iterations != run_record.max_iterations:
-        store.update_run(run_record.id, max_iterations=max_iterations)
-        store.append_event(run_record.id, "max_iterations_changed", {"from": run_record.max_iterations, "to": max_iterations})
-        run_record = store.get_run(run_record.id)
-    answers: dict[str, str] = {}
-    if side_effects is not None:
-        pending = [e for e in store.events(run_record.id) if e.kind == "side_effect_pending"]
-        if not pending:
-            raise ConfigError(f"run {run_record.id} has no pending side-effecting call to answer; drop --side-effects")
-        key = str(pending[-1].data["key"])
-        answers[key] = side_effects
-        store.append_event(run_record.id, "side_effect_answered", {"key": key, "answer": side_effects})
-    return _drive(_engine_for(store, loop, run_record, side_effect_answers=answers, wait_on_person=wait), console,
-                  otlp=otlp)
+    engine, note = service.continuing(store, loop, run_record, what="what this run may still spend",
+                                      max_iterations=max_iterations, side_effects=side_effects, wait_on_person=wait)
+    _note(note)
+    return _drive(engine, console, otlp=otlp)
+
+
+def answer(db: Path, prefix: str, *, facts: list[str], subgoal: str | None, relax: list[str], reason: str,
+           abort: bool, approve: bool, deny: bool) -> int:
+    """A person's answer from the command line, through the control channel: to the pending approval
+    (--approve / --deny), else to the pending escalation (facts, subgoal, relaxations, then resume or abort).
+    Refused in one line when nothing waits for that answer."""
+    store = Store.open(db, create=False)
+    run_record = store.resolve_run(prefix)
+    view = fold(store.events(run_record.id))
+    commands: list[Command] = []
+    if approve or deny:
+        if not view.approvals:
+            raise ConfigError(f"run {run_record.id} has no tool call waiting for approval; `loopterm show {run_record.id}` says what it waits on")
+        pending = next(iter(view.approvals.values()))
+        commands.append(Approve(key=pending.asked.key, reason=reason) if approve
+                        else Deny(key=pending.asked.key, reason=reason or "denied by a person"))
+        what = f"the call of {pending.asked.tool} at iteration {pending.iteration}"
+    else:
+        if view.escalation is None:
+            raise ConfigError(f"run {run_record.id} has no escalation waiting for an answer; `loopterm show {run_record.id}` says what it waits on")
+        if relax and not reason:
+            raise ConfigError("--relax needs --reason: say why the invariant may be broken")
+        base = run_record.iterations
+        commands += [AddFact(fact=fact, base_iteration=base) for fact in facts]
+        if subgoal:
+            commands.append(SetSubgoal(subgoal=subgoal, base_iteration=base))
+        commands += [Relax(invariant=name, reason=reason) for name in relax]
+        escalation = view.escalation.event_id
+        commands.append(Stop(reason=reason or "aborted by a person", escalation=escalation) if abort
+                        else Resume(escalation=escalation))
+        what = f"the escalation at iteration {view.escalation.iteration}"
+    for command in commands:
+        store.add_command(run_record.id, *command_payload(command))
+    executing = executing_elsewhere(run_record, view)
+    then = ("the process executing it obeys at its next step" if executing
+            else f"`loopterm resume {run_record.id}` takes the answer and {'ends it' if abort else 'goes on'}")
+    _console().print(Text(f"answered {what} of run {run_record.id}: {then}", style="cyan"))
+    return 0
 
 
 def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], model: str | None, reason: str,
@@ -209,7 +187,7 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
     parent = store.resolve_run(prefix)
     loop, _ = load_loop(parent.loop_ref)
     plan = plan_fork(store, loop, parent, at, sets=sets, relax=relax, model=model, reason=reason)
-    _prepare_model(loop, plan.model)
+    service.preflight(loop, parent.loop_ref, plan.model)
     console = _console()
     if dry_run:
         console.print(f"fork of run {parent.id} at iteration {at} (model {plan.model}) is valid; nothing was created.")
@@ -220,15 +198,16 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
                                f"({json.dumps(call.args)[:60]}) -> policy {call.policy}"))
         return 0
     usd = loop.budget.model_validate(parent.budget).usd if parent.budget else loop.budget.usd
-    daily_budget_cap(store, usd, what="the branch's budget", lower=None)  # refused: nothing is created
+    service.new_run_budget(store, loop, usd=usd, what="the branch's budget", lower=None)  # refused: nothing is created
     run_id = new_run_id()
-    branch = create_fork(store, loop, plan, run_id=run_id, workspace=db.resolve().parent / "workspaces" / run_id)
-    branch = _capped(store, branch, loop, what="the branch's budget")
-    asyncio.run(rebuild_workspace(loop, store, branch))
+    branch = create_fork(store, loop, plan, run_id=run_id, workspace=service.workspace_root(db) / run_id)
+    engine, note = service.continuing(store, loop, branch, what="the branch's budget", wait_on_person=wait)
+    _note(note)
+    asyncio.run(rebuild_workspace(loop, store, store.get_run(branch.id)))
     console.print(Text(f"branch {branch.id} of run {parent.id} at iteration {at}"
                        + (f"; patched {', '.join('.'.join(map(str, p)) for p, _ in plan.patches)}" if plan.patches else "")
                        + (f"; relaxed {', '.join(plan.relaxed)}" if plan.relaxed else ""), style="cyan"))
-    return _drive(_engine_for(store, loop, branch, wait_on_person=wait), console, otlp=otlp)
+    return _drive(engine, console, otlp=otlp)
 
 
 def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
@@ -274,7 +253,7 @@ def runs(db: Path, *, as_json_out: bool) -> int:
     """Every run, branches indented under their parents."""
     store = Store.open(db, create=False) if db.exists() else None
     tree = store.tree() if store is not None else []
-    shadow = store.runs_with_event(SHADOW_EVENT) if store is not None else set()
+    shadow = store.runs_with_event(ShadowMode) if store is not None else set()
     if as_json_out:
         print(as_json([{**r.model_dump(), "depth": depth, "shadow": r.id in shadow} for depth, r in tree]))
         return 0
@@ -337,13 +316,18 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
             console.print(Text(note, style="yellow"))
         return 0
     iterations = store.iterations(run_record.id)
+    records = store.events(run_record.id)
+    waits = waiting_lines(fold(records))
     if as_json_out:
-        events = store.events(run_record.id)
-        print(json.dumps({"run": run_record.model_dump(), "lineage": [r.id for r in lineage],
-                          "iterations": [i.model_dump() for i in iterations],
-                          "events": [e.model_dump() for e in events]}, indent=2, default=str))
+        events = [{**e.model_dump(exclude={"event"}), "kind": kind, "data": data}
+                  for e in records for kind, data in [to_stored(e.event)]]
+        print(json.dumps({"run": run_record.model_dump(), "lineage": [r.id for r in lineage], "waiting_on": waits,
+                          "iterations": [i.model_dump() for i in iterations], "events": events}, indent=2, default=str))
         return 0
     console.print(summary(run_record))
+    for line in waits:
+        console.print(Text(f"⚑ waits on a person: {line} (answer it from `loopterm watch {run_record.id}`)",
+                           style="bold yellow"))
     if len(lineage) > 1:
         path = " → ".join(f"{r.id}" + (f" @{r.fork_iteration}" if r.parent_run else " (root)") for r in lineage)
         console.print(Text(f"lineage: {path}", style="cyan"))
@@ -386,7 +370,9 @@ def _show_iteration(console: Console, r: Any) -> None:
 def export(db: Path, prefix: str, *, output: Path | None) -> int:
     store = Store.open(db, create=False)
     run_record = store.resolve_run(prefix)
-    lines = (json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in store.export_run(run_record.id))
+    from loopterm.store.transfer import export_run
+
+    lines = (json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in export_run(store, run_record.id))
     if output is None:
         for line in lines:
             sys.stdout.write(line)
@@ -417,8 +403,10 @@ def import_file(db: Path, path: Path) -> int:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}; check the path") from None
+    from loopterm.store.transfer import import_lines
+
     store = Store.open(db)
-    imported = store.import_lines(text.splitlines())
+    imported = import_lines(store, text.splitlines())  # checked whole first: refused, it imports nothing
     _console().print(f"imported {len(imported)} run(s) into {db}: {', '.join(imported)}")
     return 0
 

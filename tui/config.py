@@ -23,6 +23,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loopterm.core.settings import env_name, settings
+from loopterm.core.text import one_line
+
 __all__ = [
     "CONFIG_DIR_ENV",
     "CONFIG_FILE_NAME",
@@ -34,7 +37,7 @@ __all__ = [
     "save_settings",
 ]
 
-CONFIG_DIR_ENV = "LOOPTERM_CONFIG_DIR"
+CONFIG_DIR_ENV = env_name("config_dir")  # for messages; the value is read by settings()
 CONFIG_FILE_NAME = "config.toml"
 _HEADER = "# loopterm settings. Written by loopterm; comments here are not kept.\n"
 
@@ -53,9 +56,9 @@ class LooptermSettings(BaseModel):
 
 def config_dir() -> Path:
     """Where loopterm keeps config.toml and themes/ (not created here)."""
-    explicit = os.environ.get(CONFIG_DIR_ENV, "").strip()
-    if explicit:
-        return Path(explicit).expanduser()
+    explicit = settings().config_dir
+    if explicit is not None:
+        return explicit.expanduser()
     xdg = os.environ.get("XDG_CONFIG_HOME", "").strip()
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "loopterm"
@@ -64,10 +67,6 @@ def config_dir() -> Path:
 
 def config_file(directory: Path | str | None = None) -> Path:
     return (Path(directory) if directory is not None else config_dir()) / CONFIG_FILE_NAME
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _read(path: Path) -> LooptermSettings | None:
@@ -104,7 +103,7 @@ def load_settings(directory: Path | str | None = None, *, warnings: list[str] | 
         settings = _read(path)
     except ValueError as exc:
         if warnings is not None:
-            warnings.append(_one_line(f"ignored {path}: {exc}; using default settings"))
+            warnings.append(one_line(f"ignored {path}: {exc}; using default settings"))
         return LooptermSettings()
     return settings or LooptermSettings()
 
@@ -133,7 +132,7 @@ def save_settings(settings: LooptermSettings, directory: Path | str | None = Non
         except ValueError as exc:
             backup = _backup_path(path)
             shutil.copy2(path, backup)
-            notes.append(_one_line(f"{path} was unreadable ({exc}); kept a copy at {backup}"))
+            notes.append(one_line(f"{path} was unreadable ({exc}); kept a copy at {backup}"))
         text = _HEADER + tomli_w.dumps(settings.model_dump(mode="python", exclude_none=True))
         fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml.tmp", dir=path.parent)
         try:
@@ -145,7 +144,7 @@ def save_settings(settings: LooptermSettings, directory: Path | str | None = Non
             raise
     except (OSError, ValueError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        notes.append(_one_line(f"could not save settings to {path}: {detail}"))
+        notes.append(one_line(f"could not save settings to {path}: {detail}"))
     return notes
 
 
@@ -161,5 +160,5 @@ def remember_theme(name: str, directory: Path | str | None = None) -> list[str]:
     try:
         settings.theme = name
     except ValidationError as exc:
-        return [_one_line(f"theme name not saved: {exc.errors(include_url=False)[0]['msg']}")]
+        return [one_line(f"theme name not saved: {exc.errors(include_url=False)[0]['msg']}")]
     return save_settings(settings, directory)

@@ -12,7 +12,7 @@ Policies (see the README's Triggers section):
   trigger runs no check meanwhile.
 - A command trigger fires when its command starts failing (the first check, or after a pass), not
   on every failing check: a loop that cannot fix it is not started again and again.
-- Before each run the daily budget is checked (`store.ledger.check_daily_budget`); an uncapped run
+- Before each run the daily budget is checked (core/daily_budget.py); an uncapped run
   is capped at what is left today. A refused firing is logged and recorded as a run that never
   ran (status terminated, event `trigger_refused`); later refusals of the same trigger in a row
   are added to that record as events, not as new runs.
@@ -35,20 +35,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from loopterm.core.checkers import preflight_roles
-from loopterm.core.engine import STALE_AFTER_S, Engine, executing_elsewhere
+from loopterm.core import runlog as log
+from loopterm.core.engine import Engine
+from loopterm.core.liveness import STALE_AFTER_S, executing_elsewhere
 from loopterm.core.errors import ConfigError
+from loopterm.core.fold import fold
 from loopterm.core.events import ApprovalNeeded, EngineEvent, Escalated
 from loopterm.core.gates import run_process, scrubbed_env
 from loopterm.core.loader import load_loop
 from loopterm.core.loop import Loop
 from loopterm.core.records import RunRecord
+from loopterm.core import runs as service
+from loopterm.core.runs import record_end
 from loopterm.core.secrets import redact
 from loopterm.core.termination import Status, TerminationReason
+from loopterm.core.text import one_line
 from loopterm.core.triggers import Trigger, TriggersFile, change_event, command_event, schedule_event
 from loopterm.store import Store
-from loopterm.store.ledger import cap_run, check_daily_budget
-from loopterm.tui.cli import one_line
 
 ORIGIN = "trigger"
 STOP_REASON = "the daemon stopped; it resumes this run when it starts again"
@@ -99,8 +102,6 @@ def _command_found(argv0: str, cwd: Path) -> bool:
 
 def prepare(config: TriggersFile, shown: str, cwd: Path) -> list[Slot]:
     """Load every trigger's loop and check its model, paths and command; refuse in one line before anything runs."""
-    from loopterm.core.model import check_model  # lazy: litellm loads here, once
-
     slots: list[Slot] = []
     for trigger in config.trigger:
         where = f"{shown}: trigger {trigger.name!r}"
@@ -110,8 +111,7 @@ def prepare(config: TriggersFile, shown: str, cwd: Path) -> list[Slot]:
             raise ConfigError(f"{where}: loop: {exc}") from None
         model = trigger.model or loop.model
         try:
-            check_model(model, loop.script if model.startswith("scripted/") else None)
-            preflight_roles(loop.gates, model)
+            service.preflight_model(loop, model, loop.script if model.startswith("scripted/") else None)
         except ConfigError as exc:
             raise ConfigError(f"{where}: model: {exc}") from None
         for path in trigger.on.change or []:
@@ -177,8 +177,8 @@ class TriggerDaemon:
                 self.log(f"trigger {slot.name!r}: {len(slot.queued)} queued event(s) dropped at shutdown")
                 slot.queued.clear()
             if slot.engine is not None:
-                self.store.append_event(slot.engine.run_id, "daemon_interrupted",
-                                        {"trigger": slot.name, "pid": os.getpid(), "why": "the daemon is stopping"})
+                self.store.append_event(slot.engine.run_id, log.DaemonInterrupted(
+                    trigger=slot.name, pid=os.getpid(), why="the daemon is stopping"))
                 slot.engine.request_stop(STOP_REASON)
         tasks = [slot.task for slot in running if slot.task is not None]
         if not tasks:
@@ -283,18 +283,12 @@ class TriggerDaemon:
         """The run's budget under the daily budget (an uncapped run gets what is left today), or (_, the refusal)."""
         trigger = slot.trigger
         assert trigger is not None
-        budget: dict[str, Any] = {}
-        if trigger.budget_usd is not None:
-            budget["usd"] = trigger.budget_usd
-        if trigger.budget_tokens is not None:
-            budget["tokens"] = trigger.budget_tokens
-        usd = trigger.budget_usd if trigger.budget_usd is not None else slot.loop.budget.usd
         try:
-            cap = check_daily_budget(self.store, usd, what=f"trigger {trigger.name!r}'s budget_usd", lower="budget_usd")
+            budget, _ = service.new_run_budget(self.store, slot.loop, usd=trigger.budget_usd,
+                                               tokens=trigger.budget_tokens,
+                                               what=f"trigger {trigger.name!r}'s budget_usd", lower="budget_usd")
         except ConfigError as exc:
-            return budget, str(exc)
-        if cap is not None:
-            budget["usd"] = cap
+            return {k: v for k, v in (("usd", trigger.budget_usd), ("tokens", trigger.budget_tokens)) if v is not None}, str(exc)
         return budget, None
 
     def _start(self, slot: Slot, event: str) -> None:
@@ -302,26 +296,20 @@ class TriggerDaemon:
         assert trigger is not None
         budget, refused = self._budget(slot)
         if refused is not None and slot.refused_run is not None:
-            self.store.append_event(slot.refused_run, "trigger_refused", {"trigger": slot.name, "event": event,
-                                                                          "reason": refused})
+            self.store.append_event(slot.refused_run, log.TriggerRefused(trigger=slot.name, event=event, reason=refused))
             self.log(f"trigger {slot.name!r}: refused: {refused} (recorded on run {slot.refused_run})")
             return
-        engine = Engine.create(
-            slot.loop, self.store, loop_ref=slot.ref, model=slot.model, max_iterations=trigger.max_iterations,
+        engine = service.create(
+            slot.loop, self.store, ref=slot.ref, model=slot.model, max_iterations=trigger.max_iterations,
             budget=budget, workspace_root=self.workspace_root, goal=trigger.goal_for(slot.loop.goal, event),
             wait_on_person=True, workdir=self.cwd, origin=ORIGIN,
         )
         run_id = engine.run_id
-        self.store.append_event(run_id, "trigger", {"trigger": slot.name, "kind": trigger.on.kind, "event": event,
-                                                     "triggers_file": self.triggers_file, "pid": os.getpid()})
+        self.store.append_event(run_id, log.TriggerFired(trigger=slot.name, on=trigger.on.kind, event=event,
+                                                         triggers_file=self.triggers_file, pid=os.getpid()))
         if refused is not None:
-            self.store.append_event(run_id, "trigger_refused", {"trigger": slot.name, "event": event, "reason": refused})
-            self.store.update_run(run_id, status=Status.TERMINATED.value,
-                                  termination_reason=TerminationReason.BUDGET_USD.value,
-                                  message=f"not run: {refused}", updated_at=time.time())
-            self.store.append_event(run_id, "run_finished", {"status": Status.TERMINATED.value,
-                                                             "reason": TerminationReason.BUDGET_USD.value,
-                                                             "message": f"not run: {refused}"})
+            self.store.append_event(run_id, log.TriggerRefused(trigger=slot.name, event=event, reason=refused))
+            record_end(self.store, run_id, TerminationReason.BUDGET_USD, f"not run: {refused}")
             slot.refused_run = run_id
             self.log(f"trigger {slot.name!r}: refused: {refused} (recorded as run {run_id})")
             return
@@ -357,10 +345,7 @@ class TriggerDaemon:
         except Exception as exc:  # noqa: BLE001 - this run's failure, not the daemon's
             message = one_line(f"{exc.__class__.__name__}: {exc}", 500)
             try:
-                self.store.update_run(run_id, status=Status.FAILED.value, updated_at=time.time(), message=message,
-                                      termination_reason=TerminationReason.FATAL_ERROR.value)
-                self.store.append_event(run_id, "run_finished", {"status": Status.FAILED.value, "message": message,
-                                                                 "reason": TerminationReason.FATAL_ERROR.value})
+                record_end(self.store, run_id, TerminationReason.FATAL_ERROR, message)
             except Exception:  # noqa: BLE001 - the store itself failed; the line below says what we know
                 pass
             self.log(f"trigger {slot.name!r}: run {run_id} failed: {message}")
@@ -392,15 +377,13 @@ class TriggerDaemon:
             status = Status(run.status)
             if status in (Status.CONVERGED, Status.TERMINATED, Status.FAILED, Status.ESCALATED):
                 continue
-            events = self.store.events(run.id)
-            mark = next((e for e in events if e.kind == "trigger"), None)
-            if mark is None or mark.data.get("triggers_file") != self.triggers_file:
+            view = fold(self.store.events(run.id))
+            if view.trigger is None or view.trigger.triggers_file != self.triggers_file:
                 continue
             if status is Status.STOPPED:
-                kinds = [e.kind for e in events if e.kind in ("daemon_interrupted", "run_started", "run_resumed")]
-                if kinds and kinds[-1] == "daemon_interrupted":
+                if view.daemon_interrupted and not view.waiting:
                     now_runs.append(run)
-            elif executing_elsewhere(run, events):  # a daemon killed a moment ago on another machine, say
+            elif executing_elsewhere(run, view):  # a daemon killed a moment ago on another machine, say
                 later.append(run)
             else:
                 now_runs.append(run)
@@ -422,14 +405,14 @@ class TriggerDaemon:
             current = self.store.get_run(run.id)
             if Status(current.status).finished or current.status == Status.ESCALATED.value:
                 return
-            if not executing_elsewhere(current, self.store.events(current.id)):
+            if not executing_elsewhere(current, fold(self.store.events(current.id))):
                 self._resume(current)
                 return
             await asyncio.sleep(max(0.5, STALE_AFTER_S - (time.time() - current.updated_at) + 0.5))
 
     def _trigger_of(self, run: RunRecord) -> str:
-        mark = next((e for e in self.store.events(run.id) if e.kind == "trigger"), None)
-        return str(mark.data.get("trigger", "?")) if mark is not None else "?"
+        mark = fold(self.store.events(run.id)).trigger
+        return mark.trigger if mark is not None else "?"
 
     def _resume(self, run: RunRecord) -> None:
         name = self._trigger_of(run)
@@ -439,15 +422,11 @@ class TriggerDaemon:
             if slot is None or slot.busy:
                 slot = Slot(name=name, trigger=None, loop=loop, ref=run.loop_ref, model=run.model)
                 self._detached.append(slot)
-            from loopterm.core.model import check_model
-
-            check_model(run.model, loop.script if run.model.startswith("scripted/") else None)
-            run, _ = cap_run(self.store, run, loop.budget.usd, what=f"what run {run.id} may still spend")
+            engine, _ = service.continuing(self.store, loop, run, what=f"what run {run.id} may still spend",
+                                           wait_on_person=True, workspace_root=self.workspace_root, workdir=self.cwd)
         except ConfigError as exc:
-            self.store.append_event(run.id, "trigger_refused", {"trigger": name, "reason": str(exc), "resume": True})
+            self.store.append_event(run.id, log.TriggerRefused(trigger=name, reason=str(exc), resume=True))
             self.log(f"trigger {name!r}: not resuming run {run.id}: {exc}")
             return
-        self.store.append_event(run.id, "daemon_resumed", {"trigger": name, "pid": os.getpid(),
-                                                           "from_status": run.status})
-        engine = Engine(loop, self.store, run, wait_on_person=True, workspace_root=self.workspace_root, workdir=self.cwd)
+        self.store.append_event(run.id, log.DaemonResumed(trigger=name, pid=os.getpid(), from_status=run.status))
         self._launch(slot, engine, f"run {run.id} resumed after iteration {run.iterations} (it was {run.status})")

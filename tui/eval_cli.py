@@ -57,7 +57,7 @@ def _within_daily_budget(db: Path, loop: Loop, cases: CaseSet, budget_usd: float
     """The daily-budget gate for a batch (as `loopterm run` has for one run): the cases' USD budgets
     together must fit what is left of today's; cases without one share what is left equally (and are told).
     Refuses with one ConfigError line before anything runs."""
-    from loopterm.store.ledger import check_daily_budget, money
+    from loopterm.core.daily_budget import check_daily_budget, money
 
     own = [c.budget_usd if c.budget_usd is not None else budget_usd if budget_usd is not None else loop.budget.usd
            for c in cases]

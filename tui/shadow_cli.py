@@ -19,7 +19,8 @@ from rich.text import Text
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.records import RunRecord
-from loopterm.core.shadow import REPORT_VERSION, agreement, is_shadow, verdicts
+from loopterm.core.fold import fold
+from loopterm.core.shadow import REPORT_VERSION, agreement, verdicts
 from loopterm.store import Store
 from loopterm.tui.widgets.render import clean
 
@@ -64,10 +65,10 @@ def shadow_runs(store: Store, loop: str, run: str | None) -> list[RunRecord]:
         if record.loop != loop:
             raise ConfigError(f"run {record.id} is a run of loop {clean(record.loop)!r}, not of {clean(loop)!r}; "
                               f"`loopterm eval {clean(record.loop)} --shadow --run {record.id}` reports on it")
-        if not is_shadow(store.events(record.id)):
+        if not fold(store.events(record.id)).shadow:
             raise ConfigError(f"run {record.id} is not a shadow run; start one with `loopterm run LOOP --shadow`")
         return [record]
-    found = [r for r in store.list_runs() if r.loop == loop and is_shadow(store.events(r.id))]
+    found = [r for r in store.list_runs() if r.loop == loop and fold(store.events(r.id)).shadow]
     if not found:
         raise ConfigError(f"no shadow run of loop {clean(loop)!r} in the store yet; start one with "
                           f"`loopterm run {clean(loop)} --shadow`")
@@ -80,7 +81,7 @@ def shadow_report(store: Store, loop: str, runs: list[RunRecord], *, db: str,
     every = []
     per_run = []
     for run in runs:
-        found = verdicts(store.events(run.id))
+        found = verdicts(fold(store.events(run.id)))
         every.extend(found)
         per_run.append({"run_id": run.id, "status": run.status, "iterations": run.iterations,
                         **agreement(found)["totals"]})
@@ -148,11 +149,11 @@ def announce(console: Console, run_id: str, wait: bool) -> None:
 
 def show_verdicts(console: Console, store: Store, run: RunRecord) -> None:
     """`loopterm show RUN` of a shadow run: each verdict, then the agreement per tool."""
-    events = store.events(run.id)
-    if not is_shadow(events):
+    view = fold(store.events(run.id))
+    if not view.shadow:
         return
-    iteration = {str(e.data.get("key")): e.iteration for e in events if e.kind == "shadow_verdict"}
-    found = verdicts(events)
+    iteration = {key: n for key, (n, _) in view.verdicts.items()}
+    found = verdicts(view)
     console.print(Text(f"◐ shadow run: nothing it proposed was executed; {len(found)} proposal(s) judged",
                        style="bold magenta"))
     for v in found:

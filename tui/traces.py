@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from loopterm.core.errors import ConfigError
+from loopterm.tui.console import error
 
 TRACES_PATH = "/v1/traces"
 SPANS_PER_REQUEST = 512  # a long run goes out in several requests, each well under a collector's size limit
@@ -60,9 +60,7 @@ def default_endpoint() -> str | None:
 
 
 def _warn(message: str) -> None:
-    from loopterm.tui.cli import one_line
-
-    print(f"loopterm: {one_line(message)}", file=sys.stderr, flush=True)
+    error(message)
 
 
 @contextlib.contextmanager
@@ -93,7 +91,8 @@ def follow(app: Any, engine: Any) -> None:
 
 def export_run(db: Path, prefix: str, endpoint: str | None) -> int:
     """`loopterm export RUN --format otlp`: the run's lineage as spans; one line saying how many went where."""
-    from loopterm.core.telemetry import TelemetryError, exporter, lineage_spans, send
+    from loopterm.core.spans import lineage_spans
+    from loopterm.core.telemetry import TelemetryError, exporter, send
     from loopterm.store import Store
 
     chosen = endpoint or default_endpoint()

@@ -22,7 +22,7 @@ from pathlib import Path
 from loopterm.core.budget import Budget
 from loopterm.core.gates import CommandGate
 from loopterm.core.loop import Loop
-from loopterm.core.mcp_tools import McpServer
+from loopterm.core.mcp_servers import McpServer
 
 HERE = Path(__file__).resolve().parent
 

@@ -40,6 +40,7 @@ from loopterm.core.decision import Decision
 from loopterm.core.gates import GateResult
 from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.state import LoopState, ToolRecord
+from loopterm.core.text import one_line
 from loopterm.core.topology import PlanState, planner_executors_aggregator
 from loopterm.examples.review.analyze import ITEM_GOAL
 from loopterm.examples.review.tools import (
@@ -270,11 +271,6 @@ def converged(state: LoopState, gates: list[GateResult]) -> bool:
 # ---------------------------------------------------------------------------- the prompt
 
 
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def context(state: LoopState) -> str:
     s = _review(state)
     if s is None:
@@ -294,7 +290,7 @@ def context(state: LoopState) -> str:
         lines.append(f"Analyzed: {', '.join(done)}")
     if s.findings:
         lines.append(f"Findings ({len(s.findings)}):")
-        lines += [f"- [{f.severity}] {f.path}:{f.line}: {_clip(f.message, 300)}" for f in s.findings[:80]]
+        lines += [f"- [{f.severity}] {f.path}:{f.line}: {one_line(f.message, 300)}" for f in s.findings[:80]]
         if len(s.findings) > 80:
             lines.append(f"- ... and {len(s.findings) - 80} more")
     if s.unfinished:

@@ -42,11 +42,11 @@ from loopterm.core.gates import GateResult
 from loopterm.core.invariants import Invariant, Remediation
 from loopterm.core.loop import DEFAULT_SYSTEM_PROMPT, Loop
 from loopterm.core.state import LoopState, ToolRecord
+from loopterm.core.text import one_line
 from loopterm.examples.support.terms import TERM_KEYS, canonical, find_terms
 from loopterm.examples.support.tools import (
     POLICY_PREFIX,
     escalate,
-    one_line,
     parse_passages,
     reply,
     search_policy,

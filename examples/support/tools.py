@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from loopterm.core.text import one_line
 from loopterm.core.tools import ToolContext, tool
 from loopterm.examples.support.terms import TERM_KEYS, extract_terms
 
@@ -25,11 +26,6 @@ PASSAGE_CHARS = 4_000  # of one passage, in the tool's output
 # A key may hold ':' ("policy:refunds"), never ': '.
 _TAGGED = re.compile(r"^\[(?:fact|decision|document)\] (?P<key>\S.*?): (?P<value>.*)$")
 _PLAIN = re.compile(r"^(?P<key>\S.*?): (?P<value>.*)$")
-
-
-def one_line(text: str, limit: int = PASSAGE_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def ensure_policy(memory: Any, loop: str) -> list[str]:
@@ -82,7 +78,7 @@ def search_policy(ctx: ToolContext, query: str) -> str:
         lines.append(f"no passage matches {one_line(query, 200)!r}; search with other words (return, fee, refund)")
     else:
         lines.append(f"{len(items)} passage(s) for {one_line(query, 200)!r}, best first:")
-        lines += [f"[{item.kind}] {item.key}: {one_line(item.value)}" for item in items]
+        lines += [f"[{item.kind}] {item.key}: {one_line(item.value, PASSAGE_CHARS)}" for item in items]
     return "\n".join(lines)
 
 

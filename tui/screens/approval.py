@@ -16,6 +16,7 @@ from textual.widgets import Button, Input, Static, TextArea
 
 from loopterm.core.control import Approve, Deny
 from loopterm.core.decision import unreadable_json
+from loopterm.core.fold import PendingApproval
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.widgets.render import literal, pretty
 
@@ -24,24 +25,25 @@ ArgsValidator = Callable[[str, dict[str, Any]], str | None]
 
 
 class ApprovalScreen(Dialog[Approve | Deny]):
-    def __init__(self, run_id: str, pending: dict[str, Any], *, deny: bool = False,
+    def __init__(self, run_id: str, pending: PendingApproval, *, deny: bool = False,
                  validate: ArgsValidator | None = None, tools: list[str] | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.pending = pending
+        self.asked = pending.asked
         self.deny_first = deny
         self.validate = validate
         self.tools = tools  # the loop's tool names (shadow: another tool may be named); None: not known here
-        self.shadow = bool(pending.get("shadow"))
+        self.shadow = self.asked.shadow
         if self.shadow:
             self.title_text = (f"◐ shadow: nothing will run · run {run_id} proposes a tool call "
-                               f"(iteration {pending.get('n', '?')})")
+                               f"(iteration {pending.iteration})")
         else:
-            self.title_text = f"Run {run_id} asks to call a tool (iteration {pending.get('n', '?')})"
+            self.title_text = f"Run {run_id} asks to call a tool (iteration {pending.iteration})"
 
     def fields(self) -> ComposeResult:
         head = Text("tool  ", style="bold")
-        head.append(literal(self.pending.get("tool", "?")))
+        head.append(literal(self.asked.tool))
         if self.shadow:
             head.append("\nWhat should happen? Agree: as proposed. Edit the arguments (or name another tool), then "
                         "Agree: what should have happened instead. Deny: it should not happen. Either way nothing is "
@@ -51,8 +53,8 @@ class ApprovalScreen(Dialog[Approve | Deny]):
                         style="italic")
         yield Static(head, id="approval-tool")
         if self.shadow:
-            yield Input(str(self.pending.get("tool", "")), placeholder="the tool that should be called", id="tool")
-        yield TextArea(pretty(self.pending.get("args") or {}), id="args", show_line_numbers=False)
+            yield Input(self.asked.tool, placeholder="the tool that should be called", id="tool")
+        yield TextArea(pretty(self.asked.args), id="args", show_line_numbers=False)
         why = ("why (optional for agree or edit, recorded; a denial says why to the model)" if self.shadow
                else "why (optional for approve, recorded; a denial says why to the model)")
         yield Input(placeholder=why, id="reason")
@@ -68,7 +70,7 @@ class ApprovalScreen(Dialog[Approve | Deny]):
 
     def submit(self, button: str) -> None:
         reason = self.query_one("#reason", Input).value.strip()
-        key = str(self.pending["key"])
+        key = self.asked.key
         if button == "submit":
             button = "deny" if self.deny_first else "approve"
         if button == "deny":
@@ -86,13 +88,13 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         if not isinstance(args, dict):
             self.fail("the arguments must be a JSON object; nothing was sent")
             return
-        proposed = str(self.pending.get("tool", ""))
+        proposed = self.asked.tool
         other = self.query_one("#tool", Input).value.strip() if self.shadow else proposed
         other = other or proposed
         if other != proposed and self.tools is not None and other not in self.tools:
             self.fail(f"no tool {other!r} in this loop (its tools: {', '.join(self.tools)}); nothing was sent")
             return
-        edited = args if args != (self.pending.get("args") or {}) or other != proposed else None
+        edited = args if args != self.asked.args or other != proposed else None
         if edited is not None and self.validate is not None:
             problem = self.validate(other, edited)
             if problem:

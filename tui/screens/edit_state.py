@@ -19,15 +19,26 @@ StateValidator = Callable[[dict[str, Any]], str | None]
 
 
 class EditStateScreen(Dialog[EditState]):
-    """Dismisses with an `EditState` command, or None. Invalid JSON or state: the error, nothing sent."""
+    """Dismisses with an `EditState` command, or None. Invalid JSON or state: the error, nothing sent.
 
-    def __init__(self, run_id: str, state: dict[str, Any], validate: StateValidator | None, note: str = "") -> None:
+    The command names the state it edits (`base_iteration`, `base_version`): the engine refuses it, changing
+    nothing, when the run has moved on since; the App then opens the editor again with `refused` (why), the
+    state the run now starts from, and the person's reason."""
+
+    def __init__(self, run_id: str, state: dict[str, Any], validate: StateValidator | None, note: str = "", *,
+                 base_iteration: int, base_version: int = 0, reason: str = "", refused: str = "") -> None:
         super().__init__()
         self.run_id = run_id
         self.initial_state = state
         self.validate = validate
         self.note = note
-        self.title_text = f"Edit the state of run {run_id} (used by its next iteration)"
+        self.base_iteration = base_iteration
+        self.base_version = base_version
+        self.initial_reason = reason
+        self.refused = refused
+        self.error_text = refused  # shown on the error line once mounted
+        after = f"after iteration {base_iteration}" if base_iteration else "before its first iteration"
+        self.title_text = f"Edit the state of run {run_id} {after} (used by its next iteration)"
 
     def fields(self) -> ComposeResult:
         hint = "Edit the JSON; it is checked against the loop's state model before it is sent. ctrl+s sends, escape cancels."
@@ -36,7 +47,7 @@ class EditStateScreen(Dialog[EditState]):
         yield Static(hint, classes="hint", markup=False)
         area = TextArea(pretty(self.initial_state), id="state-json", show_line_numbers=True, tab_behavior="indent")
         yield area
-        yield Input(placeholder="why (required: recorded with the edit)", id="reason")
+        yield Input(self.initial_reason, placeholder="why (required: recorded with the edit)", id="reason")
 
     def buttons(self) -> ComposeResult:
         yield Button("Send edit", variant="primary", id="submit")
@@ -44,6 +55,8 @@ class EditStateScreen(Dialog[EditState]):
     def on_mount(self) -> None:
         super().on_mount()
         self.query_one("#state-json", TextArea).focus()
+        if self.refused:
+            self.fail(self.refused)
 
     def submit(self, button: str) -> None:
         text = self.query_one("#state-json", TextArea).text
@@ -69,7 +82,8 @@ class EditStateScreen(Dialog[EditState]):
             self.query_one("#reason", Input).focus()
             return
         try:
-            command = EditState(state=data, reason=reason)
+            command = EditState(state=data, reason=reason, base_iteration=self.base_iteration,
+                                base_version=self.base_version)
         except ValidationError as exc:
             self.refuse(exc)
             return

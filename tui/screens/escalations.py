@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -12,7 +12,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 
+from loopterm.core.fold import PendingApproval, PendingEscalation, PendingSideEffect, RunView
 from loopterm.core.records import IterationRecord, RunRecord
+from loopterm.core.runlog import Escalated
 from loopterm.tui.widgets.render import Palette, first_line, literal, pretty, status_text
 
 if TYPE_CHECKING:
@@ -21,33 +23,65 @@ if TYPE_CHECKING:
 
 @dataclass
 class Waiting:
-    """A run waiting on a person: its escalation packet and/or tool calls waiting for approval."""
+    """A run waiting on a person (its log's fold says so, whatever its status): an escalation, tool calls
+    waiting for approval, a side effect it may repeat. A snapshot: it does not change as the log grows."""
 
     run: RunRecord
-    packet: dict[str, Any] | None = None
-    approvals: list[dict[str, Any]] = field(default_factory=list)
+    escalation: PendingEscalation | None = None
+    approvals: list[PendingApproval] = field(default_factory=list)
+    side_effect: PendingSideEffect | None = None
     executing: bool = False  # an engine (here or in another process) is waiting for the answer
-    side_effect: dict[str, Any] | None = None  # a side effect it may repeat, waiting for a decision
+
+    @classmethod
+    def of(cls, run: RunRecord, log: RunView, executing: bool) -> "Waiting":
+        return cls(run, log.escalation, list(log.approvals.values()), log.side_effect, executing)
+
+    @property
+    def packet(self) -> Escalated | None:
+        """The pending escalation's packet."""
+        return self.escalation.packet if self.escalation is not None else None
+
+    @property
+    def waiting(self) -> bool:
+        return self.escalation is not None or bool(self.approvals) or self.side_effect is not None
 
     @property
     def what(self) -> str:
         if self.approvals:
-            return "shadow" if self.approvals[0].get("shadow") else "approval"
+            return "shadow" if self.approvals[0].asked.shadow else "approval"
         if self.side_effect is not None:
             return "side effect"
-        return "escalation" if self.packet else "waiting"
+        return "escalation" if self.escalation is not None else "waiting"
+
+    @property
+    def at(self) -> int:
+        """The iteration it waits at."""
+        if self.approvals:
+            return self.approvals[0].iteration
+        if self.side_effect is not None:
+            return self.side_effect.iteration
+        if self.escalation is not None:
+            return self.escalation.iteration
+        return self.run.iterations
+
+    @property
+    def where(self) -> str:
+        """Who holds the run while it waits: an engine here or elsewhere, or nothing (`r` starts one here)."""
+        if self.executing:
+            return "engine waiting"
+        return f"{self.run.status} · waits on you"
 
     @property
     def summary(self) -> str:
         if self.approvals:
-            call = self.approvals[0]
-            if call.get("shadow"):  # core/shadow.py: a proposal to judge; nothing will run
-                return f"◐ shadow: the loop proposes tool {call.get('tool')!s}; agree, edit or deny (nothing runs)"
-            return f"tool {call.get('tool')!s} needs approval"
+            call = self.approvals[0].asked
+            if call.shadow:  # core/shadow.py: a proposal to judge; nothing will run
+                return f"◐ shadow: the loop proposes tool {call.tool}; agree, edit or deny (nothing runs)"
+            return f"tool {call.tool} needs approval"
         if self.side_effect is not None:
-            return f"tool {self.side_effect.get('tool')!s} may repeat a side effect: reuse its result or execute it again?"
-        if self.packet:
-            return str(self.packet.get("summary", ""))
+            return f"tool {self.side_effect.asked.tool} may repeat a side effect: reuse its result or execute it again?"
+        if self.escalation is not None:
+            return self.escalation.packet.summary
         return self.run.message or ""
 
 
@@ -79,7 +113,8 @@ class InboxScreen(Screen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for label, width in [("run", 14), ("loop", 14), ("at", 4), ("waiting for", 12), ("summary", 60)]:
+        for label, width in [("run", 14), ("loop", 14), ("at", 4), ("waiting for", 12), ("run is", 22),
+                             ("summary", 60)]:
             table.add_column(label, key=label, width=width)
         self.refresh_inbox()
         self.set_interval(1.0, self.refresh_inbox)
@@ -90,10 +125,10 @@ class InboxScreen(Screen[None]):
         keep = table.cursor_row
         table.clear()
         for item in self.waiting:
-            at = item.packet.get("iteration") if item.packet else item.run.iterations
             table.add_row(
-                Text(item.run.id), literal(item.run.loop), Text(str(at)),
-                Text(f"⚑ {item.what}", style="bold"), literal(first_line(item.summary, 120)), key=item.run.id,
+                Text(item.run.id), literal(item.run.loop), Text(str(item.at)),
+                Text(f"⚑ {item.what}", style="bold"), Text(item.where, style="" if item.executing else "italic"),
+                literal(first_line(item.summary, 120)), key=item.run.id,
             )
         if self.waiting:
             table.move_cursor(row=min(keep, len(self.waiting) - 1), animate=False)
@@ -130,8 +165,10 @@ class EscalationScreen(Screen[None]):
         Binding("e", "patch_state", "Patch state", id="escalation.patch_state", tooltip="Edit the state as JSON (validated)"),
         Binding("a", "approve", "Approve", id="escalation.approve", tooltip="Approve the pending tool call (arguments editable)"),
         Binding("d", "deny", "Deny", id="escalation.deny", tooltip="Deny the pending tool call"),
-        Binding("r", "resume", "Resume", id="escalation.resume", tooltip="Let the run continue (starts it here if nothing runs it)"),
-        Binding("k", "abort", "Abort", id="escalation.abort", tooltip="Stop the run for good (it stays in the store)"),
+        Binding("r", "resume", "Resume", id="escalation.resume",
+                tooltip="Answer the escalation: the run goes on past it (starts here if nothing runs it)"),
+        Binding("k", "abort", "Abort", id="escalation.abort",
+                tooltip="Answer the escalation by stopping the run (it stays in the store)"),
         Binding("o", "open_run", "Open run", id="escalation.open_run", tooltip="Show this run's timeline"),
         Binding("escape", "back", "Back", id="escalation.back", tooltip="Back to the inbox"),
     ]
@@ -190,18 +227,23 @@ class EscalationScreen(Screen[None]):
         title.append(literal(run.loop))
         title.append("  ")
         title.append_text(status_text(run.status, palette))
-        title.append("  " + ("an engine is waiting for your answer" if item.executing
-                             else "not executing: resume (r) starts it in this window"), style="italic")
-        packet = item.packet or {}
+        if item.executing:
+            title.append("  an engine is waiting for your answer", style="italic")
+        elif item.waiting and run.status != "escalated":  # stopped (quit, `s`) while it waited: still unanswered
+            title.append(f"  {run.status} · waits on you: resume (r) starts it in this window", style="italic")
+        else:
+            title.append("  not executing: resume (r) starts it in this window", style="italic")
+        packet = item.packet
         body = self.packet_text(item, palette)
         recent = self.lapp.store.last_iterations(run.id, 3)
-        shown = repr((title.plain, body.plain, [r.n for r in recent], packet.get("confidence_trajectory")))
+        confidences = packet.confidence_trajectory if packet is not None else []
+        shown = repr((title.plain, body.plain, [r.n for r in recent], confidences))
         if shown == self._shown:
             return
         self._shown = shown
         self.query_one("#esc-title", Static).update(title)
         self.query_one("#esc-packet-text", Static).update(body)
-        trajectory = [float(c) for c in packet.get("confidence_trajectory") or []] or [
+        trajectory = [float(c) for c in confidences] or [
             float((r.decision or {}).get("confidence", 0.0)) for r in recent
         ]
         self.query_one("#esc-confidence", Sparkline).data = trajectory or [0.0]
@@ -212,13 +254,13 @@ class EscalationScreen(Screen[None]):
 
     @staticmethod
     def packet_text(item: Waiting, palette: Palette) -> Text:
-        packet = item.packet or {}
+        packet = item.packet
         text = Text()
-        if packet:
+        if packet is not None:
             text.append("Why it stopped\n", style="bold")
-            text.append(literal(packet.get("summary", "")))
-            text.append(f"  (iteration {packet.get('iteration', '?')})\n\n", style="dim")
-            failing = packet.get("failing_invariants") or []
+            text.append(literal(packet.summary))
+            text.append(f"  (iteration {packet.iteration})\n\n", style="dim")
+            failing = packet.failing_invariants
             text.append("Failing invariants\n", style="bold")
             for inv in failing:
                 text.append("✗ ", style=palette.bad)
@@ -229,34 +271,34 @@ class EscalationScreen(Screen[None]):
                 text.append("\n")
             if not failing:
                 text.append("none\n", style="dim")
-            if packet.get("last_gate_failure"):
+            if packet.last_gate_failure:
                 text.append("\nLast gate failure\n", style="bold")
-                text.append(literal(str(packet["last_gate_failure"]).strip()[-1500:]))
+                text.append(literal(str(packet.last_gate_failure).strip()[-1500:]))
                 text.append("\n")
-            suggestions = packet.get("suggested_interventions") or []
-            if suggestions:
+            if packet.suggested_interventions:
                 text.append("\nSuggested interventions\n", style="bold")
-                for suggestion in suggestions:
+                for suggestion in packet.suggested_interventions:
                     text.append("• ")
                     text.append(literal(suggestion))
                     text.append("\n")
-        for call in item.approvals:
-            shadow = bool(call.get("shadow"))
-            text.append("\n◐ Shadow proposal (nothing will run)" if shadow else "\nTool call waiting for approval",
+        for pending in item.approvals:
+            call = pending.asked
+            text.append("\n◐ Shadow proposal (nothing will run)" if call.shadow else "\nTool call waiting for approval",
                         style="bold")
-            text.append(f" (iteration {call.get('n', '?')})\n", style="dim")
-            text.append(literal(call.get("tool", "?"), "bold"))
+            text.append(f" (iteration {pending.iteration})\n", style="dim")
+            text.append(literal(call.tool, "bold"))
             text.append("\n")
-            text.append(literal(pretty(call.get("args") or {})))
-            text.append("\na agrees (edit the arguments to say what should happen instead), d denies\n" if shadow
+            text.append(literal(pretty(call.args)))
+            text.append("\na agrees (edit the arguments to say what should happen instead), d denies\n" if call.shadow
                         else "\na approves (arguments editable), d denies\n", style="italic")
         if item.side_effect is not None:
+            asked = item.side_effect.asked
             text.append("\nA side effect it may repeat\n", style="bold")
-            text.append(literal(item.side_effect.get("tool", "?"), "bold"))
+            text.append(literal(asked.tool or "?", "bold"))
             text.append("\n")
-            text.append(literal(pretty(item.side_effect.get("args") or {})))
+            text.append(literal(pretty(asked.args)))
             text.append("\nr decides (reuse the recorded result or execute it again) and resumes\n", style="italic")
-        if not packet and not item.approvals and item.side_effect is None:
+        if not item.waiting:
             text.append("This run is not waiting on a person (any more).", style="italic")
         text.append("\nAnswers: f add fact · g override subgoal · i relax invariant · e patch state · "
                     "r resume · k abort", style="dim")
@@ -303,7 +345,7 @@ class EscalationScreen(Screen[None]):
         self.lapp.resume_run(self.run_id)
 
     def action_abort(self) -> None:
-        self.lapp.stop_run(self.run_id, "aborted by a person answering its escalation")
+        self.lapp.abort_run(self.run_id, "aborted by a person answering its escalation")
 
     def action_open_run(self) -> None:
         self.lapp.show_run(self.run_id)

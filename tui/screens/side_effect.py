@@ -3,12 +3,11 @@ a person decides, as `loopterm resume RUN --side-effects reuse|reexecute` would.
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Button, Static
 
+from loopterm.core.runlog import SideEffectPending
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.widgets.render import literal, pretty
 
@@ -16,7 +15,7 @@ from loopterm.tui.widgets.render import literal, pretty
 class SideEffectScreen(Dialog[str]):
     """Dismisses with "reuse" or "reexecute" (or None)."""
 
-    def __init__(self, run_id: str, pending: dict[str, Any]) -> None:
+    def __init__(self, run_id: str, pending: SideEffectPending) -> None:
         super().__init__()
         self.run_id = run_id
         self.pending = pending
@@ -25,23 +24,23 @@ class SideEffectScreen(Dialog[str]):
     def fields(self) -> ComposeResult:
         data = self.pending
         text = Text()
-        if data.get("why") == "interrupted":
+        if data.why == "interrupted":
             text.append("This call was interrupted mid-flight; whether it took effect is unknown.\n", style="italic")
         else:
-            text.append(f"Run {data.get('earlier_run')} already made this call at iteration {data.get('earlier_iteration')}.\n",
+            text.append(f"Run {data.earlier_run} already made this call at iteration {data.earlier_iteration}.\n",
                         style="italic")
         text.append("tool  ", style="bold")
-        text.append(literal(data.get("tool", "?")))
+        text.append(literal(data.tool or "?"))
         text.append("\n")
-        text.append(literal(pretty(data.get("args") or {})))
+        text.append(literal(pretty(data.args)))
         yield Static(text, id="side-effect")
 
     def buttons(self) -> ComposeResult:
-        interrupted = self.pending.get("why") == "interrupted"
+        interrupted = self.pending.why == "interrupted"
         yield Button("Reuse the recorded result", variant="primary", id="reuse", disabled=interrupted)
         yield Button("Execute it again", variant="warning", id="reexecute")
 
     def submit(self, button: str) -> None:
         if button == "submit":
-            button = "reexecute" if self.pending.get("why") == "interrupted" else "reuse"
+            button = "reexecute" if self.pending.why == "interrupted" else "reuse"
         self.dismiss(button)

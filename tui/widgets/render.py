@@ -21,6 +21,8 @@ from rich.text import Text
 
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
+from loopterm.core.text import clip
+from loopterm.core.text import first_line as text_first_line
 
 # Shown as escapes, never sent to the terminal: control characters (ANSI escapes, C1 controls), unpaired
 # surrogates (not Unicode: a terminal write would fail on them) and the bidirectional embedding, override
@@ -64,8 +66,8 @@ def literal(value: object, style: str = "") -> Text:
 
 
 def first_line(value: object, width: int = 60) -> str:
-    line = clean(redact(str(value))).strip().split("\n", 1)[0]
-    return line if len(line) <= width else line[: width - 1] + "…"
+    """The first line of untrusted text, safe to show (clean, redacted), cut to ``width``."""
+    return clip(text_first_line(clean(redact(str(value)))), width)
 
 
 def pretty(value: Any) -> str:

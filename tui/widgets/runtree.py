@@ -13,7 +13,9 @@ from loopterm.core.records import RunRecord
 from loopterm.tui.widgets.render import Palette, literal, status_glyph
 
 
-def run_label(run: RunRecord, palette: Palette, owned: bool) -> Text:
+def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = False) -> Text:
+    """`waiting`: its log says it waits on a person (an escalated run's glyph says so already; a run stopped
+    while it waited gets the flag too)."""
     glyph, variable, fallback = status_glyph(run.status)
     label = Text(no_wrap=True, overflow="ellipsis")
     label.append(f"{glyph} ", style=palette.colour(variable, fallback))
@@ -27,6 +29,8 @@ def run_label(run: RunRecord, palette: Palette, owned: bool) -> Text:
     elif run.fork_iteration is not None and run.parent_run:
         label.append(f" @{run.fork_iteration}", style="dim")
     label.append(f" {run.iterations}it", style="dim")
+    if waiting and run.status != "escalated":
+        label.append(" ⚑", style=f"bold {palette.warn}")
     if owned:
         label.append(" ●", style=palette.accent)
     return label
@@ -59,7 +63,8 @@ class RunTree(Tree[str], inherit_bindings=False):
     def run_ids(self) -> list[str]:
         return list(self._run_nodes)
 
-    def update_runs(self, rows: list[tuple[int, RunRecord]], palette: Palette, owned: set[str], current: str | None) -> None:
+    def update_runs(self, rows: list[tuple[int, RunRecord]], palette: Palette, owned: set[str], current: str | None,
+                    waiting: set[str] | frozenset[str] = frozenset()) -> None:
         """Rebuild when runs appear; otherwise only relabel the ones whose status or count changed."""
         shape = [(run.id, run.parent_run) for _, run in rows]
         if shape != self._shape:
@@ -69,14 +74,15 @@ class RunTree(Tree[str], inherit_bindings=False):
             self._labels = {}
             for _, run in rows:
                 parent = self._run_nodes.get(run.parent_run or "", self.root)
-                node = parent.add(run_label(run, palette, run.id in owned), data=run.id, expand=True)
+                node = parent.add(run_label(run, palette, run.id in owned, run.id in waiting), data=run.id,
+                                  expand=True)
                 self._run_nodes[run.id] = node
                 self._labels[run.id] = ""
             self.root.expand_all()
             if current:
                 self.show_current(current)
         for _, run in rows:
-            label = run_label(run, palette, run.id in owned)
+            label = run_label(run, palette, run.id in owned, run.id in waiting)
             if self._labels.get(run.id) != label.markup:
                 self._labels[run.id] = label.markup
                 self._run_nodes[run.id].set_label(label)

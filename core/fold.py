@@ -1,0 +1,293 @@
+"""The one fold: a run's log (core/runlog.py) into what it means now.
+
+`fold(events)` (or `view.absorb(more)` as a log grows) gives a `RunView`: what waits on a person,
+the relaxations in force, the strategy, a person's patch to the state, whether an engine holds the
+run, and the person's inputs as commands (for replay). The engine, the TUI, `watch`, `show`,
+replay, telemetry, shadow mode, the daemon and resume all read a run through it; nothing else
+interprets an event's kind. It is pure: no I/O, no clock.
+
+What waits on a person (an escalation, an approval, a side effect that may not be repeated) stays
+pending until a person answers it, whatever else is recorded: an engine's end, a stop, a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopterm.core.control import AddFact, Approve, Command, Deny, EditState, Relax, Restore, SetSubgoal
+from loopterm.core.runlog import (
+    ApprovalPending,
+    Approved,
+    ChildStarted,
+    DaemonInterrupted,
+    Denied,
+    EscalationAnswered,
+    Escalated,
+    EventRecord,
+    FactAdded,
+    Forked,
+    InvalidReply,
+    InvariantRelaxed,
+    InvariantRestored,
+    MaxIterationsChanged,
+    RunCreated,
+    RunFinished,
+    RunResumed,
+    RunStarted,
+    ShadowMode,
+    ShadowVerdict,
+    SideEffectAnswered,
+    SideEffectPending,
+    StateEdited,
+    StatusChanged,
+    StrategyChanged,
+    SubgoalSet,
+    TriggerFired,
+)
+
+PATCHES = (StateEdited, FactAdded, SubgoalSet, Forked)  # events that carry the state a person made
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A state a person (or a fork) made at `iteration`: the next iteration starts from it."""
+
+    iteration: int
+    event_id: int
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PendingEscalation:
+    event_id: int
+    iteration: int
+    packet: Escalated
+
+
+@dataclass(frozen=True)
+class PendingApproval:
+    event_id: int
+    iteration: int
+    asked: ApprovalPending
+
+
+@dataclass(frozen=True)
+class PendingSideEffect:
+    iteration: int
+    asked: SideEffectPending
+
+
+@dataclass(frozen=True)
+class Session:
+    """An engine's start (or resume) of the run, with the settings in force at that moment."""
+
+    event: EventRecord
+    resumed: bool
+    max_iterations: int | None  # None: the run's own, unchanged since it was created
+    relaxed: frozenset[str]
+
+
+@dataclass
+class RunView:
+    """What a run's log says now. Built by `fold`; read-only for everyone else."""
+
+    last_id: int = 0
+    created: RunCreated | None = None
+    started_before: bool = False
+    open_start: EventRecord | None = None  # an engine's start with no end after it
+    status: str | None = None  # the last status an engine recorded (running, paused, stopped, ...)
+    finished: RunFinished | None = None  # the last end an engine recorded
+    shadow: bool = False
+    forked: Forked | None = None
+    trigger: TriggerFired | None = None
+    daemon_interrupted: bool = False  # the daemon's shutdown stopped it and no engine started it since
+    relaxed: dict[str, str] = field(default_factory=dict)  # name -> reason
+    relax_until: dict[str, int] = field(default_factory=dict)  # name -> the iteration it expires at
+    strategy: str | None = None
+    strategy_changes: list[tuple[int, StrategyChanged]] = field(default_factory=list)  # (applies from, event)
+    patch: Patch | None = None  # the last state a person (or the fork) made
+    escalation: PendingEscalation | None = None
+    last_escalation: Escalated | None = None  # pending or answered: what the run last escalated with
+    approvals: dict[str, PendingApproval] = field(default_factory=dict)  # unanswered, by key
+    asked: dict[str, tuple[int, ApprovalPending]] = field(default_factory=dict)  # every approval asked, by key
+    answers: dict[str, Approve | Deny] = field(default_factory=dict)  # every approval answered, by key
+    side_effect: PendingSideEffect | None = None
+    children: dict[str, str] = field(default_factory=dict)  # a child's key -> its run id
+    verdicts: dict[str, tuple[int | None, ShadowVerdict]] = field(default_factory=dict)  # shadow mode, by key
+    invalid_replies: dict[int, list[InvalidReply]] = field(default_factory=dict)
+    max_iterations_changes: list[MaxIterationsChanged] = field(default_factory=list)
+    sessions: list[Session] = field(default_factory=list)
+    person_inputs: list[tuple[EventRecord, Command]] = field(default_factory=list)  # in the order obeyed
+    relax_log: list[tuple[float, str, bool]] = field(default_factory=list)  # (ts, invariant, relaxed?)
+    typed: bool = False  # the last engine wrote the typed log (answers name what they answer)
+
+    # -- what follows from it --------------------------------------------------------------------------------
+
+    @property
+    def lifecycle_open(self) -> bool:
+        """Started and not finished since: some engine holds the run (or held it when it died)."""
+        return self.open_start is not None
+
+    @property
+    def waiting(self) -> bool:
+        """Something waits on a person's answer."""
+        return self.escalation is not None or bool(self.approvals) or self.side_effect is not None
+
+    def state_after(self, iteration: int) -> dict[str, Any] | None:
+        """A person's patch the next iteration starts from, if one was made after `iteration` committed
+        (None: it starts from iteration `iteration`'s own state)."""
+        if self.patch is not None and self.patch.iteration == iteration:
+            return self.patch.state
+        return None
+
+    def state_version(self, iteration: int) -> int:
+        """The patch event a state edit based on `iteration` saw (0: none): a later patch makes it stale."""
+        return self.patch.event_id if self.patch is not None and self.patch.iteration == iteration else 0
+
+    def relaxed_at(self, ts: float) -> set[str]:
+        """The invariants relaxed at moment `ts` (telemetry: what an iteration started under)."""
+        names: set[str] = set()
+        for when, name, relaxed in self.relax_log:
+            if when > ts:
+                break
+            if relaxed:
+                names.add(name)
+            else:
+                names.discard(name)
+        return names
+
+    def model_at(self, n: int) -> str | None:
+        """The model iteration n was asked with: the run's first, or a strategy's from then on."""
+        model = self.created.model if self.created is not None and self.created.model else None
+        for at, change in self.strategy_changes:
+            if at <= n and change.model:
+                model = change.model
+        return model
+
+    def temperature_at(self, n: int, default: float | None) -> float | None:
+        temperature = default
+        for at, change in self.strategy_changes:
+            if at <= n and change.temperature is not None:
+                temperature = change.temperature
+        return temperature
+
+    # -- the fold --------------------------------------------------------------------------------------------
+
+    def absorb(self, records: Iterable[EventRecord]) -> list[EventRecord]:
+        """Fold more of the log in (ids increasing); returns them."""
+        seen = []
+        for rec in records:
+            self._one(rec)
+            seen.append(rec)
+        return seen
+
+    def _one(self, rec: EventRecord) -> None:  # noqa: C901 - one case per kind of event, by design
+        self.last_id = max(self.last_id, rec.id or 0)
+        e, n = rec.event, rec.iteration
+        if isinstance(e, RunCreated):
+            self.created = self.created or e
+        elif isinstance(e, (RunStarted, RunResumed)):
+            self.typed = e.v >= 2
+            if isinstance(e, RunResumed) and not self.typed:
+                self.escalation = None  # before the typed log, resuming a run was how a person answered it
+            self.started_before = True
+            self.open_start = rec
+            self.daemon_interrupted = False
+            maximum = self.max_iterations_changes[-1].to if self.max_iterations_changes else None
+            self.sessions.append(Session(rec, isinstance(e, RunResumed), maximum, frozenset(self.relaxed)))
+        elif isinstance(e, RunFinished):
+            self.open_start = None
+            self.finished = e
+            self.status = e.status or self.status
+        elif isinstance(e, StatusChanged):
+            self.status = e.status
+            if e.status == "running" and self.escalation is not None and not self.typed:
+                self.escalation = None  # an engine went on past it: answered (how logs before the typed log said so)
+        elif isinstance(e, EscalationAnswered):
+            if self.escalation is not None and self.escalation.event_id == e.escalation:
+                self.escalation = None
+        elif isinstance(e, Escalated):
+            self.escalation = PendingEscalation(rec.id or 0, n or e.iteration, e)
+            self.last_escalation = e
+        elif isinstance(e, ApprovalPending):
+            self.approvals[e.key] = PendingApproval(rec.id or 0, n or 0, e)
+            self.asked[e.key] = (n or 0, e)
+        elif isinstance(e, (Approved, Denied)):
+            self.approvals.pop(e.key, None)
+            answer: Approve | Deny = (Approve(key=e.key, args=e.args, reason=e.reason, tool=e.tool)
+                                      if isinstance(e, Approved) else Deny(key=e.key, reason=e.reason))
+            self.answers[e.key] = answer
+            self.person_inputs.append((rec, answer))
+        elif isinstance(e, SideEffectPending):
+            self.side_effect = PendingSideEffect(n or 0, e)
+        elif isinstance(e, SideEffectAnswered):
+            if self.side_effect is not None and self.side_effect.asked.key == e.key:
+                self.side_effect = None
+        elif isinstance(e, InvariantRelaxed):
+            self.relaxed[e.invariant] = e.reason
+            self.relax_until.pop(e.invariant, None)
+            if e.until is not None:
+                self.relax_until[e.invariant] = e.until
+            self.relax_log.append((rec.ts, e.invariant, True))
+            iterations = (e.until - n) if e.until is not None and n is not None else None
+            self.person_inputs.append((rec, Relax(invariant=e.invariant, reason=e.reason or "relaxed",
+                                                  iterations=iterations if iterations and iterations > 0 else None)))
+        elif isinstance(e, InvariantRestored):
+            self.relaxed.pop(e.invariant, None)
+            self.relax_until.pop(e.invariant, None)
+            self.relax_log.append((rec.ts, e.invariant, False))
+            self.person_inputs.append((rec, Restore(invariant=e.invariant, reason=e.reason)))
+        elif isinstance(e, StrategyChanged):
+            self.strategy = e.to
+            self.strategy_changes.append(((n or 0) + 1, e))  # recorded at iteration k, it applies from k + 1
+        elif isinstance(e, ShadowMode):
+            self.shadow = True
+        elif isinstance(e, ShadowVerdict):
+            self.verdicts.pop(e.key, None)  # recorded twice (an iteration redone after a crash): the last counts
+            self.verdicts[e.key] = (n, e)
+        elif isinstance(e, ChildStarted):
+            self.children.setdefault(e.key, e.run_id)
+        elif isinstance(e, TriggerFired):
+            self.trigger = self.trigger or e
+        elif isinstance(e, DaemonInterrupted):
+            self.daemon_interrupted = True
+        elif isinstance(e, MaxIterationsChanged):
+            self.max_iterations_changes.append(e)
+        elif isinstance(e, InvalidReply) and n is not None:
+            self.invalid_replies.setdefault(n, []).append(e)
+        if isinstance(e, Forked):
+            self.forked = e
+        if isinstance(e, PATCHES) and e.patched_state is not None:
+            self.patch = Patch(n or 0, rec.id or 0, e.patched_state)
+            if isinstance(e, StateEdited):
+                self.person_inputs.append((rec, EditState(state=e.patched_state, reason=e.reason or "edited",
+                                                          base_iteration=n or 0)))
+            elif isinstance(e, FactAdded):
+                self.person_inputs.append((rec, AddFact(fact=e.fact)))
+            elif isinstance(e, SubgoalSet):
+                self.person_inputs.append((rec, SetSubgoal(subgoal=e.subgoal)))
+
+
+def waiting_lines(view: RunView) -> list[str]:
+    """What waits on a person, one line each (for `show`, the inbox, a headless run's end)."""
+    lines = []
+    if view.escalation is not None:
+        summary = " ".join(view.escalation.packet.summary.split())[:200]
+        lines.append(f"the escalation at iteration {view.escalation.iteration}: {summary}")
+    for pending in view.approvals.values():
+        what = "a proposal (shadow)" if pending.asked.shadow else "approval"
+        lines.append(f"{what} of tool {pending.asked.tool} at iteration {pending.iteration}")
+    if view.side_effect is not None:
+        asked = view.side_effect.asked
+        lines.append(f"whether to repeat side-effecting call {asked.tool} ({asked.why}) at iteration "
+                     f"{view.side_effect.iteration}: resume with --side-effects reuse|reexecute")
+    return lines
+
+
+def fold(records: Iterable[EventRecord]) -> RunView:
+    """A run's whole log (oldest first) into its view."""
+    view = RunView()
+    view.absorb(records)
+    return view
