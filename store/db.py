@@ -86,6 +86,9 @@ ORDER BY iterations.n LIMIT ?
 """
 
 
+_OPEN: dict[Path, int] = {}  # database files this process has open, with how many connections each
+
+
 class DuplicateIterationError(ValueError):
     """An iteration (run_id, n) was committed twice: the first is kept, the second refused."""
 
@@ -110,6 +113,7 @@ class Store:
         self._queued_finishes: dict[str, tuple[dict[str, Any], float]] = {}
         self.migrated_from: int | None = None  # the schema version this open upgraded the file from
         self.backup_path: Path | None = None  # the copy of the file made before that upgrade
+        self._key: Path | None = None  # its entry in _OPEN
         self.lock_wait_s = LOCK_WAIT_S
         self.lock_retries = 0  # writes that found the file still locked after the busy timeout, and tried again
 
@@ -123,7 +127,11 @@ class Store:
         not a loopterm database this code can read.
         """
         path = Path(path).expanduser()
-        version = check_file(path, create=create)
+        key = path.resolve()
+        # Already open in this process: its header was checked and it was migrated then. Reading the file again
+        # (and closing it) would drop the POSIX locks the open connection holds on it, and another process could
+        # then take the database for its last user and delete the write-ahead log in use.
+        version = SCHEMA_VERSION if _OPEN.get(key) else check_file(path, create=create)
         try:
             if not version:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +160,8 @@ class Store:
             conn.close()
             raise _open_failure(exc, path) from None
         store = cls(db, path, clock)
+        _OPEN[key] = _OPEN.get(key, 0) + 1
+        store._key = key
         if migrated is not None:
             store.migrated_from, store.backup_path = migrated
         return store
@@ -181,6 +191,11 @@ class Store:
             except sqlite3.ProgrammingError:  # already closed
                 pass
             self._db.close()
+            if self._key is not None:
+                _OPEN[self._key] -= 1
+                if not _OPEN[self._key]:
+                    del _OPEN[self._key]
+                self._key = None
 
     def __enter__(self) -> Self:
         return self

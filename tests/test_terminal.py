@@ -135,3 +135,32 @@ def test_shadow_run_in_a_real_terminal_records_verdicts_and_runs_nothing(tmp_pat
     for original in shipped.iterdir():
         if original.is_file():
             assert (workspace / original.name).read_bytes() == original.read_bytes(), original.name
+
+
+def test_watching_a_run_keeps_the_store_safe_from_other_processes(tmp_path: Path) -> None:
+    """`loopterm watch` once held a second connection whose locks its own header check dropped (POSIX locks
+    are per process): another process's `loopterm runs` then took the database for the last user and deleted
+    its write-ahead log while the window was writing to it."""
+    loopterm = Path(sys.executable).parent / "loopterm"
+    db = tmp_path / "w.db"
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    done = subprocess.run([str(loopterm), "run", "codefix", "--headless", "--db", str(db)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = subprocess.run([str(loopterm), "runs", "--json", "--db", str(db)], env=env, capture_output=True,
+                            text=True, check=True).stdout.split('"id": "')[1][:12]
+    session = f"loopterm-{uuid.uuid4().hex[:8]}"
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "42", "-c", str(tmp_path))
+    try:
+        tmux("send-keys", "-t", session, f"env LITELLM_LOCAL_MODEL_COST_MAP=True {loopterm} watch {run_id} "
+             f"--db {db}; echo EXIT=$?", "Enter")
+        wait_for(session, lambda screen: "converged" in screen)
+        wal = Path(f"{db}-wal")
+        assert wal.exists()  # the window's connection keeps it
+        for command in (["runs"], ["show", run_id]):  # another process reads the store meanwhile
+            subprocess.run([str(loopterm), *command, "--db", str(db)], env=env, capture_output=True, check=True)
+        assert wal.exists(), "another process deleted the write-ahead log the window is using"
+        tmux("send-keys", "-t", session, "q")
+        wait_for(session, lambda screen: "EXIT=0" in screen)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -78,8 +78,11 @@ def _open_tui(db: Path, **kwargs: Any) -> int:
 
 
 def watch(db: Path, prefix: str) -> int:
-    store = Store.open(db, create=False)
-    run_record = store.resolve_run(prefix)  # a bad id is one line, before any screen
+    # Closed before the screen opens its own: a second connection in one process loses its locks when the
+    # other's header check closes the file (POSIX locks are per process), and another process could then
+    # delete the write-ahead log in use.
+    with Store.open(db, create=False) as store:
+        run_record = store.resolve_run(prefix)  # a bad id is one line, before any screen
     if not _has_terminal():
         raise ConfigError("`loopterm watch` needs a terminal; use `loopterm show RUN` to read a run without one")
     return _open_tui(db, watch_run=run_record.id)
