@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +264,12 @@ async def test_an_escalation_stays_pending_through_stop_and_resume_waits_again(t
     assert run.status == "stopped" and run.iterations == 1
     pending = fold(store.events(run.id)).escalation
     assert pending is not None and pending.iteration == 1  # still waits on a person
+    listed = subprocess.run([sys.executable, "-m", "loopterm.tui.cli", "runs", "--json", "--db", str(store.path)],
+                            capture_output=True, text=True, check=True).stdout
+    assert [(r["status"], r["waiting"]) for r in json.loads(listed)] == [("stopped", True)]
+    shown = subprocess.run([sys.executable, "-m", "loopterm.tui.cli", "show", run.id, "--db", str(store.path)],
+                           capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "⚑ waits on a person: the escalation at iteration 1" in shown
     again = await Engine(loop, store, store.get_run(run.id), workdir=tmp_path).run()  # `resume --no-wait`
     assert (again.status, again.termination_reason, again.iterations) == ("escalated", "waiting_on_person", 1)
     send(store, again_engine := Engine(loop, store, store.get_run(run.id), workdir=tmp_path), Resume())  # bare
@@ -301,3 +311,26 @@ async def test_a_crash_between_consuming_and_applying_a_command_loses_nothing(tm
     again = Engine(engine.loop, store, store.get_run(engine.run_id), workdir=tmp_path)
     run = await again.run()
     assert "do not lose me" in store.iterations(run.id)[0].prompt[-1]["content"]
+
+
+async def test_loopterm_answer_answers_an_escalation_without_a_screen(tmp_path: Path) -> None:
+    inv = Invariant(name="never_bad", check=never_bad, remediation=Remediation.ESCALATE)
+    turns = [{"content": decision(text="bad", subgoal="a")}, {"content": decision(text="ok", subgoal="b")}]
+    loop = make_loop(tmp_path, turns, invariants=[inv])
+    engine, store = make_engine(tmp_path, loop)
+    run = await engine.run()
+    assert run.status == "escalated"
+
+    def answer(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "loopterm.tui.cli", "answer", run.id, *args, "--db", str(store.path)],
+                              capture_output=True, text=True)
+
+    refused = answer("--approve")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "no tool call waiting" in refused.stderr
+    done = answer("--fact", "never write bad")
+    assert done.returncode == 0, done.stderr
+    assert "answered the escalation at iteration 1" in done.stdout
+    final = await Engine(loop, store, store.get_run(run.id), workdir=tmp_path).run()
+    assert final.status == "converged" and final.iterations == 2
+    assert "never write bad" in store.iterations(run.id)[1].prompt[-1]["content"]
+    assert answer().returncode == 2  # nothing waits any more

@@ -257,8 +257,11 @@ def runs(db: Path, *, as_json_out: bool) -> int:
     store = Store.open(db, create=False) if db.exists() else None
     tree = store.tree() if store is not None else []
     shadow = store.runs_with_event(ShadowMode) if store is not None else set()
+    # What waits on a person, whatever the run's status (a run stopped while it escalated still waits).
+    waiting = {r.id for _, r in tree if store is not None and fold(store.events(r.id)).waiting}
     if as_json_out:
-        print(as_json([{**r.model_dump(), "depth": depth, "shadow": r.id in shadow} for depth, r in tree]))
+        print(as_json([{**r.model_dump(), "depth": depth, "shadow": r.id in shadow, "waiting": r.id in waiting}
+                       for depth, r in tree]))
         return 0
     console = _console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -284,7 +287,10 @@ def runs(db: Path, *, as_json_out: bool) -> int:
     table.add_column("started", overflow="ellipsis", no_wrap=True)
     for _, r in tree:
         started = dt.datetime.fromtimestamp(r.created_at).strftime("%m-%d %H:%M")
-        table.add_row(labels[r.id], r.loop, status_text(r.status), f"{r.iterations}/{r.max_iterations}",
+        status = status_text(r.status)
+        if r.id in waiting and r.status != "escalated":
+            status.append(" · ⚑ waits", style="yellow")
+        table.add_row(labels[r.id], r.loop, status, f"{r.iterations}/{r.max_iterations}",
                       f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.4f}", r.model, started)
     console.print(table)
     return 0
