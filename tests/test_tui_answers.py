@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable, Input, TextArea
+from textual.widgets import Button, DataTable, Input, TextArea
 
 from loopterm.core import runlog
 from loopterm.core.control import Approve, Deny, Step
@@ -252,8 +252,10 @@ async def test_a_stale_state_edit_of_a_watched_run_in_another_process_is_refused
             assert not of(app.store.events(run_id), runlog.StateEdited)
             assert app.store.get_run(run_id).iterations == m
             assert len(app.store.state_at(run_id, m)["memory"]["facts"]) == facts
-            await pilot.press("escape", "escape")  # the first leaves the JSON (a TextArea keeps escape), the second cancels
-            await until(pilot, lambda: not isinstance(app.screen, EditStateScreen), "the editor closed")
+            again.query_one("#cancel", Button).press()
+            await until(pilot, lambda: not isinstance(app.screen, EditStateScreen),
+                        f"the editor closed (screens {[type(x).__name__ for x in app.screen_stack]}, "
+                        f"the refused one on top: {app.screen is again})")
             await pilot.press("s")
             await until(pilot, lambda: status(app) == "stopped", "the other process stopped", 30)
         assert proc.wait(timeout=30) == 3
