@@ -281,7 +281,10 @@ async def test_a_server_that_exits_before_initialize_or_never_answers_is_one_lin
          "MCP server 'x' failed to start: it exited with code 1 before it was initialized"),
     ]
     for command, expected in cases:
-        mcp = McpTools([McpServer(name="x", command=command, startup_timeout=1.5)], tmp_path)
+        # Only the server that never answers waits for the timeout; the others exit first, however long a
+        # fresh machine takes to start Python (a short timeout there raced their exit).
+        timeout = 1.5 if "time.sleep" in " ".join(command) else 60.0
+        mcp = McpTools([McpServer(name="x", command=command, startup_timeout=timeout)], tmp_path)
         with pytest.raises(McpStartError) as caught:
             await mcp.start()
         await mcp.close()

@@ -502,9 +502,9 @@ class LooptermApp(App[None]):
             return
         self._append(view, batch)
         if log is not None:
-            known = self._folds.get(view.run_id)
-            if known is not None:
-                log = known  # read meanwhile (a command sent, the inbox): what it lacks, the poll below folds in
+            # The loader's fold, even when another path folded the log meanwhile (a command sent, the inbox
+            # count): the poll below folds in what came after the loader read it, and says what a person should
+            # hear of (a question asked while the run was loading is not folded away unsaid).
             view.log = self._folds[view.run_id] = log
             view.loading = False
             self.refresh_tree()  # the inbox count and the tree's flags now know this run's log
