@@ -24,7 +24,8 @@ from textual.widgets import Input, TextArea
 from loopterm.core import Invariant, LoopState, Remediation, ToolContext, runlog, tool
 from loopterm.core.engine import Engine
 from loopterm.store import Store
-from loopterm.tui.app import SUPERVISION_BINDINGS, LooptermApp
+from loopterm.tui.app import LooptermApp
+from loopterm.tui.bindings import SUPERVISION_BINDINGS
 from loopterm.tui.screens.approval import ApprovalScreen
 from loopterm.tui.screens.branch import BranchScreen
 from loopterm.tui.screens.dialog import TextPrompt

@@ -8,7 +8,7 @@ from typing import Any
 
 from textual.app import App, ComposeResult
 
-from loopterm.tui.app import acyclic_burst, spend_series
+from loopterm.tui.following import acyclic_burst, spend_series
 from loopterm.tui.widgets.detail import DetailContext
 from loopterm.tui.widgets.render import RowInfo, Shown, shown_state
 from loopterm.tui.widgets.timeline import RowColumns, Timeline

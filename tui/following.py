@@ -1,0 +1,268 @@
+"""Reading the store into the screen: a run's iterations load in a thread, then the screen follows its rows and its log's fold."""
+
+from __future__ import annotations
+
+import gc
+from array import array
+from contextlib import contextmanager
+from functools import partial
+from itertools import islice
+from typing import Any, Iterable, Iterator
+
+from loopterm.core import events as notices
+from loopterm.core import runlog
+from loopterm.core.fold import RunView, fold
+from loopterm.core.runlog import EventRecord
+from loopterm.store import Store
+from loopterm.tui.view import EngineNotice, View, on_screen
+from loopterm.tui.widgets.render import (
+    RowInfo,
+    first_line,
+    money,
+    summarize,
+)
+from rich.text import Text
+from textual.widgets import Sparkline, Static
+from textual.worker import get_current_worker
+
+FIRST_BATCH = 50  # timeline rows in the first batch while a stored run loads
+LOAD_BATCH = 1000  # and in each batch after it
+MAX_ROWS_PER_POLL = 400  # iterations read per poll while catching up with a fast run
+
+
+class Following:
+    """Mixed into LooptermApp: showing a run and following the store."""
+
+    @on_screen
+    def show_run(self, run_id: str) -> None:
+        """Put a run on screen: its whole lineage's iterations load in a thread, then it follows the store."""
+        try:
+            run = self.store.get_run(run_id)
+        except KeyError:
+            self.notify(f"no run {run_id}", severity="error")
+            return
+        view = View(run_id=run_id, run=run)
+        self.view = view
+        self._header_note = None
+        self.timeline.reset(run_id)
+        self.timeline.palette = self.palette
+        self.main.query_one("#spend", Sparkline).data = []
+        self.detail.show(None)
+        self.run_tree.show_current(run_id)
+        self.update_header()
+        self.run_worker(partial(self._load_view, view), name=f"load {run_id}", group="loader", exclusive=True,
+                        thread=True, exit_on_error=False)
+
+    def _load_view(self, view: View) -> None:
+        """Thread worker: stream the lineage's iterations as small summaries, in batches."""
+        worker = get_current_worker()
+        batch: list[tuple[RowInfo, float]] = []
+        size = FIRST_BATCH  # a small first batch fills the first screen at once
+        try:
+            for record in _stream_iterations(self.store, view.run_id):
+                if worker.is_cancelled or self.view is not view:
+                    return
+                batch.append((summarize(record), record.cost_usd))
+                if len(batch) >= size:
+                    self.call_from_thread(self._loaded, view, batch, None)
+                    batch, size = [], LOAD_BATCH
+            log = fold(self.store.events(view.run_id))  # the whole log, folded here (off the App's loop)
+        except Exception as exc:  # a damaged database: say so, keep the screen
+            self.call_from_thread(self.notify, f"could not read run {view.run_id}: {exc}", severity="error")
+            log = RunView()
+        if not worker.is_cancelled:
+            self.call_from_thread(self._loaded, view, batch, log)
+
+    @on_screen
+    def _loaded(self, view: View, batch: list[tuple[RowInfo, float]], log: RunView | None) -> None:
+        if self.view is not view:
+            return
+        self._append(view, batch)
+        if log is not None:
+            # The loader's fold, even when another path folded the log meanwhile (a command sent, the inbox
+            # count): the poll below folds in what came after the loader read it, and says what a person should
+            # hear of (a question asked while the run was loading is not folded away unsaid).
+            view.log = self._folds[view.run_id] = log
+            view.loading = False
+            self.refresh_tree()  # the inbox count and the tree's flags now know this run's log
+            self.refresh_bindings()
+            self._paint_spend(view)
+            self.update_header()
+            if self.timeline.selected_n is not None and view.detail_n is None:
+                self._show_detail(self.timeline.selected_n)
+            self.poll()
+
+    @on_screen
+    def _append(self, view: View, rows: list[tuple[RowInfo, float]]) -> None:
+        fresh = [(info, cost) for info, cost in rows if info.n > self.timeline.last_n]
+        if not fresh:
+            return
+        view.costs.extend(cost for _, cost in fresh)
+        view.cost_max = max(view.cost_max, max(cost for _, cost in fresh))
+        self.timeline.append([info for info, _ in fresh])
+        self._spend_dirty = True
+        if view.loading and len(view.costs) == len(fresh):
+            self._paint_spend(view)  # the first screen of a stored run
+
+    def _paint_spend(self, view: View) -> None:
+        self._spend_dirty = False
+        self.main.query_one("#spend", Sparkline).data = spend_series(view.costs)
+        label = Text("spend/iter ")
+        if view.costs:
+            label.append(money(view.cost_max) + " max", style="dim")
+        self.main.query_one("#spend-label", Static).update(label, layout=False)
+
+    @on_screen
+
+    # ------------------------------------------------------------------ following the store
+
+    @on_screen
+    def poll(self) -> None:
+        """Read only what is new: the run row, iterations after the last shown, events after the last id."""
+        self._poll_queued = False
+        view = self.view
+        if view is None:
+            return
+        try:
+            run = self.store.get_run(view.run_id)
+        except KeyError:
+            return
+        if not view.loading and run.iterations > self.timeline.last_n:
+            with acyclic_burst():  # each record's state is dropped once summarised
+                new = islice(self.store.iter_iterations(view.run_id, first=self.timeline.last_n + 1), MAX_ROWS_PER_POLL)
+                rows = [(summarize(record), record.cost_usd) for record in new]
+            self._append(view, rows)
+        absorbed = not view.loading and self._follow(view)
+        old, view.run = view.run, run
+        if old.status != run.status or absorbed:
+            self.refresh_tree()
+            self.update_header()  # at once; counts that change every iteration wait for the next _tick
+
+    def poll_soon(self) -> None:
+        if not self._poll_queued:
+            self._poll_queued = True
+            self.call_later(self.poll)
+
+    # -- the fold of each run's log ------------------------------------------------
+
+    def run_view(self, run_id: str) -> RunView:
+        """What a run's log says now (core/fold.py): kept per run and brought up to date by one indexed read
+        of what is new. Everything the screens show of a run's log comes from here."""
+        view = self.view
+        if view is not None and view.run_id == run_id and not view.loading:
+            self._follow(view)
+            return view.log
+        log = self._folds.get(run_id)
+        if log is None:
+            log = self._folds[run_id] = fold(self.store.events(run_id))
+            return log  # the log as it was before this window read it: nothing in it is news
+        self._arrived(run_id, log.absorb(self.store.events(run_id, after_id=log.last_id)))
+        return log
+
+    def _follow(self, view: View) -> bool:
+        """Fold what is new in the shown run's log; say what a person should hear of it. Whether anything was."""
+        log = view.log
+        approvals, relaxed = set(log.approvals), dict(log.relaxed)
+        new = log.absorb(self.store.events(view.run_id, after_id=log.last_id))
+        if not new:
+            return False
+        for record in new:
+            self._announce(view, record)
+        self._arrived(view.run_id, new)
+        if set(log.approvals) != approvals:
+            self.refresh_bindings()
+        if log.relaxed != relaxed and view.detail_n is not None:
+            self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed
+        return True
+
+    def _announce(self, view: View, record: EventRecord) -> None:
+        """A notification for an event of the shown run that a person should hear of as it arrives."""
+        event, run = record.event, view.run_id[:8]
+        if isinstance(event, runlog.Escalated):
+            self.notify(f"run {run} waits on a person: {first_line(event.summary, 120)} (x)",
+                        severity="warning", timeout=8, markup=False)
+        elif isinstance(event, runlog.ApprovalPending):
+            asked = (f"proposes tool {event.tool} (shadow: nothing will run; a agree or edit, d deny)" if event.shadow
+                     else f"tool {event.tool} needs approval (a / d)")
+            self.notify(f"run {run}: {asked}", severity="warning", timeout=8, markup=False)
+        elif isinstance(event, runlog.StrategyChanged):
+            self.notify(f"run {run} changed strategy to {event.to}: {first_line(event.why, 120)}",
+                        timeout=6, markup=False)
+
+    def _arrived(self, run_id: str, new: list[EventRecord]) -> None:
+        """The outcome of what this window sent a run (shown or not): a refusal is said, with why; a refused
+        state edit opens the editor again on the state the run now starts from."""
+        sent = self._answering.get(run_id)
+        edit = self._edits.get(run_id)
+        shown = self.view is not None and self.view.run_id == run_id
+        for record in new:
+            event = record.event
+            if edit is not None and getattr(event, "command_id", None) == edit.command_id:
+                if isinstance(event, runlog.StateEdited):
+                    self._edits.pop(run_id, None)
+                    edit = None
+                elif isinstance(event, runlog.CommandRejected):
+                    self._edits.pop(run_id, None)
+                    self.call_later(self._edit_refused, edit, event)
+                    edit = None
+                    continue  # the editor says it (and why), not a notification too
+            if isinstance(event, runlog.CommandRejected) and (shown or (sent is not None and (record.id or 0) > sent)):
+                self.notify(f"run {run_id[:8]} refused {event.command.replace('_', ' ')}: {event.error}",
+                            severity="error", timeout=10, markup=False)
+
+    @on_screen
+    def on_engine_notice(self, message: EngineNotice) -> None:
+        event = message.event
+        view = self.view
+        if isinstance(event, notices.IterationCommitted) and view is not None and event.record.run_id == view.run_id \
+                and not view.loading:
+            self._append(view, [(summarize(event.record), event.record.cost_usd)])
+        run_id = getattr(event, "run_id", None) or getattr(getattr(event, "record", None), "run_id", None)
+        if run_id and (view is None or run_id != view.run_id):  # the shown run's are said as its log is read
+            if isinstance(event, notices.Escalated):
+                self.notify(f"run {run_id[:8]} waits on a person (x)", severity="warning", timeout=8)
+            elif isinstance(event, notices.ApprovalNeeded):
+                self.notify(f"run {run_id[:8]}: a tool call needs approval (x)", severity="warning", timeout=8)
+        if isinstance(event, (notices.RunStarted, notices.RunFinished, notices.StatusChanged, notices.Escalated)):
+            self.refresh_tree()
+        self.poll_soon()
+
+
+
+SPEND_POINTS = 512  # the sparkline's data, at most: it draws one bar per column anyway
+
+
+def spend_series(costs: array[float], points: int = SPEND_POINTS) -> list[float]:
+    """The spend per iteration for the sparkline, at most `points` values (each the most spent in its
+    stretch of iterations): a bounded list, however long the run."""
+    if len(costs) <= points:
+        return costs.tolist()
+    step = len(costs) / points
+    return [max(costs[int(i * step):int((i + 1) * step)]) for i in range(points)]
+
+
+@contextmanager
+def acyclic_burst() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a store read builds long-run states that the caller
+    drops before the block ends.
+
+    One iteration's state in a 10,000-iteration run is tens of thousands of dicts and lists. Built
+    with the collector on, they set off dozens of young collections that promote them to the old
+    generation, and every fifth selection then paid a full collection (35-45 ms) in the middle of the
+    keystroke. They are JSON trees (no reference cycles): reference counting frees them at the end of
+    the block, so nothing is left for the collector, and it runs as usual everywhere else (it is
+    enabled again on the way out, also on an error; a block inside another leaves it to the outer).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _stream_iterations(store: Store, run_id: str) -> Iterable[Any]:
+    """The lineage's iterations a page at a time (Store.iterations builds the whole list first)."""
+    return store.iter_iterations(run_id)
+
