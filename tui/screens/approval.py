@@ -17,7 +17,7 @@ from textual.widgets import Button, Input, Static, TextArea
 from loopterm.core.control import Approve, Deny
 from loopterm.core.decision import unreadable_json
 from loopterm.core.fold import PendingApproval
-from loopterm.tui.screens.dialog import Dialog
+from loopterm.tui.screens.dialog import Dialog, JsonEditor
 from loopterm.tui.widgets.render import literal, pretty
 
 # (tool, args) -> None when the arguments fit the tool, else why not.
@@ -54,7 +54,7 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         yield Static(head, id="approval-tool")
         if self.shadow:
             yield Input(self.asked.tool, placeholder="the tool that should be called", id="tool")
-        yield TextArea(pretty(self.asked.args), id="args", show_line_numbers=False)
+        yield JsonEditor(pretty(self.asked.args), id="args", show_line_numbers=False)
         why = ("why (optional for agree or edit, recorded; a denial says why to the model)" if self.shadow
                else "why (optional for approve, recorded; a denial says why to the model)")
         yield Input(placeholder=why, id="reason")

@@ -1,8 +1,14 @@
-"""The base of every modal: a centred box, an error line, escape to cancel, frozen cursors in snapshots."""
+"""The base of every modal: a centred box, an error line, the keys it takes, escape to cancel, frozen cursors in
+snapshots.
+
+Every dialog behaves the same way, so typing is never lost: focus starts at the first field, Tab walks the fields
+top to bottom (a JSON editor indents with ctrl+t, never with Tab), and the line under the fields says which key
+sends.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import ValidationError
 from rich.text import Text
@@ -10,6 +16,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static, TextArea
 
 from loopterm.core.decision import json_path
@@ -38,11 +45,13 @@ class Dialog(ModalScreen[T], Generic[T]):
     Dialog #dialog-error.shown { display: block; }
     Dialog #dialog-buttons { height: auto; align-horizontal: right; padding-top: 1; }
     Dialog #dialog-buttons Button { margin-left: 2; }
+    Dialog #dialog-keys { color: $text-muted; padding: 1 0 0 0; }
     Dialog TextArea { height: 14; }
     Dialog Input { margin: 0; }
     """
 
     title_text: str = ""
+    submit_label: str = "send"  # what ctrl+s does, as the keys line says it
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -52,6 +61,25 @@ class Dialog(ModalScreen[T], Generic[T]):
             with Horizontal(id="dialog-buttons"):
                 yield from self.buttons()
                 yield Button("Cancel", id="cancel")
+            yield Static(self.keys_text(), id="dialog-keys")
+
+    def keys_text(self) -> Text:
+        """The keys this dialog takes, always on screen (a person should never have to guess how to send)."""
+        text = Text()
+        text.append("ctrl+s", style="bold")
+        text.append(f" {self.submit_label}   ")
+        text.append("tab", style="bold")
+        text.append(" next field   ")
+        text.append("esc", style="bold")
+        text.append(" cancel")
+        return text
+
+    def first_field(self) -> Widget | None:
+        """Where focus starts: the first focusable field, top to bottom (never a button)."""
+        for widget in self.query_one("#dialog").query("*"):
+            if widget.focusable and not isinstance(widget, Button):
+                return widget
+        return None
 
     def fields(self) -> ComposeResult:  # pragma: no cover - overridden
         yield Label("")
@@ -60,6 +88,16 @@ class Dialog(ModalScreen[T], Generic[T]):
         yield Button("Send", variant="primary", id="submit")
 
     def on_mount(self) -> None:
+        first = self.first_field()
+        if first is not None:
+            first.focus()
+        if self.query(JsonEditor):
+            keys = self.query_one("#dialog-keys", Static)
+            text = self.keys_text()
+            text.append("   ")
+            text.append("ctrl+t", style="bold")
+            text.append(" indent")
+            keys.update(text)
         if getattr(self.app, "frozen", False):
             for widget in self.query(Input):
                 widget.cursor_blink = False
@@ -106,6 +144,22 @@ class Dialog(ModalScreen[T], Generic[T]):
 
     def submit(self, button: str) -> None:  # pragma: no cover - overridden
         self.dismiss(None)
+
+
+class JsonEditor(TextArea):
+    """A JSON field in a dialog: Tab leaves it for the next field like everywhere else; ctrl+t indents."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+t", "indent", "Indent", id="json.indent", tooltip="Insert an indentation at the cursor"),
+    ]
+
+    def __init__(self, text: str = "", **kwargs: Any) -> None:
+        kwargs.setdefault("tab_behavior", "focus")
+        kwargs.setdefault("soft_wrap", False)
+        super().__init__(text, language=None, **kwargs)
+
+    def action_indent(self) -> None:
+        self.insert(" " * self.indent_width)
 
 
 class TextPrompt(Dialog[str]):

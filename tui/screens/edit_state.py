@@ -11,7 +11,7 @@ from textual.widgets import Button, Input, Static, TextArea
 
 from loopterm.core.control import EditState
 from loopterm.core.decision import unreadable_json
-from loopterm.tui.screens.dialog import Dialog
+from loopterm.tui.screens.dialog import Dialog, JsonEditor
 from loopterm.tui.widgets.render import pretty
 
 # Returns None when the state is valid, else one line per problem.
@@ -45,7 +45,7 @@ class EditStateScreen(Dialog[EditState]):
         if self.note:
             hint += f"\n{self.note}"
         yield Static(hint, classes="hint", markup=False)
-        area = TextArea(pretty(self.initial_state), id="state-json", show_line_numbers=True, tab_behavior="indent")
+        area = JsonEditor(pretty(self.initial_state), id="state-json", show_line_numbers=True)
         yield area
         yield Input(self.initial_reason, placeholder="why (required: recorded with the edit)", id="reason")
 
