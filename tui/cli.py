@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loopterm.tui import daemon_cli  # standard library only at import
 
     daemon_cli.add_parser(sub, db)
+    from loopterm.tui import diff_cli  # standard library only at import
+
+    diff_cli.add_parser(sub, db)
     return parser
 
 
@@ -300,6 +303,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import daemon_cli
 
         return daemon_cli.run(args, db_path(args))
+    if args.command == "diff":
+        from loopterm.tui import diff_cli
+
+        return diff_cli.run(args, db_path(args))
     raise AssertionError(args.command)
 
 
