@@ -223,7 +223,7 @@ def test_diff_prints_the_aligned_iterations_side_by_side(db: Path, capsys: pytes
     assert any(line.startswith("A  " + PARENT) for line in lines) and any(line.startswith("B  " + B1) for line in lines)
     assert "iterations 1..2: the same in both runs" in out  # the shared prefix is one line
     fork_row = next(line for line in lines if line.split()[:2] == ["3", "fork"])
-    first = next(line for line in lines if line.startswith("4  ▶ ≠"))
+    first = next(line for line in lines if line.split()[:3] == ["4", "▶", "≠"])
     assert "p4" in first and "b4" in first
     assert "p3" in fork_row and "=" in fork_row
     assert "first divergence at iteration 4 (action)" in out

@@ -38,6 +38,7 @@ from loopterm.core.settings import settings
 from loopterm.store import Store
 from loopterm.tui.bindings import SEARCH_CLOSE, SUPERVISION_BINDINGS
 from loopterm.tui.branching import Branching
+from loopterm.tui.comparing import Comparing
 from loopterm.tui.controls import Controls
 from loopterm.tui.driving import Driving
 from loopterm.tui.following import Following, acyclic_burst
@@ -94,7 +95,7 @@ class MainScreen(Screen[None]):
         self.app.call_later(self.app.main_ready)  # type: ignore[attr-defined]
 
 
-class LooptermApp(Following, Driving, Controls, Branching, App[None]):
+class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None]):
     """`LooptermApp(db_path, start=(loop, ref))` runs a new run live; `watch_run=ID` attaches; neither browses."""
 
     CSS_PATH = "app.tcss"

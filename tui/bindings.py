@@ -15,6 +15,9 @@ SUPERVISION_BINDINGS: list[Binding] = [
             tooltip="Relax or restore an invariant, with a reason, optionally for the next N iterations"),
     Binding("b", "app.branch", "Branch", id="branch",
             tooltip="Branch from the selected iteration (optional state patches); the branch runs live"),
+    Binding("c", "app.compare", "Compare", id="compare",
+            tooltip="Compare two runs side by side: c marks the run on screen (⇄ in the tree), c on another run "
+                    "compares the pair; c twice on a branch compares it with its parent"),
     Binding("a", "app.approve", "Approve", id="approve",
             tooltip="Approve the tool call waiting for a person (arguments editable)"),
     Binding("d", "app.deny", "Deny", id="deny", tooltip="Deny the tool call waiting for a person"),

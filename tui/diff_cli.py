@@ -16,7 +16,7 @@ from loopterm.tui import arguments
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from loopterm.core.compare import AlignedIteration, Comparison, ComparedRun, Side, StateDiff
+    from loopterm.core.compare import AlignedIteration, Comparison, ComparedRun, Side, StateDiff, Totals
     from loopterm.tui.widgets.render import Palette
 
 FORK_MARK = "fork"  # the mark of the fork point's row
@@ -25,6 +25,7 @@ DIFFERS_MARK = "≠"  # a later row whose action, gates or invariants differ
 # (label, width) of a side's columns after its action; they drop from the right when the terminal is narrow.
 SIDE_COLUMNS = [("gates", 10), ("inv", 4), ("tok", 8), ("cost", 10)]
 ACTION_MIN = 14  # the action keeps at least this many cells
+MEMO_CELLS = 4096  # distinct gate / invariant cells kept while drawing rows
 LEGEND = f"{FORK_MARK}: the last iteration both runs share · {FIRST_MARK}: where they first diverge · " \
          f"{DIFFERS_MARK}: action, gates or invariants differ · =: the same iteration"
 
@@ -93,6 +94,57 @@ def side_columns(width: int, fixed: int, gap: int) -> tuple[int, list[tuple[str,
     return max(ACTION_MIN, side - sum(w + gap for _, w in columns)), columns
 
 
+N_WIDTH, MARK_WIDTH = 5, 4
+ROW_FIXED = N_WIDTH + 1 + MARK_WIDTH + 1 + 3  # n, a space, the mark, a space, and the bar between the sides
+
+
+def row_text(comparison: Comparison | None, row: AlignedIteration | None, palette: Palette, action_width: int,
+             columns: list[tuple[str, int]], memo: dict[Any, Text] | None = None) -> Text:
+    """One aligned iteration as a line of fixed-width cells (row None: the header line); `side_columns` gives
+    the widths. A shared iteration shows A's side and `=` for B's. `memo`: see `side_cells`."""
+    from rich.text import Text
+
+    keep = 1 + len(columns)
+    if row is None or comparison is None:
+        side = ["action", *(label for label, _ in columns)]
+        right = {"tok", "cost"}
+        a_cells = [Text(f"A {c}" if c == "action" else c, justify="right" if c in right else "left") for c in side]
+        b_cells = [Text(f"B {c}" if c == "action" else c, justify="right" if c in right else "left") for c in side]
+        head = [Text("n", justify="right"), Text("")]
+    else:
+        a_cells = side_cells(row.a, palette, dim=row.shared, differs=tuple(row.differs), memo=memo)[:keep]
+        b_cells = [Text("=", style=palette.muted)] if row.shared else \
+            side_cells(row.b, palette, differs=tuple(row.differs), memo=memo)[:keep]
+        head = [Text(str(row.n), justify="right"), Text(mark_of(comparison, row))]
+    widths = [action_width, *(w for _, w in columns)]
+    line = Text(no_wrap=True, end="")
+    line.append_text(_fit(head[0], N_WIDTH))
+    line.append(" ")
+    line.append_text(_fit(head[1], MARK_WIDTH))
+    for cells, bar in ((a_cells, ""), (b_cells, " │")):
+        line.append(bar, style="dim")
+        for cell, width in zip(cells, widths):
+            line.append(" ")
+            line.append_text(_fit(cell, width))
+    line.rstrip()
+    return line
+
+
+def _fit(text: Text, width: int) -> Text:
+    """A cell cut or padded to `width` cells, right-justified when it says so."""
+    from rich.text import Text
+
+    cell = text.copy()
+    cell.truncate(width, overflow="ellipsis")
+    pad = width - cell.cell_len
+    if pad > 0:
+        if text.justify == "right":
+            cell = Text(" " * pad) + cell
+        else:
+            cell.append(" " * pad)
+    return cell
+
+
 def mark_of(comparison: Comparison, row: AlignedIteration) -> str:
     if comparison.divergence is not None and row.n == comparison.divergence.n:
         return FIRST_MARK
@@ -103,8 +155,10 @@ def mark_of(comparison: Comparison, row: AlignedIteration) -> str:
     return DIFFERS_MARK if row.differs else ""
 
 
-def side_cells(side: Side | None, palette: Palette, *, dim: bool = False, differs: tuple[str, ...] = ()) -> list[Text]:
-    """action, gates, invariants, tokens, cost of one side's iteration (blank cells when it has none)."""
+def side_cells(side: Side | None, palette: Palette, *, dim: bool = False, differs: tuple[str, ...] = (),
+               memo: dict[Any, Text] | None = None) -> list[Text]:
+    """action, gates, invariants, tokens, cost of one side's iteration (blank cells when it has none).
+    `memo` keeps the gate and invariant cells already made (they repeat from row to row): treat them as read-only."""
     from rich.text import Text
 
     from loopterm.tui.widgets.render import glyphs, literal, money
@@ -114,8 +168,16 @@ def side_cells(side: Side | None, palette: Palette, *, dim: bool = False, differ
     style = palette.muted if dim else ""
     action = literal(side.action, f"bold {style}".strip() if "action" in differs else style)
     action.no_wrap, action.overflow = True, "ellipsis"
-    gates = glyphs(list(side.gates.items()), palette, names=True)
-    invariants = glyphs(list(side.invariants.items()), palette, names=False)
+    memo = {} if memo is None else memo
+    cells = []
+    for items, names in ((tuple(side.gates.items()), True), (tuple(side.invariants.items()), False)):
+        cell = memo.get((items, names))
+        if cell is None:
+            if len(memo) > MEMO_CELLS:
+                memo.clear()
+            cell = memo[(items, names)] = glyphs(items, palette, names=names)
+        cells.append(cell)
+    gates, invariants = cells
     return [action, gates, invariants, Text(f"{side.tokens:,}", justify="right", style=style),
             Text(money(side.cost_usd), justify="right", style=style)]
 
@@ -154,8 +216,9 @@ def run_line(label: str, run: ComparedRun) -> Text:
     return text
 
 
-def totals_rows(comparison: Comparison, palette: Palette) -> list[tuple[str, Text, Text]]:
-    """(label, A, B) lines: outcome, iterations, tokens, cost, and what each spent after the fork point."""
+def totals_rows(comparison: Comparison, palette: Palette, *, compact: bool = False) -> list[tuple[str, Text, Text]]:
+    """(label, A, B) lines: outcome, iterations, tokens, cost, model, and what each spent after the fork point
+    (`compact`: iterations, tokens and cost on one line, no model)."""
     from rich.text import Text
 
     from loopterm.tui.widgets.render import money
@@ -165,15 +228,38 @@ def totals_rows(comparison: Comparison, palette: Palette) -> list[tuple[str, Tex
     def both(value: Any) -> tuple[Text, Text]:
         return Text(value(a)), Text(value(b))
 
-    rows = [("outcome", outcome_text(a, palette), outcome_text(b, palette)),
-            ("iterations", *both(lambda r: f"{r.total.iterations}")),
-            ("tokens", *both(lambda r: f"{r.total.tokens:,}")),
-            ("cost", *both(lambda r: money(r.total.cost_usd))),
-            ("model", *both(lambda r: r.model))]
+    def spent(totals: Totals) -> str:
+        return f"{totals.iterations} it · {totals.tokens:,} tok · {money(totals.cost_usd)}"
+
+    rows = [("outcome", outcome_text(a, palette), outcome_text(b, palette))]
+    if compact:
+        rows.append(("in all", *both(lambda r: spent(r.total))))
+    else:
+        rows += [("iterations", *both(lambda r: f"{r.total.iterations}")),
+                 ("tokens", *both(lambda r: f"{r.total.tokens:,}")),
+                 ("cost", *both(lambda r: money(r.total.cost_usd))),
+                 ("model", *both(lambda r: r.model))]
     if comparison.fork_point:
-        rows.append((f"after {comparison.fork_point}", *both(
-            lambda r: f"{r.since_fork.iterations} it · {r.since_fork.tokens:,} tok · {money(r.since_fork.cost_usd)}")))
+        rows.append((f"after {comparison.fork_point}", *both(lambda r: spent(r.since_fork))))
     return rows
+
+
+def divergence_headline(comparison: Comparison, palette: Palette) -> Text:
+    """The first divergence in one line (the compare screen's header)."""
+    from rich.text import Text
+
+    from loopterm.tui.widgets.render import literal
+
+    found = comparison.divergence
+    if found is None:
+        return Text("no divergence: the same actions, gates, invariants and states, and the same length",
+                    style=palette.ok)
+    text = Text(f"{FIRST_MARK} first divergence at iteration {found.n} ({found.kind}):  ", style=f"bold {palette.warn}")
+    text.append("A ", style="bold")
+    text.append_text(literal(found.a))
+    text.append("  B ", style="bold")
+    text.append_text(literal(found.b))
+    return text
 
 
 def divergence_text(comparison: Comparison, palette: Palette) -> Text:
@@ -195,31 +281,36 @@ def divergence_text(comparison: Comparison, palette: Palette) -> Text:
 
 
 def diff_heading(comparison: Comparison, diff: StateDiff, palette: Palette) -> Text:
+    """One line: which states are compared (`-` run A's, `+` run B's)."""
     from rich.text import Text
 
     def which(label: str, run: ComparedRun, n: int | None) -> str:
         if n is None:
-            return f"{label} {run.id[:8]}: no iteration yet (its initial state)"
-        late = "" if n == diff.n else f" (its last; it ended before {diff.n})"
-        return f"{label} {run.id[:8]} after iteration {n}{late}"
+            return f"{label} {run.id[:8]}: no iteration yet"
+        return f"{label} {run.id[:8]} at {n}" + ("" if n == diff.n else f" (its last; it ended before {diff.n})")
 
-    text = Text(f"state after aligned iteration {diff.n}", style="bold")
-    text.append(f"\n- {which('A', comparison.a, diff.a_n)}", style=palette.bad)
-    text.append(f"\n+ {which('B', comparison.b, diff.b_n)}", style=palette.ok)
+    text = Text(f"state after aligned iteration {diff.n}:  ", style="bold")
+    text.append(f"- {which('A', comparison.a, diff.a_n)}", style=palette.bad)
+    text.append("  ")
+    text.append(f"+ {which('B', comparison.b, diff.b_n)}", style=palette.ok)
     if diff.n <= comparison.fork_point:
-        text.append(f"\nshared: iteration {diff.n} is the same in both runs", style="italic")
+        text.append("  (the same iteration in both runs)", style="italic")
     return text
 
 
 def diff_body(diff: StateDiff, palette: Palette) -> Text:
-    """The unified diff of the differing fields (the Diff tab's renderer: before = A, after = B)."""
+    """The unified diff of the differing fields: the Diff tab's renderer, its `--- before`/`+++ after` lines
+    left out (the heading says which run is which)."""
     from rich.text import Text
 
     from loopterm.tui.widgets.render import diff_text
 
     if diff.same:
         return Text("the states are the same", style="italic")
-    return diff_text(diff.a, diff.b, palette)
+    lines = diff_text(diff.a, diff.b, palette).split("\n")
+    while lines and lines[0].plain.startswith(("--- ", "+++ ")):
+        lines.pop(0)
+    return Text("\n").join(lines)
 
 
 def print_comparison(console: Any, comparison: Comparison, palette: Palette) -> None:
@@ -233,25 +324,19 @@ def print_comparison(console: Any, comparison: Comparison, palette: Palette) -> 
     hidden = max(0, comparison.fork_point - 1)  # the shared iterations before the fork point: one line
     if hidden:
         console.print(Text(f"iterations 1..{hidden}: the same in both runs", style="italic"))
-    n_width = len(str(len(rows))) if rows else 1
-    action_width, columns = side_columns(console.width, n_width + 2 + len(FIRST_MARK) + 1, 2)
-    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
-    table.add_column("n", justify="right", no_wrap=True, width=n_width)
-    table.add_column("", no_wrap=True, width=len(FIRST_MARK) + 1)
-    for side in ("A", "B"):
-        table.add_column(f"{side} action", width=action_width - 2, no_wrap=True, overflow="ellipsis")
-        for label, width in columns:
-            table.add_column(label, width=width, no_wrap=True, overflow="ellipsis",
-                             justify="right" if label in ("tok", "cost") else "left")
-    keep = 1 + len(columns)
-    for row in rows[hidden:]:
+    action_width, columns = side_columns(console.width - 1, ROW_FIXED, 1)
+    lines = [row_text(None, None, palette, action_width, columns)]
+    lines[0].stylize("bold")
+    memo: dict[Any, Text] = {}
+    for row in rows[hidden:]:  # lines, not a rich Table: a table of thousands of rows takes seconds to measure
+        line = row_text(comparison, row, palette, action_width, columns, memo)
         mark = mark_of(comparison, row)
-        style = f"bold {palette.warn}" if mark == FIRST_MARK else (palette.accent if mark == FORK_MARK else "")
-        b_cells = side_cells(row.b, palette, differs=tuple(row.differs)) if not row.shared else \
-            [Text("=", style=palette.muted)] + [Text("") for _ in range(4)]
-        table.add_row(Text(str(row.n), style=style), Text(mark, style=style),
-                      *side_cells(row.a, palette, dim=row.shared, differs=tuple(row.differs))[:keep], *b_cells[:keep])
-    console.print(table)
+        if mark == FIRST_MARK:
+            line.stylize(f"bold {palette.warn}", 0, N_WIDTH + 1 + MARK_WIDTH)
+        elif mark == FORK_MARK:
+            line.stylize(palette.accent, 0, N_WIDTH + 1 + MARK_WIDTH)
+        lines.append(line)
+    console.print(Text("\n").join(lines), no_wrap=True, crop=True)
     console.print(Text(LEGEND, style="dim"))
     console.print(divergence_text(comparison, palette))
     totals = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2))

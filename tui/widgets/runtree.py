@@ -13,12 +13,14 @@ from loopterm.core.records import RunRecord
 from loopterm.tui.widgets.render import Palette, literal, status_glyph
 
 
-def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = False) -> Text:
+def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = False, marked: bool = False) -> Text:
     """`waiting`: its log says it waits on a person (an escalated run's glyph says so already; a run stopped
     while it waited gets the flag too)."""
     glyph, variable, fallback = status_glyph(run.status)
     label = Text(no_wrap=True, overflow="ellipsis")
     label.append(f"{glyph} ", style=palette.colour(variable, fallback))
+    if marked:  # the first of a pair to compare (tui/comparing.py); first, so a narrow tree still shows it
+        label.append("⇄ ", style=f"bold {palette.accent}")
     label.append(run.id[:8], style="bold")
     label.append(" ")
     label.append(literal(run.loop))
@@ -59,6 +61,14 @@ class RunTree(Tree[str], inherit_bindings=False):
         self._run_nodes: dict[str, TreeNode[str]] = {}
         self._labels: dict[str, str] = {}
 
+    marked: str | None = None  # the run marked as the first of a pair to compare (tui/comparing.py)
+
+    def mark(self, run_id: str | None) -> None:
+        """Mark a run (None: no run) for comparing; its label changes at the next `update_runs`."""
+        for changed in {self.marked, run_id} - {None}:
+            self._labels.pop(changed, None)  # type: ignore[arg-type]
+        self.marked = run_id
+
     @property
     def run_ids(self) -> list[str]:
         return list(self._run_nodes)
@@ -74,7 +84,7 @@ class RunTree(Tree[str], inherit_bindings=False):
             self._labels = {}
             for _, run in rows:
                 parent = self._run_nodes.get(run.parent_run or "", self.root)
-                node = parent.add(run_label(run, palette, run.id in owned, run.id in waiting), data=run.id,
+                node = parent.add(run_label(run, palette, run.id in owned, run.id in waiting, run.id == self.marked), data=run.id,
                                   expand=True)
                 self._run_nodes[run.id] = node
                 self._labels[run.id] = ""
@@ -82,7 +92,7 @@ class RunTree(Tree[str], inherit_bindings=False):
             if current:
                 self.show_current(current)
         for _, run in rows:
-            label = run_label(run, palette, run.id in owned, run.id in waiting)
+            label = run_label(run, palette, run.id in owned, run.id in waiting, run.id == self.marked)
             if self._labels.get(run.id) != label.markup:
                 self._labels[run.id] = label.markup
                 self._run_nodes[run.id].set_label(label)
