@@ -19,9 +19,10 @@ from typing import Any
 
 DEFAULT_THEME = "loopterm-dark"
 
-# Text styled "dim" is drawn by loopterm (Textual's DimFilter) this far from the background towards its
-# colour, instead of being left to the terminal (most draw it at about half, which no light background
-# and no coloured cursor row can read at 4.5:1). 0.75 keeps dim text visibly quieter and readable.
+# Text styled "dim" in rich renderables (the timeline's cells) is drawn by loopterm (Textual's DimFilter) this
+# far from the background towards its colour, instead of being left to the terminal (most draw it at about
+# half, which no light background and no coloured cursor row reads at 4.5:1). Widgets that render Textual
+# Content (the tree, Statics) resolve dim themselves. tests/test_contrast.py measures both as painted.
 DIM_FACTOR = 0.85
 
 BUILTIN_THEME_DATA: dict[str, dict[str, Any]] = {
