@@ -5,7 +5,7 @@
 Importing this package imports Textual; ``loopterm.tui.config`` does not.
 """
 
-from loopterm.themes.palettes import BUILTIN_THEME_DATA, DEFAULT_THEME
+from loopterm.themes.palettes import BUILTIN_THEME_DATA, DEFAULT_THEME, DIM_FACTOR
 from loopterm.themes.status import (
     STATUS_ALIASES,
     STATUS_GLYPHS,
@@ -20,6 +20,7 @@ from loopterm.themes.status import (
 )
 from loopterm.themes.user import (
     BUILTIN_THEMES,
+    READABLE_DIM,
     ThemeSpec,
     apply_theme,
     load_themes,
@@ -32,6 +33,8 @@ __all__ = [
     "BUILTIN_THEMES",
     "BUILTIN_THEME_DATA",
     "DEFAULT_THEME",
+    "DIM_FACTOR",
+    "READABLE_DIM",
     "STATUS_ALIASES",
     "STATUS_GLYPHS",
     "UNKNOWN_STATUS",

@@ -30,15 +30,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError, field_validator
+from textual.filter import DimFilter, LineFilter
 from textual.theme import Theme
 
-from loopterm.themes.palettes import BUILTIN_THEME_DATA, DEFAULT_THEME
+from loopterm.themes.palettes import BUILTIN_THEME_DATA, DEFAULT_THEME, DIM_FACTOR
 
 if TYPE_CHECKING:
     from textual.app import App
 
 __all__ = [
     "BUILTIN_THEMES",
+    "READABLE_DIM",
     "ThemeSpec",
     "apply_theme",
     "load_themes",
@@ -135,6 +137,9 @@ def theme_from_data(data: dict[str, Any]) -> Theme:
 
 
 BUILTIN_THEMES: dict[str, Theme] = {name: theme_from_data(data) for name, data in BUILTIN_THEME_DATA.items()}
+
+# One instance, so Textual's per-strip filter cache keeps working (see ``DIM_FACTOR``).
+READABLE_DIM: LineFilter = DimFilter(dim_factor=DIM_FACTOR)
 
 
 def _first_problem(error: ValidationError) -> str:

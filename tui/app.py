@@ -27,7 +27,7 @@ import time
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 from loopterm.core.engine import Engine
 from loopterm.core.errors import LooptermError
@@ -42,6 +42,7 @@ from loopterm.tui.comparing import Comparing
 from loopterm.tui.controls import Controls
 from loopterm.tui.driving import Driving
 from loopterm.tui.following import Following, acyclic_burst
+from loopterm.tui.keys import apply_user_keymap, current_keymap, effective_keys, key_display
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.screens.escalations import EscalationScreen, InboxScreen
 from loopterm.tui.screens.help import HelpScreen
@@ -61,6 +62,7 @@ from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.filter import LineFilter
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input, Sparkline, Static
@@ -167,6 +169,8 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
     def on_mount(self) -> None:
         self._setup_theme()
         self.theme_changed_signal.subscribe(self, self._theme_changed)
+        for warning in apply_user_keymap(self):  # config.toml's [keymap]; a bad entry is one line, never fatal
+            self.notify(warning, title="Keymap", severity="warning", timeout=10)
 
     def on_unmount(self) -> None:
         if self.live_traces is not None:  # the spans still queued go out (bounded) before the process ends
@@ -479,13 +483,31 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         self.push_screen(HelpScreen(sections))
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+        from loopterm.themes.picker import show_theme_picker
+
+        for command in super().get_system_commands(screen):
+            if command.callback == self.action_change_theme:  # loopterm's themes first (themes/picker.py)
+                command = command._replace(help="Change the theme: loopterm's first, then Textual's",
+                                           callback=partial(show_theme_picker, self))
+            yield command
+        keymap = current_keymap(self)
         for binding in SUPERVISION_BINDINGS:
             action = binding.action.removeprefix("app.")
             if action == "quit":
                 continue  # Textual's own Quit command is already there (and runs the same action)
-            yield SystemCommand(binding.description, f"{binding.tooltip} (key: {binding.key})",
+            yield SystemCommand(binding.description,
+                                f"{binding.tooltip} (key: {key_display(effective_keys(binding, keymap))})",
                                 partial(self._palette_action, action))
+
+    def get_line_filters(self) -> Sequence[LineFilter]:
+        """Dim text in a readable colour of loopterm's choosing (themes.DIM_FACTOR), not the terminal's."""
+        from loopterm.themes import READABLE_DIM
+
+        return [*super().get_line_filters(), READABLE_DIM]
+
+    def get_key_display(self, binding: Binding) -> str:
+        """Keys as people write them, in the footer too ("?", "/", "ctrl+s"; not "question_mark", "^s")."""
+        return binding.key_display or key_display(binding.key)
 
     async def _palette_action(self, action: str) -> None:
         """From the palette, an action runs even when its key is hidden (it then says why it cannot act)."""

@@ -5,6 +5,18 @@ The config directory is ``$LOOPTERM_CONFIG_DIR`` if set, else
 ``config.toml`` (these settings) and ``themes/`` (user theme files, see
 ``loopterm.themes``).
 
+``config.toml`` may hold a ``[keymap]`` table that rebinds keys, as Posting does:
+binding id = key(s), comma-separated (or a list)::
+
+    theme = "loopterm-dark"
+
+    [keymap]
+    branch = "B"
+    step = "ctrl+n,n"
+
+This module only checks its shape (``keymap_entries``); which ids and keys exist is
+checked against the live bindings by ``loopterm.tui.keys``.
+
 Reading never fails: a missing file gives the defaults, and a corrupt one gives
 the defaults plus a one-line warning and is left untouched. Saving over a corrupt
 file first keeps a copy of it as ``config.toml.bak``. Nothing here imports
@@ -17,6 +29,7 @@ import os
 import shutil
 import tempfile
 import tomllib
+from typing import Any
 
 import tomli_w  # the writer tomllib lacks; small and well kept
 from pathlib import Path
@@ -32,6 +45,7 @@ __all__ = [
     "LooptermSettings",
     "config_dir",
     "config_file",
+    "keymap_entries",
     "load_settings",
     "remember_theme",
     "save_settings",
@@ -52,6 +66,35 @@ class LooptermSettings(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     theme: str = Field(default="loopterm-dark", min_length=1, max_length=128)
+    # binding id -> key(s); each entry is checked on its own (keymap_entries), so one bad entry never
+    # discards the rest of the settings.
+    keymap: dict[str, Any] = Field(default_factory=dict)
+
+
+_KEYMAP_HINT = 'a key such as "B", or keys such as "ctrl+n,n"'
+
+
+def keymap_entries(settings: LooptermSettings) -> tuple[dict[str, str], list[str]]:
+    """The ``[keymap]`` entries as ``{binding id: "key,key"}``, and one warning line per unusable entry.
+
+    A value is a string of comma-separated keys or a list of keys; anything else is
+    skipped with a warning naming its binding id.
+    """
+    entries: dict[str, str] = {}
+    warnings: list[str] = []
+    for binding_id, value in settings.keymap.items():
+        if isinstance(value, str):
+            keys = [key.strip() for key in value.split(",")]
+        elif isinstance(value, list) and all(isinstance(key, str) for key in value):
+            keys = [key.strip() for key in value]
+        else:
+            warnings.append(one_line(f"keymap: {binding_id} = {value!r} ignored: expected {_KEYMAP_HINT}"))
+            continue
+        if not keys or any(not key for key in keys):
+            warnings.append(one_line(f"keymap: {binding_id} = {value!r} ignored: an empty key; expected {_KEYMAP_HINT}"))
+            continue
+        entries[binding_id] = ",".join(keys)
+    return entries, warnings
 
 
 def config_dir() -> Path:
@@ -133,7 +176,10 @@ def save_settings(settings: LooptermSettings, directory: Path | str | None = Non
             backup = _backup_path(path)
             shutil.copy2(path, backup)
             notes.append(one_line(f"{path} was unreadable ({exc}); kept a copy at {backup}"))
-        text = _HEADER + tomli_w.dumps(settings.model_dump(mode="python", exclude_none=True))
+        data = settings.model_dump(mode="python", exclude_none=True)
+        if not data.get("keymap"):
+            data.pop("keymap", None)  # no empty [keymap] table in a file a person reads
+        text = _HEADER + tomli_w.dumps(data)
         fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml.tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:

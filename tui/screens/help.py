@@ -12,10 +12,12 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from loopterm.tui.keys import current_keymap, effective_keys, key_display
+
 
 def key_label(key: str) -> str:
-    names = {"space": "space", "question_mark": "?", "slash": "/", "escape": "esc"}
-    return ", ".join(names.get(k.strip(), k.strip()) for k in key.split(","))
+    """Keys as people write them ("?", "/", "space", "ctrl+s")."""
+    return key_display(key)
 
 
 class HelpScreen(ModalScreen[None]):
@@ -38,17 +40,20 @@ class HelpScreen(ModalScreen[None]):
         table.add_column("key", style="bold", no_wrap=True)
         table.add_column("action", no_wrap=True)
         table.add_column("what it does", ratio=1)
+        keymap = current_keymap(self.app)  # the user's [keymap]: the keys shown are the keys that work
         for title, bindings in self.sections:
             table.add_row(Text(title, style="bold underline"), "", "")
             for binding in bindings:
-                table.add_row(Text(key_label(binding.key)), Text(binding.description), Text(binding.tooltip or ""))
+                table.add_row(Text(key_label(effective_keys(binding, keymap))), Text(binding.description),
+                              Text(binding.tooltip or ""))
             table.add_row("", "", "")
         return table
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help"):
-            yield Static("loopterm keys (escape or ? closes; ctrl+p: every action in the command palette)", id="help-title",
-                         markup=False)
+            close = key_label(effective_keys(self.BINDINGS[0], current_keymap(self.app)))  # type: ignore[arg-type]
+            yield Static(f"loopterm keys ({close} closes; ctrl+p: every action in the command palette)",
+                         id="help-title", markup=False)
             with VerticalScroll():
                 yield Static(self.table(), id="help-table")
 
