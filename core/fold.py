@@ -60,6 +60,18 @@ class Patch:
 
 
 @dataclass(frozen=True)
+class ForkPoint:
+    """Where a branch left its parent and what a person changed there (the Diff tab shows it at the fork)."""
+
+    parent: str
+    at: int
+    reason: str
+    patches: tuple[tuple[str, Any], ...]  # (dotted path, value), as typed
+    relaxed: dict[str, str]  # invariant -> why
+    state: dict[str, Any] | None  # the patched state the branch starts from; None: unpatched
+
+
+@dataclass(frozen=True)
 class PendingEscalation:
     event_id: int
     iteration: int
@@ -134,6 +146,17 @@ class RunView:
     def waiting(self) -> bool:
         """Something waits on a person's answer."""
         return self.escalation is not None or bool(self.approvals) or self.side_effect is not None
+
+    @property
+    def fork_point(self) -> ForkPoint | None:
+        """This run's fork from its parent, with the patches and relaxations made there (None: not a branch)."""
+        e = self.forked
+        if e is None:
+            return None
+        patches = tuple((".".join(str(p) for p in patch.get("path") or []), patch.get("value"))
+                        for patch in e.patches)
+        return ForkPoint(parent=e.parent, at=e.at, reason=e.reason, patches=patches, relaxed=dict(e.relaxed),
+                         state=e.patched_state)
 
     def state_after(self, iteration: int) -> dict[str, Any] | None:
         """A person's patch the next iteration starts from, if one was made after `iteration` committed

@@ -26,7 +26,7 @@ from loopterm.core.mcp_tools import McpToolError
 from loopterm.core.migrations import migrate_state
 from loopterm.core import runlog as log
 from loopterm.core.fold import fold
-from loopterm.core.records import RunRecord, ToolCallRecord
+from loopterm.core.records import IterationRecord, RunRecord, ToolCallRecord
 from loopterm.core.runlog import EventRecord
 from loopterm.core.shadow import mark_shadow
 from loopterm.core.termination import Status
@@ -49,6 +49,8 @@ class History(Protocol):
     def state_at(self, run_id: str, n: int) -> dict[str, Any] | None: ...
 
     def lineage(self, run_id: str) -> list[RunRecord]: ...
+
+    def get_iteration(self, run_id: str, n: int) -> IterationRecord | None: ...
 
     def iteration_tool_calls(
         self, run_id: str, *, own_only: bool = False, after: int = 0, upto: int | None = None,
@@ -139,6 +141,39 @@ class ForkPlan(BaseModel):
     model: str
     reason: str
     may_repeat: list[SideEffectCall]
+
+
+class InvariantAtFork(BaseModel):
+    name: str
+    description: str
+    held: bool | None  # at the fork point; None: not checked there
+
+
+class ForkOptions(BaseModel):
+    """What a person chooses from when branching at `at` (the TUI's branch dialog): the loop's invariants
+    and whether each held there, the parent's model, the side-effecting calls the branch may reach again."""
+
+    parent: str
+    at: int
+    model: str
+    invariants: list[InvariantAtFork]
+    may_repeat: list[SideEffectCall]
+
+    @property
+    def failed(self) -> list[str]:
+        """The invariants that failed at the fork point: left as they are, the branch would stop on them at once."""
+        return [inv.name for inv in self.invariants if inv.held is False]
+
+
+def fork_options(history: History, loop: Loop, parent: RunRecord, at: int) -> ForkOptions:
+    record = history.get_iteration(parent.id, at)
+    status = record.invariant_status if record is not None else {}
+    return ForkOptions(
+        parent=parent.id, at=at, model=parent.model,
+        invariants=[InvariantAtFork(name=inv.name, description=inv.description, held=status.get(inv.name))
+                    for inv in loop.invariants],
+        may_repeat=side_effects_after(history, loop, parent, at),
+    )
 
 
 def plan_fork(

@@ -250,3 +250,45 @@ def test_export_then_import_round_trips_a_branch_with_its_lineage(
     assert main(["import", str(first), "--db", str(other)]) == 2  # the runs are there already
     assert "already" in capsys.readouterr().err
     assert [r["id"] for r in run_ids(capsys, other)] == [parent, branch]
+
+
+def test_fork_options_say_what_held_at_the_fork_point_and_what_may_be_reached_again(
+    codefix_db: tuple[Path, str],
+) -> None:
+    """What the TUI's branch dialog offers: each invariant with whether it held there, the parent's model, and the
+    side-effecting calls after the fork point with their tools' rewind policy."""
+    from loopterm.core.fork import fork_options
+    from loopterm.core.loader import load_loop
+    from loopterm.store import Store
+
+    db, parent = codefix_db
+    store = Store.open(db, create=False)
+    run = store.get_run(parent)
+    loop, _ = load_loop(run.loop_ref)
+    options = fork_options(store, loop, run, 1)
+    assert options.model == run.model == "scripted/codefix"
+    assert [(i.name, i.held) for i in options.invariants] == [
+        ("solution_only", True), ("bounded_context", True), ("tools_keep_working", True)]
+    assert options.failed == []
+    assert [(c.n, c.tool, c.policy) for c in options.may_repeat] == [(2, "write_file", "reexecute"),
+                                                                      (3, "write_file", "reexecute")]
+    assert fork_options(store, loop, run, 3).may_repeat == []
+
+
+def test_the_fold_says_what_was_patched_and_relaxed_at_the_fork(
+    codefix_db: tuple[Path, str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loopterm.core.fold import fold
+    from loopterm.store import Store
+
+    db, parent = codefix_db
+    assert main(["fork", parent, "--at", "1", "--set", 'memory.subgoal="advice"', "--set", "max_facts=3",
+                 "--relax", "solution_only", "--reason", "a reviewer said so", "--headless", "--db", str(db)]) == 0
+    branch = next(r for r in run_ids(capsys, db) if r["parent_run"] == parent)["id"]
+    store = Store.open(db, create=False)
+    point = fold(store.events(branch)).fork_point
+    assert point is not None and (point.parent, point.at, point.reason) == (parent, 1, "a reviewer said so")
+    assert point.patches == (("memory.subgoal", "advice"), ("max_facts", 3))
+    assert point.relaxed == {"solution_only": "a reviewer said so"}
+    assert point.state is not None and point.state["memory"]["subgoal"] == "advice" and point.state["max_facts"] == 3
+    assert fold(store.events(parent)).fork_point is None  # the parent is no branch

@@ -420,8 +420,13 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
                     previous = loop.new_state().model_dump(mode="json")
                 except Exception:
                     previous = None
+        # A branch's first iteration starts from the state patched at the fork, not from its parent's.
+        fork = view.log.fork_point
+        at_fork = fork if fork is not None and n == fork.at + 1 else None
+        if at_fork is not None and at_fork.state is not None:
+            previous = at_fork.state
         return DetailContext.of(record, previous, invariants=self._invariant_infos(view.run),
-                                relaxed=dict(view.log.relaxed), palette=self.palette)
+                                relaxed=dict(view.log.relaxed), palette=self.palette, fork=at_fork)
 
     def _invariant_infos(self, run: RunRecord) -> list[InvariantInfo]:
         loop = self.loop_for(run)

@@ -14,7 +14,7 @@ SUPERVISION_BINDINGS: list[Binding] = [
     Binding("i", "app.relax", "Relax", id="relax",
             tooltip="Relax or restore an invariant, with a reason, optionally for the next N iterations"),
     Binding("b", "app.branch", "Branch", id="branch",
-            tooltip="Branch from the selected iteration (optional state patches); the branch runs live"),
+            tooltip="Branch from the selected iteration: patches, why, invariants to relax, model, running or paused"),
     Binding("c", "app.compare", "Compare", id="compare",
             tooltip="Compare two runs side by side: c marks the run on screen (⇄ in the tree), c on another run "
                     "compares the pair; c twice on a branch compares it with its parent"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Static, TabbedContent, TabPane, Tree
 from textual.widgets.tree import TreeNode
 
+from loopterm.core.fold import ForkPoint
 from loopterm.core.records import IterationRecord
 from loopterm.tui.widgets.render import (
     InvariantInfo,
@@ -54,12 +56,42 @@ class DetailContext:
     invariants: list[InvariantInfo] = field(default_factory=list)
     relaxed: dict[str, str] = field(default_factory=dict)
     palette: Palette = field(default_factory=Palette)
+    fork: ForkPoint | None = None  # set for a branch's first iteration: what the fork changed, shown on the Diff
 
     @classmethod
     def of(cls, record: IterationRecord, previous_state: dict[str, Any] | None, **kwargs: Any) -> "DetailContext":
         state = record.state
         return cls(record=record.model_copy(update={"state": {}}), state=shown_state(state),
                    changes=changed_parts(previous_state if previous_state is not None else {}, state), **kwargs)
+
+
+def fork_note(fork: ForkPoint, palette: Palette) -> Text:
+    """A branch's first Diff starts with what the person changed at the fork (values are untrusted: literal)."""
+    text = Text()
+    text.append(f"fork point: branch of run {fork.parent} after iteration {fork.at}", style=f"bold {palette.accent}")
+    if fork.reason:
+        text.append("  why: ", style="dim")
+        text.append(literal(first_line(fork.reason, 120)))
+    text.append("\n")
+    for path, value in fork.patches:
+        text.append("patched at the fork: ", style="bold")
+        text.append(literal(path, "bold"))
+        text.append(" = ")
+        text.append(literal(first_line(json.dumps(value, ensure_ascii=False, default=str), 200)))
+        text.append("\n")
+    for name, why in fork.relaxed.items():
+        text.append("relaxed at the fork: ", style="bold")
+        text.append(literal(name, "bold"))
+        if why:
+            text.append(" (")
+            text.append(literal(first_line(why, 120)))
+            text.append(")")
+        text.append("\n")
+    if not fork.patches:
+        text.append("the state was not patched at the fork\n", style="dim")
+    text.append("what this iteration changed" + (", from the patched state:" if fork.patches else ":") + "\n\n",
+                style="dim")
+    return text
 
 
 class StateTree(Tree[Shown | None]):
@@ -164,7 +196,8 @@ class IterationDetail(Vertical):
         if tab == "gates":
             return gates_detail(record, ctx.palette)
         if tab == "diff":
-            return diff_text(*ctx.changes, ctx.palette)
+            diff = diff_text(*ctx.changes, ctx.palette)
+            return diff if ctx.fork is None else fork_note(ctx.fork, ctx.palette) + diff
         if tab == "invariants":
             return invariants_detail(record, ctx.invariants, ctx.relaxed, ctx.palette)
         return Text("")
