@@ -140,6 +140,9 @@ async def test_the_screen_shows_what_waits_now_an_approval_after_the_escalation(
                     "answered", 30)
         assert "not waiting on a person (any more)" in shown(screen, "#esc-packet-text")
         assert app.screen is screen  # answered elsewhere: it stays, saying so, until esc
+        await pilot.press("escape", "escape")
+        await until(pilot, lambda: app.screen is app.main, "back on the main screen")
+        await until(pilot, lambda: not app.engines, "the run ended", 30)
 
 
 async def test_the_inbox_shows_the_iteration_that_waits_now(tmp_path: Path) -> None:
