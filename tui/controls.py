@@ -275,7 +275,7 @@ class Controls:
 
     def ask_add_fact(self, run_id: str, *, then: Callable[[bool], None] | None = None) -> None:
         """A fact for the run's working memory. When the run waits on its escalation, enter sends the fact and
-        resumes past the escalation (the one answer most escalations need); 'Add only' keeps it waiting.
+        resumes past the escalation (the one answer most escalations need); 'Only add the fact' keeps it waiting.
         `then(resumed)` once it is sent."""
         self._ask_answer(run_id, then, what="fact", title=f"Add a fact to the working memory of run {run_id}",
                          placeholder="the fact (the next iterations see it in their prompt)",
@@ -291,14 +291,14 @@ class Controls:
                     placeholder: str, make: Callable[[str, int | None], Command]) -> None:
         base = self._answer_base(run_id)
         log = self.run_view(run_id)
-        resumes = log.escalation is not None and log.waiting_now is log.escalation
+        escalation = log.escalation if log.escalation is not None and log.waiting_now is log.escalation else None
+        resumes = escalation is not None  # what it waits on now is its escalation: this answer can go past it
         verb = "add the fact" if what == "fact" else "set the subgoal"
-        if resumes:
-            assert log.escalation is not None
+        if escalation is not None:
             prompt = TextPrompt(
                 title, placeholder, button=f"{verb.capitalize()} and resume", submit_label=f"{verb} and resume",
                 other=("Only " + verb, "only"),
-                hint=f"enter: {verb} and resume the run past its escalation at iteration {log.escalation.iteration}. "
+                hint=f"enter: {verb} and resume the run past its escalation at iteration {escalation.iteration}. "
                      f"'Only {verb}': it keeps waiting (then r resumes, k aborts).")
         else:
             prompt = TextPrompt(title, placeholder, button=verb.capitalize(), submit_label=verb)
