@@ -89,6 +89,10 @@ class PendingApproval:
 class PendingSideEffect:
     iteration: int
     asked: SideEffectPending
+    event_id: int = 0
+
+
+Pending = PendingEscalation | PendingApproval | PendingSideEffect
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,17 @@ class RunView:
                         for patch in e.patches)
         return ForkPoint(parent=e.parent, at=e.at, reason=e.reason, patches=patches, relaxed=dict(e.relaxed),
                          state=e.patched_state)
+
+    @property
+    def waiting_now(self) -> Pending | None:
+        """What the run waits on now: the last thing asked that no one answered (an older question can stay
+        pending beside it, say an approval asked before a restart that the model did not ask again)."""
+        pending: list[Pending] = [*self.approvals.values()]
+        if self.escalation is not None:
+            pending.append(self.escalation)
+        if self.side_effect is not None:
+            pending.append(self.side_effect)
+        return max(pending, key=lambda p: p.event_id, default=None)
 
     def state_after(self, iteration: int) -> dict[str, Any] | None:
         """A person's patch the next iteration starts from, if one was made after `iteration` committed
@@ -244,7 +259,7 @@ class RunView:
             self.answers[e.key] = answer
             self.person_inputs.append((rec, answer))
         elif isinstance(e, SideEffectPending):
-            self.side_effect = PendingSideEffect(n or 0, e)
+            self.side_effect = PendingSideEffect(n or 0, e, rec.id or 0)
         elif isinstance(e, SideEffectAnswered):
             if self.side_effect is not None and self.side_effect.asked.key == e.key:
                 self.side_effect = None

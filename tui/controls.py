@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from loopterm.core import runlog
 from loopterm.core import runs as service
@@ -25,7 +25,7 @@ from loopterm.core.loop import Loop
 from loopterm.core.records import RunRecord
 from loopterm.core.termination import TerminationReason
 from loopterm.tui.screens.approval import ApprovalScreen
-from loopterm.tui.screens.dialog import TextPrompt
+from loopterm.tui.screens.dialog import PromptAnswer, TextPrompt
 from loopterm.tui.screens.edit_state import EditStateScreen
 from loopterm.tui.screens.escalations import EscalationScreen, InboxScreen, Waiting
 from loopterm.tui.screens.relax import InvariantChoice, RelaxScreen
@@ -124,19 +124,29 @@ class Controls:
         if run is not None:
             self.resume_run(run.id)
 
-    def resume_run(self, run_id: str) -> None:
-        """Let the run go on; when it waits on an escalation, this is the answer that goes past it (it names the
-        escalation it answers: one answered or superseded meanwhile is refused, not applied to another)."""
+    def resume_refusal(self, run_id: str) -> str | None:
+        """Why a resume would not answer what the run waits on (None: it would). An engine waiting for a tool
+        call's approval waits for that answer, not for a resume."""
         log = self.run_view(run_id)
-        pending = log.escalation
+        if log.escalation is None and log.approvals and self.executing(run_id):
+            return "a tool call waits for approval: a approves, d denies"
+        return None
+
+    def resume_run(self, run_id: str) -> bool:
+        """Let the run go on; when it waits on an escalation, this is the answer that goes past it (it names the
+        escalation it answers: one answered or superseded meanwhile is refused, not applied to another).
+        Whether anything was sent (or started)."""
+        refusal = self.resume_refusal(run_id)
+        if refusal:
+            self.notify(refusal, severity="warning")
+            return False
+        pending = self.run_view(run_id).escalation
         command = Resume(escalation=pending.event_id) if pending is not None else Resume()
         if self.executing(run_id):
-            if pending is None and log.approvals:  # its engine waits for that answer, not for a resume
-                self.notify("a tool call waits for approval: a approves, d denies", severity="warning")
-                return
             self.send(run_id, command)
         else:
             self.resume_here(run_id, first=command if pending is not None else None)
+        return True
 
     def action_stop(self) -> None:
         run = self._current_run()
@@ -263,15 +273,47 @@ class Controls:
             return None
         return run.iterations if self.run_view(run_id).waiting else None
 
-    def ask_add_fact(self, run_id: str) -> None:
-        base = self._answer_base(run_id)
-        self.push_screen(TextPrompt(f"Add a fact to the working memory of run {run_id}", "the fact", button="Add fact"),
-                         callback=lambda fact: fact and self.send(run_id, AddFact(fact=fact, base_iteration=base)))
+    def ask_add_fact(self, run_id: str, *, then: Callable[[bool], None] | None = None) -> None:
+        """A fact for the run's working memory. When the run waits on its escalation, enter sends the fact and
+        resumes past the escalation (the one answer most escalations need); 'Only add the fact' keeps it waiting.
+        `then(resumed)` once it is sent."""
+        self._ask_answer(run_id, then, what="fact", title=f"Add a fact to the working memory of run {run_id}",
+                         placeholder="the fact (the next iterations see it in their prompt)",
+                         make=lambda text, base: AddFact(fact=text, base_iteration=base))
 
-    def ask_subgoal(self, run_id: str) -> None:
+    def ask_subgoal(self, run_id: str, *, then: Callable[[bool], None] | None = None) -> None:
+        """The subgoal the next iteration pursues; like a fact, it resumes past a waiting escalation."""
+        self._ask_answer(run_id, then, what="subgoal", title=f"Override the subgoal of run {run_id}",
+                         placeholder="the next subgoal",
+                         make=lambda text, base: SetSubgoal(subgoal=text, base_iteration=base))
+
+    def _ask_answer(self, run_id: str, then: Callable[[bool], None] | None, *, what: str, title: str,
+                    placeholder: str, make: Callable[[str, int | None], Command]) -> None:
         base = self._answer_base(run_id)
-        self.push_screen(TextPrompt(f"Override the subgoal of run {run_id}", "the next subgoal", button="Set subgoal"),
-                         callback=lambda goal: goal and self.send(run_id, SetSubgoal(subgoal=goal, base_iteration=base)))
+        log = self.run_view(run_id)
+        escalation = log.escalation if log.escalation is not None and log.waiting_now is log.escalation else None
+        resumes = escalation is not None  # what it waits on now is its escalation: this answer can go past it
+        verb = "add the fact" if what == "fact" else "set the subgoal"
+        if escalation is not None:
+            prompt = TextPrompt(
+                title, placeholder, button=f"{verb.capitalize()} and resume", submit_label=f"{verb} and resume",
+                other=("Only " + verb, "only"),
+                hint=f"enter: {verb} and resume the run past its escalation at iteration {escalation.iteration}. "
+                     f"'Only {verb}': it keeps waiting (then r resumes, k aborts).")
+        else:
+            prompt = TextPrompt(title, placeholder, button=verb.capitalize(), submit_label=verb)
+
+        def answered(answer: PromptAnswer | None) -> None:
+            if answer is None:
+                return
+            self.send(run_id, make(answer.text, base))
+            resume = resumes and answer.button == "submit"
+            if then is not None:
+                then(resume)
+            if resume:
+                self.resume_run(run_id)
+
+        self.push_screen(prompt, callback=answered)
 
     # -- approvals ----------------------------------------------------------------
 

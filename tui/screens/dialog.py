@@ -8,16 +8,19 @@ sends.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import ValidationError
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.notifications import SeverityLevel
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets._toast import ToastRack
 
 from loopterm.core.decision import json_path
 from loopterm.tui.widgets.render import literal
@@ -63,6 +66,17 @@ class Dialog(ModalScreen[T], Generic[T]):
                 yield Button("Cancel", id="cancel")
             yield Static(self.keys_text(), id="dialog-keys")
 
+    def _extend_compose(self, widgets: list[Widget]) -> None:
+        """No toast rack: a toast would cover the dialog's fields. What a dialog says goes in its error line
+        (`notify` below); the App's own notices show on the screen under it once the dialog closes."""
+        super()._extend_compose(widgets)
+        widgets[:] = [widget for widget in widgets if not isinstance(widget, ToastRack)]
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """A dialog speaks in its error line, never in a toast over its fields."""
+        self.fail(f"{title}: {message}" if title else message)
+
     def keys_text(self) -> Text:
         """The keys this dialog takes, always on screen (a person should never have to guess how to send)."""
         text = Text()
@@ -72,7 +86,15 @@ class Dialog(ModalScreen[T], Generic[T]):
         text.append(" next field   ")
         text.append("esc", style="bold")
         text.append(" cancel")
+        if self.query(JsonEditor):  # empty until composed
+            text.append("   ")
+            text.append("ctrl+t", style="bold")
+            text.append(" indent")
         return text
+
+    def refresh_keys(self) -> None:
+        """Say the keys again (a dialog whose ctrl+s changes meaning, say relax or restore, calls it)."""
+        self.query_one("#dialog-keys", Static).update(self.keys_text())
 
     def first_field(self) -> Widget | None:
         """Where focus starts: the first focusable field, top to bottom (never a button)."""
@@ -91,13 +113,9 @@ class Dialog(ModalScreen[T], Generic[T]):
         first = self.first_field()
         if first is not None:
             first.focus()
-        if self.query(JsonEditor):
-            keys = self.query_one("#dialog-keys", Static)
-            text = self.keys_text()
-            text.append("   ")
-            text.append("ctrl+t", style="bold")
-            text.append(" indent")
-            keys.update(text)
+        self.refresh_keys()
+        if self.error_text:  # set before it was mounted (say, why the last attempt was refused)
+            self.fail(self.error_text)
         if getattr(self.app, "frozen", False):
             for widget in self.query(Input):
                 widget.cursor_blink = False
@@ -109,7 +127,10 @@ class Dialog(ModalScreen[T], Generic[T]):
     error_text: str = ""  # what the error line says ('' when there is none)
 
     def fail(self, message: str) -> None:
+        """Say why nothing was sent. What the person typed stays as it was, and so does the focus."""
         self.error_text = message
+        if not self.is_mounted:
+            return  # on_mount shows it
         error = self.query_one("#dialog-error", Static)
         error.update(literal(message))
         error.add_class("shown")
@@ -162,25 +183,51 @@ class JsonEditor(TextArea):
         self.insert(" " * self.indent_width)
 
 
-class TextPrompt(Dialog[str]):
-    """One line of text (a fact, a subgoal), required."""
+@dataclass(frozen=True)
+class PromptAnswer:
+    """What a person typed in a `TextPrompt`, and which way they sent it ("submit": the primary way)."""
 
-    def __init__(self, title: str, placeholder: str, *, initial: str = "", button: str = "Send") -> None:
+    text: str
+    button: str = "submit"
+
+
+class TextPrompt(Dialog[PromptAnswer]):
+    """One line of text (a fact, a subgoal), required. Enter or ctrl+s sends it the primary way; `other` is a
+    second button (label, id) for the other way (say, add a fact without resuming)."""
+
+    def __init__(self, title: str, placeholder: str, *, initial: str = "", button: str = "Send",
+                 submit_label: str = "send", hint: str = "", other: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.title_text = title
         self.placeholder_text = placeholder
         self.initial = initial
         self.button_label = button
+        self.submit_label = submit_label
+        self.hint = hint
+        self.other = other
 
     def fields(self) -> ComposeResult:
         yield Input(self.initial, placeholder=self.placeholder_text, id="text")
+        if self.hint:
+            yield Static(self.hint, classes="hint", markup=False)
 
     def buttons(self) -> ComposeResult:
         yield Button(self.button_label, variant="primary", id="submit")
+        if self.other is not None:
+            label, button_id = self.other
+            yield Button(label, id=button_id)
+
+    def keys_text(self) -> Text:
+        text = Text()
+        text.append("enter", style="bold")
+        text.append(" or ")
+        text.append_text(super().keys_text())
+        return text
 
     def submit(self, button: str) -> None:
         value = self.query_one("#text", Input).value.strip()
         if not value:
             self.fail("type something first: an empty answer is not sent")
+            self.query_one("#text", Input).focus()
             return
-        self.dismiss(value)
+        self.dismiss(PromptAnswer(value, button))

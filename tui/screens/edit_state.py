@@ -40,8 +40,10 @@ class EditStateScreen(Dialog[EditState]):
         after = f"after iteration {base_iteration}" if base_iteration else "before its first iteration"
         self.title_text = f"Edit the state of run {run_id} {after} (used by its next iteration)"
 
+    submit_label = "send the edit"
+
     def fields(self) -> ComposeResult:
-        hint = "Edit the JSON; it is checked against the loop's state model before it is sent. ctrl+s sends, escape cancels."
+        hint = "Edit the JSON (checked against the loop's state model before it is sent), then say why below."
         if self.note:
             hint += f"\n{self.note}"
         yield Static(hint, classes="hint", markup=False)
@@ -51,12 +53,6 @@ class EditStateScreen(Dialog[EditState]):
 
     def buttons(self) -> ComposeResult:
         yield Button("Send edit", variant="primary", id="submit")
-
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.query_one("#state-json", TextArea).focus()
-        if self.refused:
-            self.fail(self.refused)
 
     def submit(self, button: str) -> None:
         text = self.query_one("#state-json", TextArea).text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
@@ -12,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 
-from loopterm.core.fold import PendingApproval, PendingEscalation, PendingSideEffect, RunView
+from loopterm.core.fold import Pending, PendingApproval, PendingEscalation, PendingSideEffect, RunView
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.runlog import Escalated
 from loopterm.tui.widgets.render import Palette, first_line, literal, pretty, status_text
@@ -24,17 +25,21 @@ if TYPE_CHECKING:
 @dataclass
 class Waiting:
     """A run waiting on a person (its log's fold says so, whatever its status): an escalation, tool calls
-    waiting for approval, a side effect it may repeat. A snapshot: it does not change as the log grows."""
+    waiting for approval, a side effect it may repeat. A snapshot: it does not change as the log grows.
+
+    `now` is what the run waits on now (the last thing asked): an older question can stay unanswered beside it
+    (an escalation answered by no one, an approval the model did not ask again after a restart)."""
 
     run: RunRecord
     escalation: PendingEscalation | None = None
     approvals: list[PendingApproval] = field(default_factory=list)
     side_effect: PendingSideEffect | None = None
     executing: bool = False  # an engine (here or in another process) is waiting for the answer
+    now: Pending | None = None
 
     @classmethod
     def of(cls, run: RunRecord, log: RunView, executing: bool) -> "Waiting":
-        return cls(run, log.escalation, list(log.approvals.values()), log.side_effect, executing)
+        return cls(run, log.escalation, list(log.approvals.values()), log.side_effect, executing, log.waiting_now)
 
     @property
     def packet(self) -> Escalated | None:
@@ -43,26 +48,21 @@ class Waiting:
 
     @property
     def waiting(self) -> bool:
-        return self.escalation is not None or bool(self.approvals) or self.side_effect is not None
+        return self.now is not None
 
     @property
     def what(self) -> str:
-        if self.approvals:
-            return "shadow" if self.approvals[0].asked.shadow else "approval"
-        if self.side_effect is not None:
+        now = self.now
+        if isinstance(now, PendingApproval):
+            return "shadow" if now.asked.shadow else "approval"
+        if isinstance(now, PendingSideEffect):
             return "side effect"
-        return "escalation" if self.escalation is not None else "waiting"
+        return "escalation" if now is not None else "waiting"
 
     @property
     def at(self) -> int:
-        """The iteration it waits at."""
-        if self.approvals:
-            return self.approvals[0].iteration
-        if self.side_effect is not None:
-            return self.side_effect.iteration
-        if self.escalation is not None:
-            return self.escalation.iteration
-        return self.run.iterations
+        """The iteration it waits at: that of what it waits on now."""
+        return self.now.iteration if self.now is not None else self.run.iterations
 
     @property
     def where(self) -> str:
@@ -73,15 +73,16 @@ class Waiting:
 
     @property
     def summary(self) -> str:
-        if self.approvals:
-            call = self.approvals[0].asked
+        now = self.now
+        if isinstance(now, PendingApproval):
+            call = now.asked
             if call.shadow:  # core/shadow.py: a proposal to judge; nothing will run
                 return f"◐ shadow: the loop proposes tool {call.tool}; agree, edit or deny (nothing runs)"
             return f"tool {call.tool} needs approval"
-        if self.side_effect is not None:
-            return f"tool {self.side_effect.asked.tool} may repeat a side effect: reuse its result or execute it again?"
-        if self.escalation is not None:
-            return self.escalation.packet.summary
+        if isinstance(now, PendingSideEffect):
+            return f"tool {now.asked.tool} may repeat a side effect: reuse its result or execute it again?"
+        if isinstance(now, PendingEscalation):
+            return now.packet.summary
         return self.run.message or ""
 
 
@@ -145,32 +146,49 @@ class InboxScreen(Screen[None]):
         if not self.waiting or table.row_count == 0:
             self.notify("nothing is waiting on a person", severity="information")
             return
-        run_id = self.waiting[min(table.cursor_row, len(self.waiting) - 1)].run.id
-        self.app.push_screen(EscalationScreen(run_id))
+        self.open(self.waiting[min(table.cursor_row, len(self.waiting) - 1)].run.id)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
         if event.row_key.value:
-            self.app.push_screen(EscalationScreen(str(event.row_key.value)))
+            self.open(str(event.row_key.value))
+
+    def open(self, run_id: str) -> None:
+        self.app.push_screen(EscalationScreen(run_id), callback=partial(self._back_from, run_id))
+
+    def _back_from(self, run_id: str, answered: bool | None) -> None:
+        """Back from a run's escalation. When it was answered and no other run waits, the inbox closes too:
+        the person is back on the main screen, where the run goes on."""
+        if answered and self.app.screen is self and not any(w.run.id != run_id for w in self.lapp.waiting_runs()):
+            self.dismiss(None)
+            return
+        if self.is_mounted:
+            self.refresh_inbox()
 
 
-class EscalationScreen(Screen[None]):
-    """The packet (failing invariants, confidence trajectory, reasoning, suggestions) and the answers, as commands."""
+class EscalationScreen(Screen[bool]):
+    """What the run waits on now (re-read from its log's fold on every refresh): the escalation's packet
+    (failing invariants, confidence trajectory, reasoning, suggestions), a tool call to approve, a side effect,
+    and the answers, as commands. Once an answer that lets the run go on (or ends it) is sent, the screen closes
+    itself (dismissed with True): the person is back where they came from."""
 
+    # In the order a person answers (the footer keeps the first ones at 80 columns).
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f", "add_fact", "Add fact", id="escalation.add_fact", tooltip="Add a fact to the run's working memory"),
-        Binding("g", "set_subgoal", "Override subgoal", id="escalation.set_subgoal",
-                tooltip="Replace the subgoal the next iteration pursues"),
-        Binding("i", "relax", "Relax invariant", id="escalation.relax", tooltip="Relax (or restore) an invariant, with a reason"),
-        Binding("e", "patch_state", "Patch state", id="escalation.patch_state", tooltip="Edit the state as JSON (validated)"),
-        Binding("a", "approve", "Approve", id="escalation.approve", tooltip="Approve the pending tool call (arguments editable)"),
-        Binding("d", "deny", "Deny", id="escalation.deny", tooltip="Deny the pending tool call"),
+        Binding("f", "add_fact", "Fact+resume", id="escalation.add_fact",
+                tooltip="Add a fact to the run's working memory; sent with enter, it also resumes the run past its "
+                        "escalation ('Add only' keeps it waiting)"),
         Binding("r", "resume", "Resume", id="escalation.resume",
                 tooltip="Answer the escalation: the run goes on past it (starts here if nothing runs it)"),
         Binding("k", "abort", "Abort", id="escalation.abort",
                 tooltip="Answer the escalation by stopping the run (it stays in the store)"),
+        Binding("a", "approve", "Approve", id="escalation.approve", tooltip="Approve the pending tool call (arguments editable)"),
+        Binding("d", "deny", "Deny", id="escalation.deny", tooltip="Deny the pending tool call"),
+        Binding("escape", "back", "Back", id="escalation.back", tooltip="Back to where you came from"),
+        Binding("g", "set_subgoal", "Subgoal", id="escalation.set_subgoal",
+                tooltip="Replace the subgoal the next iteration pursues; sent with enter, it also resumes the run"),
+        Binding("i", "relax", "Relax", id="escalation.relax", tooltip="Relax (or restore) an invariant, with a reason"),
+        Binding("e", "patch_state", "Patch state", id="escalation.patch_state", tooltip="Edit the state as JSON (validated)"),
         Binding("o", "open_run", "Open run", id="escalation.open_run", tooltip="Show this run's timeline"),
-        Binding("escape", "back", "Back", id="escalation.back", tooltip="Back to the inbox"),
     ]
 
     DEFAULT_CSS = """
@@ -187,6 +205,7 @@ class EscalationScreen(Screen[None]):
         self.run_id = run_id
         self.waiting_item: Waiting | None = None
         self._shown = ""
+        self._answered_here = False  # an approval was answered from here: close once nothing waits
 
     @property
     def lapp(self) -> "LooptermApp":
@@ -219,24 +238,29 @@ class EscalationScreen(Screen[None]):
         item = self.waiting_item
         if bool(item.approvals) != had_approvals:
             self.refresh_bindings()
+        if self._answered_here and not item.waiting:
+            self.close_answered()
+            return
         palette = self.lapp.palette
         run = item.run
         title = Text(no_wrap=True, overflow="ellipsis")
-        title.append("⚑ ", style=f"bold {palette.warn}")
+        title.append("⚑ " if item.waiting else "✓ ", style=f"bold {palette.warn if item.waiting else palette.ok}")
         title.append(f"run {run.id} ", style="bold")
         title.append(literal(run.loop))
         title.append("  ")
         title.append_text(status_text(run.status, palette))
-        if item.executing:
-            title.append("  an engine is waiting for your answer", style="italic")
-        elif item.waiting and run.status != "escalated":  # stopped (quit, `s`) while it waited: still unanswered
+        if not item.waiting:
+            title.append("  answered: nothing waits on a person now (esc goes back)", style="italic")
+        elif item.executing:
+            title.append(f"  an engine waits for your answer ({item.what} at iteration {item.at})", style="italic")
+        elif run.status != "escalated":  # stopped (quit, `s`) while it waited: still unanswered
             title.append(f"  {run.status} · waits on you: resume (r) starts it in this window", style="italic")
         else:
             title.append("  not executing: resume (r) starts it in this window", style="italic")
-        packet = item.packet
         body = self.packet_text(item, palette)
         recent = self.lapp.store.last_iterations(run.id, 3)
-        confidences = packet.confidence_trajectory if packet is not None else []
+        now = item.now
+        confidences = now.packet.confidence_trajectory if isinstance(now, PendingEscalation) else []
         shown = repr((title.plain, body.plain, [r.n for r in recent], confidences))
         if shown == self._shown:
             return
@@ -252,14 +276,40 @@ class EscalationScreen(Screen[None]):
         self.query_one("#esc-confidence-label", Static).update(label)
         self.query_one("#esc-reasoning", Static).update(self.reasoning_text(recent))
 
-    @staticmethod
-    def packet_text(item: Waiting, palette: Palette) -> Text:
-        packet = item.packet
+    @classmethod
+    def packet_text(cls, item: Waiting, palette: Palette) -> Text:
+        """What the run waits on now first, with its answers; anything older still unanswered after it."""
         text = Text()
-        if packet is not None:
+        if item.now is None:
+            text.append("This run is not waiting on a person (any more): it was answered.\n", style="italic")
+            text.append("esc goes back · o opens the run", style="dim")
+            return text
+        cls._pending_text(text, item.now, palette)
+        older = [p for p in (item.escalation, *item.approvals, item.side_effect) if p is not None and p is not item.now]
+        if older:
+            text.append("\nAlso unanswered (asked earlier)\n", style="bold")
+            for pending in older:
+                text.append(f"• iteration {pending.iteration}: ", style="dim")
+                text.append(literal(first_line(Waiting(item.run, now=pending).summary, 100)))
+                text.append("\n")
+        if isinstance(item.now, PendingEscalation):
+            text.append("\nAnswers: f add a fact and resume · g set the subgoal and resume · r resume · k abort · "
+                        "i relax an invariant · e patch the state (then r)", style="dim")
+        elif isinstance(item.now, PendingApproval):
+            text.append("\nAnswers: a " + ("agree" if item.now.asked.shadow else "approve") + " · d deny · "
+                        "f add a fact · k stop the run", style="dim")
+        else:
+            text.append("\nAnswers: r decides (reuse the recorded result or execute it again) and resumes · k stop",
+                        style="dim")
+        return text
+
+    @staticmethod
+    def _pending_text(text: Text, now: Pending, palette: Palette) -> None:
+        if isinstance(now, PendingEscalation):
+            packet = now.packet
             text.append("Why it stopped\n", style="bold")
             text.append(literal(packet.summary))
-            text.append(f"  (iteration {packet.iteration})\n\n", style="dim")
+            text.append(f"  (iteration {now.iteration})\n\n", style="dim")
             failing = packet.failing_invariants
             text.append("Failing invariants\n", style="bold")
             for inv in failing:
@@ -281,28 +331,23 @@ class EscalationScreen(Screen[None]):
                     text.append("• ")
                     text.append(literal(suggestion))
                     text.append("\n")
-        for pending in item.approvals:
-            call = pending.asked
-            text.append("\n◐ Shadow proposal (nothing will run)" if call.shadow else "\nTool call waiting for approval",
+        elif isinstance(now, PendingApproval):
+            call = now.asked
+            text.append("◐ Shadow proposal (nothing will run)" if call.shadow else "Tool call waiting for approval",
                         style="bold")
-            text.append(f" (iteration {pending.iteration})\n", style="dim")
+            text.append(f" (iteration {now.iteration})\n", style="dim")
             text.append(literal(call.tool, "bold"))
             text.append("\n")
             text.append(literal(pretty(call.args)))
-            text.append("\na agrees (edit the arguments to say what should happen instead), d denies\n" if call.shadow
-                        else "\na approves (arguments editable), d denies\n", style="italic")
-        if item.side_effect is not None:
-            asked = item.side_effect.asked
-            text.append("\nA side effect it may repeat\n", style="bold")
+            text.append("\n")
+        else:
+            asked = now.asked
+            text.append("A side effect it may repeat", style="bold")
+            text.append(f" (iteration {now.iteration})\n", style="dim")
             text.append(literal(asked.tool or "?", "bold"))
             text.append("\n")
             text.append(literal(pretty(asked.args)))
-            text.append("\nr decides (reuse the recorded result or execute it again) and resumes\n", style="italic")
-        if not item.waiting:
-            text.append("This run is not waiting on a person (any more).", style="italic")
-        text.append("\nAnswers: f add fact · g override subgoal · i relax invariant · e patch state · "
-                    "r resume · k abort", style="dim")
-        return text
+            text.append("\n")
 
     @staticmethod
     def reasoning_text(records: list[IterationRecord]) -> Text:
@@ -323,11 +368,22 @@ class EscalationScreen(Screen[None]):
 
     # -- answers (each one a command through the store) -------------------------
 
+    def close_answered(self) -> None:
+        """The answer is sent: back to where the person came from (the inbox or the main screen)."""
+        if self.app.screen is self:
+            self.dismiss(True)
+        elif self in self.app.screen_stack:  # a dialog over it is closing: once it has
+            self.call_after_refresh(self.close_answered)
+
+    def _then(self, resumed: bool) -> None:
+        if resumed:
+            self.close_answered()
+
     def action_add_fact(self) -> None:
-        self.lapp.ask_add_fact(self.run_id)
+        self.lapp.ask_add_fact(self.run_id, then=self._then)
 
     def action_set_subgoal(self) -> None:
-        self.lapp.ask_subgoal(self.run_id)
+        self.lapp.ask_subgoal(self.run_id, then=self._then)
 
     def action_relax(self) -> None:
         self.lapp.open_relax(self.run_id)
@@ -336,15 +392,23 @@ class EscalationScreen(Screen[None]):
         self.lapp.open_edit_state(self.run_id)
 
     def action_approve(self) -> None:
+        self._answered_here = True
         self.lapp.open_approval(self.run_id, deny=False)
 
     def action_deny(self) -> None:
+        self._answered_here = True
         self.lapp.open_approval(self.run_id, deny=True)
 
     def action_resume(self) -> None:
+        refusal = self.lapp.resume_refusal(self.run_id)
+        if refusal:
+            self.notify(refusal, severity="warning")
+            return
+        self.close_answered()
         self.lapp.resume_run(self.run_id)
 
     def action_abort(self) -> None:
+        self.close_answered()
         self.lapp.abort_run(self.run_id, "aborted by a person answering its escalation")
 
     def action_open_run(self) -> None:
@@ -353,4 +417,4 @@ class EscalationScreen(Screen[None]):
             self.app.pop_screen()
 
     def action_back(self) -> None:
-        self.dismiss(None)
+        self.dismiss(False)

@@ -21,6 +21,8 @@ class InvariantChoice:
 
 
 class RelaxScreen(Dialog[Relax | Restore]):
+    """Top to bottom: which invariant (a violated one is chosen first), why, for how long."""
+
     def __init__(self, run_id: str, choices: list[InvariantChoice], initial: str | None = None) -> None:
         super().__init__()
         self.run_id = run_id
@@ -49,7 +51,6 @@ class RelaxScreen(Dialog[Relax | Restore]):
     def on_mount(self) -> None:
         super().on_mount()
         self._describe()
-        self.query_one("#reason", Input).focus()
 
     def on_select_changed(self, event: Select.Changed) -> None:
         self._describe()
@@ -59,7 +60,10 @@ class RelaxScreen(Dialog[Relax | Restore]):
         return self.choices.get(value) if isinstance(value, str) else None
 
     def _describe(self) -> None:
+        """Say what the chosen invariant is, and what ctrl+s does to it (relax it, or restore it if relaxed)."""
         choice = self._selected()
+        self.submit_label = f"{self._change(choice)} {choice.name}" if choice is not None else "relax"
+        self.refresh_keys()
         info = self.query_one("#invariant-info", Static)
         if choice is None:
             info.update("this loop declares no invariants")
@@ -68,6 +72,10 @@ class RelaxScreen(Dialog[Relax | Restore]):
         if choice.relaxed is not None:
             text.append(f"\nrelaxed now: {choice.relaxed}", style="")
         info.update(text)
+
+    @staticmethod
+    def _change(choice: InvariantChoice | None) -> str:
+        return "restore" if choice is not None and choice.relaxed is not None else "relax"
 
     def submit(self, button: str) -> None:
         choice = self._selected()
@@ -80,7 +88,7 @@ class RelaxScreen(Dialog[Relax | Restore]):
             self.query_one("#reason", Input).focus()
             return
         if button == "submit":  # enter or ctrl+s: the change that makes sense for this invariant
-            button = "restore" if choice.relaxed is not None else "relax"
+            button = self._change(choice)
         if button == "restore":
             self.dismiss(Restore(invariant=choice.name, reason=reason))
             return

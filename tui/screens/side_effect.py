@@ -20,6 +20,7 @@ class SideEffectScreen(Dialog[str]):
         self.run_id = run_id
         self.pending = pending
         self.title_text = f"Run {run_id} would repeat a side effect: decide before it continues"
+        self.submit_label = "execute it again" if pending.why == "interrupted" else "reuse the recorded result"
 
     def fields(self) -> ComposeResult:
         data = self.pending
