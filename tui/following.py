@@ -106,11 +106,14 @@ class Following:
 
     def _paint_spend(self, view: View) -> None:
         self._spend_dirty = False
-        self.main.query_one("#spend", Sparkline).data = spend_series(view.costs)
+        spend, labels = self.main.query(Sparkline).filter("#spend"), self.main.query(Static).filter("#spend-label")
+        if not spend or not labels:  # the main screen is being torn down (a tick can still arrive)
+            return
+        spend.first().data = spend_series(view.costs)
         label = Text("spend/iter ")
         if view.costs:
             label.append(money(view.cost_max) + " max", style="dim")
-        self.main.query_one("#spend-label", Static).update(label, layout=False)
+        labels.first().update(label, layout=False)
 
     @on_screen
 
