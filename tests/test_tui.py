@@ -128,7 +128,8 @@ async def test_iterations_appear_live_and_a_row_shows_its_detail(tmp_path: Path)
                                 turn("ok", delay=0.3, subgoal="write ok")], invariants=[SHORT])
     app = app_for(tmp_path, start=(loop, "test:t"))
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.timeline.row_count >= 1, "the first iteration on screen")
+        await until(pilot, lambda: app.timeline.row_count >= 1, "the first iteration on screen",
+                    timeout=60)  # the first model check in this process imports litellm (seconds under load)
         assert app.store.get_run(app.view.run_id).status == "running"  # appended while the run is still going
         assert app.timeline.row_count < 3
         await until(pilot, lambda: app.timeline.row_count == 3 and status(app) == "converged", "three rows, converged")
