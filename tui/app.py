@@ -55,27 +55,32 @@ from loopterm.tui.widgets.render import (
     header_text,
     literal,
 )
+from loopterm.tui.widgets.keyhints import KeyHints
 from loopterm.tui.widgets.runtree import RunTree
 from loopterm.tui.widgets.timeline import Timeline
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.filter import LineFilter
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Input, Sparkline, Static
+from textual.widgets import Input, Sparkline, Static
 
 POLL_SECONDS = 0.25  # the screen follows the store at least this often (watch must within 0.5 s)
 TREE_EVERY = 4  # ticks between re-reads of the run list (1 s)
 FOLLOW_DETAIL_SECONDS = 0.2  # while the cursor follows a fast run, its detail pane catches up this often
+TREE_FROM = 110  # columns from which the runs tree shows by default (below, `t` shows it)
+SHORT_BELOW = 32  # rows below which a screen is short (class -short)
 
 
 class MainScreen(Screen[None]):
-    """Header; runs tree | timeline + spend + detail tabs; footer."""
+    """Header; runs tree | timeline + spend + detail tabs; footer. Below TREE_FROM columns the tree is hidden
+    (`-narrow`) unless a person shows it with `t`; a person's `t` holds at any width (`-tree-shown`/`-tree-hidden`)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [*SUPERVISION_BINDINGS, SEARCH_CLOSE]
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (TREE_FROM, "-wide")]
 
     def compose(self) -> ComposeResult:
         yield Static(Text("loopterm"), id="run-header")
@@ -90,11 +95,34 @@ class MainScreen(Screen[None]):
                     yield Static(Text("spend/iter"), id="spend-label")
                     yield Sparkline([], id="spend")
                 yield IterationDetail(id="detail")
-        yield Footer(compact=True)
+        yield KeyHints()
 
     def on_mount(self) -> None:
         self.query_one(Timeline).focus()
         self.app.call_later(self.app.main_ready)  # type: ignore[attr-defined]
+
+    @property
+    def tree_shown(self) -> bool:
+        return self.query_one(RunTree).display
+
+    def toggle_tree(self) -> None:
+        shown = not self.tree_shown
+        self.set_class(shown, "-tree-shown")
+        self.set_class(not shown, "-tree-hidden")
+        tree = self.query_one(RunTree)
+        if shown:
+            tree.focus()  # shown to pick a run
+        elif tree.has_focus:
+            self.query_one(Timeline).focus()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.call_after_refresh(self._focus_visible)
+
+    def _focus_visible(self) -> None:
+        """The tree hidden by a narrower terminal does not keep the focus (keys would go nowhere visible)."""
+        tree = self.query_one(RunTree)
+        if tree.has_focus and not tree.display:
+            self.query_one(Timeline).focus()
 
 
 class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None]):
@@ -102,6 +130,8 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
 
     CSS_PATH = "app.tcss"
     TITLE = "loopterm"
+    # Every screen knows whether it is short (dialogs drop their blank rows there: tui/screens/dialog.py).
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-short"), (SHORT_BELOW, "-tall")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", id="app.quit", show=False, priority=True,
                 tooltip="Quit; runs started here stop at their next boundary and stay resumable"),
@@ -435,6 +465,9 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         return [InvariantInfo(i.name, i.description, i.remediation.value) for i in loop.invariants]
 
     # -- search, help, palette, quit ----------------------------------------------
+
+    def action_toggle_tree(self) -> None:
+        self.main.toggle_tree()
 
     def action_search(self) -> None:
         bar = self.main.query_one("#search-bar")

@@ -22,6 +22,8 @@ SUPERVISION_BINDINGS: list[Binding] = [
             tooltip="Approve the tool call waiting for a person (arguments editable)"),
     Binding("d", "app.deny", "Deny", id="deny", tooltip="Deny the tool call waiting for a person"),
     Binding("x", "app.inbox", "Escalations", id="inbox", tooltip="Runs across the database waiting on a person"),
+    Binding("t", "app.toggle_tree", "Runs tree", id="toggle_tree",
+            tooltip="Show or hide the runs tree (hidden by default below 110 columns; your choice then holds)"),
     Binding("slash", "app.search", "Search", id="search",
             tooltip="Search the reasoning trail: filter the timeline to iterations whose reasoning or subgoal match"),
     Binding("r", "app.resume", "Resume", id="resume",

@@ -36,21 +36,33 @@ class Dialog(ModalScreen[T], Generic[T]):
         Binding("ctrl+s", "submit", "Send", id="dialog.submit", tooltip="Validate and send"),
     ]
 
+    # Any terminal size: the box is never taller than the screen; the title stays at its top, the buttons and the
+    # keys line at its bottom (the error line just above them), and the fields scroll between; editors shrink.
+    # Short screens (`-short`, the App's VERTICAL_BREAKPOINTS) drop the blank rows. Notifications show as one-line
+    # strips in the two rows kept free above the box (margin-top), never over a field.
     DEFAULT_CSS = """
     Dialog { align: center middle; }
     Dialog > #dialog {
-        width: 90%; max-width: 110; height: auto; max-height: 90%;
+        width: 90%; max-width: 110; min-width: 40; height: auto; max-height: 90vh; margin-top: 2;
         border: thick $accent; background: $surface; padding: 0 1;
+        overflow-y: auto; scrollbar-size-vertical: 1;
     }
-    Dialog #dialog-title { text-style: bold; padding: 0 0 1 0; }
+    Dialog #dialog-title { text-style: bold; padding: 0 0 1 0; dock: top; }
     Dialog .hint { color: $text-muted; }
-    Dialog #dialog-error { color: $error; display: none; padding: 1 0 0 0; }
+    Dialog #dialog-error { color: $error; display: none; padding: 1 0 0 0; dock: bottom; margin-bottom: 6; }
     Dialog #dialog-error.shown { display: block; }
-    Dialog #dialog-buttons { height: auto; align-horizontal: right; padding-top: 1; }
+    Dialog #dialog-buttons { height: 4; align-horizontal: right; padding-top: 1; dock: bottom; margin-bottom: 2; }
     Dialog #dialog-buttons Button { margin-left: 2; }
-    Dialog #dialog-keys { color: $text-muted; padding: 1 0 0 0; }
-    Dialog TextArea { height: 14; }
+    Dialog #dialog-keys { color: $text-muted; padding: 1 0 0 0; height: 2; dock: bottom; }
+    Dialog TextArea { height: 14; max-height: 30vh; min-height: 3; }
     Dialog Input { margin: 0; }
+    Dialog.-short #dialog-title { padding: 0; }
+    Dialog.-short #dialog-error { padding: 0; margin-bottom: 4; }
+    Dialog.-short #dialog-buttons { height: 3; padding-top: 0; margin-bottom: 1; }
+    Dialog.-short #dialog-keys { padding: 0; height: 1; }
+    Dialog.-short TextArea { max-height: 25vh; }
+    Dialog ToastRack { dock: top; align: right top; margin: 0; max-height: 2; }
+    Dialog Toast { margin: 0; padding: 0 1; height: 1; width: auto; max-width: 100%; }
     """
 
     title_text: str = ""

@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Footer, Sparkline, Static
 from loopterm.core.fold import Pending, PendingApproval, PendingEscalation, PendingSideEffect, RunView
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.runlog import Escalated
+from loopterm.tui.widgets.keyhints import KeyHints
 from loopterm.tui.widgets.render import Palette, first_line, literal, pretty, status_text
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ class EscalationScreen(Screen[bool]):
                 yield Sparkline([], id="esc-confidence")
                 with VerticalScroll():
                     yield Static("", id="esc-reasoning")
-        yield Footer()
+        yield KeyHints()  # r and esc always fit (tui/widgets/keyhints.py)
 
     def on_mount(self) -> None:
         self.reload()

@@ -273,23 +273,24 @@ def header_text(
         text.append("  no run selected: start one with `loopterm run LOOP`, or pick one on the left", style=palette.muted)
         return text
     status = status or run.status
-    text.append(literal(run.loop, "bold"))
-    text.append("  run ")
-    text.append(run.id, style="bold")
-    if run.parent_run and run.origin == "child":
-        text.append(f" (called by {run.parent_run[:8]})", style=palette.muted)
-    elif run.parent_run:
-        text.append(f" (branch of {run.parent_run[:8]} @{run.fork_iteration})", style=palette.muted)
+    # Most important first: a narrow terminal cuts each line's end (app.tcss), so the status always shows.
+    text.append_text(status_text(status, palette))
     if shadow:  # glyph and words, not colour alone: nothing this run proposes is executed (core/shadow.py)
         text.append("  ◐ SHADOW", style=f"bold reverse {palette.warn}")
     text.append("  ")
-    text.append_text(status_text(status, palette))
-    text.append("  ")
-    text.append(literal(run.model, palette.accent))
-    if owned:
-        text.append("  ● in this window", style=palette.accent)
+    text.append(literal(run.loop, "bold"))
+    text.append("  run ")
+    text.append(run.id, style="bold")
     if inbox:
         text.append(f"  ⚑ {inbox} waiting (x)", style=f"bold {palette.warn}")
+    if owned:
+        text.append("  ● in this window", style=palette.accent)
+    if run.parent_run and run.origin == "child":
+        text.append(f"  called by {run.parent_run[:8]}", style=palette.muted)
+    elif run.parent_run:
+        text.append(f"  branch of {run.parent_run[:8]} @{run.fork_iteration}", style=palette.muted)
+    text.append("  ")
+    text.append(literal(run.model, palette.accent))
     text.append("\n")
     budget = run.budget or {}
     text.append(f"iteration {run.iterations}/{run.max_iterations}")

@@ -44,6 +44,36 @@ LINES_KEPT = 96  # drawn rows kept (a few screens): a repaint of unchanged rows 
 SUBGOAL_KEPT = SUBGOAL_SHOWN  # characters of a subgoal kept for its row (the whole one is in the search text)
 INTERNED = 4096  # distinct gate / invariant results shared between rows; beyond, equal neighbours only
 
+# Which columns a width shows. An 80-column terminal cannot hold all eight, and a cut row hid the gates. The
+# required ones always show; the optional ones join in this order while the rest fits (the subgoal at its
+# narrowest); what is left widens the subgoal (up to what a row keeps of it), then the action.
+REQUIRED_COLUMNS = ("n", "action", "gates", "inv")
+OPTIONAL_COLUMNS = ("subgoal", "tokens", "conf", "ms")  # the last is the first to go
+NARROWEST = {"subgoal": 12}
+WIDEST = {"subgoal": SUBGOAL_SHOWN, "action": 48}
+
+
+def column_layout(width: int) -> list[tuple[int, int]]:
+    """(index in TIMELINE_COLUMNS, cell width including its padding) of each column shown in `width` cells, in
+    table order; the required columns show even when they do not fit (the table then scrolls sideways)."""
+    labels = [label for label, _ in TIMELINE_COLUMNS]
+    base = {label: NARROWEST.get(label, size) + 2 * CELL_PADDING for label, size in TIMELINE_COLUMNS}
+    shown = list(REQUIRED_COLUMNS)
+    used = sum(base[label] for label in shown)
+    for label in OPTIONAL_COLUMNS:
+        if used + base[label] > width:
+            break
+        shown.append(label)
+        used += base[label]
+    widths = {label: base[label] for label in shown}
+    for label, widest in WIDEST.items():
+        if label in widths and used < width:
+            grow = min(width - used, widest + 2 * CELL_PADDING - widths[label])
+            if grow > 0:
+                widths[label] += grow
+                used += grow
+    return [(labels.index(label), widths[label]) for label in labels if label in widths]
+
 
 class RowTexts:
     """Each row's strings (action, subgoal, search text), compressed BLOCK rows at a time.
@@ -254,8 +284,8 @@ class Timeline(ScrollView, can_focus=True):
         self._generation = 0  # bumped when every row must be drawn again
         self._pseudo: Any = None
         self._size_timer: Timer | None = None
-        self._widths = [width + 2 * CELL_PADDING for _, width in TIMELINE_COLUMNS]
-        self._table_width = sum(self._widths)
+        self._layout = [(index, width + 2 * CELL_PADDING) for index, (_, width) in enumerate(TIMELINE_COLUMNS)]
+        self._table_width = sum(width for _, width in self._layout)
 
     # -- content -------------------------------------------------------------
 
@@ -439,6 +469,23 @@ class Timeline(ScrollView, can_focus=True):
 
     # -- drawing -------------------------------------------------------------
 
+    @property
+    def columns_shown(self) -> list[str]:
+        """The labels of the columns drawn at the present width."""
+        return [TIMELINE_COLUMNS[index][0] for index, _ in self._layout]
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.width)
+
+    def _fit(self, width: int) -> None:
+        """Choose the columns for `width` (room is kept for the vertical scrollbar, so the choice does not flip
+        when one appears)."""
+        layout = column_layout(max(0, width - self.styles.scrollbar_size_vertical))
+        if layout != self._layout:
+            self._layout = layout
+            self._table_width = sum(cell_width for _, cell_width in layout)
+            self._redraw()
+
     def _resize(self, first_new: int | None = None) -> None:
         """The scrollable size follows the rows; `first_new`: rows from there on were just appended."""
         size = Size(self._table_width, self.HEADER_HEIGHT + self.row_count)
@@ -527,7 +574,8 @@ class Timeline(ScrollView, can_focus=True):
             post = Style.from_color(color=component.color) + Style.from_color(bgcolor=component.bgcolor)
         console = self.app.console
         segments: list[Segment] = []
-        for cell, cell_width in zip(cells, self._widths):
+        for column, cell_width in self._layout:
+            cell = cells[column]
             options = self.app.console_options.update_dimensions(cell_width, 1).update(no_wrap=True)
             lines = console.render_lines(Styled(Padding(cell, (0, CELL_PADDING)), pre_style=pre, post_style=post),
                                          options)
