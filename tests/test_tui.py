@@ -62,13 +62,14 @@ def app_for(tmp_path: Path, **kwargs: Any) -> LooptermApp:
     return LooptermApp(db_of(tmp_path), theme=THEME, frozen=True, **kwargs)
 
 
-async def until(pilot: Any, condition: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
+async def until(pilot: Any, condition: Callable[[], Any], what: str | Callable[[], str], timeout: float = 15.0) -> None:
+    """Wait for condition; `what` may be a function, to say what was on hand when it timed out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         await pilot.pause(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for: {what() if callable(what) else what}")
 
 
 def loaded(app: LooptermApp) -> bool:

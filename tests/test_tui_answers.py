@@ -186,7 +186,10 @@ async def edit_unchanged_after_the_run_moved(pilot: Any, app: LooptermApp, run_i
     moved = app.store.get_run(run_id).iterations
     app.send(run_id, Step())  # meanwhile, from another window: one more iteration
     await until(pilot, lambda: app.store.get_run(run_id).iterations == moved + 1
-                and app.store.get_run(run_id).status == "paused", "one more iteration", 30)
+                and app.store.get_run(run_id).status == "paused",
+                lambda: f"one more iteration (the run: {app.store.get_run(run_id).status} at "
+                        f"{app.store.get_run(run_id).iterations}, was {moved}; pending commands: "
+                        f"{[c.kind for c in app.store.pending_commands(run_id)]})", 30)
     m = moved + 1
     facts = len(app.store.state_at(run_id, m)["memory"]["facts"])
     editor.query_one("#reason", Input).value = "keep it as it was"
