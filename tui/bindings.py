@@ -18,6 +18,8 @@ SUPERVISION_BINDINGS: list[Binding] = [
     Binding("a", "app.approve", "Approve", id="approve",
             tooltip="Approve the tool call waiting for a person (arguments editable)"),
     Binding("d", "app.deny", "Deny", id="deny", tooltip="Deny the tool call waiting for a person"),
+    Binding("p", "app.policies", "Policies", id="policies",
+            tooltip="Approval policies of the run on screen and its loop (made from the approval dialog); r revokes one"),
     Binding("x", "app.inbox", "Escalations", id="inbox", tooltip="Runs across the database waiting on a person"),
     Binding("slash", "app.search", "Search", id="search",
             tooltip="Search the reasoning trail: filter the timeline to iterations whose reasoning or subgoal match"),
