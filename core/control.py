@@ -27,7 +27,7 @@ class _Command(BaseModel):
     @field_validator("*")
     @classmethod
     def _storable(cls, value: Any) -> Any:
-        problem = json_problem(value, MAX_STATE_DEPTH)
+        problem = json_problem(value.model_dump() if isinstance(value, BaseModel) else value, MAX_STATE_DEPTH)
         if problem:
             raise ValueError(problem)
         return value

@@ -285,7 +285,8 @@ def test_a_shadow_run_takes_no_policy(tmp_path: Path) -> None:
 def made_policies(tmp_path: Path) -> tuple[Path, str, str]:
     """A database with one run that made a loop policy and a run policy; (db, loop policy id, run id)."""
     store = Store.open(tmp_path / "db" / "loopterm.db")
-    engine = engine_for(tmp_path, store, gated_loop(tmp_path, [save_turn("src/a.py"), save_turn("n/b"), done_turn()]),
+    engine = engine_for(tmp_path, store, gated_loop(tmp_path, [save_turn("src/a.py"), save_turn("n/b"),
+                                                               save_turn("src/c.py"), done_turn()]),
                         wait_on_person=True)
     Person(store, engine, lambda e: Approve(key=e.key, reason="ok", policy=rule(scope="loop", path="src/*"))
            if e.n == 1 else Deny(key=e.key, reason="no n/", policy=rule("deny", path="n/*")))
@@ -301,6 +302,9 @@ def test_policy_list_and_revoke_from_the_command_line(tmp_path: Path, capsys: py
     listed = json.loads(capsys.readouterr().out)
     assert [(p["effect"], p["scope"], p["globs"], p["run"]) for p in listed] == [
         ("approve", "loop", {"path": "src/*"}, run_id), ("deny", "run", {"path": "n/*"}, run_id)]
+    assert listed[0]["decided"] == [{"run": run_id, "iteration": 3, "tool": "save"}] and listed[1]["decided"] == []
+    assert main(["show", run_id, "--db", str(db)]) == 0
+    assert f"policy: iteration 3: save approved by policy {loop_id}" in capsys.readouterr().out
     assert main(["policy", "list", "--loop", "test:gated", "--db", str(db), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert main(["policy", "list", "--loop", "other", "--db", str(db), "--json"]) == 0

@@ -139,7 +139,12 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             if isinstance(rule, str):
                 self.fail(f"{rule}; nothing was sent")
                 return
-            self.dismiss(Deny(key=key, reason=reason or "denied by a person", policy=rule))
+            try:
+                denial = Deny(key=key, reason=reason or "denied by a person", policy=rule)
+            except ValidationError as exc:
+                self.refuse(exc)
+                return
+            self.dismiss(denial)
             return
         text = self.query_one("#args", TextArea).text
         try:
