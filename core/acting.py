@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loopterm.core import runlog as log
+from loopterm.core.approval_policy import Policy, decide
 from loopterm.core import shadow as _shadow
 from loopterm.core.control import Approve, Deny
 from loopterm.core.decision import Decision
 from loopterm.core.events import ApprovalNeeded
+from loopterm.core.fold import policy_book
 from loopterm.core.state import ToolRecord
 from loopterm.core.termination import RunEnds, Status, TerminationReason
 from loopterm.core.text import one_line
@@ -49,7 +51,8 @@ async def act(engine: Engine, n: int, decision: Decision) -> tuple[ToolRecord | 
         record = ToolRecord(iteration=n, tool=tool.name, args=args, ok=False, error=f"{REFUSED_BEFORE_RUNNING}: {refused}")
     elif isinstance(verdict, Deny):
         record = ToolRecord(iteration=n, tool=tool.name, args=args, ok=False,
-                            error=f"denied by a person: {verdict.reason}")
+                            error=verdict.reason if key in engine.view.decided_by
+                            else f"denied by a person: {verdict.reason}")
     else:
         if isinstance(verdict, Approve) and verdict.args is not None:
             args = tool.validate_args(verdict.args)
@@ -59,9 +62,32 @@ async def act(engine: Engine, n: int, decision: Decision) -> tuple[ToolRecord | 
         call["refused"] = refused
     if verdict is not None:
         call["approval"] = verdict.kind
+        if key in engine.view.decided_by:
+            call["policy"] = engine.view.decided_by[key]
         if judged is not None:
             call["shadow"] = judged.verdict
     return record, call
+
+
+def policies(engine: Engine) -> list[Policy]:
+    """The approval policies in force for this run now: its own and its loop's, read afresh for each call (a
+    revocation from another process applies at the next call). A journal that cannot find other runs' logs
+    gives this run's own."""
+    find = getattr(engine.journal, "policy_events", None)
+    records = (find(run_id=engine.run_id, loop_ref=engine.run_record.loop_ref) if find is not None
+               else engine.journal.events(engine.run_id))
+    return [p for p in policy_book(records).values() if p.applies_to(engine.run_id)]
+
+
+def by_policy(engine: Engine, key: str, tool: str, args: dict[str, Any], n: int) -> None:
+    """Answer the call by the approval policy that covers it (deny wins), recording which; nothing if none does."""
+    policy = decide(policies(engine), engine.run_id, tool, args)
+    if policy is None:
+        return
+    verb = "approved" if policy.rule.effect == "approve" else "denied"
+    why = f": {one_line(policy.rule.reason, 500)}" if policy.rule.reason else ""
+    engine.log(log.PolicyDecided(key=key, policy=policy.id, policy_run=policy.run_id, effect=policy.rule.effect,
+                                 tool=tool, args=args, reason=f"{verb} by policy {policy.id}{why}"), n)
 
 
 def precondition(engine: Engine, tool: Tool, args: dict[str, Any]) -> str | None:
@@ -80,6 +106,8 @@ async def approval(engine: Engine, tool: Tool, args: dict[str, Any], n: int) -> 
 
     The question stays pending in the log until a person answers it, whatever happens meanwhile."""
     key = idempotency_key(engine.run_id, n, tool.name, args)
+    if key not in engine.view.answers and key not in engine.preanswered and not engine.shadow:
+        by_policy(engine, key, tool.name, args, n)  # a person's standing answer, before asking them
     if key not in engine.view.answers and key not in engine.preanswered:
         if key not in engine.view.approvals:  # asked before a restart: still pending, not asked twice
             engine.log(log.ApprovalPending(key=key, tool=tool.name, args=args, shadow=engine.shadow), n)

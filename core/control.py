@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 
+from loopterm.core.approval_policy import PolicyRule
 from loopterm.core.decision import MAX_STATE_DEPTH, json_problem
 
 
@@ -26,7 +27,7 @@ class _Command(BaseModel):
     @field_validator("*")
     @classmethod
     def _storable(cls, value: Any) -> Any:
-        problem = json_problem(value, MAX_STATE_DEPTH)
+        problem = json_problem(value.model_dump() if isinstance(value, BaseModel) else value, MAX_STATE_DEPTH)
         if problem:
             raise ValueError(problem)
         return value
@@ -111,12 +112,14 @@ class Approve(_Command):
     # Only in a shadow run (core/shadow.py): the tool that should have been called instead. A run whose
     # calls execute never swaps the tool a person was asked about: it refuses the call instead.
     tool: str | None = Field(default=None, max_length=MAX_NAME)
+    policy: PolicyRule | None = None  # also approve calls like this one from now on (core/approval_policy.py)
 
 
 class Deny(_Command):
     kind: Literal["deny"] = "deny"
     key: str = Field(max_length=MAX_NAME)
     reason: str = "denied by a person"
+    policy: PolicyRule | None = None  # also deny calls like this one from now on (core/approval_policy.py)
 
 
 Command = Pause | Resume | Step | Stop | EditState | Relax | Restore | AddFact | SetSubgoal | Approve | Deny

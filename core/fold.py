@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loopterm.core.approval_policy import Policy, PolicyRule
 from loopterm.core.control import AddFact, Approve, Command, Deny, EditState, Relax, Restore, SetSubgoal
 from loopterm.core.runlog import (
     ApprovalPending,
@@ -32,6 +33,9 @@ from loopterm.core.runlog import (
     InvariantRelaxed,
     InvariantRestored,
     MaxIterationsChanged,
+    PolicyAdded,
+    PolicyDecided,
+    PolicyRevoked,
     RunCreated,
     RunFinished,
     RunResumed,
@@ -138,6 +142,8 @@ class RunView:
     person_inputs: list[tuple[EventRecord, Command]] = field(default_factory=list)  # in the order obeyed
     relax_log: list[tuple[float, str, bool]] = field(default_factory=list)  # (ts, invariant, relaxed?)
     typed: bool = False  # the last engine wrote the typed log (answers name what they answer)
+    policies: dict[str, Policy] = field(default_factory=dict)  # approval policies made in this run, by id
+    decided_by: dict[str, str] = field(default_factory=dict)  # an approval's key -> the policy that answered it
 
     # -- what follows from it --------------------------------------------------------------------------------
 
@@ -258,6 +264,18 @@ class RunView:
                                       if isinstance(e, Approved) else Deny(key=e.key, reason=e.reason))
             self.answers[e.key] = answer
             self.person_inputs.append((rec, answer))
+        elif isinstance(e, PolicyDecided):
+            # A person's answer given in advance: answered like one (replay repeats it), naming the policy.
+            self.approvals.pop(e.key, None)
+            self.asked.setdefault(e.key, (n or 0, ApprovalPending(key=e.key, tool=e.tool, args=e.args)))
+            decided: Approve | Deny = (Approve(key=e.key, reason=e.reason) if e.effect == "approve"
+                                       else Deny(key=e.key, reason=e.reason))
+            self.answers[e.key] = decided
+            self.decided_by[e.key] = e.policy
+            self.person_inputs.append((rec, decided))
+            _policy_event(self.policies, rec)
+        elif isinstance(e, (PolicyAdded, PolicyRevoked)):
+            _policy_event(self.policies, rec)
         elif isinstance(e, SideEffectPending):
             self.side_effect = PendingSideEffect(n or 0, e, rec.id or 0)
         elif isinstance(e, SideEffectAnswered):
@@ -306,6 +324,41 @@ class RunView:
                 self.person_inputs.append((rec, AddFact(fact=e.fact)))
             elif isinstance(e, SubgoalSet):
                 self.person_inputs.append((rec, SetSubgoal(subgoal=e.subgoal)))
+
+
+def _policy_event(book: dict[str, Policy], rec: EventRecord) -> None:
+    """One approval policy event into `book` (by id): made, revoked, or a call it decided."""
+    e = rec.event
+    if isinstance(e, PolicyAdded):
+        rule = PolicyRule(effect=e.effect, scope=e.scope, tool=e.tool, globs=e.globs, reason=e.reason)
+        book.setdefault(e.policy, Policy(id=e.policy, rule=rule, run_id=rec.run_id, loop_ref=e.loop_ref,
+                                         iteration=rec.iteration, ts=rec.ts))
+    elif isinstance(e, PolicyRevoked) and e.policy in book and not book[e.policy].revoked:
+        book[e.policy] = book[e.policy].model_copy(update={"revoked": True, "revoke_reason": e.reason,
+                                                           "revoked_ts": rec.ts})
+    elif isinstance(e, PolicyDecided) and e.policy in book:
+        book[e.policy].decided.append((rec.run_id, rec.iteration or 0, e.tool))
+
+
+def policy_book(records: Iterable[EventRecord]) -> dict[str, Policy]:
+    """Approval policies from the logs of any runs (oldest event first), by id: what `loopterm policy list`,
+    the policies screen and the engine's check of a call (store/policies.py finds the events) read."""
+    book: dict[str, Policy] = {}
+    for rec in records:
+        _policy_event(book, rec)
+    return book
+
+
+def decision_lines(view: RunView) -> list[str]:
+    """The calls of this run an approval policy answered, one line each (for `show` and the TUI)."""
+    lines = []
+    for key, policy in view.decided_by.items():
+        n, asked = view.asked.get(key, (0, None))
+        answer = view.answers.get(key)
+        verb = "approved" if isinstance(answer, Approve) else "denied"
+        tool = asked.tool if asked is not None else "?"
+        lines.append(f"iteration {n}: {tool} {verb} by policy {policy}")
+    return lines
 
 
 def waiting_lines(view: RunView) -> list[str]:

@@ -292,6 +292,28 @@ class Denied(_Event):
     reason: str = "denied by a person"
 
 
+class PolicyAdded(_Event):
+    """A person made an approval policy (core/approval_policy.py): calls of `tool` whose arguments match
+    `globs` are approved (or denied) without asking, for the rest of this run or every run of `loop_ref`."""
+
+    kind: Literal["policy_added"] = "policy_added"
+    policy: str
+    effect: Literal["approve", "deny"]
+    scope: Literal["run", "loop"]
+    tool: str
+    globs: dict[str, str] = Field(default_factory=dict)
+    reason: str = ""
+    loop_ref: str = ""
+
+
+class PolicyRevoked(_Event):
+    """A person revoked policy `policy` (recorded in the log of the run that made it); the next call is asked."""
+
+    kind: Literal["policy_revoked"] = "policy_revoked"
+    policy: str
+    reason: str = ""
+
+
 class SideEffectAnswered(_Event):
     kind: Literal["side_effect_answered"] = "side_effect_answered"
     key: str
@@ -316,6 +338,19 @@ class ApprovalPending(_Event):
     tool: str
     args: dict[str, Any] = Field(default_factory=dict)
     shadow: bool = False
+
+
+class PolicyDecided(_Event):
+    """A call that needed approval was answered by policy `policy` (made in run `policy_run`), not by asking."""
+
+    kind: Literal["policy_decided"] = "policy_decided"
+    key: str
+    policy: str
+    policy_run: str = ""
+    effect: Literal["approve", "deny"]
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
 
 
 class Escalated(_Event):
@@ -406,6 +441,7 @@ RunEvent = (
     | WorktreeKept | WorktreeRemoved | TriggerFired | TriggerRefused | DaemonInterrupted | DaemonResumed
     | ChildStarted | McpConnected | ModelRetried | PromptPruned | InvalidReply | IntentReused | CommandRejected
     | StateEdited | FactAdded | SubgoalSet | InvariantRelaxed | InvariantRestored | Approved | Denied
+    | PolicyAdded | PolicyRevoked | PolicyDecided
     | SideEffectAnswered | EscalationAnswered | ApprovalPending | Escalated | SideEffectPending | StrategyChanged
     | InvariantViolated | ShadowVerdict | RecallDegraded | ConsolidationFailed | MemoryConsolidated | Unrecognized
 )

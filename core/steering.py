@@ -5,6 +5,7 @@ it twice."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -173,8 +174,27 @@ class Steering:
             event: log.RunEvent = (log.Approved(key=command.key, args=command.args, reason=command.reason,
                                                 tool=command.tool)
                                    if isinstance(command, Approve) else log.Denied(key=command.key, reason=command.reason))
+            if command.policy is not None:
+                made = self._policy(command)
+                if isinstance(made, str):
+                    return self._refused(command.kind, made)
+                effect.events.append((made, n + 1))  # made with the answer, in its commit
             effect.events.append((event, n + 1))
         return effect
+
+    def _policy(self, command: Approve | Deny) -> log.PolicyAdded | str:
+        """The approval policy a person made with their answer (core/approval_policy.py), or why it is refused
+        (the answer is refused with it: nothing half-applied)."""
+        engine = self.engine
+        rule = command.policy
+        assert rule is not None
+        if engine.shadow:
+            return "a shadow run asks about every call: it takes no approval policy; nothing was changed"
+        if rule.effect != command.kind:
+            return f"a policy made with a {command.kind} must {command.kind}, not {rule.effect}; nothing was changed"
+        return log.PolicyAdded(policy=f"p{uuid.uuid4().hex[:7]}", effect=rule.effect, scope=rule.scope, tool=rule.tool,
+                               globs=rule.globs, reason=rule.reason or command.reason,
+                               loop_ref=engine.run_record.loop_ref)
 
     def _patch(self, effect: Effect, state: LoopState, event: log.StateEdited | log.FactAdded | log.SubgoalSet) -> None:
         """A person's change to the state; the event holds the result, so a restart keeps it."""

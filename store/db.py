@@ -49,6 +49,7 @@ from loopterm.core.records import (
 from loopterm.core.runlog import EventRecord, RunEvent, from_stored, to_stored
 import loopterm.store.ledger as ledger
 import loopterm.store.memory as memory
+import loopterm.store.policies as policies
 import loopterm.store.transfer as transfer
 from loopterm.core.text import one_line
 from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy
@@ -641,6 +642,10 @@ class Store:
         """The ids of the runs that have an event of this type (e.g. the shadow runs, for `loopterm runs`)."""
         kind = event.model_fields["kind"].default
         return {row[0] for row in self._query("SELECT DISTINCT run_id FROM events WHERE kind = ?", [kind])}
+
+    def policy_events(self, *, run_id: str | None = None, loop_ref: str | None = None) -> list[EventRecord]:
+        """Approval policies' events of a run and of every run of a loop (store/policies.py)."""
+        return [_event_record(row) for row in self._dict_rows(*policies.events_sql(run_id=run_id, loop_ref=loop_ref))]
 
     # -- intents ---------------------------------------------------------------
 

@@ -554,9 +554,8 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
             await result
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """a/d show in the footer (and act) only while a tool call waits for approval."""
-        if action in ("approve", "deny"):
-            return bool(self.view is not None and self.view.log.approvals)
+        """Every action answers its key. a/d too when nothing waits for approval: they say so (a hidden key that
+        does nothing, silently, reads as a broken one), so they stay in the footer."""
         return True
 
     async def action_quit(self) -> None:

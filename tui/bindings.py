@@ -21,6 +21,8 @@ SUPERVISION_BINDINGS: list[Binding] = [
     Binding("a", "app.approve", "Approve", id="approve",
             tooltip="Approve the tool call waiting for a person (arguments editable)"),
     Binding("d", "app.deny", "Deny", id="deny", tooltip="Deny the tool call waiting for a person"),
+    Binding("p", "app.policies", "Policies", id="policies",
+            tooltip="Approval policies of the run on screen and its loop (made from the approval dialog); r revokes one"),
     Binding("x", "app.inbox", "Escalations", id="inbox", tooltip="Runs across the database waiting on a person"),
     Binding("t", "app.toggle_tree", "Runs tree", id="toggle_tree",
             tooltip="Show or hide the runs tree (hidden by default below 110 columns; your choice then holds)"),

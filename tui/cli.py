@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shadow", action="store_true",
                      help="shadow mode: every tool call the loop proposes goes to a person (agree, edit, deny) and "
                           "nothing is executed; `loopterm eval LOOP --shadow` reports the agreement")
+    run.add_argument("--approval-timeout", type=arguments.seconds, metavar="S",
+                     help="with --headless: deny a tool call no one approved within S seconds (recorded as such); "
+                          "the run goes on as after any denial")
 
     runs = sub.add_parser("runs", parents=[db], help="list runs")
     runs.add_argument("--json", action="store_true")
@@ -151,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("loops", help="list built-in and discovered loops")
 
-    from loopterm.tui import budget_cli, memory_cli  # standard library only at import
+    from loopterm.tui import budget_cli, memory_cli, policy_cli  # standard library only at import
 
     memory_cli.add_parser(sub, db)
     budget_cli.add_parser(sub, db)
+    policy_cli.add_parser(sub, db)
     from loopterm.tui import daemon_cli  # standard library only at import
 
     daemon_cli.add_parser(sub, db)
@@ -258,10 +262,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                                           min_agreement=args.min_agreement)
         return eval_cli.eval_cases(args.loop, db_path(args), cases_file=args.cases, parallel=args.parallel,
                                    model=args.model, as_json=args.json, min_convergence=args.min_convergence)
+    if args.command == "run" and args.approval_timeout is not None and (not args.headless or args.no_wait):
+        print("loopterm: --approval-timeout goes with --headless and without --no-wait (it denies a call no one "
+              "answered in time)", file=sys.stderr)
+        return USAGE_ERROR
     if args.command == "run":
         return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
-                            budget_tokens=args.budget_tokens, otlp=args.otlp, wait=not args.no_wait, shadow=args.shadow)
+                            budget_tokens=args.budget_tokens, otlp=args.otlp, wait=not args.no_wait, shadow=args.shadow,
+                            approval_timeout=args.approval_timeout)
     if args.command == "watch":
         return commands.watch(db_path(args), args.run)
     if args.command == "runs":
@@ -295,6 +304,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import memory_cli
 
         return memory_cli.run(args, db_path(args))
+    if args.command == "policy":
+        from loopterm.tui import policy_cli
+
+        return policy_cli.run(args, db_path(args))
     if args.command == "budget":
         from loopterm.tui import budget_cli
 

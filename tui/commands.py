@@ -24,12 +24,13 @@ from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
 from loopterm.core import runs as service
 from loopterm.core.control import AddFact, Approve, Command, Deny, Relax, Resume, SetSubgoal, Stop, command_payload
-from loopterm.core.fold import fold, waiting_lines
+from loopterm.core.fold import decision_lines, fold, waiting_lines
 from loopterm.core.liveness import executing_elsewhere
 from loopterm.core.runlog import ShadowMode, to_stored
 from loopterm.core.termination import EXIT_CODES, Status
 from loopterm.store import Store
 from loopterm.tui.headless import (
+    ApprovalTimeout,
     HeadlessProgress,
     action_label,
     as_json,
@@ -106,6 +107,7 @@ def run(
     otlp: str | None = None,
     wait: bool = True,
     shadow: bool = False,
+    approval_timeout: float | None = None,
 ) -> int:
     loop, ref = load_loop(loop_ref)
     chosen = model or loop.model
@@ -126,6 +128,8 @@ def run(
         from loopterm.tui.shadow_cli import announce
 
         announce(_console(), engine.run_id, wait)
+    if approval_timeout is not None:
+        engine.subscribe(ApprovalTimeout(engine, store, approval_timeout))
     return _drive(engine, _console(), otlp=otlp)
 
 
@@ -326,7 +330,8 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
         return 0
     iterations = store.iterations(run_record.id)
     records = store.events(run_record.id)
-    waits = waiting_lines(fold(records))
+    view = fold(records)
+    waits = waiting_lines(view)
     if as_json_out:
         events = [{**e.model_dump(exclude={"event"}), "kind": kind, "data": data}
                   for e in records for kind, data in [to_stored(e.event)]]
@@ -350,6 +355,8 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
                       f"{float(d.get('confidence', 0)):.2f}", gates_text(r), invariants_text(r),
                       f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.6f}", f"{r.latency_ms:.0f}")
     console.print(table)
+    for line in decision_lines(view):  # calls an approval policy answered (`loopterm policy list` shows it)
+        console.print(Text(f"policy: {line}", style="cyan"))
     from loopterm.tui.shadow_cli import show_verdicts
 
     show_verdicts(console, store, run_record)

@@ -318,20 +318,37 @@ class Controls:
     # -- approvals ----------------------------------------------------------------
 
     def action_approve(self) -> None:
-        if self.view is not None:
-            self.open_approval(self.view.run_id, deny=False)
+        self._approval_key(deny=False)
 
     def action_deny(self) -> None:
-        if self.view is not None:
-            self.open_approval(self.view.run_id, deny=True)
+        self._approval_key(deny=True)
+
+    def _approval_key(self, *, deny: bool) -> None:
+        """a / d: the run on screen's pending call; with none there, say so (and where one waits, if anywhere)."""
+        if self.view is not None and self.pending_approvals(self.view.run_id):
+            self.open_approval(self.view.run_id, deny=deny)
+            return
+        verb = "deny" if deny else "approve"
+        elsewhere = [w.run.id for w in self.waiting_runs() if w.approvals]
+        where = f"; run {elsewhere[0][:8]} has one: x opens the inbox" if elsewhere else ""
+        what = (f"no tool call of run {self.view.run_id[:8]} waits for approval" if self.view is not None
+                else "no run on screen")
+        self.notify(f"nothing to {verb}: {what}{where}", severity="warning", timeout=6, markup=False)
 
     def pending_approvals(self, run_id: str) -> list[PendingApproval]:
         return list(self.run_view(run_id).approvals.values())
 
+    def action_policies(self) -> None:
+        """The approval policies of the run on screen and its loop (all of the database's with no run on screen)."""
+        from loopterm.tui.screens.policies import PoliciesScreen
+
+        self.push_screen(PoliciesScreen(self.view.run_id if self.view is not None else None))
+
     def open_approval(self, run_id: str, *, deny: bool) -> None:
         pending = self.pending_approvals(run_id)
         if not pending:
-            self.notify(f"no tool call of run {run_id[:8]} waits for approval", severity="warning")
+            self.notify(f"nothing to {'deny' if deny else 'approve'}: no tool call of run {run_id[:8]} waits for "
+                        "approval", severity="warning")
             return
         run = self.store.get_run(run_id)
         loop = self.loop_for(run)

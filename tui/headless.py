@@ -8,7 +8,9 @@ a glyph plus a colour.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
@@ -27,6 +29,7 @@ from loopterm.core.events import (
     StatusChanged,
     ApprovalNeeded,
 )
+from loopterm.core.control import Deny, command_payload
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
 from loopterm.tui.widgets.render import clean
@@ -153,6 +156,36 @@ class HeadlessProgress:
         if self.spinner is not None:
             self.spinner.stop()
             self.spinner = None
+
+
+class ApprovalTimeout:
+    """`loopterm run --headless --approval-timeout S`: a tool call no one answered within S seconds is denied,
+    through the control channel like a person's denial (recorded with the reason "no answer within S s"); the
+    run goes on as after any denial. An answer given in time (from `watch`, `answer`) wins: the late denial is
+    refused by the engine as answering nothing."""
+
+    def __init__(self, engine: Any, store: Any, seconds: float) -> None:
+        self.engine = engine
+        self.store = store
+        self.seconds = seconds
+        self._timers: set[asyncio.Task[None]] = set()
+
+    def __call__(self, event: EngineEvent) -> None:
+        if isinstance(event, ApprovalNeeded):
+            timer = asyncio.get_running_loop().create_task(self._deny_later(event.key))
+            self._timers.add(timer)
+            timer.add_done_callback(self._timers.discard)
+        elif isinstance(event, RunFinished):
+            for timer in list(self._timers):
+                timer.cancel()
+
+    async def _deny_later(self, key: str) -> None:
+        await asyncio.sleep(self.seconds)
+        if key not in self.engine.view.approvals:
+            return  # answered meanwhile
+        reason = f"no answer within {self.seconds:g} s"
+        self.store.add_command(self.engine.run_id, *command_payload(Deny(key=key, reason=reason)))
+        self.engine.wake()
 
 
 def summary(run: RunRecord) -> Panel:

@@ -1,7 +1,14 @@
-"""A tool call waiting for a person: approve (optionally with edited arguments) or deny.
+"""A tool call waiting for a person: approve (optionally with edited arguments) or deny, and optionally make
+that answer a policy for calls like it (core/approval_policy.py).
+
+The reason comes first: focus starts there, so `a` then ctrl+s (or enter) approves, and `d`, a typed reason,
+ctrl+s denies with that reason. Then the arguments (JSON), then "answer calls like this": only this call, the
+rest of this run, or every run of this loop, with one glob per argument (prefilled with this call's values,
+e.g. `path=src/app.py`, to widen as `path=src/*.py`).
 
 In a shadow run (core/shadow.py) the same dialog asks what should happen, and says that nothing will run:
-agree (as proposed), edit the arguments (what should have happened instead) or deny (with why).
+agree (as proposed), edit the arguments (what should have happened instead) or deny (with why). A shadow run
+asks about every call, so it offers no policy.
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ from typing import Any, Callable
 from pydantic import ValidationError
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.widgets import Button, Input, Static, TextArea
+from textual.widgets import Button, Input, RadioButton, RadioSet, Static, TextArea
 
+from loopterm.core.approval_policy import SCOPES, PolicyRule, globs_text, parse_globs, prefill
 from loopterm.core.control import Approve, Deny
 from loopterm.core.decision import unreadable_json
 from loopterm.core.fold import PendingApproval
@@ -22,9 +30,26 @@ from loopterm.tui.widgets.render import literal, pretty
 
 # (tool, args) -> None when the arguments fit the tool, else why not.
 ArgsValidator = Callable[[str, dict[str, Any]], str | None]
+# The choices of "answer calls like this", in order: (scope or None for this call only, label).
+REMEMBER: list[tuple[str | None, str]] = [(None, "only this call"), ("run", "rest of this run"), ("loop", SCOPES["loop"])]
 
 
 class ApprovalScreen(Dialog[Approve | Deny]):
+    DEFAULT_CSS = """
+    ApprovalScreen > #dialog { overflow-y: auto; }
+    ApprovalScreen #args { height: 6; }
+    ApprovalScreen #globs { height: 4; }
+    ApprovalScreen #remember { layout: horizontal; height: auto; width: 1fr; border: none; padding: 0; }
+    ApprovalScreen #remember RadioButton { width: auto; margin-right: 1; }
+    ApprovalScreen .label { color: $text-muted; padding: 0; }
+    ApprovalScreen.-short #dialog-title { padding: 0; }
+    ApprovalScreen.-short #dialog-buttons { padding-top: 0; }
+    ApprovalScreen.-short #dialog-keys { padding: 0; }
+    ApprovalScreen.-short #args { height: 4; }
+    ApprovalScreen.-short #globs { height: 2; }
+    """
+    SHORT = 32  # terminal rows under which every field is compact (no borders), so all fit at 80x24
+
     def __init__(self, run_id: str, pending: PendingApproval, *, deny: bool = False,
                  validate: ArgsValidator | None = None, tools: list[str] | None = None) -> None:
         super().__init__()
@@ -35,11 +60,13 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         self.validate = validate
         self.tools = tools  # the loop's tool names (shadow: another tool may be named); None: not known here
         self.shadow = self.asked.shadow
+        self.submit_label = ("deny" if deny else "agree") if self.shadow else ("deny" if deny else "approve")
         if self.shadow:
             self.title_text = (f"◐ shadow: nothing will run · run {run_id} proposes a tool call "
                                f"(iteration {pending.iteration})")
         else:
-            self.title_text = f"Run {run_id} asks to call a tool (iteration {pending.iteration})"
+            verb = "Deny" if deny else "Approve"
+            self.title_text = f"{verb}? Run {run_id} asks to call a tool (iteration {pending.iteration})"
 
     def fields(self) -> ComposeResult:
         head = Text("tool  ", style="bold")
@@ -48,25 +75,59 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             head.append("\nWhat should happen? Agree: as proposed. Edit the arguments (or name another tool), then "
                         "Agree: what should have happened instead. Deny: it should not happen. Either way nothing is "
                         "called; the loop is told your verdict and proposes its next step.", style="italic")
-        else:
-            head.append("\nEdit the arguments to approve a changed call (checked against the tool's arguments).",
-                        style="italic")
         yield Static(head, id="approval-tool")
+        if self.deny_first:
+            why = "why you deny it (the model is told; recorded)"
+        elif self.shadow:
+            why = "why (optional for agree or edit, recorded; a denial says why to the model)"
+        else:
+            why = "why (optional, recorded; a denial says why to the model)"
+        yield Input(placeholder=why, id="reason")
         if self.shadow:
             yield Input(self.asked.tool, placeholder="the tool that should be called", id="tool")
+        yield Static(Text("arguments (JSON; edit them to approve a changed call)"), classes="label")
         yield JsonEditor(pretty(self.asked.args), id="args", show_line_numbers=False)
-        why = ("why (optional for agree or edit, recorded; a denial says why to the model)" if self.shadow
-               else "why (optional for approve, recorded; a denial says why to the model)")
-        yield Input(placeholder=why, id="reason")
+        if self.shadow:
+            return
+        yield Static(Text("answer calls of this tool with arguments like these"), classes="label")
+        with RadioSet(id="remember"):
+            for i, (_, label) in enumerate(REMEMBER):
+                yield RadioButton(label, value=i == 0, id=f"remember-{i}")
+        yield Static(Text("globs, one name=glob a line (* matches anything, also /)"), classes="label")
+        yield TextArea(globs_text(prefill(self.asked.args)), id="globs", tab_behavior="focus", soft_wrap=False,
+                       show_line_numbers=False)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        if self.app.size.height < self.SHORT:
+            self.add_class("-short")
+            for widget in [*self.query(Input), *self.query(TextArea), *self.query(Button)]:
+                widget.compact = True
 
     def buttons(self) -> ComposeResult:
         yield Button("Agree" if self.shadow else "Approve", variant="success", id="approve")
         yield Button("Deny", variant="error", id="deny")
 
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.query_one("#args", TextArea).styles.height = 10
-        self.query_one("#deny" if self.deny_first else "#approve", Button).focus()
+    def remember(self) -> str | None:
+        """The scope chosen for a policy; None: answer only this call."""
+        if self.shadow:
+            return None
+        index = self.query_one("#remember", RadioSet).pressed_index
+        return REMEMBER[index][0] if 0 <= index < len(REMEMBER) else None
+
+    def policy(self, effect: str, args: dict[str, Any], reason: str) -> PolicyRule | None | str:
+        """The policy asked for with this answer, None for none, or why it cannot be made (a string)."""
+        scope = self.remember()
+        if scope is None:
+            return None
+        try:
+            globs = parse_globs(self.query_one("#globs", TextArea).text, {**self.asked.args, **args})
+            return PolicyRule(effect=effect, scope=scope, tool=self.asked.tool, globs=globs, reason=reason)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            return f"the policy: {err['msg']}"
+        except ValueError as exc:
+            return str(exc)
 
     def submit(self, button: str) -> None:
         reason = self.query_one("#reason", Input).value.strip()
@@ -74,7 +135,16 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         if button == "submit":
             button = "deny" if self.deny_first else "approve"
         if button == "deny":
-            self.dismiss(Deny(key=key, reason=reason or "denied by a person"))
+            rule = self.policy("deny", {}, reason)
+            if isinstance(rule, str):
+                self.fail(f"{rule}; nothing was sent")
+                return
+            try:
+                denial = Deny(key=key, reason=reason or "denied by a person", policy=rule)
+            except ValidationError as exc:
+                self.refuse(exc)
+                return
+            self.dismiss(denial)
             return
         text = self.query_one("#args", TextArea).text
         try:
@@ -100,8 +170,13 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             if problem:
                 self.fail(f"{problem}; nothing was sent")
                 return
+        rule = self.policy("approve", args, reason)
+        if isinstance(rule, str):
+            self.fail(f"{rule}; nothing was sent")
+            return
         try:
-            command = Approve(key=key, args=edited, reason=reason, tool=other if other != proposed else None)
+            command = Approve(key=key, args=edited, reason=reason, tool=other if other != proposed else None,
+                              policy=rule)
         except ValidationError as exc:
             self.refuse(exc)
             return

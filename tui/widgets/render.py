@@ -368,7 +368,10 @@ def tool_text(record: IterationRecord) -> Text:
     text = Text()
     text.append("call  ", style="bold")
     text.append(literal(call.get("tool", "?")))
-    if call.get("approval"):
+    if call.get("policy"):  # answered by an approval policy a person made (core/approval_policy.py)
+        verb = "approved" if call.get("approval") == "approve" else "denied"
+        text.append(f"  ({verb} by policy {clean(call['policy'])})", style="italic")
+    elif call.get("approval"):
         text.append(f"  ({clean(call['approval'])} by a person)", style="italic")
     text.append("\n")
     text.append(literal(pretty(call.get("args") or {})))
