@@ -377,6 +377,28 @@ def waiting_lines(view: RunView) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class News:
+    """An event a person watching the run should hear of as it arrives (the TUI shows it as a notification)."""
+
+    text: str
+    warning: bool
+
+
+def news(record: EventRecord) -> News | None:
+    """What a person should hear of this event as it arrives, if anything (untrusted text: show it literally)."""
+    event = record.event
+    if isinstance(event, Escalated):
+        return News(f"waits on a person: {' '.join(event.summary.split())[:120]} (x)", True)
+    if isinstance(event, ApprovalPending):
+        if event.shadow:
+            return News(f"proposes tool {event.tool} (shadow: nothing will run; a agree or edit, d deny)", True)
+        return News(f"tool {event.tool} needs approval (a / d)", True)
+    if isinstance(event, StrategyChanged):
+        return News(f"changed strategy to {event.to}: {' '.join(event.why.split())[:120]}", False)
+    return None
+
+
 def fold(records: Iterable[EventRecord]) -> RunView:
     """A run's whole log (oldest first) into its view."""
     view = RunView()

@@ -336,7 +336,8 @@ class Controls:
         self.notify(f"nothing to {verb}: {what}{where}", severity="warning", timeout=6, markup=False)
 
     def pending_approvals(self, run_id: str) -> list[PendingApproval]:
-        return list(self.run_view(run_id).approvals.values())
+        """Newest first: the call the run waits on now leads (an older one can stay pending beside it)."""
+        return sorted(self.run_view(run_id).approvals.values(), key=lambda p: p.event_id, reverse=True)
 
     def action_policies(self) -> None:
         """The approval policies of the run on screen and its loop (all of the database's with no run on screen)."""

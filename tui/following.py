@@ -11,13 +11,12 @@ from typing import Any, Iterable, Iterator
 
 from loopterm.core import events as notices
 from loopterm.core import runlog
-from loopterm.core.fold import RunView, fold
+from loopterm.core.fold import news, RunView, fold
 from loopterm.core.runlog import EventRecord
 from loopterm.store import Store
 from loopterm.tui.view import EngineNotice, View, on_screen
 from loopterm.tui.widgets.render import (
     RowInfo,
-    first_line,
     money,
     summarize,
 )
@@ -180,17 +179,10 @@ class Following:
 
     def _announce(self, view: View, record: EventRecord) -> None:
         """A notification for an event of the shown run that a person should hear of as it arrives."""
-        event, run = record.event, view.run_id[:8]
-        if isinstance(event, runlog.Escalated):
-            self.notify(f"run {run} waits on a person: {first_line(event.summary, 120)} (x)",
-                        severity="warning", timeout=8, markup=False)
-        elif isinstance(event, runlog.ApprovalPending):
-            asked = (f"proposes tool {event.tool} (shadow: nothing will run; a agree or edit, d deny)" if event.shadow
-                     else f"tool {event.tool} needs approval (a / d)")
-            self.notify(f"run {run}: {asked}", severity="warning", timeout=8, markup=False)
-        elif isinstance(event, runlog.StrategyChanged):
-            self.notify(f"run {run} changed strategy to {event.to}: {first_line(event.why, 120)}",
-                        timeout=6, markup=False)
+        said = news(record)
+        if said is not None:
+            self.notify(f"run {view.run_id[:8]} {said.text}", severity="warning" if said.warning else "information",
+                        timeout=8 if said.warning else 6, markup=False)
 
     def _arrived(self, run_id: str, new: list[EventRecord]) -> None:
         """The outcome of what this window sent a run (shown or not): a refusal is said, with why; a refused
