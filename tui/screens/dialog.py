@@ -20,7 +20,6 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static, TextArea
-from textual.widgets._toast import ToastRack
 
 from loopterm.core.decision import json_path
 from loopterm.tui.widgets.render import literal
@@ -77,12 +76,6 @@ class Dialog(ModalScreen[T], Generic[T]):
                 yield from self.buttons()
                 yield Button("Cancel", id="cancel")
             yield Static(self.keys_text(), id="dialog-keys")
-
-    def _extend_compose(self, widgets: list[Widget]) -> None:
-        """No toast rack: a toast would cover the dialog's fields. What a dialog says goes in its error line
-        (`notify` below); the App's own notices show on the screen under it once the dialog closes."""
-        super()._extend_compose(widgets)
-        widgets[:] = [widget for widget in widgets if not isinstance(widget, ToastRack)]
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:
