@@ -554,8 +554,15 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
             await result
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Every action answers its key. a/d too when nothing waits for approval: they say so (a hidden key that
-        does nothing, silently, reads as a broken one), so they stay in the footer."""
+        """Every action answers its key. a/d too when nothing waits for approval: they say so (a key that does
+        nothing, silently, reads as a broken one)."""
+        return True
+
+    def in_footer(self, binding_id: str | None) -> bool:
+        """Whether the footer shows a binding now: a/d only while a call waits for approval (at 80 columns
+        their room goes to keys that can act; the keys themselves always answer)."""
+        if binding_id in ("approve", "deny"):
+            return bool(self.view is not None and self.view.log.approvals)
         return True
 
     async def action_quit(self) -> None:

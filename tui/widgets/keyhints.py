@@ -98,6 +98,9 @@ class KeyHints(Footer):
         for _, binding, enabled, tooltip in active.values():
             if not binding.show or binding.action in actions:
                 continue
+            in_footer = getattr(self.app, "in_footer", None)
+            if in_footer is not None and not in_footer(binding.id):
+                continue
             actions.add(binding.action)
             hints.append(Hint(binding, enabled, tooltip, self.app.get_key_display(binding), len(hints)))
         palette = None
