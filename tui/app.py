@@ -157,6 +157,7 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
         self._screen_ready = False
         self._detail_timer: Timer | None = None
         self.theme_warnings: list[str] = []
+        self.start_error: str | None = None  # why the run `start` asked for was refused (the CLI exits 2)
 
     # ------------------------------------------------------------------ setup
 
@@ -177,8 +178,11 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
         self.refresh_tree()
         if self.start_spec is not None:
             loop, ref = self.start_spec
-            self._header_note = Text(f"starting {loop.name} ...", style="italic")
-            self.run_worker(self._launch(loop, ref), name="launch", group="launch", exit_on_error=False)
+            self._header_note = Text(f"starting {loop.name} …", style="italic")
+            # After the first frame is painted: what the launch does (litellm, the model check, the workspace)
+            # runs in threads, but even the start of it must not hold back the first frame.
+            self.call_after_refresh(lambda: self.run_worker(self._launch(loop, ref), name="launch", group="launch",
+                                                            exit_on_error=False))
         elif self.watch_run:
             try:
                 run = self.store.resolve_run(self.watch_run)
