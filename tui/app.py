@@ -37,6 +37,7 @@ from loopterm.core.records import RunRecord
 from loopterm.core.settings import settings
 from loopterm.store import Store
 from loopterm.tui.bindings import SEARCH_CLOSE, SUPERVISION_BINDINGS
+from loopterm.tui import heap
 from loopterm.tui.branching import Branching
 from loopterm.tui.controls import Controls
 from loopterm.tui.driving import Driving
@@ -158,6 +159,7 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
         self._detail_timer: Timer | None = None
         self.theme_warnings: list[str] = []
         self.start_error: str | None = None  # why the run `start` asked for was refused (the CLI exits 2)
+        self._heap = heap.HeapKeeper()  # full garbage collections stay out of keystrokes (tui/heap.py)
 
     # ------------------------------------------------------------------ setup
 
@@ -196,6 +198,9 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
                 self.show_run(runs[-1].id)
         self.update_header()
         self.set_interval(POLL_SECONDS, self._tick)
+        self.call_after_refresh(heap.rebase)  # the start-up heap (Textual, the store, the widgets), once painted
+        self.set_interval(heap.CHECK_SECONDS, lambda: self._heap.check(
+            self.view if self.view is not None and not self.view.loading else None))
         for warning in self.theme_warnings:
             self.notify(warning, severity="warning", timeout=8)
 
