@@ -17,6 +17,7 @@ from loopterm.core.loop import Loop
 from loopterm.core.records import RunRecord
 from loopterm.tui.screens.side_effect import SideEffectScreen
 from loopterm.tui.view import FINISHED, EngineNotice
+from loopterm.tui.widgets.render import clean
 from rich.text import Text
 
 
@@ -61,7 +62,7 @@ class Driving:
             if not litellm_loaded():
                 say("loading the model library …")
                 await asyncio.to_thread(load_litellm)
-            say(f"checking model {model} …")
+            say(f"checking model {clean(model)} …")
             await asyncio.to_thread(service.preflight_model, loop, model,
                                     loop.script if model.startswith("scripted/") else None)
             await asyncio.to_thread(warm_tokenizer, model)
@@ -76,7 +77,7 @@ class Driving:
         """Start the run this window was opened for; every slow step runs in a thread, the header says which."""
         model = self.model or loop.model
         if not await self._model_ready(loop, model, starting=True):
-            self._header_note = Text(f"could not start {loop.name}: {self.start_error or 'see the message'}",
+            self._header_note = Text(f"could not start {loop.name}: {clean(self.start_error or 'see the message')}",
                                      style="bold red")
             self.update_header()
             return
@@ -87,10 +88,10 @@ class Driving:
             engine = await asyncio.to_thread(
                 service.create, loop, self.store, ref=ref, model=model, max_iterations=self.max_iterations,
                 budget=self.budget or {}, workspace_root=self.workspace_root, shadow=self.shadow, wait_on_person=True)
-        except LooptermError as exc:
+        except (LooptermError, OSError) as exc:  # a bad budget, a workspace that cannot be written
             self.start_error = str(exc)
             self.notify(str(exc), severity="error", timeout=15, markup=False)
-            self._header_note = Text(f"could not start {loop.name}: {exc}", style="bold red")
+            self._header_note = Text(f"could not start {loop.name}: {clean(exc)}", style="bold red")
             self.update_header()
             return
         self.own(engine)
