@@ -197,7 +197,8 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
             if runs:
                 self.show_run(runs[-1].id)
         self.update_header()
-        self.set_interval(POLL_SECONDS, self._tick)
+        # Not once the App shuts down: Textual removes the screen's widgets before it stops the App's timers.
+        self.set_interval(POLL_SECONDS, lambda: self._tick() if self._running else None)
         self.call_after_refresh(heap.rebase)  # the start-up heap (Textual, the store, the widgets), once painted
         self.set_interval(heap.CHECK_SECONDS, lambda: self._heap.check(
             self.view if self.view is not None and not self.view.loading else None))
