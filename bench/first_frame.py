@@ -86,7 +86,12 @@ def trial(argv: list[str], timeout: float) -> tuple[float, float | None, float |
         row: float | None = None
         cpu: float | None = None
         t0 = time.perf_counter()
-        tmux("new-session", "-d", "-s", session, "-x", SIZE[0], "-y", SIZE[1], "-c", d, command)
+        try:
+            tmux("new-session", "-d", "-s", session, "-x", SIZE[0], "-y", SIZE[1], "-c", d, command)
+        except subprocess.CalledProcessError:  # the previous trial's server was still exiting: once more
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            tmux("new-session", "-d", "-s", session, "-x", SIZE[0], "-y", SIZE[1], "-c", d, command)
         pid = int(tmux("list-panes", "-t", session, "-F", "#{pane_pid}").split()[0])  # `env` execs loopterm
         try:
             deadline = t0 + timeout

@@ -617,7 +617,7 @@ def main() -> None:
         if args.no_freeze:
             from loopterm.tui import heap
 
-            heap.rebase = lambda: None  # type: ignore[assignment]
+            heap.freeze = lambda: None  # type: ignore[assignment]
             heap.HeapKeeper.check = lambda self, loaded: None  # type: ignore[method-assign]
         if args.phase == "writer":
             phase_writer(db, args.run, args.n, args.rate)

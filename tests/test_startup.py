@@ -163,3 +163,22 @@ def test_a_broken_offline_script_is_refused_before_the_screen(tmp_path: Path, mo
     with pytest.raises(ConfigError, match="not valid JSON"):
         commands.run(str(tmp_path / "loop.py"), tmp_path / "c.db", headless=False)
     assert opened == []
+
+
+async def test_the_app_freezes_its_long_lived_heap_and_hands_it_back_when_it_ends(tmp_path: Path) -> None:
+    """Full garbage collections skip what the App keeps for its life (tui/heap.py: they fell inside keystrokes);
+    when the App ends, the collector has everything again (a process may open many Apps)."""
+    import asyncio
+    import gc
+    import time
+
+    from loopterm.tui.app import LooptermApp
+
+    app = LooptermApp(tmp_path / "h.db", theme="textual-dark", frozen=True)
+    async with app.run_test(size=(100, 30)) as pilot:
+        deadline = time.monotonic() + 30
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert gc.get_freeze_count() > 0, "nothing was frozen after the first frame"
+        await asyncio.sleep(0)
+    assert gc.get_freeze_count() == 0

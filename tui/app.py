@@ -171,6 +171,7 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
         self.theme_changed_signal.subscribe(self, self._theme_changed)
 
     def on_unmount(self) -> None:
+        heap.release()  # what this App froze (tui/heap.py) is the collector's again
         if self.live_traces is not None:  # the spans still queued go out (bounded) before the process ends
             self.live_traces.close()
 
@@ -199,7 +200,7 @@ class LooptermApp(Following, Driving, Controls, Branching, App[None]):
         self.update_header()
         # Not once the App shuts down: Textual removes the screen's widgets before it stops the App's timers.
         self.set_interval(POLL_SECONDS, lambda: self._tick() if self._running else None)
-        self.call_after_refresh(heap.rebase)  # the start-up heap (Textual, the store, the widgets), once painted
+        self.call_after_refresh(heap.freeze)  # the start-up heap (Textual, the store, the widgets), once painted
         self.set_interval(heap.CHECK_SECONDS, lambda: self._heap.check(
             self.view if self.view is not None and not self.view.loading else None))
         for warning in self.theme_warnings:

@@ -3,16 +3,13 @@
 A full (generation 2) collection walks every object the collector tracks. With Textual, litellm and a
 10,000-iteration run loaded that took 83-136 ms, and it fell inside key presses (bench/tui_perf.py).
 What the App keeps for its life (modules, widgets, the shown run's rows and fold) is moved to the
-permanent generation with `gc.freeze()`, which full collections skip:
+permanent generation with `gc.freeze()`, which full collections skip: after the first frame, when a run
+has loaded on screen, and after a full collection that took long (what survived it is long-lived).
 
-- when a run has loaded on screen (and after the first frame): first `gc.unfreeze()` and one full
-  collection, so whatever became garbage since the last freeze (a run shown before, closed dialogs) is
-  freed rather than kept, then `gc.freeze()`;
-- after a full collection that took long (a live run grows the heap): what survived it is long-lived,
-  so it is frozen (no collection needed: one just ran).
-
-The collector still runs as usual on everything allocated since; only the frozen objects are skipped
-until the next run loads.
+A freeze costs nothing (no collection: one over a big heap would itself be the pause we avoid). Frozen
+objects are still freed by reference counting; only a reference cycle that dies after a freeze (a dialog
+open at that moment, closed later) waits until the App ends, when `release()` hands everything back to
+the collector (a test process opens hundreds of Apps).
 """
 
 from __future__ import annotations
@@ -38,12 +35,14 @@ def _on_collection(phase: str, info: dict[str, Any]) -> None:
         _slow_full_collections += 1
 
 
-def rebase() -> None:
-    """Free what became garbage since the last freeze, then freeze everything alive now (one full collection:
-    call it when a pause is expected anyway, e.g. just after a run has loaded)."""
-    gc.unfreeze()
-    gc.collect()
+def freeze() -> None:
+    """Everything alive now is long-lived: full collections skip it from here on."""
     gc.freeze()
+
+
+def release() -> None:
+    """The App ends: what it froze is the collector's again."""
+    gc.unfreeze()
 
 
 class HeapKeeper:
@@ -56,11 +55,11 @@ class HeapKeeper:
         self._loaded: object | None = None
 
     def check(self, loaded: object | None) -> None:
-        """`loaded`: the view on screen once it has loaded (None while loading or with none); a new one rebases."""
+        """`loaded`: the view on screen once it has loaded (None while loading or with none); a new one freezes."""
         if loaded is not None and loaded is not self._loaded:
             self._loaded = loaded
-            rebase()
+            freeze()
             self._seen_slow = _slow_full_collections
         elif _slow_full_collections != self._seen_slow:
             self._seen_slow = _slow_full_collections
-            gc.freeze()
+            freeze()
