@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -409,15 +410,48 @@ def cannot_answer(model: str) -> ConfigError:
     return ConfigError(_OFFLINE_HINTS[prefix].format(model=model, name=name, example=EXAMPLE_MODEL))
 
 
-def check_model(model: str, script: Path | None = None, *, api_base: str | None = None) -> None:
-    """Refuse a run that cannot make its first call: one ConfigError line saying what to do."""
+def check_model_name(model: str, script: Path | None = None) -> None:
+    """What `check_model` refuses without importing litellm (seconds): a model setting out of range, no model,
+    an offline model (scripted/, replay/) with nothing to answer from. Cheap enough to run before a screen
+    opens; `check_model` (in a thread, once the screen shows) does the rest."""
     CallSettings.from_env()  # a timeout or retry setting out of range (LOOPTERM_MODEL_TIMEOUT...)
     if not model or not model.strip():
         raise ConfigError(f"no model given; use a litellm model string such as {EXAMPLE_MODEL}")
     prefix, slash, name = model.partition("/")
+    if slash and prefix in _OFFLINE_HINTS and script is None:
+        preflight = _OFFLINE_PROVIDERS.get(prefix)
+        if preflight is None:
+            raise cannot_answer(model)
+        preflight(name, None)  # without a script to register: only whether one is known
+
+
+def litellm_loaded() -> bool:
+    """Whether litellm is imported already (then `_litellm()` costs nothing)."""
+    return "litellm" in sys.modules
+
+
+def load_litellm() -> None:
+    """Import litellm now (seconds): for a thread, before a screen's first model check needs it."""
+    _litellm()
+
+
+def warm_tokenizer(model: str) -> None:
+    """Load litellm's tokenizer for `model` now (tiktoken reads its encoding, ~0.3 s, on the first count):
+    for a thread, so the first `ModelClient.estimate` on a screen's event loop does not freeze it."""
+    try:
+        _litellm().token_counter(model=model, messages=[{"role": "user", "content": "warm up"}])
+    except Exception:  # noqa: BLE001 - estimate() falls back to a rough count; nothing to refuse here
+        log.debug("no tokenizer warmed for %s", model, exc_info=True)
+
+
+def check_model(model: str, script: Path | None = None, *, api_base: str | None = None) -> None:
+    """Refuse a run that cannot make its first call: one ConfigError line saying what to do."""
+    check_model_name(model, script)  # an offline model without a script is fully checked there
+    prefix, slash, name = model.partition("/")
     preflight = _OFFLINE_PROVIDERS.get(prefix) if slash else None
     if preflight is not None:
-        preflight(name, Path(script) if script is not None else None)
+        if script is not None:
+            preflight(name, Path(script))
         return
     if slash and prefix in _OFFLINE_HINTS:
         # Its module was never imported (no loop with a script, no `loopterm replay`): say what it needs.

@@ -37,6 +37,7 @@ from loopterm.core.records import RunRecord
 from loopterm.core.settings import settings
 from loopterm.store import Store
 from loopterm.tui.bindings import SEARCH_CLOSE, SUPERVISION_BINDINGS
+from loopterm.tui import heap
 from loopterm.tui.branching import Branching
 from loopterm.tui.comparing import Comparing
 from loopterm.tui.controls import Controls
@@ -190,6 +191,8 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         self._screen_ready = False
         self._detail_timer: Timer | None = None
         self.theme_warnings: list[str] = []
+        self.start_error: str | None = None  # why the run `start` asked for was refused (the CLI exits 2)
+        self._heap = heap.HeapKeeper()  # full garbage collections stay out of keystrokes (tui/heap.py)
 
     # ------------------------------------------------------------------ setup
 
@@ -203,6 +206,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
             self.notify(warning, title="Keymap", severity="warning", timeout=10)
 
     def on_unmount(self) -> None:
+        heap.release()  # what this App froze (tui/heap.py) is the collector's again
         if self.live_traces is not None:  # the spans still queued go out (bounded) before the process ends
             self.live_traces.close()
 
@@ -212,8 +216,11 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         self.refresh_tree()
         if self.start_spec is not None:
             loop, ref = self.start_spec
-            self._header_note = Text(f"starting {loop.name} ...", style="italic")
-            self.run_worker(self._launch(loop, ref), name="launch", group="launch", exit_on_error=False)
+            self._header_note = Text(f"starting {loop.name} …", style="italic")
+            # After the first frame is painted: what the launch does (litellm, the model check, the workspace)
+            # runs in threads, but even the start of it must not hold back the first frame.
+            self.call_after_refresh(lambda: self.run_worker(self._launch(loop, ref), name="launch", group="launch",
+                                                            exit_on_error=False))
         elif self.watch_run:
             try:
                 run = self.store.resolve_run(self.watch_run)
@@ -226,7 +233,11 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
             if runs:
                 self.show_run(runs[-1].id)
         self.update_header()
-        self.set_interval(POLL_SECONDS, self._tick)
+        # Not once the App shuts down: Textual removes the screen's widgets before it stops the App's timers.
+        self.set_interval(POLL_SECONDS, lambda: self._tick() if self._running else None)
+        self.call_after_refresh(heap.freeze)  # the start-up heap (Textual, the store, the widgets), once painted
+        self.set_interval(heap.CHECK_SECONDS, lambda: self._heap.check(
+            self.view if self.view is not None and not self.view.loading else None))
         for warning in self.theme_warnings:
             self.notify(warning, severity="warning", timeout=8)
 

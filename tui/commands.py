@@ -20,6 +20,7 @@ from loopterm.core.engine import Engine
 from loopterm.core.fork import create_fork, plan_fork, rebuild_workspace
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import list_loops, load_loop
+from loopterm.core.loop import Loop
 from loopterm.core.migrations import migrate_state
 from loopterm.core.records import RunRecord
 from loopterm.core import runs as service
@@ -39,7 +40,7 @@ from loopterm.tui.headless import (
     status_text,
     summary,
 )
-from loopterm.tui.console import default_db
+from loopterm.tui.console import USAGE_ERROR, default_db
 from loopterm.tui.widgets.render import clean
 
 DEMO_LOOP = "demo"
@@ -75,7 +76,26 @@ def _open_tui(db: Path, **kwargs: Any) -> int:
 
     app = LooptermApp(db, **kwargs)
     app.run()
+    if app.start_error is not None:  # the run the screen was to start was refused there: said again, exit 2
+        print(f"loopterm: {app.start_error}", file=sys.stderr)
+        return USAGE_ERROR
     return int(app.return_code or 0)
+
+
+def _check_before_the_screen(loop: Loop, ref: str, model: str) -> None:
+    """The checks that take milliseconds: loops calling each other, the model's name and settings, the offline
+    script's syntax. What needs litellm (seconds: the provider, its key, registering the script) runs in the
+    App once its first frame is up, and a refusal there is said on the screen and exits 2 (`_open_tui`)."""
+    from loopterm.core.model import check_model_name
+    from loopterm.core.nesting import check_calls
+
+    check_calls(loop, ref)
+    script = loop.script if model.startswith("scripted/") else None
+    check_model_name(model, script)
+    if script is not None:
+        from loopterm.core.scripted import load_script
+
+        load_script(Path(script))
 
 
 def watch(db: Path, prefix: str) -> int:
@@ -111,12 +131,16 @@ def run(
 ) -> int:
     loop, ref = load_loop(loop_ref)
     chosen = model or loop.model
-    service.preflight(loop, ref, chosen)  # loops calling each other, the model, its key: before any screen or run
+    screen = not headless and _has_terminal()
+    if screen:
+        _check_before_the_screen(loop, ref, chosen)  # the rest, in the App after its first frame
+    else:
+        service.preflight(loop, ref, chosen)  # loops calling each other, the model, its key: before the run
     with (Store.open(db) if db.exists() else contextlib.nullcontext()) as known:
         budget, note = service.new_run_budget(known, loop, usd=budget_usd, tokens=budget_tokens)
     _note(note)
     if not headless:
-        if _has_terminal():
+        if screen:
             Store.open(db).close()  # refuse a bad database before the screen opens
             return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, otlp=otlp, max_iterations=max_iterations,
                              **({"shadow": True} if shadow else {}))

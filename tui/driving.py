@@ -17,6 +17,7 @@ from loopterm.core.loop import Loop
 from loopterm.core.records import RunRecord
 from loopterm.tui.screens.side_effect import SideEffectScreen
 from loopterm.tui.view import FINISHED, EngineNotice
+from loopterm.tui.widgets.render import clean
 from rich.text import Text
 
 
@@ -46,25 +47,53 @@ class Driving:
                         timeout=10, markup=False)
         return loop
 
-    async def _model_ready(self, loop: Loop, model: str) -> bool:
-        """Check the model before a run starts (registers the offline script); litellm loads in a thread."""
+    async def _model_ready(self, loop: Loop, model: str, *, starting: bool = False) -> bool:
+        """Check the model before a run starts (registers the offline script) and load its tokenizer, all in
+        threads: importing litellm takes seconds, the tokenizer ~0.3 s, and the screen must stay live.
+        `starting`: no run is on screen yet, so the header says which of these it waits for."""
+        from loopterm.core.model import litellm_loaded, load_litellm, warm_tokenizer
+
+        def say(what: str) -> None:
+            if starting and self.view is None:
+                self._header_note = Text(what, style="italic")
+                self.update_header()
+
         try:
+            if not litellm_loaded():
+                say("loading the model library …")
+                await asyncio.to_thread(load_litellm)
+            say(f"checking model {clean(model)} …")
             await asyncio.to_thread(service.preflight_model, loop, model,
                                     loop.script if model.startswith("scripted/") else None)
+            await asyncio.to_thread(warm_tokenizer, model)
         except LooptermError as exc:
             self.notify(str(exc), severity="error", timeout=15, markup=False)
+            if starting:
+                self.start_error = str(exc)
             return False
         return True
 
     async def _launch(self, loop: Loop, ref: str) -> None:
+        """Start the run this window was opened for; every slow step runs in a thread, the header says which."""
         model = self.model or loop.model
-        if not await self._model_ready(loop, model):
-            self._header_note = Text(f"could not start {loop.name}: see the message", style="bold red")
+        if not await self._model_ready(loop, model, starting=True):
+            self._header_note = Text(f"could not start {loop.name}: {clean(self.start_error or 'see the message')}",
+                                     style="bold red")
             self.update_header()
             return
-        engine = service.create(loop, self.store, ref=ref, model=model, max_iterations=self.max_iterations,
-                                budget=self.budget or {}, workspace_root=self.workspace_root, shadow=self.shadow,
-                                wait_on_person=True)
+        if self.view is None:
+            self._header_note = Text("preparing the workspace …", style="italic")
+            self.update_header()
+        try:  # records the run and copies the loop's files into its workspace
+            engine = await asyncio.to_thread(
+                service.create, loop, self.store, ref=ref, model=model, max_iterations=self.max_iterations,
+                budget=self.budget or {}, workspace_root=self.workspace_root, shadow=self.shadow, wait_on_person=True)
+        except (LooptermError, OSError) as exc:  # a bad budget, a workspace that cannot be written
+            self.start_error = str(exc)
+            self.notify(str(exc), severity="error", timeout=15, markup=False)
+            self._header_note = Text(f"could not start {loop.name}: {clean(exc)}", style="bold red")
+            self.update_header()
+            return
         self.own(engine)
         self.refresh_tree()
         self.show_run(engine.run_id)
