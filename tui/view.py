@@ -28,8 +28,8 @@ def on_screen(method: Any) -> Any:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except NoMatches:
-            if self.shutting_down:
+        except (NoMatches, LookupError):  # a widget, or the main screen itself, already gone
+            if self.shutting_down or not self.is_running:
                 return None
             raise
 
