@@ -609,14 +609,15 @@ turns = [{{"content": {{"action": {{"tool": "write", "args": {{"text": f"no{{i}}
 (HERE / "script.json").write_text(json.dumps({{"price": {{"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}},
                                                "turns": turns}}))
 loop = Loop(name="watched", goal="never converges", tools=[write], script=HERE / "script.json", max_iterations=30,
-            gates=[CommandGate(name="flag", argv=["{{python}}", "-c", "import sys; sys.exit(1)"])], stall_window=5)
+            gates=[CommandGate(name="flag", argv=["{{python}}", "-c", "import sys; sys.exit(1)"])], stall_window={stall})
 '''
 
 
-def headless_watched(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """`loopterm run watched.py --headless` in a process of its own (0.3 s a reply, 30 iterations); and its db."""
+def headless_watched(tmp_path: Path, delay: float = 0.3, stall: int | None = 5) -> tuple[subprocess.Popen[bytes], Path]:
+    """`loopterm run watched.py --headless` in a process of its own (`delay` s a reply, 30 iterations, a stall
+    after `stall` alike ones ends it); and its db."""
     loop_file = tmp_path / "watched.py"
-    loop_file.write_text(textwrap.dedent(LOOP_FILE.format(delay=0.3)))
+    loop_file.write_text(textwrap.dedent(LOOP_FILE.format(delay=delay, stall=stall)))
     db = db_of(tmp_path)
     env = {**os.environ, "LOOPTERM_DB": str(db)}
     proc = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", str(loop_file), "--headless", "--db", str(db)],

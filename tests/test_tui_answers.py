@@ -233,7 +233,8 @@ async def test_a_stale_state_edit_is_refused_and_the_editor_shows_the_current_st
 
 
 async def test_a_stale_state_edit_of_a_watched_run_in_another_process_is_refused(tmp_path: Path) -> None:
-    proc, db = headless_watched(tmp_path)
+    # no stall and a second a reply: the run must still be going when the editor opens, however loaded the machine
+    proc, db = headless_watched(tmp_path, delay=1.0, stall=None)
     try:
         deadline = time.monotonic() + 60
         run_id = None
