@@ -144,8 +144,8 @@ async def test_a_run_policy_made_in_the_dialog_answers_the_next_matching_call(tm
         second = app.store.get_iteration(app.view.run_id, 2)
         assert second.tool_call["policy"] == made.policy
         app.timeline.move_cursor(row=1)
-        await pilot.pause()
-        assert f"approved by policy {made.policy}" in app.detail.body("tool").plain
+        await until(pilot, lambda: f"approved by policy {made.policy}" in app.detail.body("tool").plain,
+                    lambda: f"iteration 2's detail saying the policy (it says: {app.detail.body('tool').plain!r})")
         await pilot.press("a", "ctrl+s")
         await until(pilot, lambda: status(app) == "converged", "converged", 30)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual import events
 from textual.widgets import Button, Input, Select, Static
 
 from loopterm.core import runlog
@@ -113,6 +114,30 @@ async def test_state_editor_keeps_the_reason_and_the_focus_when_it_refuses(tmp_p
         await pilot.pause()
         assert editor.error_text == "something to say"
         assert not list(editor.query("Toast"))  # (the App's notices show above the box: tests/test_tui_sizes.py)
+
+
+async def test_keys_typed_right_behind_tab_go_to_the_next_field(tmp_path: Path) -> None:
+    """A terminal delivers a fast typist's keys in one burst. Tab must move the focus before the next key is
+    dispatched, or the reason typed after it lands in the JSON (seen in tmux)."""
+    loop, run_id = await finished_run(tmp_path, [turn("no")], max_iterations=1)
+    app = app_for(tmp_path, loops={"test:t": loop})
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: loaded(app), "loaded")
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, EditStateScreen), "the editor")
+        editor = app.screen
+        assert isinstance(editor, EditStateScreen)
+        before = editor.query_one("#state-json", JsonEditor).text
+        driver = app._driver
+        assert driver is not None
+        for key, char in [("tab", "\t"), ("w", "w"), ("h", "h"), ("y", "y"), ("shift+tab", None), ("z", "z")]:
+            event = events.Key(key, char)  # all sent before any is handled, as a terminal's burst
+            event.set_sender(app)
+            driver.send_message(event)
+        await pilot.pause(0.3)
+        assert editor.query_one("#reason", Input).value == "why"
+        area = editor.query_one("#state-json", JsonEditor)
+        assert area.text == "z" + before and app.focused is area
 
 
 # ---------------------------------------------------------------------- relax

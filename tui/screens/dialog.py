@@ -33,6 +33,12 @@ class Dialog(ModalScreen[T], Generic[T]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="dialog.cancel", tooltip="Close without sending anything"),
         Binding("ctrl+s", "submit", "Send", id="dialog.submit", tooltip="Validate and send"),
+        # Priority: the App moves the focus as it reads the key, before it hands the next key of a burst to the
+        # focused widget; a bubbling Tab moved it only after the keys typed behind it had gone to the old field.
+        Binding("tab", "next_field", "Next field", id="dialog.next_field", show=False, priority=True,
+                tooltip="Move to the next field"),
+        Binding("shift+tab", "previous_field", "Previous field", id="dialog.previous_field", show=False,
+                priority=True, tooltip="Move to the previous field"),
     ]
 
     # Any terminal size: the box is never taller than the screen; the title stays at its top, the buttons and the
@@ -161,6 +167,12 @@ class Dialog(ModalScreen[T], Generic[T]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         self.submit("submit")
+
+    def action_next_field(self) -> None:
+        self.focus_next()
+
+    def action_previous_field(self) -> None:
+        self.focus_previous()
 
     def action_cancel(self) -> None:
         self.dismiss(None)
