@@ -22,6 +22,7 @@ from loopterm.core.runlog import (
     ApprovalPending,
     Approved,
     ChildStarted,
+    CommandRejected,
     DaemonInterrupted,
     Denied,
     EscalationAnswered,
@@ -396,6 +397,26 @@ def news(record: EventRecord) -> News | None:
         return News(f"tool {event.tool} needs approval (a / d)", True)
     if isinstance(event, StrategyChanged):
         return News(f"changed strategy to {event.to}: {' '.join(event.why.split())[:120]}", False)
+    return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a command a person sent through the control channel: applied, or refused and why."""
+
+    command_id: int | None
+    command: str
+    refused: str | None = None  # why, when it was refused
+    stale: bool = False  # refused because the run moved on since the command was made
+
+
+def outcome(record: EventRecord) -> Outcome | None:
+    """The outcome this event records, if it records one the sender waits on (a refusal, an applied edit)."""
+    event = record.event
+    if isinstance(event, CommandRejected):
+        return Outcome(event.command_id, event.command, event.error, event.stale)
+    if isinstance(event, StateEdited):
+        return Outcome(event.command_id, "edit_state")
     return None
 
 

@@ -125,3 +125,14 @@ def test_relaxations_with_an_expiry_and_their_restoration() -> None:
     ])
     assert view.relaxed == {"i": "why"} and view.relax_until == {"i": 5}
     assert view.relaxed_at(1.5) == {"i"} and view.relaxed_at(2.5) == {"i", "j"} and view.relaxed_at(3.0) == {"i"}
+
+
+def test_outcome_says_what_became_of_a_sent_command() -> None:
+    """The TUI learns whether its edit applied or was refused (and why) from the fold, not from event kinds."""
+    from loopterm.core.fold import Outcome, outcome
+
+    refused = runlog.CommandRejected(command="edit_state", error="the run moved", command_id=7, stale=True)
+    applied = runlog.StateEdited(reason="r", patched_state={"x": 1}, command_id=8)
+    assert outcome(EventRecord(id=1, run_id="r", ts=0.0, event=refused)) == Outcome(7, "edit_state", "the run moved", True)
+    assert outcome(EventRecord(id=2, run_id="r", ts=0.0, event=applied)) == Outcome(8, "edit_state")
+    assert outcome(EventRecord(id=3, run_id="r", ts=0.0, event=runlog.FactAdded(fact="f"))) is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
-from loopterm.core import runlog
 from loopterm.core import runs as service
 from loopterm.core.control import (
     AddFact,
@@ -19,7 +18,7 @@ from loopterm.core.control import (
     command_payload,
 )
 from loopterm.core.decision import json_path
-from loopterm.core.fold import PendingApproval
+from loopterm.core.fold import Outcome, PendingApproval
 from loopterm.core.liveness import executing_elsewhere
 from loopterm.core.loop import Loop
 from loopterm.core.records import RunRecord
@@ -231,10 +230,10 @@ class Controls:
                                          base_iteration=base, base_version=version, reason=reason, refused=refused),
                          callback=partial(self._sent, run.id))
 
-    def _edit_refused(self, edit: EditInFlight, refusal: runlog.CommandRejected) -> None:
+    def _edit_refused(self, edit: EditInFlight, refusal: Outcome) -> None:
         """The engine refused a state edit sent from here: the editor opens again, saying why, with the person's
         reason; on the state the run now starts from when it had moved on (never their edit of an older one)."""
-        self.open_edit_state(edit.run_id, refused=f"Not applied: {refusal.error}", reason=edit.command.reason,
+        self.open_edit_state(edit.run_id, refused=f"Not applied: {refusal.refused}", reason=edit.command.reason,
                              edited=None if refusal.stale else edit.command.state)
 
     def _sent(self, run_id: str, command: Command | None) -> None:

@@ -10,8 +10,7 @@ from itertools import islice
 from typing import Any, Iterable, Iterator
 
 from loopterm.core import events as notices
-from loopterm.core import runlog
-from loopterm.core.fold import news, RunView, fold
+from loopterm.core.fold import RunView, fold, news, outcome
 from loopterm.core.runlog import EventRecord
 from loopterm.store import Store
 from loopterm.tui.view import EngineNotice, View, on_screen
@@ -191,18 +190,17 @@ class Following:
         edit = self._edits.get(run_id)
         shown = self.view is not None and self.view.run_id == run_id
         for record in new:
-            event = record.event
-            if edit is not None and getattr(event, "command_id", None) == edit.command_id:
-                if isinstance(event, runlog.StateEdited):
-                    self._edits.pop(run_id, None)
-                    edit = None
-                elif isinstance(event, runlog.CommandRejected):
-                    self._edits.pop(run_id, None)
-                    self.call_later(self._edit_refused, edit, event)
-                    edit = None
+            said = outcome(record)
+            if said is None:
+                continue
+            if edit is not None and said.command_id == edit.command_id:
+                self._edits.pop(run_id, None)
+                answered, edit = edit, None
+                if said.refused is not None:
+                    self.call_later(self._edit_refused, answered, said)
                     continue  # the editor says it (and why), not a notification too
-            if isinstance(event, runlog.CommandRejected) and (shown or (sent is not None and (record.id or 0) > sent)):
-                self.notify(f"run {run_id[:8]} refused {event.command.replace('_', ' ')}: {event.error}",
+            if said.refused is not None and (shown or (sent is not None and (record.id or 0) > sent)):
+                self.notify(f"run {run_id[:8]} refused {said.command.replace('_', ' ')}: {said.refused}",
                             severity="error", timeout=10, markup=False)
 
     @on_screen
