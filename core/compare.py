@@ -229,8 +229,7 @@ def state_diff(history: History, comparison: Comparison, n: int) -> StateDiff:
 
 def changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Only the top-level fields that changed, and of a list that only grew, only its new tail:
-    diffing two whole states of a long run costs more than a keystroke may.
-    (The same as tui/widgets/render.py's `changed_parts`, which the Diff tab uses; core cannot import it.)"""
+    diffing two whole states of a long run costs more than a keystroke may (the Diff tab uses it too)."""
     old: dict[str, Any] = {}
     new: dict[str, Any] = {}
     for key in [*after, *(k for k in before if k not in after)]:  # in the state's own order

@@ -23,6 +23,7 @@ from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
 from loopterm.core.text import clip
 from loopterm.core.text import first_line as text_first_line
+from loopterm.core.compare import changed_parts
 
 # Shown as escapes, never sent to the terminal: control characters (ANSI escapes, C1 controls), unpaired
 # surrogates (not Unicode: a terminal write would fail on them) and the bidirectional embedding, override
@@ -417,26 +418,7 @@ def gates_detail(record: IterationRecord, palette: Palette) -> Text:
     return text
 
 
-def changed_parts(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Only the top-level fields that changed, and of a list that only grew, only its new tail:
-    diffing two whole states of a long run costs more than a keystroke may."""
-    old: dict[str, Any] = {}
-    new: dict[str, Any] = {}
-    for key in [*after, *(k for k in before if k not in after)]:  # in the state's own order
-        a, b = before.get(key), after.get(key)
-        if a == b:
-            continue
-        if isinstance(a, list) and isinstance(b, list) and len(b) > len(a) and b[: len(a)] == a:
-            new[f"{key} (appended after item {len(a)})"] = b[len(a):]
-            continue
-        if key in before:
-            old[key] = a
-        if key in after:
-            new[key] = b
-    return old, new
-
-
-_changed_parts = changed_parts  # the name tests/test_render.py knows
+_changed_parts = changed_parts  # the name tests/test_render.py knows (the Diff tab and compare share core's)
 
 
 def state_diff(before: dict[str, Any] | None, after: dict[str, Any], palette: Palette) -> Text:
