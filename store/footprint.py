@@ -104,6 +104,7 @@ class Meter:
         self._scans: dict[str, RunScan] = {}
         self._blob_sizes: dict[str, int] = {}
         self._ref_lists: dict[str, list[str]] = {}  # a prompt's list-of-sections blob -> the section hashes in it
+        self._last: tuple[tuple[Any, ...] | None, dict[str, RunSize]] = (None, {})
 
     def scans(self, query: Query, runs: Iterable[RunRecord]) -> dict[str, RunScan]:
         """Each run's scan, brought up to date (a run that did not grow since is not read again)."""
@@ -129,7 +130,11 @@ class Meter:
         return {digest: self._blob_sizes[digest] for digest in hashes if digest in self._blob_sizes}
 
     def measure(self, query: Query, runs: Sequence[RunRecord]) -> dict[str, RunSize]:
-        """Own and shared bytes of every run in `runs` (pass every run of the store: sharing is counted among them)."""
+        """Own and shared bytes of every run in `runs` (pass every run of the store: sharing is counted among them).
+        Nothing grew since the last call (same runs, same counts): the last answer, without reading anything."""
+        key = tuple((run.id, run.iterations, run.parent_run, run.fork_iteration) for run in runs)
+        if key == self._last[0]:
+            return dict(self._last[1])
         scans = self.scans(query, runs)
         holders: dict[str, int] = {}
         for scan in scans.values():
@@ -144,6 +149,7 @@ class Meter:
             own_blobs = sum(sizes.get(d, 0) for d in scan.refs if holders[d] == 1)
             shared_blobs = sum(sizes.get(d, 0) for d in scan.refs if holders[d] > 1)
             result[run.id] = RunSize(own_bytes=scan.row_bytes - lent + own_blobs, shared_bytes=lent + shared_blobs)
+        self._last = (key, dict(result))
         return result
 
     def _scan(self, query: Query, run: RunRecord, scan: RunScan) -> RunScan:
