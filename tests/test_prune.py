@@ -316,3 +316,31 @@ def test_an_unknown_db_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err.strip()
     assert "nope.db" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "nope.db").exists()
+
+
+# -- the run tree ------------------------------------------------------------------------------
+
+
+async def test_the_run_tree_shows_each_runs_own_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loopterm.store.footprint import human
+    from loopterm.tui.app import LooptermApp
+    from tests.test_compare import B1, PARENT, build_family
+    from tests.test_tui_compare import shown, tree_label, until
+
+    monkeypatch.setenv("LOOPTERM_CONFIG_DIR", str(tmp_path / "config"))
+    db = tmp_path / "db" / "loopterm.db"
+    db.parent.mkdir()
+    build_family(db)
+    with Store.open(db, create=False) as store:
+        sizes = store.sizes()
+    app = LooptermApp(db, watch_run=B1, theme="textual-dark", frozen=False)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await until(pilot, lambda: shown(app, B1), "the branch on screen")
+        for run_id in (PARENT, B1):
+            await until(pilot, lambda: tree_label(app, run_id).endswith(human(sizes[run_id].own_bytes)),
+                        f"{run_id}'s size in the tree")
+        assert app._tree_sizes.last_s is not None and app._tree_sizes.last_s < 2.0
+    frozen = LooptermApp(db, watch_run=B1, theme="textual-dark", frozen=True)
+    async with frozen.run_test(size=(140, 40)) as pilot:  # snapshots: nothing measured, nothing timing-dependent
+        await until(pilot, lambda: shown(frozen, B1), "the branch on screen")
+        assert not tree_label(frozen, PARENT).endswith("B")
