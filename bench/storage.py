@@ -83,7 +83,7 @@ def main() -> None:
             ("meter, warm (nothing changed)", f"{warm * 1000:.1f} ms"),
             ("meter, after 50 new iterations of the branch", f"{grown * 1000:.1f} ms"),
             ("big: own + shared", f"{human(sizes['big'].own_bytes)} + {human(sizes['big'].shared_bytes)}"),
-            ("branch (500 own of 9,500): own + shared", f"{human(sizes['branch'].own_bytes)} + {human(sizes['branch'].shared_bytes)}"),
+            ("branch (550 own): own + shared", f"{human(sizes['branch'].own_bytes)} + {human(sizes['branch'].shared_bytes)}"),
         ]
         dry, planning = timed(lambda: store.prune(older_than=1.0, keep_last=None, dry_run=True))
         on_disk = os.path.getsize(store.path) + os.path.getsize(f"{store.path}-wal")
