@@ -24,6 +24,8 @@ def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = Fal
     if marked:  # the first of a pair to compare (tui/comparing.py); first, so a narrow tree still shows it
         label.append("⇄ ", style=f"bold {palette.accent}")
     label.append(run.id[:8], style="bold")
+    if size is not None:  # next to the id: a narrow tree cuts a deep branch's line from the right
+        label.append(f" {human(size)}", style="dim")
     label.append(" ")
     label.append(literal(run.loop))
     if run.origin == "child":
@@ -33,8 +35,6 @@ def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = Fal
     elif run.fork_iteration is not None and run.parent_run:
         label.append(f" @{run.fork_iteration}", style="dim")
     label.append(f" {run.iterations}it", style="dim")
-    if size is not None:
-        label.append(f" {human(size)}", style="dim")
     if waiting and run.status != "escalated":
         label.append(" ⚑", style=f"bold {palette.warn}")
     if owned:
