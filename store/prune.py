@@ -116,7 +116,7 @@ def _why_not_finished(store: Store, run: RunRecord, now: float) -> str | None:
 
 def plan(store: Store, *, older_than: float | None, keep_last: int | None, now: float | None = None,
          meter: Meter | None = None) -> PrunePlan:
-    """Decide what goes; reads only. Inside the store's write transaction, it is what `execute` deletes."""
+    """Decide what goes; reads only. Inside the store's write transaction (see `prune`), it is what is deleted."""
     now = time.time() if now is None else now
     runs = store.list_runs()
     candidates = chosen(runs, older_than=older_than, keep_last=keep_last)
@@ -165,8 +165,13 @@ def prune(store: Store, *, older_than: float | None, keep_last: int | None, dry_
     """Plan, and unless `dry_run` delete what the plan says in one transaction, then compact the file."""
     before = file_bytes(store)
     if dry_run:
-        return PruneResult(plan=plan(store, older_than=older_than, keep_last=keep_last, now=now), dry_run=True,
-                           file_bytes_before=before, file_bytes_after=before)
+        with store._lock:  # one read snapshot, so the plan is the one a real prune would make at this moment
+            store._conn.execute("BEGIN")
+            try:
+                decided = plan(store, older_than=older_than, keep_last=keep_last, now=now)
+            finally:
+                store._conn.rollback()
+        return PruneResult(plan=decided, dry_run=True, file_bytes_before=before, file_bytes_after=before)
     with store._write():
         decided = plan(store, older_than=older_than, keep_last=keep_last, now=now)
         _delete(store, [run.id for run in decided.removed], decided.orphans)
