@@ -344,3 +344,37 @@ async def test_the_run_tree_shows_each_runs_own_bytes(tmp_path: Path, monkeypatc
     async with frozen.run_test(size=(140, 40)) as pilot:  # snapshots: nothing measured, nothing timing-dependent
         await until(pilot, lambda: shown(frozen, B1), "the branch on screen")
         assert tree_label(frozen, PARENT).split()[2] == "flagger"  # glyph, id, loop: no size
+
+
+def test_prune_while_another_process_runs_a_loop(cli_db: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A headless loop in another process keeps committing through a prune (and its VACUUM) and converges."""
+    import subprocess
+    import sys
+
+    template, ids = cli_db
+    db = tmp_path / "s.db"
+    with sqlite3.connect(template) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    child = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", "codefix", "--headless", "--db", str(db)],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        live = None
+        while live is None and time.monotonic() < deadline and child.poll() is None:
+            with Store.open(db, create=False) as store:
+                live = next((r for r in store.list_runs() if r.id not in ids.values() and r.status == "running"), None)
+            time.sleep(0.05)
+        assert live is not None, "the loop never started"
+        done = out_json(capsys, "prune", "--keep-last", "0", "--json", "--db", str(db))
+        assert child.wait(60) == 0, child.stderr.read() if child.stderr else ""
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert live.id not in {r["id"] for r in done["removed"]}
+    assert {k["id"]: k["reason"] for k in done["kept"]}.get(live.id, "kept: spent today").startswith("kept:")
+    assert ids["other"] in {r["id"] for r in done["removed"]}
+    with Store.open(db, create=False) as store:
+        run = store.get_run(live.id)
+        assert run.status == "converged" and [r.n for r in store.iterations(live.id)] == list(range(1, run.iterations + 1))
