@@ -9,6 +9,8 @@ The rule (why each part is there):
   as "kept: ancestor of <run>": a branch reads its parent's iterations 1..fork point, its prefix's states
   (keyframes, deltas), tool calls (rewind policies) and the parent's rows in its export. Keeping the
   ancestor whole keeps every load, fork, replay and export of the branch exactly as it was.
+- A run another run called (loops calling loops: origin "child") stays while its caller stays ("kept: called
+  by <run>"): the caller's log names it, and resuming the caller reuses what it returned.
 - A run with ledger rows dated today is kept until tomorrow: the daily budget counts today's spend, and
   pruning must never give a budget back. A pruned run's older ledger rows go with it (`loopterm budget`
   no longer counts them).
@@ -141,6 +143,10 @@ def plan(store: Store, *, older_than: float | None, keep_last: int | None, now: 
                 going.discard(parent)
                 reasons[parent] = f"kept: ancestor of {run.id}"
             parent = parents.get(parent)
+    for run in runs:  # creation order, so a caller is decided before the runs it called
+        if run.id in going and run.origin == "child" and run.parent_run in parents and run.parent_run not in going:
+            going.discard(run.id)
+            reasons[run.id] = f"kept: called by {run.parent_run}"
     meter = meter or Meter()
     scans = meter.scans(store._query, runs)
     doomed = set().union(*(scans[r].refs for r in going)) if going else set()

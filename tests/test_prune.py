@@ -378,3 +378,16 @@ def test_prune_while_another_process_runs_a_loop(cli_db: tuple[Path, dict[str, s
     with Store.open(db, create=False) as store:
         run = store.get_run(live.id)
         assert run.status == "converged" and [r.n for r in store.iterations(live.id)] == list(range(1, run.iterations + 1))
+
+
+def test_a_run_called_by_a_kept_run_stays(forest: Forest) -> None:
+    store = forest.store
+    forest.store.create_run(make_run("callee", parent_run="y", origin="child", status="converged", created_at=1,
+                                     updated_at=1))
+    forest.store.create_run(make_run("inner", parent_run="callee", origin="child", status="converged", created_at=1,
+                                     updated_at=1))
+    plan = store.prune(older_than=5.0, keep_last=None, dry_run=True).plan
+    reasons = {k.id: k.reason for k in plan.kept}
+    assert reasons["callee"] == "kept: called by y" and reasons["inner"] == "kept: called by callee"
+    plan = store.prune(older_than=20.0, keep_last=None, dry_run=True).plan  # the caller goes: so do its callees
+    assert {"y", "callee", "inner"} <= {r.id for r in plan.removed}

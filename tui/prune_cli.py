@@ -1,7 +1,8 @@
 """`loopterm prune`: remove finished runs the options choose, never what a run that stays needs.
 
 The rule is store/prune.py's: only finished runs (nothing waiting on a person, no engine on them); an
-ancestor of a run that stays is kept whole ("kept: ancestor of <run>"); a run that spent today is kept
+ancestor of a run that stays is kept whole ("kept: ancestor of <run>"), so is a run a staying run called; a run
+that spent today is kept
 until tomorrow; a blob goes only when nothing left references it; then the file is compacted.
 No confirmation: `--dry-run` shows the same plan and changes nothing.
 
@@ -33,8 +34,9 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
         "prune", parents=[db], help="remove finished runs (never what a kept branch needs) and compact the file",
         description="Remove finished runs chosen by --older-than and/or --keep-last (both: both must hold), then "
                     "compact the database. A running, paused, escalated or waiting run is never removed; a run that "
-                    "is an ancestor of a run that stays is kept whole; a run that spent today is kept until "
-                    "tomorrow. No confirmation is asked: use --dry-run to see what would go.",
+                    "is an ancestor of a run that stays is kept whole, and so is a run a staying run called; a run "
+                    "that spent today is kept until tomorrow. No confirmation is asked: use --dry-run to see what "
+                    "would go.",
     )
     prune.add_argument("--older-than", type=when, metavar="DATE",
                        help="runs last written before DATE (local: 2026-12-01 or 2026-12-01T14:30)")
