@@ -1,9 +1,9 @@
 """`loopterm prune`: remove finished runs the options choose, never what a run that stays needs.
 
 The rule is store/prune.py's: only finished runs (nothing waiting on a person, no engine on them); an
-ancestor of a run that stays is kept whole ("kept: ancestor of <run>"), so is a run a staying run called; a run
-that spent today is kept
-until tomorrow; a blob goes only when nothing left references it; then the file is compacted.
+ancestor of a run that stays is kept whole ("kept: ancestor of <run>"), and so is a run a staying run
+called; a run that spent today is kept until tomorrow; a blob goes only when nothing left references it;
+then the file is compacted.
 No confirmation: `--dry-run` shows the same plan and changes nothing.
 
 Start-up stays fast: only the standard library at the top; the store and rich load inside `run`.
