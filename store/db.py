@@ -50,6 +50,7 @@ from loopterm.core.runlog import EventRecord, RunEvent, from_stored, to_stored
 import loopterm.store.ledger as ledger
 import loopterm.store.memory as memory
 import loopterm.store.policies as policies
+import loopterm.store.prune as pruning
 import loopterm.store.transfer as transfer
 from loopterm.core.text import one_line
 from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy
@@ -70,6 +71,7 @@ from loopterm.store.states import (
     segments,
 )
 from loopterm.store.delta import apply_copy, copy_tree, loads
+from loopterm.store.footprint import Meter, RunSize
 
 BUSY_TIMEOUT_MS = 10_000  # SQLite's own wait for another connection's lock, per attempt
 # A write waits this long in all for another process's write lock (a big import, a person's sqlite3 shell)
@@ -837,6 +839,16 @@ class Store:
                 self._conn.execute("DELETE FROM meta WHERE key = ?", [ledger.DAILY_BUDGET_KEY])
             else:
                 self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [ledger.DAILY_BUDGET_KEY, repr(usd)])
+
+    # -- storage meter and prune (footprint.py, prune.py) ---------------------
+
+    def sizes(self, runs: Sequence[RunRecord] | None = None, meter: Meter | None = None) -> dict[str, RunSize]:
+        """Own and shared bytes of each run (`runs`: every run of the store, or the list already read)."""
+        return (meter or Meter()).measure(self._query, self.list_runs() if runs is None else runs)
+
+    def prune(self, **options: Any) -> pruning.PruneResult:
+        """Remove finished runs (never what a kept run needs), then compact the file; see prune.py."""
+        return pruning.prune(self, **options)
 
     # -- export and import (transfer.py) -------------------------------------
 

@@ -57,6 +57,7 @@ from loopterm.tui.widgets.render import (
     literal,
 )
 from loopterm.tui.widgets.keyhints import KeyHints
+from loopterm.tui.tree_sizes import TreeSizes
 from loopterm.tui.widgets.runtree import RunTree
 from loopterm.tui.widgets.timeline import Timeline
 from rich.text import Text
@@ -178,6 +179,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         if start is not None:
             self._loops[start[1]] = start[0]
         self._ticks = 0
+        self._tree_sizes = TreeSizes()  # tui/tree_sizes.py
         self._poll_queued = False
         self._spend_dirty = False
         self._tree_iterations: int | None = None  # the shown run's iteration count when the tree was drawn
@@ -377,6 +379,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         tree = self.run_tree
         if force_labels:
             tree._labels.clear()
+        tree.sizes = {} if self.frozen else self._tree_sizes.known(self, [run for _, run in rows])
         tree.update_runs(rows, self.palette, set(self.engines), self.view.run_id if self.view else None, waiting)
 
     def _waits(self, run_id: str) -> bool:

@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("loops", help="list built-in and discovered loops")
 
-    from loopterm.tui import budget_cli, memory_cli, policy_cli  # standard library only at import
+    from loopterm.tui import budget_cli, memory_cli, policy_cli, prune_cli  # standard library only at import
 
     memory_cli.add_parser(sub, db)
     budget_cli.add_parser(sub, db)
     policy_cli.add_parser(sub, db)
+    prune_cli.add_parser(sub, db)
     from loopterm.tui import daemon_cli  # standard library only at import
 
     daemon_cli.add_parser(sub, db)
@@ -312,6 +313,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import budget_cli
 
         return budget_cli.run(args, db_path(args))
+    if args.command == "prune":
+        from loopterm.tui import prune_cli
+
+        return prune_cli.run(args, db_path(args))
     if args.command == "daemon":
         from loopterm.tui import daemon_cli
 

@@ -30,6 +30,7 @@ from loopterm.core.liveness import executing_elsewhere
 from loopterm.core.runlog import ShadowMode, to_stored
 from loopterm.core.termination import EXIT_CODES, Status
 from loopterm.store import Store
+from loopterm.store.footprint import size_text
 from loopterm.tui.headless import (
     ApprovalTimeout,
     HeadlessProgress,
@@ -287,9 +288,10 @@ def runs(db: Path, *, as_json_out: bool) -> int:
     shadow = store.runs_with_event(ShadowMode) if store is not None else set()
     # What waits on a person, whatever the run's status (a run stopped while it escalated still waits).
     waiting = {r.id for _, r in tree if store is not None and fold(store.events(r.id)).waiting}
+    sizes = store.sizes([r for _, r in tree]) if store is not None else {}
     if as_json_out:
-        print(as_json([{**r.model_dump(), "depth": depth, "shadow": r.id in shadow, "waiting": r.id in waiting}
-                       for depth, r in tree]))
+        print(as_json([{**r.model_dump(), "depth": depth, "shadow": r.id in shadow, "waiting": r.id in waiting,
+                        "storage": sizes[r.id].model_dump()} for depth, r in tree]))
         return 0
     console = _console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -311,6 +313,7 @@ def runs(db: Path, *, as_json_out: bool) -> int:
     table.add_column("status", no_wrap=True)
     for col in ("iter", "tokens", "cost"):
         table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)  # own bytes (+ shared with other runs)
     table.add_column("model", max_width=22, overflow="ellipsis", no_wrap=True)
     table.add_column("started", overflow="ellipsis", no_wrap=True)
     for _, r in tree:
@@ -319,7 +322,7 @@ def runs(db: Path, *, as_json_out: bool) -> int:
         if r.id in waiting and r.status != "escalated":
             status.append(" · ⚑ waits", style="yellow")
         table.add_row(labels[r.id], r.loop, status, f"{r.iterations}/{r.max_iterations}",
-                      f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.4f}", r.model, started)
+                      f"{r.tokens_in + r.tokens_out:,}", f"${r.cost_usd:.4f}", size_text(sizes[r.id]), r.model, started)
     console.print(table)
     return 0
 
@@ -360,7 +363,7 @@ def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> 
         events = [{**e.model_dump(exclude={"event"}), "kind": kind, "data": data}
                   for e in records for kind, data in [to_stored(e.event)]]
         print(json.dumps({"run": run_record.model_dump(), "lineage": [r.id for r in lineage], "waiting_on": waits,
-                          "iterations": [i.model_dump() for i in iterations], "events": events}, indent=2, default=str))
+                          "storage": store.sizes()[run_record.id].model_dump(), "iterations": [i.model_dump() for i in iterations], "events": events}, indent=2, default=str))
         return 0
     console.print(summary(run_record))
     for line in waits:

@@ -10,18 +10,22 @@ from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
 from loopterm.core.records import RunRecord
+from loopterm.store.footprint import human
 from loopterm.tui.widgets.render import Palette, literal, status_glyph
 
 
-def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = False, marked: bool = False) -> Text:
+def run_label(run: RunRecord, palette: Palette, owned: bool, waiting: bool = False, marked: bool = False,
+              size: int | None = None) -> Text:
     """`waiting`: its log says it waits on a person (an escalated run's glyph says so already; a run stopped
-    while it waited gets the flag too)."""
+    while it waited gets the flag too). `size`: the run's own bytes in the store (tui/tree_sizes.py)."""
     glyph, variable, fallback = status_glyph(run.status)
     label = Text(no_wrap=True, overflow="ellipsis")
     label.append(f"{glyph} ", style=palette.colour(variable, fallback))
     if marked:  # the first of a pair to compare (tui/comparing.py); first, so a narrow tree still shows it
         label.append("⇄ ", style=f"bold {palette.accent}")
     label.append(run.id[:8], style="bold")
+    if size is not None:  # next to the id: a narrow tree cuts a deep branch's line from the right
+        label.append(f" {human(size)}", style="dim")
     label.append(" ")
     label.append(literal(run.loop))
     if run.origin == "child":
@@ -60,6 +64,7 @@ class RunTree(Tree[str], inherit_bindings=False):
         self._shape: list[tuple[str, str | None]] = []
         self._run_nodes: dict[str, TreeNode[str]] = {}
         self._labels: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}  # own bytes by run id, shown when known (set before update_runs)
 
     marked: str | None = None  # the run marked as the first of a pair to compare (tui/comparing.py)
 
@@ -84,15 +89,17 @@ class RunTree(Tree[str], inherit_bindings=False):
             self._labels = {}
             for _, run in rows:
                 parent = self._run_nodes.get(run.parent_run or "", self.root)
-                node = parent.add(run_label(run, palette, run.id in owned, run.id in waiting, run.id == self.marked), data=run.id,
-                                  expand=True)
+                label = run_label(run, palette, run.id in owned, run.id in waiting, run.id == self.marked,
+                                  self.sizes.get(run.id))
+                node = parent.add(label, data=run.id, expand=True)
                 self._run_nodes[run.id] = node
                 self._labels[run.id] = ""
             self.root.expand_all()
             if current:
                 self.show_current(current)
         for _, run in rows:
-            label = run_label(run, palette, run.id in owned, run.id in waiting, run.id == self.marked)
+            label = run_label(run, palette, run.id in owned, run.id in waiting, run.id == self.marked,
+                              self.sizes.get(run.id))
             if self._labels.get(run.id) != label.markup:
                 self._labels[run.id] = label.markup
                 self._run_nodes[run.id].set_label(label)
