@@ -35,9 +35,9 @@ drop the marker; see the report of issue 15):
   (3.13 here) reads an integer outside [-2**63, 2**64) as a float: 2**64 comes back 1.8446744073709552e+19,
   from every delta, keyframe and import. While the probe finds it, such integers are generated as their
   digits in a string (`big`); integers up to 2**64 - 1 and down to -2**63 are generated as integers.
-- `loopterm import` splits the file with str.splitlines(), which also breaks lines at U+2028, U+2029 and
-  U+0085, characters `json.dumps(ensure_ascii=False)` writes raw: the CLI round trip test leaves them
-  out of its states (the Python-level export/import test keeps them).
+
+`loopterm import` once split its file with str.splitlines(), which also breaks at U+2028, U+2029 and U+0085
+(written raw by `json.dumps(ensure_ascii=False)`); it splits at "\n" only now, and the CLI round trip keeps them.
 
 Examples are derandomized (deterministic in CI), without a database, as tests/test_fuzz.py's "ci" profile.
 """
@@ -644,10 +644,10 @@ def test_forks_and_export_import_round_trip_exactly(tmp_path_factory: pytest.Tem
 
 def scripted_states(count: int) -> list[dict[str, Any]]:
     """Every tricky shape in a fixed sequence: type flips, big ints, long lists that slide, are truncated and
-    change their items' types, Unicode (no line separator: see the module)."""
+    change their items' types, Unicode (line separators included)."""
     out = []
     log: list[Any] = []
-    flips = [1, 1.0, True, 1, 0.0, -0.0, "1", 1, [], {}, None, big(2**64), big(-(2**70)), 2**64 - 1, "naïve e\u0301"]
+    flips = [1, 1.0, True, 1, 0.0, -0.0, "1", 1, [], {}, None, big(2**64), big(-(2**70)), 2**64 - 1, "naïve e\u0301", "a\u2028b\u2029c\x85d"]
     for n in range(1, count + 1):
         log = log + [{"n": n, "text": f"step {n} ü 日本 🚀 \x00 \t"}]
         if n % 7 == 0:
@@ -713,11 +713,8 @@ def test_known_bug_a_type_change_inside_a_long_list_is_not_stored(tmp_path: Path
         assert_same(store.state_at("r", 2), {"l": [0] * 32 + [False]}, "state_at(2)")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: `loopterm import` splits the file with str.splitlines(), which also "
-                                       "breaks lines at U+2028, U+2029 and U+0085, which json.dumps(ensure_ascii=False) "
-                                       "writes raw in the export")
 @pytest.mark.parametrize("separator", SEPARATORS, ids=["U+2028", "U+2029", "U+0085"])
-def test_known_bug_import_breaks_lines_at_unicode_line_separators(tmp_path: Path, separator: str) -> None:
+def test_import_keeps_unicode_line_separators_inside_strings(tmp_path: Path, separator: str) -> None:
     from loopterm.tui.cli import main
 
     with Store.open(tmp_path / "a.db") as store:

@@ -449,7 +449,7 @@ def import_file(db: Path, path: Path) -> int:
     from loopterm.store.transfer import import_lines
 
     store = Store.open(db)
-    imported = import_lines(store, text.splitlines())  # checked whole first: refused, it imports nothing
+    imported = import_lines(store, text.split("\n"))  # only \n ends a line: U+2028 and kin are text in a JSON string; checked whole first
     _console().print(f"imported {len(imported)} run(s) into {db}: {', '.join(imported)}")
     return 0
 
