@@ -91,6 +91,34 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is not float or a != 0 or math.copysign(1.0, a) == math.copysign(1.0, b)
 
 
+def _json_same(a: Any, b: Any) -> bool:
+    """For two containers already equal by `==`: whether they are also equal type-strictly.
+
+    orjson writes 1, 1.0 and true (and 0.0 and -0.0) differently, so equal bytes mean equal
+    types too; this runs at C speed, where walking both trees in Python cost most of a diff.
+    What orjson cannot write (integers beyond 64 bits, non-str keys) answers False: the
+    caller then compares element by element, as before.
+    """
+    try:
+        return orjson.dumps(a) == orjson.dumps(b)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return False
+
+
+_PLAIN = (str, int, bool, type(None))
+_ABSENT = object()  # scalars whose == is type-strict once their types match
+
+
+def _unchanged(before: Any, value: Any) -> bool:
+    """A cheap test that `value` equals `before` type-strictly; False means "not known", not "different"."""
+    kind = type(before)
+    if kind is not type(value):
+        return False
+    if kind in _PLAIN:
+        return bool(before == value)
+    return (kind is dict or kind is list) and before == value and _json_same(before, value)
+
+
 def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
     if isinstance(new, tuple):
         new = list(new)
@@ -98,13 +126,27 @@ def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
         for key in old:
             if key not in new:
                 ops.append([DELETE, path + [key]])
-        for key, value in new.items():
-            if key in old:
-                before = old[key]
-                if before is not value:
-                    _diff(before, value, path + [key], ops)
-            else:
+        equal: list[str] = []  # keys of containers equal by ==: checked type-strictly together, below
+        for key, value in new.items():  # this loop runs for every key of every changed dict: kept lean
+            before = old.get(key, _ABSENT)
+            if before is value:
+                continue
+            if before is _ABSENT:
                 ops.append([SET, path + [key], value])
+                continue
+            kind = type(before)
+            if kind is type(value):
+                if kind in _PLAIN:
+                    if before == value:
+                        continue
+                elif (kind is dict or kind is list) and before == value:
+                    equal.append(key)
+                    continue
+            _diff(before, value, path + [key], ops)
+        if equal and not _json_same([old[key] for key in equal], [new[key] for key in equal]):
+            for key in equal:  # rare: 1 against 1.0 or True somewhere inside
+                if not _json_same(old[key], new[key]):
+                    _diff(old[key], new[key], path + [key], ops)
     elif isinstance(old, list) and isinstance(new, list):
         _diff_list(old, new, path, ops)
     elif not _same(old, new):
@@ -154,7 +196,7 @@ def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]])
     edits: list[list[Any]] = []
     for i in range(common):
         a, b = old[i], new[i]
-        if a is b:
+        if a is b or _unchanged(a, b):
             continue
         if type(a) in (dict, list) and isinstance(b, (dict, list, tuple)):
             before = len(edits)
