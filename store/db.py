@@ -12,8 +12,9 @@ the spend ledger (ledger.py: one row per change of a run's totals, written in
 the transaction that changes them).
 
 Schema 2 stores each iteration's state as a delta against the one before, with
-a keyframe every 64 iterations whose long lists are shared content-addressed
-chunks (states.py, delta.py), and prompts by section (prompts.py). Reads are
+a keyframe when the deltas since the last one outweigh it (at least every 256
+iterations), whose long lists are shared content-addressed chunks (states.py,
+delta.py); intents and the tool-call journal are calls.py, and prompts by section (prompts.py). Reads are
 lineage-aware: a branch (parent_run P, fork_iteration N) shows P's iterations
 1..N, recursively, then its own, without any of them being copied.
 """
@@ -63,12 +64,13 @@ from loopterm.store.states import (
     Head,
     decode_keyframe,
     fetch_blobs,
+    load_head,
     load_state,
     owner,
     put_state,
     segments,
 )
-from loopterm.store.delta import apply_copy, copy_tree, loads
+from loopterm.store.delta import apply_copy, copy_tree, decode_delta, loads
 
 BUSY_TIMEOUT_MS = 10_000  # SQLite's own wait for another connection's lock, per attempt
 # A write waits this long in all for another process's write lock (a big import, a person's sqlite3 shell)
@@ -410,11 +412,11 @@ class Store(CallJournal):
             self._executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
         self._insert_row("iterations", row)
 
-        def base() -> dict[str, Any] | None:
+        def base() -> Head | None:
             if n <= 1:
                 return None
             try:
-                return load_state(self._query, segs, n - 1)
+                return load_head(self._query, segs, n - 1)
             except (KeyError, DamagedStateError):  # no chain to extend: this iteration becomes a keyframe
                 return None
 
@@ -521,7 +523,7 @@ class Store(CallJournal):
                     if keyframe:
                         state = decode_keyframe(self._query, body, chunks)
                     elif state is not None and at == n - 1:
-                        state = apply_copy(state, loads(body))
+                        state = apply_copy(state, decode_delta(body))
                     else:
                         state = load_state(self._query, segments(self._query, holder, n), n)
                     at = n

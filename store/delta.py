@@ -35,7 +35,7 @@ SET, DELETE, APPEND, TRUNCATE, DROP_FRONT = "s", "d", "a", "t", "h"
 CHUNK_ITEMS = 64  # a list longer than this is chunked in keyframes, this many items a chunk
 SMALL_LIST = 32  # lists up to this length are compared element by element, type-strictly
 MIN_ELEMENT_EDITS = 8  # a list with more edited elements than max(this, len/4) is set whole
-MAX_SHIFT = 8  # a window that slid by up to this many items is found
+MAX_SHIFT = 64  # a window that slid by up to this many items is found (a transcript pruned now and then)
 
 Path = list[str | int]
 
@@ -220,6 +220,93 @@ def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]])
 def _same_first(new: list[Any], old: list[Any], k: int) -> bool:
     """A cheap filter before comparing a whole shifted list."""
     return bool(new) and (new[0] is old[k] or new[0] == old[k])
+
+
+# -- the stored form of a delta ---------------------------------------------------
+#
+# Stored since issue 15 as a tree of the ops' paths, each key written once (a JSON object, where the
+# first form was the flat list of ops above, one full path each, which is still read):
+#
+#     node   {key: entry, ...}      keys of a dict, or (under "i") indexes of a list, as strings
+#     entry  [code, arg]            an op at this key: ["s", value], ["d"], ["a", items], ["t", length],
+#                                   ["h", count]
+#            {key: entry, ...}      a step down into the dict at this key (a node)
+#            ["i", node]            a step down into the list at this key (its items by index)
+#            ["m", entry, ...]      several, in order (a window that slid: ["h", 1] then ["a", items])
+
+NODE, ITEMS, MANY = "n", "i", "m"
+
+
+def encode_delta(ops: list[list[Any]]) -> str:
+    """The stored text of a delta: its ops as one tree of their paths (see above)."""
+    if any(not op[1] for op in ops):  # the root replaced: only the flat form says that
+        return dumps(ops)
+    root: dict[str, list[Any]] = {}
+    for op in ops:
+        path = op[1]
+        node = root
+        for i, step in enumerate(path[:-1]):
+            code = ITEMS if type(path[i + 1]) is int else NODE
+            items = node.setdefault(str(step), [])
+            if not items or items[-1][0] != code:  # merge only with the last entry: order within a key holds
+                items.append([code, {}])
+            node = items[-1][1]
+        node.setdefault(str(path[-1]), []).append([op[0], *op[2:]])
+    return _dumps_fast(_entries(root))
+
+
+def _entries(node: dict[str, list[Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, items in node.items():
+        for i, item in enumerate(items):
+            if item[0] == NODE:
+                items[i] = _entries(item[1])
+            elif item[0] == ITEMS:
+                item[1] = _entries(item[1])
+        out[key] = items[0] if len(items) == 1 else [MANY, *items]
+    return out
+
+
+def _dumps_fast(value: Any) -> str:
+    """dumps at C speed; the standard library for what orjson refuses (integers beyond 64 bits, NaN is
+    written as null by orjson, so floats that are not finite go the slow way too)."""
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        return dumps(value)
+    return dumps(value) if "null" in text and _has_nonfinite(value) else text
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if type(value) is float:
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(map(_has_nonfinite, value.values()))
+    if isinstance(value, list):
+        return any(map(_has_nonfinite, value))
+    return False
+
+
+def decode_delta(text: str | bytes) -> list[list[Any]]:
+    """A stored delta's ops, in either stored form (fresh objects)."""
+    body = loads(text)
+    if isinstance(body, list):  # the first form: the ops themselves
+        return body
+    ops: list[list[Any]] = []
+    _flatten(body, [], False, ops)
+    return ops
+
+
+def _flatten(node: dict[str, Any], path: Path, indexes: bool, ops: list[list[Any]]) -> None:
+    for key, entry in node.items():
+        at = [*path, int(key) if indexes else key]
+        for item in entry[1:] if type(entry) is list and entry[0] == MANY else (entry,):
+            if type(item) is dict:
+                _flatten(item, at, False, ops)
+            elif item[0] == ITEMS:
+                _flatten(item[1], at, True, ops)
+            else:
+                ops.append([item[0], at, *item[1:]])
 
 
 # -- apply -----------------------------------------------------------------------

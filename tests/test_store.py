@@ -695,5 +695,7 @@ def test_an_engines_append_is_stored_as_an_append(store: Store) -> None:
     grown = GrownList(first.state["items"], ["new"])
     store.commit_iteration(make_iteration("run-0001", 2, state={"items": grown}), {}, handover=True)
     body = rows_in(store.path, "SELECT body FROM states WHERE n = 2", [])[0][0]
-    assert json.loads(body) == [["a", ["items"], ["new"]]]
+    from loopterm.store.delta import decode_delta
+
+    assert decode_delta(body) == [["a", ["items"], ["new"]]]
     assert store.state_at("run-0001", 2) == {"items": [*first.state["items"], "new"]}
