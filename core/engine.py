@@ -251,6 +251,7 @@ class Engine:
         self.emit(RunStarted(run_id=self.run_id, loop=self.loop.name, model=self.run_record.model,
                              max_iterations=self.max_iterations, resumed_from=resumed_from))
         self._session_start = time.monotonic()
+        self._first_of_session = True
         self._elapsed_base = self.spend.elapsed_s
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -339,7 +340,10 @@ class Engine:
     async def _iteration(self, n: int) -> None:
         """decide -> act -> verify -> fold the next state -> commit (with the escalation, if any)."""
         self.emit(IterationStarted(run_id=self.run_id, n=n))
-        intent = self.journal.load_intent(self.run_id, n)
+        # Only the session's first iteration can find a reply journalled before (by a process that died):
+        # this engine commits every later one itself, and no one else writes this run's intents.
+        intent = self.journal.load_intent(self.run_id, n) if self._first_of_session else None
+        self._first_of_session = False
         if intent is None:
             intent = await decide(self, n, self.clock())
             # Queued, not committed: it joins the tool call's start (so it is on disk before the

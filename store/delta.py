@@ -252,7 +252,7 @@ def encode_delta(ops: list[list[Any]]) -> str:
                 items.append([code, {}])
             node = items[-1][1]
         node.setdefault(str(path[-1]), []).append([op[0], *op[2:]])
-    return _dumps_fast(_entries(root))
+    return dumps_fast(_entries(root))
 
 
 def _entries(node: dict[str, list[Any]]) -> dict[str, Any]:
@@ -267,24 +267,22 @@ def _entries(node: dict[str, list[Any]]) -> dict[str, Any]:
     return out
 
 
-def _dumps_fast(value: Any) -> str:
-    """dumps at C speed; the standard library for what orjson refuses (integers beyond 64 bits, NaN is
-    written as null by orjson, so floats that are not finite go the slow way too)."""
+# What the standard library would not write as orjson does (datetimes, dataclasses, subclasses of str, int,
+# list, dict) is refused, so it goes the standard library's way.
+_AS_JSON_DOES = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def dumps_fast(value: Any, slow: Callable[[Any], str] = dumps) -> str:
+    """JSON text at C speed (orjson, compact, non-ASCII kept); `slow` for what orjson cannot write
+    faithfully: integers beyond 64 bits, keys that are not strings (refused), and NaN and the
+    infinities (written as null: found by reading the text back, only when it holds a null)."""
     try:
-        text = orjson.dumps(value).decode()
+        raw = orjson.dumps(value, option=_AS_JSON_DOES)
     except TypeError:
-        return dumps(value)
-    return dumps(value) if "null" in text and _has_nonfinite(value) else text
-
-
-def _has_nonfinite(value: Any) -> bool:
-    if type(value) is float:
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(map(_has_nonfinite, value.values()))
-    if isinstance(value, list):
-        return any(map(_has_nonfinite, value))
-    return False
+        return slow(value)
+    if b"null" in raw and orjson.loads(raw) != value:
+        return slow(value)
+    return raw.decode()
 
 
 def decode_delta(text: str | bytes) -> list[list[Any]]:

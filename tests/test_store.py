@@ -627,7 +627,8 @@ def test_queued_writes_join_the_next_write_and_close(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already finished"):
         store.tool_call_started(call)
     store.append_event("run-0001", runlog.ShadowMode(why="note"))
-    assert rows_in(path, "SELECT status, result FROM tool_calls", []) == [("done", '{"ok": true}')]
+    assert [(status, json.loads(result)) for status, result in rows_in(path, "SELECT status, result FROM tool_calls", [])] \
+        == [("done", {"ok": True})]
     store.save_intent(make_intent("run-0001", 2), durable=False)
     store.close()
     assert rows_in(path, "SELECT n FROM intents ORDER BY n", []) == [(1,), (2,)]
