@@ -307,6 +307,40 @@ def _flatten(node: dict[str, Any], path: Path, indexes: bool, ops: list[list[Any
                 ops.append([item[0], at, *item[1:]])
 
 
+def apply_delta(state: dict[str, Any], text: str | bytes) -> dict[str, Any]:
+    """Apply a stored delta (either form) in place; returns `state`. The compact form is applied as the
+    tree it is, each container reached once, which is what makes a long chain quick to read."""
+    body = loads(text)
+    if isinstance(body, list):
+        return apply(state, body)
+    _apply_node(state, body, False)
+    return state
+
+
+def _apply_node(node: Any, entries: dict[str, Any], indexes: bool) -> None:
+    for name, entry in entries.items():
+        key: str | int = int(name) if indexes else name
+        for item in entry[1:] if type(entry) is list and entry[0] == MANY else (entry,):
+            if type(item) is dict:
+                _apply_node(node[key], item, False)
+                continue
+            code = item[0]
+            if code == SET:
+                node[key] = item[1]
+            elif code == ITEMS:
+                _apply_node(node[key], item[1], True)
+            elif code == APPEND:
+                node[key].extend(item[1])
+            elif code == DROP_FRONT:
+                del node[key][: item[1]]
+            elif code == TRUNCATE:
+                del node[key][item[1]:]
+            elif code == DELETE:
+                del node[key]
+            else:
+                raise ValueError(f"unknown delta op {code!r}")
+
+
 # -- apply -----------------------------------------------------------------------
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from loopterm.store.delta import (
     apply,
+    apply_delta,
     copy_tree,
-    decode_delta,
     diff,
     encode_delta,
     join_keyframe,
@@ -239,7 +239,7 @@ def load_head(query: Query, segs: list[Segment], n: int) -> Head:
     for _, m, keyframe, text in _rows(query, segs[::-1], at, n):
         if keyframe or m != at + 1:
             raise DamagedStateError(f"state chain broken at iteration {m}")
-        apply(state, decode_delta(text))
+        apply_delta(state, text)
         at, chain, delta_bytes = m, chain + 1, delta_bytes + len(text)
     if at != n:
         raise KeyError(n)

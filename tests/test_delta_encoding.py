@@ -37,7 +37,9 @@ from pathlib import Path  # noqa: E402
 
 from loopterm.store import Store  # noqa: E402
 from loopterm.store import states as states_module  # noqa: E402
-from loopterm.store.delta import decode_delta, dumps, encode_delta  # noqa: E402
+import copy  # noqa: E402
+
+from loopterm.store.delta import apply, apply_delta, decode_delta, dumps, encode_delta  # noqa: E402
 from tests.test_store import make_iteration, make_run  # noqa: E402
 
 
@@ -59,6 +61,11 @@ def test_every_op_round_trips_through_the_compact_form() -> None:
     text = encode_delta(ops)
     assert text.startswith("{")
     assert repr(decode_delta(text)) == repr(ops)
+    state = {"iteration": 0, "memory": {"facts": ["a", "b"]}, "rows": [0, 1, {"x": 1}, 3, 4], "gone": 1,
+             "log": [1, 2, 3], "nested": {}, "big": 0, "nan": 0}
+    expected = apply(copy.deepcopy(state), copy.deepcopy(ops))
+    assert repr(apply_delta(copy.deepcopy(state), text)) == repr(expected)  # the tree applied as it is
+    assert repr(apply_delta(copy.deepcopy(state), dumps(ops))) == repr(expected)  # and the first form
 
 
 def test_the_compact_form_is_smaller_for_a_table_of_records() -> None:
