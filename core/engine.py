@@ -4,8 +4,9 @@ One `Engine` drives one run; this module is the iteration's orchestration only. 
 module: take commands (core/steering.py), decide (core/deciding.py), act (core/acting.py), verify
 (core/verifying.py), fold the next state (core/transition.py), policies between iterations
 (core/policies.py); optional concerns attach as hooks (core/hooks.py). Every iteration is committed
-to the journal before the next starts; a model reply is journalled (as an intent) before its tool runs,
-so a resume after a crash neither pays for the reply again nor re-fires the tool. The run's log is
+to the journal before the next starts, in one commit; a model reply is journalled (as an intent) before a
+tool with side effects runs (and before any tool that runs longer than a moment: core/tools.py), so a
+resume after a crash neither pays for the reply again nor re-fires the tool. The run's log is
 folded into `view` (core/fold.py) as the engine writes it. Subscribers (headless progress, the TUI) get
 events; they never own state.
 """
