@@ -32,7 +32,6 @@ from typing import Any
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.store import Store
 from loopterm.store.delta import keyframe_hashes
-from loopterm.store.states import KEYFRAME_EVERY
 
 SYSTEM = "\n\n".join(
     f"Rule {i}: keep the change small, run the tests, and explain what you did in one line." * 2 for i in range(12)
@@ -118,7 +117,7 @@ def load_times(path: Path, n: int, repeats: int = 20) -> tuple[float, float, flo
         state = store.state_at("bench", n)
         total.append(time.perf_counter() - started)
     assert state is not None and state["log"][-1] == item(n)
-    key = n - n % KEYFRAME_EVERY
+    key = store._db.execute("SELECT MAX(n) FROM states WHERE run_id = 'bench' AND keyframe = 1 AND n <= ?", [n]).fetchone()[0]
     body = store._db.execute("SELECT body FROM states WHERE run_id = 'bench' AND n = ?", [key]).fetchone()[0]
     hashes = keyframe_hashes(json.loads(body))
     texts = [store._db.execute("SELECT body FROM blobs WHERE hash = ?", [h]).fetchone()[0] for h in hashes]

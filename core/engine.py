@@ -4,8 +4,9 @@ One `Engine` drives one run; this module is the iteration's orchestration only. 
 module: take commands (core/steering.py), decide (core/deciding.py), act (core/acting.py), verify
 (core/verifying.py), fold the next state (core/transition.py), policies between iterations
 (core/policies.py); optional concerns attach as hooks (core/hooks.py). Every iteration is committed
-to the journal before the next starts; a model reply is journalled (as an intent) before its tool runs,
-so a resume after a crash neither pays for the reply again nor re-fires the tool. The run's log is
+to the journal before the next starts, in one commit; a model reply is journalled (as an intent) before a
+tool with side effects runs (and before any tool that runs longer than a moment: core/tools.py), so a
+resume after a crash neither pays for the reply again nor re-fires the tool. The run's log is
 folded into `view` (core/fold.py) as the engine writes it. Subscribers (headless progress, the TUI) get
 events; they never own state.
 """
@@ -251,6 +252,7 @@ class Engine:
         self.emit(RunStarted(run_id=self.run_id, loop=self.loop.name, model=self.run_record.model,
                              max_iterations=self.max_iterations, resumed_from=resumed_from))
         self._session_start = time.monotonic()
+        self._first_of_session = True
         self._elapsed_base = self.spend.elapsed_s
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -339,7 +341,10 @@ class Engine:
     async def _iteration(self, n: int) -> None:
         """decide -> act -> verify -> fold the next state -> commit (with the escalation, if any)."""
         self.emit(IterationStarted(run_id=self.run_id, n=n))
-        intent = self.journal.load_intent(self.run_id, n)
+        # Only the session's first iteration can find a reply journalled before (by a process that died):
+        # this engine commits every later one itself, and no one else writes this run's intents.
+        intent = self.journal.load_intent(self.run_id, n) if self._first_of_session else None
+        self._first_of_session = False
         if intent is None:
             intent = await decide(self, n, self.clock())
             # Queued, not committed: it joins the tool call's start (so it is on disk before the

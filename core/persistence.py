@@ -75,8 +75,9 @@ class Journal(Protocol):
 
     def tool_call(self, key: str) -> ToolCallRecord | None: ...
 
-    def tool_call_started(self, record: ToolCallRecord, *, power_safe: bool = True) -> None:
-        """power_safe=False: durable against the process dying, not against a power loss (cheaper)."""
+    def tool_call_started(self, record: ToolCallRecord, *, power_safe: bool = True, durable: bool = True) -> None:
+        """power_safe=False: durable against the process dying, not against a power loss (cheaper).
+        durable=False (a call without side effects only): written with the journal's next write, or by flush()."""
         ...
 
     def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float, *, durable: bool = True) -> None:

@@ -174,6 +174,9 @@ def idempotency_key(run_id: str, iteration: int, tool_name: str, args: dict[str,
 
 
 # The result of an interrupted call a person said took effect (`--side-effects reuse`): it is not run again.
+# A call without side effects runs this long before its queued start (and the reply) is written
+# anyway: a quick call costs no commit of its own, a slow one loses nothing to a crash.
+QUEUE_FOR_S = 0.05
 TOOK_EFFECT = "(interrupted before its result was recorded; a person confirmed it took effect, so it was not run again)"
 
 
@@ -259,10 +262,20 @@ class ToolExecutor:
             self.journal.tool_call_started(started, power_safe=tool.side_effects)
             self.journal.tool_call_finished(key, record.model_dump(), self.clock(), durable=False)
             return record, key
-        # A side effect's start must survive even a power loss before it fires; a call without
-        # side effects only needs to survive the process dying (running it twice harms nothing).
-        self.journal.tool_call_started(started, power_safe=tool.side_effects)
-        record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
+        # A side effect's start (and the reply before it) must survive even a power loss before it
+        # fires. A call without side effects may run twice without harm: its start is queued to ride
+        # with the iteration's commit (one commit per iteration), unless it runs longer than
+        # QUEUE_FOR_S, when the reply and the start are written then, so a crash does not pay for it again.
+        if tool.side_effects:
+            self.journal.tool_call_started(started)
+            record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
+        else:
+            self.journal.tool_call_started(started, durable=False)
+            timer = asyncio.get_running_loop().call_later(QUEUE_FOR_S, self.journal.flush)
+            try:
+                record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
+            finally:
+                timer.cancel()
         # Queued: committed with the iteration, or earlier by the engine's flush before gates.
         self.journal.tool_call_finished(key, record.model_dump(), self.clock(), durable=False)
         return record, key

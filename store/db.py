@@ -12,8 +12,9 @@ the spend ledger (ledger.py: one row per change of a run's totals, written in
 the transaction that changes them).
 
 Schema 2 stores each iteration's state as a delta against the one before, with
-a keyframe every 64 iterations whose long lists are shared content-addressed
-chunks (states.py, delta.py), and prompts by section (prompts.py). Reads are
+a keyframe when the deltas since the last one outweigh it (at least every 256
+iterations), whose long lists are shared content-addressed chunks (states.py,
+delta.py); intents and the tool-call journal are calls.py, and prompts by section (prompts.py). Reads are
 lineage-aware: a branch (parent_run P, fork_iteration N) shows P's iterations
 1..N, recursively, then its own, without any of them being copied.
 """
@@ -39,12 +40,10 @@ from loopterm.core.errors import ConfigError
 from loopterm.core.memory import Embed
 from loopterm.core.records import (
     CommandRecord,
-    Intent,
     IterationRecord,
     MemoryItem,
     RunRecord,
     SpendTotal,
-    ToolCallRecord,
 )
 from loopterm.core.runlog import EventRecord, RunEvent, from_stored, to_stored
 import loopterm.store.ledger as ledger
@@ -52,11 +51,12 @@ import loopterm.store.memory as memory
 import loopterm.store.policies as policies
 import loopterm.store.prune as pruning
 import loopterm.store.transfer as transfer
+from loopterm.store.calls import CallJournal
 from loopterm.core.text import one_line
 from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy
 from loopterm.store.migrations import upgrade
 from loopterm.store.prompts import decode_prompt, encode_prompt
-from loopterm.store.rows import args_hash, dump_json, encode, from_row, to_row
+from loopterm.store.rows import dump_json, encode, from_row, to_row
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
 from loopterm.store.states import (
     LINEAGE_SQL,
@@ -65,12 +65,13 @@ from loopterm.store.states import (
     Head,
     decode_keyframe,
     fetch_blobs,
+    load_head,
     load_state,
     owner,
     put_state,
     segments,
 )
-from loopterm.store.delta import apply_copy, copy_tree, loads
+from loopterm.store.delta import apply_copy, copy_tree, decode_delta, loads
 from loopterm.store.footprint import Meter, RunSize
 
 BUSY_TIMEOUT_MS = 10_000  # SQLite's own wait for another connection's lock, per attempt
@@ -96,7 +97,7 @@ class DuplicateIterationError(ValueError):
     """An iteration (run_id, n) was committed twice: the first is kept, the second refused."""
 
 
-class Store:
+class Store(CallJournal):
     """The loopterm database: implements core's `Journal` plus the query API."""
 
     def __init__(self, db: Database, path: Path, clock: Callable[[], float]) -> None:
@@ -110,10 +111,7 @@ class Store:
         self.heads_kept = HEADS_KEPT
         self._conn: sqlite3.Connection = db.conn
         self._lineages: dict[str, list[tuple[str, str | None, int | None]]] = {}  # see _lineage
-        # Writes the engine chose not to wait for (see save_intent, tool_call_finished):
-        # they join the next write transaction, whichever it is, or flush().
-        self._queued_intents: dict[tuple[str, int], Intent] = {}
-        self._queued_finishes: dict[str, tuple[dict[str, Any], float]] = {}
+        self._init_queue()  # writes the engine chose not to wait for: see calls.py
         self.migrated_from: int | None = None  # the schema version this open upgraded the file from
         self.backup_path: Path | None = None  # the copy of the file made before that upgrade
         self._key: Path | None = None  # its entry in _OPEN
@@ -189,8 +187,7 @@ class Store:
         """Write anything queued, then close the connection; safe to call twice."""
         with self._lock:
             try:
-                if self._queued_intents or self._queued_finishes:
-                    self.flush()
+                self.flush()
             except sqlite3.ProgrammingError:  # already closed
                 pass
             self._db.close()
@@ -229,20 +226,20 @@ class Store:
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
         with self._lock:
             self._begin(conn)
-            queued = self._queued_intents, self._queued_finishes
+            queued = self._queued()
             try:
                 self._write_queued()
                 yield
             except BaseException:
                 conn.rollback()
-                self._queued_intents, self._queued_finishes = queued  # not written: still queued
+                self._requeue(queued)  # not written: still queued
                 self._lineages.clear()  # it may hold a run this transaction created (an import)
                 raise
             try:
                 conn.commit()
             except BaseException:
                 conn.rollback()
-                self._queued_intents, self._queued_finishes = queued
+                self._requeue(queued)
                 raise
 
     def _begin(self, conn: sqlite3.Connection) -> None:
@@ -260,24 +257,6 @@ class Store:
                 if not is_busy(exc) or time.monotonic() >= deadline:
                     raise
                 self.lock_retries += 1
-
-    def _write_queued(self) -> None:
-        """Write the queued intents and tool-call results inside the current transaction."""
-        if self._queued_intents:
-            intents, self._queued_intents = self._queued_intents, {}
-            for intent in intents.values():
-                self._insert_row("intents", to_row("intents", intent), replace=True)
-        if self._queued_finishes:
-            finishes, self._queued_finishes = self._queued_finishes, {}
-            for key, (result, finished_at) in finishes.items():
-                self._finish_call(key, result, finished_at)
-
-    def flush(self) -> None:
-        """Make every queued write durable now (before something slow, or on the way out)."""
-        with self._lock:
-            if self._queued_intents or self._queued_finishes:
-                with self._write():
-                    pass
 
     def _insert_row(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
         """INSERT one encoded row with plain SQL (sqlite-utils' insert introspects the table on every call,
@@ -435,11 +414,11 @@ class Store:
             self._executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
         self._insert_row("iterations", row)
 
-        def base() -> dict[str, Any] | None:
+        def base() -> Head | None:
             if n <= 1:
                 return None
             try:
-                return load_state(self._query, segs, n - 1)
+                return load_head(self._query, segs, n - 1)
             except (KeyError, DamagedStateError):  # no chain to extend: this iteration becomes a keyframe
                 return None
 
@@ -546,7 +525,7 @@ class Store:
                     if keyframe:
                         state = decode_keyframe(self._query, body, chunks)
                     elif state is not None and at == n - 1:
-                        state = apply_copy(state, loads(body))
+                        state = apply_copy(state, decode_delta(body))
                     else:
                         state = load_state(self._query, segments(self._query, holder, n), n)
                     at = n
@@ -648,97 +627,6 @@ class Store:
     def policy_events(self, *, run_id: str | None = None, loop_ref: str | None = None) -> list[EventRecord]:
         """Approval policies' events of a run and of every run of a loop (store/policies.py)."""
         return [_event_record(row) for row in self._dict_rows(*policies.events_sql(run_id=run_id, loop_ref=loop_ref))]
-
-    # -- intents ---------------------------------------------------------------
-
-    def save_intent(self, intent: Intent, *, durable: bool = True) -> None:
-        """Save (or replace) the reply for (run_id, n) before its tool runs.
-
-        durable=False queues it for the next write transaction (the tool call's
-        start, an event, the iteration's commit, which drops it instead) or flush():
-        one commit fewer per iteration, and the reply is still on disk before
-        anything that could make it worth keeping.
-        """
-        if not durable:
-            with self._lock:
-                self._queued_intents[(intent.run_id, intent.n)] = intent
-            return
-        with self._write():
-            self._queued_intents.pop((intent.run_id, intent.n), None)
-            self._insert_row("intents", to_row("intents", intent), replace=True)
-
-    def load_intent(self, run_id: str, n: int) -> Intent | None:
-        queued = self._queued_intents.get((run_id, n))
-        if queued is not None:
-            return queued
-        rows = self._rows("intents", "run_id = ? AND n = ?", [run_id, n])
-        return from_row("intents", Intent, rows[0]) if rows else None
-
-    # -- idempotency journal ---------------------------------------------------
-
-    def tool_call(self, key: str) -> ToolCallRecord | None:
-        rows = self._rows("tool_calls", "key = ?", [key])
-        if not rows:
-            return None
-        call = from_row("tool_calls", ToolCallRecord, rows[0])
-        queued = self._queued_finishes.get(key)
-        if queued is not None:
-            call.status, call.result, call.finished_at = "done", queued[0], queued[1]
-        return call
-
-    def tool_call_started(self, record: ToolCallRecord, *, power_safe: bool = True) -> None:
-        """Record a call about to run; restarting an interrupted one is allowed, redoing a finished one is not.
-
-        power_safe=False (for a call without side effects: running it twice harms
-        nothing) survives a crash of the process but not a power loss; see _write.
-        """
-        with self._write(power_safe=power_safe):
-            existing = self._conn.execute("SELECT status FROM tool_calls WHERE key = ?", [record.key]).fetchone()
-            if (existing and existing[0] == "done") or record.key in self._queued_finishes:
-                raise ValueError(f"tool call {record.key} already finished; reuse its result instead of running it again")
-            self._insert_row("tool_calls", {**to_row("tool_calls", record), "args_hash": args_hash(record.args)}, replace=True)
-
-    def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float, *, durable: bool = True) -> None:
-        """Record a call's result. durable=False queues it for the next write transaction (see save_intent):
-        the engine flushes before anything slow, so what a crash can lose is a moment, not a gate run."""
-        if not durable:
-            with self._lock:
-                if not self._conn.execute("SELECT 1 FROM tool_calls WHERE key = ?", [key]).fetchone():
-                    raise KeyError(f"no tool call {key!r} was started")
-                self._queued_finishes[key] = (result, finished_at)
-            return
-        with self._write():
-            self._finish_call(key, result, finished_at)
-
-    def _finish_call(self, key: str, result: dict[str, Any], finished_at: float) -> None:
-        row = encode("tool_calls", {"status": "done", "result": result, "finished_at": finished_at})
-        cursor = self._conn.execute(
-            "UPDATE tool_calls SET status = ?, result = ?, finished_at = ? WHERE key = ?",
-            [row["status"], row["result"], row["finished_at"], key],
-        )
-        if cursor.rowcount == 0:
-            raise KeyError(f"no tool call {key!r} was started")
-
-    def prior_tool_calls(
-        self, run_ids: list[str], tool: str, args: dict[str, Any], after_iteration: dict[str, int] | None = None
-    ) -> list[ToolCallRecord]:
-        """Finished calls of `tool` with equal `args` made by `run_ids` (only at iterations > after_iteration[run]).
-
-        Ordered by the position of their run in `run_ids`, then iteration.
-        """
-        if not run_ids:
-            return []
-        after = after_iteration or {}
-        marks = ",".join("?" * len(run_ids))
-        rows = self._rows(
-            "tool_calls", f"tool = ? AND args_hash = ? AND status = 'done' AND run_id IN ({marks})",
-            [tool, args_hash(args), *run_ids],
-        )
-        position = {run_id: i for i, run_id in reversed(list(enumerate(run_ids)))}
-        calls = [from_row("tool_calls", ToolCallRecord, row) for row in rows]
-        wanted = args_hash(args)
-        calls = [c for c in calls if c.iteration > after.get(c.run_id, -1) and args_hash(c.args) == wanted]
-        return sorted(calls, key=lambda c: (position[c.run_id], c.iteration, c.started_at, c.key))
 
     # -- control channel -------------------------------------------------------
 

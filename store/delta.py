@@ -35,7 +35,7 @@ SET, DELETE, APPEND, TRUNCATE, DROP_FRONT = "s", "d", "a", "t", "h"
 CHUNK_ITEMS = 64  # a list longer than this is chunked in keyframes, this many items a chunk
 SMALL_LIST = 32  # lists up to this length are compared element by element, type-strictly
 MIN_ELEMENT_EDITS = 8  # a list with more edited elements than max(this, len/4) is set whole
-MAX_SHIFT = 8  # a window that slid by up to this many items is found
+MAX_SHIFT = 64  # a window that slid by up to this many items is found (a transcript pruned now and then)
 
 Path = list[str | int]
 
@@ -91,6 +91,34 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is not float or a != 0 or math.copysign(1.0, a) == math.copysign(1.0, b)
 
 
+def _json_same(a: Any, b: Any) -> bool:
+    """For two containers already equal by `==`: whether they are also equal type-strictly.
+
+    orjson writes 1, 1.0 and true (and 0.0 and -0.0) differently, so equal bytes mean equal
+    types too; this runs at C speed, where walking both trees in Python cost most of a diff.
+    What orjson cannot write (integers beyond 64 bits, non-str keys) answers False: the
+    caller then compares element by element, as before.
+    """
+    try:
+        return orjson.dumps(a) == orjson.dumps(b)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return False
+
+
+_PLAIN = (str, int, bool, type(None))
+_ABSENT = object()  # scalars whose == is type-strict once their types match
+
+
+def _unchanged(before: Any, value: Any) -> bool:
+    """A cheap test that `value` equals `before` type-strictly; False means "not known", not "different"."""
+    kind = type(before)
+    if kind is not type(value):
+        return False
+    if kind in _PLAIN:
+        return bool(before == value)
+    return (kind is dict or kind is list) and before == value and _json_same(before, value)
+
+
 def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
     if isinstance(new, tuple):
         new = list(new)
@@ -98,13 +126,27 @@ def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
         for key in old:
             if key not in new:
                 ops.append([DELETE, path + [key]])
-        for key, value in new.items():
-            if key in old:
-                before = old[key]
-                if before is not value:
-                    _diff(before, value, path + [key], ops)
-            else:
+        equal: list[str] = []  # keys of containers equal by ==: checked type-strictly together, below
+        for key, value in new.items():  # this loop runs for every key of every changed dict: kept lean
+            before = old.get(key, _ABSENT)
+            if before is value:
+                continue
+            if before is _ABSENT:
                 ops.append([SET, path + [key], value])
+                continue
+            kind = type(before)
+            if kind is type(value):
+                if kind in _PLAIN:
+                    if before == value:
+                        continue
+                elif (kind is dict or kind is list) and before == value:
+                    equal.append(key)
+                    continue
+            _diff(before, value, path + [key], ops)
+        if equal and not _json_same([old[key] for key in equal], [new[key] for key in equal]):
+            for key in equal:  # rare: 1 against 1.0 or True somewhere inside
+                if not _json_same(old[key], new[key]):
+                    _diff(old[key], new[key], path + [key], ops)
     elif isinstance(old, list) and isinstance(new, list):
         _diff_list(old, new, path, ops)
     elif not _same(old, new):
@@ -154,7 +196,7 @@ def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]])
     edits: list[list[Any]] = []
     for i in range(common):
         a, b = old[i], new[i]
-        if a is b:
+        if a is b or _unchanged(a, b):
             continue
         if type(a) in (dict, list) and isinstance(b, (dict, list, tuple)):
             before = len(edits)
@@ -178,6 +220,125 @@ def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]])
 def _same_first(new: list[Any], old: list[Any], k: int) -> bool:
     """A cheap filter before comparing a whole shifted list."""
     return bool(new) and (new[0] is old[k] or new[0] == old[k])
+
+
+# -- the stored form of a delta ---------------------------------------------------
+#
+# Stored since issue 15 as a tree of the ops' paths, each key written once (a JSON object, where the
+# first form was the flat list of ops above, one full path each, which is still read):
+#
+#     node   {key: entry, ...}      keys of a dict, or (under "i") indexes of a list, as strings
+#     entry  [code, arg]            an op at this key: ["s", value], ["d"], ["a", items], ["t", length],
+#                                   ["h", count]
+#            {key: entry, ...}      a step down into the dict at this key (a node)
+#            ["i", node]            a step down into the list at this key (its items by index)
+#            ["m", entry, ...]      several, in order (a window that slid: ["h", 1] then ["a", items])
+
+NODE, ITEMS, MANY = "n", "i", "m"
+
+
+def encode_delta(ops: list[list[Any]]) -> str:
+    """The stored text of a delta: its ops as one tree of their paths (see above)."""
+    if any(not op[1] for op in ops):  # the root replaced: only the flat form says that
+        return dumps(ops)
+    root: dict[str, list[Any]] = {}
+    for op in ops:
+        path = op[1]
+        node = root
+        for i, step in enumerate(path[:-1]):
+            code = ITEMS if type(path[i + 1]) is int else NODE
+            items = node.setdefault(str(step), [])
+            if not items or items[-1][0] != code:  # merge only with the last entry: order within a key holds
+                items.append([code, {}])
+            node = items[-1][1]
+        node.setdefault(str(path[-1]), []).append([op[0], *op[2:]])
+    return dumps_fast(_entries(root))
+
+
+def _entries(node: dict[str, list[Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, items in node.items():
+        for i, item in enumerate(items):
+            if item[0] == NODE:
+                items[i] = _entries(item[1])
+            elif item[0] == ITEMS:
+                item[1] = _entries(item[1])
+        out[key] = items[0] if len(items) == 1 else [MANY, *items]
+    return out
+
+
+# What the standard library would not write as orjson does (datetimes, dataclasses, subclasses of str, int,
+# list, dict) is refused, so it goes the standard library's way.
+_AS_JSON_DOES = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def dumps_fast(value: Any, slow: Callable[[Any], str] = dumps) -> str:
+    """JSON text at C speed (orjson, compact, non-ASCII kept); `slow` for what orjson cannot write
+    faithfully: integers beyond 64 bits, keys that are not strings (refused), and NaN and the
+    infinities (written as null: found by reading the text back, only when it holds a null)."""
+    try:
+        raw = orjson.dumps(value, option=_AS_JSON_DOES)
+    except TypeError:
+        return slow(value)
+    if b"null" in raw and orjson.loads(raw) != value:
+        return slow(value)
+    return raw.decode()
+
+
+def decode_delta(text: str | bytes) -> list[list[Any]]:
+    """A stored delta's ops, in either stored form (fresh objects)."""
+    body = loads(text)
+    if isinstance(body, list):  # the first form: the ops themselves
+        return body
+    ops: list[list[Any]] = []
+    _flatten(body, [], False, ops)
+    return ops
+
+
+def _flatten(node: dict[str, Any], path: Path, indexes: bool, ops: list[list[Any]]) -> None:
+    for key, entry in node.items():
+        at = [*path, int(key) if indexes else key]
+        for item in entry[1:] if type(entry) is list and entry[0] == MANY else (entry,):
+            if type(item) is dict:
+                _flatten(item, at, False, ops)
+            elif item[0] == ITEMS:
+                _flatten(item[1], at, True, ops)
+            else:
+                ops.append([item[0], at, *item[1:]])
+
+
+def apply_delta(state: dict[str, Any], text: str | bytes) -> dict[str, Any]:
+    """Apply a stored delta (either form) in place; returns `state`. The compact form is applied as the
+    tree it is, each container reached once, which is what makes a long chain quick to read."""
+    body = loads(text)
+    if isinstance(body, list):
+        return apply(state, body)
+    _apply_node(state, body, False)
+    return state
+
+
+def _apply_node(node: Any, entries: dict[str, Any], indexes: bool) -> None:
+    for name, entry in entries.items():
+        key: str | int = int(name) if indexes else name
+        for item in entry[1:] if type(entry) is list and entry[0] == MANY else (entry,):
+            if type(item) is dict:
+                _apply_node(node[key], item, False)
+                continue
+            code = item[0]
+            if code == SET:
+                node[key] = item[1]
+            elif code == ITEMS:
+                _apply_node(node[key], item[1], True)
+            elif code == APPEND:
+                node[key].extend(item[1])
+            elif code == DROP_FRONT:
+                del node[key][: item[1]]
+            elif code == TRUNCATE:
+                del node[key][item[1]:]
+            elif code == DELETE:
+                del node[key]
+            else:
+                raise ValueError(f"unknown delta op {code!r}")
 
 
 # -- apply -----------------------------------------------------------------------

@@ -1,15 +1,17 @@
-"""Iteration state in the `states` table: a delta per iteration, a keyframe every KEYFRAME_EVERY.
+"""Iteration state in the `states` table: a delta per iteration, a keyframe when the deltas outweigh it.
 
 Writing: the delta of iteration n is taken against the state at n-1 of the
 run's lineage (for a branch's first own iteration, the parent's state at the
-fork point). Iteration n is a keyframe when n is a multiple of KEYFRAME_EVERY,
-or when there is no state at n-1 to take a delta against (n = 1, a gap).
-So every delta chain starts at a keyframe at most KEYFRAME_EVERY - 1
-iterations back, whichever runs of the lineage hold it.
+fork point). Iteration n is a keyframe when there is no state at n-1 to take
+a delta against (n = 1, a gap), when the deltas since the last keyframe hold
+KEYFRAME_AFTER times the bytes that keyframe cost (so keyframes add at most
+1/KEYFRAME_AFTER to what the deltas cost, whatever the state's size), or when
+the chain would reach MAX_CHAIN (so a read applies fewer than MAX_CHAIN deltas).
+Deltas are stored in delta.py's compact form; the first (flat) form still reads.
 
 Reading the state at n: the keyframe at or below n (one indexed query, its
 chunks in one `IN` query), then the deltas after it (one range query per
-lineage segment, at most KEYFRAME_EVERY - 1 rows in all).
+lineage segment, at most MAX_CHAIN - 1 rows in all).
 
 Everything here takes a `query(sql, params) -> rows` function, so the Store
 decides locking, and runs inside the caller's transaction.
@@ -21,9 +23,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopterm.store.delta import apply, copy_tree, diff, dumps, join_keyframe, keyframe_hashes, loads, split_keyframe, touched
+from loopterm.store.delta import (
+    apply,
+    apply_delta,
+    copy_tree,
+    diff,
+    encode_delta,
+    join_keyframe,
+    keyframe_hashes,
+    loads,
+    split_keyframe,
+    touched,
+)
 
-KEYFRAME_EVERY = 64
+MAX_CHAIN = 256  # a keyframe at least every this many iterations: a read applies fewer deltas than this
+KEYFRAME_AFTER = 8.0  # a keyframe once the deltas since the last one hold this many times its bytes
 PAGE = 512  # state rows fetched per query when streaming
 IN_BATCH = 500  # hashes per `IN (...)` query
 NO_END = 2**62
@@ -55,6 +69,9 @@ class Head:
     n: int
     state: dict[str, Any]
     memo: dict[tuple[str | int, ...], list[str]] = field(default_factory=dict)
+    chain: int = 0  # deltas since the last keyframe
+    delta_bytes: int = 0  # their stored bytes
+    keyframe_bytes: int = 0  # what that keyframe cost (its body and the chunks it wrote); 0: not known
 
 
 def segments(query: Query, run_id: str, upto: int = NO_END) -> list[Segment]:
@@ -98,14 +115,15 @@ def put_state(
     run_id: str,
     n: int,
     state: dict[str, Any],
-    base: Callable[[], dict[str, Any] | None],
+    base: Callable[[], Head | dict[str, Any] | None],
     *,
     handover: bool = False,
 ) -> Head:
     """Store the state of iteration n and return the new head (the caller caches it after commit).
 
     `heads[run_id]` is used when it holds n-1, else `base()` gives the state at
-    n-1 (None: there is none, so this iteration is a keyframe). The head's
+    n-1, as a Head when it knows the chain behind it (None: there is none, so
+    this iteration is a keyframe; a bare state: the next is a keyframe). The head's
     state is updated in place: drop it if the transaction fails. With
     `handover`, `state` itself becomes the new head's state (its owner promised
     not to change it); otherwise the head keeps a copy of its containers.
@@ -113,24 +131,31 @@ def put_state(
     head = heads.get(run_id)
     if head is None or head.n != n - 1:
         loaded = base()
-        head = Head(n - 1, loaded) if loaded is not None else None
+        head = loaded if isinstance(loaded, Head) or loaded is None else Head(n - 1, loaded)
     new_blobs: dict[str, str] = {}
     if head is None:
         keyframe = True
         private: dict[str, Any] = state if handover else copy_tree(state)
         memo: dict[tuple[str | int, ...], list[str]] = {}
     else:
-        keyframe = n % KEYFRAME_EVERY == 0
         ops = diff(head.state, state)
-        ops_text = dumps(ops)
+        ops_text = encode_delta(ops)
+        keyframe = (head.chain + 1 >= MAX_CHAIN
+                    or head.delta_bytes + len(ops_text) >= KEYFRAME_AFTER * head.keyframe_bytes)
         private = state if handover else apply(head.state, copy_tree(ops))
         memo = head.memo
         touched(memo, ops)
-    body = split_keyframe(state, memo, new_blobs) if keyframe else ops_text
+    if keyframe:
+        body = split_keyframe(state, memo, new_blobs)
+        after = Head(n, private, memo, 0, 0, len(body) + sum(map(len, new_blobs.values())))
+    else:
+        body = ops_text
+        assert head is not None
+        after = Head(n, private, memo, head.chain + 1, head.delta_bytes + len(body), head.keyframe_bytes)
     if new_blobs:
         executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
     query("INSERT INTO states (run_id, n, keyframe, body) VALUES (?, ?, ?, ?)", [run_id, n, int(keyframe), body])
-    return Head(n, private, memo)
+    return after
 
 
 # -- reading ---------------------------------------------------------------------
@@ -200,16 +225,22 @@ def _rows(query: Query, segs_root_first: list[Segment], after: int, upto: int) -
 
 def load_state(query: Query, segs: list[Segment], n: int) -> dict[str, Any]:
     """The state at iteration n of the lineage `segs` (fresh objects); KeyError if n is not stored."""
+    return load_head(query, segs, n).state
+
+
+def load_head(query: Query, segs: list[Segment], n: int) -> Head:
+    """The state at iteration n with the chain behind it (for the next put_state); KeyError if n is not stored."""
     found = _keyframe(query, segs, n)
     if found is None:
         raise KeyError(n)
     _, at, body = found
     state = decode_keyframe(query, body, None)
+    chain, delta_bytes = 0, 0
     for _, m, keyframe, text in _rows(query, segs[::-1], at, n):
         if keyframe or m != at + 1:
             raise DamagedStateError(f"state chain broken at iteration {m}")
-        apply(state, loads(text))
-        at = m
+        apply_delta(state, text)
+        at, chain, delta_bytes = m, chain + 1, delta_bytes + len(text)
     if at != n:
         raise KeyError(n)
-    return state
+    return Head(n, state, {}, chain, delta_bytes, len(body))

@@ -51,4 +51,6 @@ async def test_the_engine_stores_appends_as_appends_and_everything_else_exactly(
         body = conn.execute("SELECT body FROM states WHERE run_id = ? AND n = 5", [run.id]).fetchone()[0]
     finally:
         conn.close()
-    assert ["a", ["seen"], ["note 5"]] in json.loads(body)
+    from loopterm.store.delta import decode_delta
+
+    assert ["a", ["seen"], ["note 5"]] in decode_delta(body)

@@ -19,9 +19,9 @@ from -0.0. Paths covered, all on real SQLite files:
   it, transfer.import_lines into a fresh database, every run's states at every n; and once through
   `loopterm export` / `loopterm import` themselves.
 
-Frames: "real" is the store as shipped (a keyframe every 64 iterations, lists chunked above 64 items), so
-those sequences are long and their lists grow past 64 items; "small" patches a keyframe every 4 iterations
-and chunks of 3 items, so short sequences cross many keyframes and chunk boundaries.
+Frames: "real" is the store as shipped (keyframes by size, at least every MAX_CHAIN iterations; lists chunked
+above 64 items), so those sequences are long and their lists grow past 64 items; "small" patches a keyframe at
+least every 4 iterations and chunks of 3 items, so short sequences cross many keyframes and chunk boundaries.
 
 Known bugs (each kept below as a minimal strict xfail, so fixing one makes its test XPASS and fail: then
 drop the marker; see the report of issue 15):
@@ -476,17 +476,17 @@ def sequence(draw: st.DrawFn, length: int, *, start: dict[str, Any] | None = Non
 
 @contextmanager
 def frames(kind: str) -> Iterator[None]:
-    """"real": the store as shipped; "small": a keyframe every 4 iterations, chunks of 3 items."""
+    """"real": the store as shipped; "small": a keyframe at least every 4 iterations, chunks of 3 items."""
     with pytest.MonkeyPatch.context() as patch:
         if kind == "small":
-            patch.setattr(states_module, "KEYFRAME_EVERY", 4)
+            patch.setattr(states_module, "MAX_CHAIN", 4)
             patch.setattr(delta_module, "CHUNK_ITEMS", 3)
         yield
 
 
 def commit(store: Store, run_id: str, n: int, state: dict[str, Any], *, handover: bool) -> None:
     SEEN["commits"] += 1
-    SEEN["keyframes crossed"] += n % states_module.KEYFRAME_EVERY == 0
+    SEEN["chain limits crossed"] += n % states_module.MAX_CHAIN == 0
     SEEN["lists > 64 items"] += any(isinstance(c, list) and len(c) > 64 for _, c in containers(state))
     store.commit_iteration(make_iteration(run_id, n, state=state), {"iterations": n}, handover=handover)
 

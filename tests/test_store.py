@@ -627,7 +627,8 @@ def test_queued_writes_join_the_next_write_and_close(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already finished"):
         store.tool_call_started(call)
     store.append_event("run-0001", runlog.ShadowMode(why="note"))
-    assert rows_in(path, "SELECT status, result FROM tool_calls", []) == [("done", '{"ok": true}')]
+    assert [(status, json.loads(result)) for status, result in rows_in(path, "SELECT status, result FROM tool_calls", [])] \
+        == [("done", {"ok": True})]
     store.save_intent(make_intent("run-0001", 2), durable=False)
     store.close()
     assert rows_in(path, "SELECT n FROM intents ORDER BY n", []) == [(1,), (2,)]
@@ -695,5 +696,7 @@ def test_an_engines_append_is_stored_as_an_append(store: Store) -> None:
     grown = GrownList(first.state["items"], ["new"])
     store.commit_iteration(make_iteration("run-0001", 2, state={"items": grown}), {}, handover=True)
     body = rows_in(store.path, "SELECT body FROM states WHERE n = 2", [])[0][0]
-    assert json.loads(body) == [["a", ["items"], ["new"]]]
+    from loopterm.store.delta import decode_delta
+
+    assert decode_delta(body) == [["a", ["items"], ["new"]]]
     assert store.state_at("run-0001", 2) == {"items": [*first.state["items"], "new"]}

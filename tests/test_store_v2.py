@@ -25,7 +25,7 @@ from loopterm.store import states as states_module
 from loopterm.store.delta import apply, apply_copy, diff
 from tests.test_store import make_intent, make_iteration, make_run, sha, siblings
 
-K = states_module.KEYFRAME_EVERY
+K = states_module.MAX_CHAIN
 
 
 def canon(value: Any) -> str:
@@ -47,7 +47,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 @pytest.fixture
 def small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keyframes every 4 iterations and chunks of 3 items, so short runs cross many boundaries."""
-    monkeypatch.setattr(states_module, "KEYFRAME_EVERY", 4)
+    monkeypatch.setattr(states_module, "MAX_CHAIN", 4)
     monkeypatch.setattr(delta_module, "CHUNK_ITEMS", 3)
 
 
