@@ -40,13 +40,22 @@ MAX_SHIFT = 64  # a window that slid by up to this many items is found (a transc
 Path = list[str | int]
 
 
+# A run of 19 digits may be an integer outside [-2**63, 2**64), which orjson (3.13) reads as a float without
+# complaint: such texts go to the standard library. Found at C speed (digits mapped to "0", the rest to ".").
+_DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x2E for c in range(256))
+_LONG_NUMBER = b"0" * 19
+
+
 def loads(text: str | bytes) -> Any:
     """JSON text to Python: orjson for speed (decoding dominates reading a state back),
-    the standard library for what orjson refuses (integers beyond 64 bits, NaN)."""
+    the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits)."""
+    raw = text.encode() if isinstance(text, str) else text
+    if raw.translate(_DIGITS).find(_LONG_NUMBER) >= 0:
+        return json.loads(raw)
     try:
-        return orjson.loads(text)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        return json.loads(raw)
 
 
 def dumps(value: Any) -> str:
@@ -169,14 +178,28 @@ def _lists_equal(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(map(_equal, a, b))
 
 
+_STRICT_ITEMS = {str, type(None)}  # == between these is already type-strict
+
+
+def _long_lists_equal(a: list[Any], b: list[Any]) -> bool:
+    """Type-strict equality of two long lists at C speed: `==` first (it lets 1 == 1.0 == True and
+    0.0 == -0.0 through), then, unless every item is a string or null, the same check through orjson's
+    bytes (the Python walk only where orjson cannot write the items)."""
+    if a != b:
+        return False
+    if set(map(type, a)) <= _STRICT_ITEMS:
+        return True
+    return _json_same(a, b) or _lists_equal(a, b)
+
+
 def _diff_list(old: list[Any], new: list[Any], path: Path, ops: list[list[Any]]) -> None:
     lo, ln = len(old), len(new)
     if type(new) is GrownList and new.base is old:  # its builder vouches for the prefix: see GrownList
         if ln > lo:
             ops.append([APPEND, path, new[lo:]])
         return
-    # Long lists are compared at C speed (==, which lets 1 == 1.0 == True inside them); short ones strictly.
-    same = _lists_equal if lo <= SMALL_LIST else list.__eq__
+    # Long lists are compared at C speed, short ones item by item; both type-strictly.
+    same = _lists_equal if lo <= SMALL_LIST else _long_lists_equal
     if ln >= lo and same(new[:lo], old):
         if ln > lo:
             ops.append([APPEND, path, new[lo:]])
