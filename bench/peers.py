@@ -226,12 +226,13 @@ def loopterm_state_bytes(db: Path, sizes: dict[str, int]) -> dict[str, int]:
     This reads the store's schema v2 layout, so a store change may need it updated.
     """
     from loopterm.store.delta import keyframe_hashes
+    from loopterm.store.delta import loads as delta_loads
 
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         chunks: set[str] = set()
         for (body,) in conn.execute("SELECT body FROM states WHERE keyframe = 1"):
-            chunks.update(keyframe_hashes(json.loads(body)))
+            chunks.update(keyframe_hashes(delta_loads(body)))
         payload = dict(conn.execute("SELECT hash, length(hash) + length(CAST(body AS BLOB)) FROM blobs"))
     finally:
         conn.close()

@@ -32,6 +32,7 @@ from typing import Any
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.store import Store
 from loopterm.store.delta import keyframe_hashes
+from loopterm.store.delta import loads as delta_loads
 
 SYSTEM = "\n\n".join(
     f"Rule {i}: keep the change small, run the tests, and explain what you did in one line." * 2 for i in range(12)
@@ -99,7 +100,7 @@ def state_bytes(path: Path) -> tuple[int, int]:
     store = Store.open(path, create=False)
     rows = store._db.execute("SELECT keyframe, body FROM states").fetchall()
     own = sum(len(body.encode()) for _, body in rows)
-    hashes = {digest for keyframe, body in rows if keyframe for digest in keyframe_hashes(json.loads(body))}
+    hashes = {digest for keyframe, body in rows if keyframe for digest in keyframe_hashes(delta_loads(body))}
     chunk = 0
     for digest in hashes:
         chunk += store._db.execute("SELECT length(CAST(body AS BLOB)) FROM blobs WHERE hash = ?", [digest]).fetchone()[0]
@@ -119,18 +120,18 @@ def load_times(path: Path, n: int, repeats: int = 20) -> tuple[float, float, flo
     assert state is not None and state["log"][-1] == item(n)
     key = store._db.execute("SELECT MAX(n) FROM states WHERE run_id = 'bench' AND keyframe = 1 AND n <= ?", [n]).fetchone()[0]
     body = store._db.execute("SELECT body FROM states WHERE run_id = 'bench' AND n = ?", [key]).fetchone()[0]
-    hashes = keyframe_hashes(json.loads(body))
+    hashes = keyframe_hashes(delta_loads(body))
     texts = [store._db.execute("SELECT body FROM blobs WHERE hash = ?", [h]).fetchone()[0] for h in hashes]
     deltas = [b for (b,) in store._db.execute(
         "SELECT body FROM states WHERE run_id = 'bench' AND n > ? AND n <= ?", [key, n]).fetchall()]
     parse = []
     for _ in range(repeats):
         started = time.perf_counter()
-        json.loads(body)
+        delta_loads(body)
         for text in texts:
             json.loads(text)
         for text in deltas:
-            json.loads(text)
+            delta_loads(text)
         parse.append(time.perf_counter() - started)
     store.close()
     size = len(json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode())

@@ -12,8 +12,8 @@ the spend ledger (ledger.py: one row per change of a run's totals, written in
 the transaction that changes them).
 
 Schema 2 stores each iteration's state as a delta against the one before, with
-a keyframe when the deltas since the last one outweigh it (at least every 256
-iterations), whose long lists are shared content-addressed chunks (states.py,
+a keyframe when the deltas since the last one outweigh it (at least every 32
+iterations; bodies zlib-packed when smaller), whose long lists are shared content-addressed chunks (states.py,
 delta.py); intents and the tool-call journal are calls.py, and prompts by section (prompts.py). Reads are
 lineage-aware: a branch (parent_run P, fork_iteration N) shows P's iterations
 1..N, recursively, then its own, without any of them being copied.

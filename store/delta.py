@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-import orjson
 import math
+import zlib
+
+import orjson
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,10 +48,24 @@ _DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x2E for c in range(256))
 _LONG_NUMBER = b"0" * 19
 
 
+PACK_ABOVE = 200  # bytes: a stored state body longer than this is kept zlib-compressed when that is smaller
+PACK_LEVEL = 6
+
+
+def pack(text: str) -> str | bytes:
+    """A state body as stored: the JSON text, or its zlib compression (a BLOB) when that is smaller.
+    `loads` reads both: JSON never starts with "x", which every zlib stream does (0x78)."""
+    raw = text.encode()
+    if len(raw) <= PACK_ABOVE:
+        return text
+    packed = zlib.compress(raw, PACK_LEVEL)
+    return packed if len(packed) < len(raw) else text
+
+
 def loads(text: str | bytes) -> Any:
-    """JSON text to Python: orjson for speed (decoding dominates reading a state back),
-    the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits)."""
-    raw = text.encode() if isinstance(text, str) else text
+    """JSON text (or a `pack`ed body) to Python: orjson for speed (decoding dominates reading a state
+    back), the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits)."""
+    raw = text.encode() if isinstance(text, str) else zlib.decompress(text) if text[:1] == b"x" else text
     if raw.translate(_DIGITS).find(_LONG_NUMBER) >= 0:
         return json.loads(raw)
     try:

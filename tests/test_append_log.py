@@ -6,6 +6,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from loopterm.core import AppendLog, LoopState
 from tests.loopkit import decision, make_engine, make_loop
 
@@ -32,7 +34,11 @@ def test_pydantic_validates_and_dumps_it_as_a_list() -> None:
     assert Notes.model_json_schema()["properties"]["seen"]["type"] == "array"
 
 
-async def test_the_engine_stores_appends_as_appends_and_everything_else_exactly(tmp_path: Path) -> None:
+async def test_the_engine_stores_appends_as_appends_and_everything_else_exactly(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from loopterm.store import states
+
+    monkeypatch.setattr(states, "KEYFRAME_AFTER", 1e9)  # a small state keyframes often: keep iteration 5 a delta
     def observe(state: LoopState, decision: object, record: object, gates: list) -> LoopState:
         assert isinstance(state, Notes)
         n = state.iteration

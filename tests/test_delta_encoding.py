@@ -110,7 +110,7 @@ def keyframes(store: Store) -> list[int]:
     return [n for (n,) in store._query("SELECT n FROM states WHERE keyframe = 1 ORDER BY n", [])]
 
 
-def test_a_big_state_with_small_changes_keyframes_seldom_but_within_the_chain_bound(tmp_path: Path) -> None:
+def test_a_big_state_with_small_changes_keyframes_only_at_the_chain_bound(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "big.db")
     store.create_run(make_run())
     table = {f"k{k:03d}": {"name": f"entry {k}", "count": 0} for k in range(300)}
@@ -120,7 +120,7 @@ def test_a_big_state_with_small_changes_keyframes_seldom_but_within_the_chain_bo
     found = keyframes(store)
     gaps = [b - a for a, b in zip(found, found[1:])]
     assert found[0] == 1 and gaps and max(gaps) <= states_module.MAX_CHAIN  # the chain stays bounded
-    assert min(gaps) > 64  # and is longer than the fixed 64 it was: the keyframe is big, the deltas small
+    assert min(gaps) == states_module.MAX_CHAIN  # the keyframe is big, the deltas small: only the bound keyframes
     assert store.state_at("run-0001", 599)["table"]["k299"]["count"] == 599
     store.close()
 
