@@ -144,34 +144,37 @@ def _unchanged(before: Any, value: Any) -> bool:
     return (kind is dict or kind is list) and before == value and _json_same(before, value)
 
 
+def _diff_dict(old: dict[str, Any], new: dict[str, Any], path: Path, ops: list[list[Any]]) -> None:
+    """A dict of many entries with a few changed is the common case: the entries are compared with `==`
+    in comprehensions (C speed, no Python per entry but the loop's), then those `==` calls equal are
+    checked type-strictly all at once through orjson (1, 1.0, True and 0.0, -0.0 stay apart)."""
+    get = old.get
+    if len(old) > len(new) or old.keys() - new.keys():
+        for key in old:
+            if key not in new:
+                ops.append([DELETE, path + [key]])
+    differ = [key for key, value in new.items() if get(key, _ABSENT) != value]
+    for key in differ:
+        before = get(key, _ABSENT)
+        if before is _ABSENT:
+            ops.append([SET, path + [key], new[key]])
+        else:
+            _diff(before, new[key], path + [key], ops)
+    if len(differ) == len(new):
+        return
+    skip = set(differ)
+    alike = [key for key, value in new.items() if key not in skip and get(key) is not value]
+    if alike and not _json_same([old[key] for key in alike], [new[key] for key in alike]):
+        for key in alike:  # rare: 1 against 1.0 or True somewhere (or what orjson cannot write)
+            if not _json_same(old[key], new[key]):
+                _diff(old[key], new[key], path + [key], ops)
+
+
 def _diff(old: Any, new: Any, path: Path, ops: list[list[Any]]) -> None:
     if isinstance(new, tuple):
         new = list(new)
     if type(old) is dict and isinstance(new, dict):
-        for key in old:
-            if key not in new:
-                ops.append([DELETE, path + [key]])
-        equal: list[str] = []  # keys of containers equal by ==: checked type-strictly together, below
-        for key, value in new.items():  # this loop runs for every key of every changed dict: kept lean
-            before = old.get(key, _ABSENT)
-            if before is value:
-                continue
-            if before is _ABSENT:
-                ops.append([SET, path + [key], value])
-                continue
-            kind = type(before)
-            if kind is type(value):
-                if kind in _PLAIN:
-                    if before == value:
-                        continue
-                elif (kind is dict or kind is list) and before == value:
-                    equal.append(key)
-                    continue
-            _diff(before, value, path + [key], ops)
-        if equal and not _json_same([old[key] for key in equal], [new[key] for key in equal]):
-            for key in equal:  # rare: 1 against 1.0 or True somewhere inside
-                if not _json_same(old[key], new[key]):
-                    _diff(old[key], new[key], path + [key], ops)
+        _diff_dict(old, new, path, ops)
     elif isinstance(old, list) and isinstance(new, list):
         _diff_list(old, new, path, ops)
     elif not _same(old, new):
@@ -473,6 +476,8 @@ def split_keyframe(
     `memo` maps a list's path to the hashes of its full chunks as of the last
     keyframe (kept valid by `touched`), so only new chunks are serialised.
     """
+    if not _has_long_list(state):  # most states: the keyframe is the state, written at C speed
+        return dumps_fast({"s": state})
     refs: list[list[Any]] = []
 
     def walk(node: Any, path: Path) -> Any:
@@ -487,6 +492,20 @@ def split_keyframe(
 
     skeleton = walk(state, [])
     return dumps({"s": skeleton, "c": refs} if refs else {"s": skeleton})
+
+
+def _has_long_list(state: dict[str, Any]) -> bool:
+    """Whether a list longer than CHUNK_ITEMS lies anywhere in `state` (containers only are visited)."""
+    stack: list[Any] = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(value for value in node.values() if isinstance(value, (dict, list, tuple)))
+        elif len(node) > CHUNK_ITEMS:
+            return True
+        else:
+            stack.extend(item for item in node if isinstance(item, (dict, list, tuple)))
+    return False
 
 
 def _chunks(items: Any, key: tuple[str | int, ...], memo: dict[tuple[str | int, ...], list[str]], new_blobs: dict[str, str]) -> list[str]:
