@@ -25,7 +25,6 @@ import asyncio
 import inspect
 import time
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -33,7 +32,6 @@ from loopterm.core.engine import Engine
 from loopterm.core.errors import LooptermError
 from loopterm.core.fold import RunView
 from loopterm.core.loop import Loop
-from loopterm.core.records import RunRecord
 from loopterm.core.settings import settings
 from loopterm.store import Store
 from loopterm.tui.bindings import SEARCH_CLOSE, SUPERVISION_BINDINGS
@@ -42,15 +40,14 @@ from loopterm.tui.branching import Branching
 from loopterm.tui.comparing import Comparing
 from loopterm.tui.controls import Controls
 from loopterm.tui.driving import Driving
-from loopterm.tui.following import Following, acyclic_burst
+from loopterm.tui.following import Following
 from loopterm.tui.keys import apply_user_keymap, current_keymap, effective_keys, key_display
 from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.screens.escalations import EscalationScreen, InboxScreen
 from loopterm.tui.screens.help import HelpScreen
 from loopterm.tui.view import FINISHED, EditInFlight, View, on_screen
-from loopterm.tui.widgets.detail import DetailContext, IterationDetail
+from loopterm.tui.widgets.detail import IterationDetail
 from loopterm.tui.widgets.render import (
-    InvariantInfo,
     Palette,
     first_line,
     header_text,
@@ -72,7 +69,6 @@ from textual.widgets import Input, Sparkline, Static
 
 POLL_SECONDS = 0.25  # the screen follows the store at least this often (watch must within 0.5 s)
 TREE_EVERY = 4  # ticks between re-reads of the run list (1 s)
-FOLLOW_DETAIL_SECONDS = 0.2  # while the cursor follows a fast run, its detail pane catches up this often
 TREE_FROM = 110  # columns from which the runs tree shows by default (below, `t` shows it)
 SHORT_BELOW = 32  # rows below which a screen is short (class -short)
 
@@ -409,74 +405,6 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         if self._ticks % TREE_EVERY == 0 or self._tree_iterations != (view.run.iterations if view else None):
             self.refresh_tree()  # other runs change too (every TREE_EVERY ticks)
         self.update_header()
-
-    # ------------------------------------------------------------------ detail
-
-    def on_timeline_row_highlighted(self, event: Timeline.RowHighlighted) -> None:
-        """A person's move shows its iteration at once; the cursor following new rows (up to 50 a second)
-        shows the newest at most every FOLLOW_DETAIL_SECONDS: reading a long run's iteration costs a few ms."""
-        if self._detail_timer is not None:
-            self._detail_timer.stop()
-            self._detail_timer = None
-        if event.following and self.view is not None and self.view.detail_n is not None:
-            self._detail_timer = self.set_timer(FOLLOW_DETAIL_SECONDS, self._show_selected)
-        else:
-            self._show_detail(event.n)
-
-    def _show_selected(self) -> None:
-        self._detail_timer = None
-        n = self.timeline.selected_n if self._screen_ready and not self.shutting_down else None
-        if n is not None and self.view is not None and n != self.view.detail_n:
-            self._show_detail(n)
-
-    @on_screen
-    def _show_detail(self, n: int) -> None:
-        view = self.view
-        if view is None:
-            return
-        with acyclic_burst():  # the states read are dropped before it ends: see acyclic_burst
-            context = self._detail_context(view, n)
-        if context is not None:
-            view.detail_n = n
-            self.detail.show(context)
-
-    def _detail_context(self, view: View, n: int) -> DetailContext | None:
-        """Iteration n for the detail pane: the record, and what the State and Diff tabs need of its state."""
-        # Iterations n-1 and n in one read: n's state is rebuilt from n-1's, so the two share what did not
-        # change (one state decoded, not two, and the diff compares shared parts by identity).
-        pair = list(islice(self.store.iter_iterations(view.run_id, first=max(1, n - 1)), 2 if n > 1 else 1))
-        record = pair[-1] if pair and pair[-1].n == n else self.store.get_iteration(view.run_id, n)
-        if record is None:
-            return None
-        previous = None
-        if n > 1:
-            if len(pair) == 2 and pair[0].n == n - 1:
-                previous = pair[0].state
-            else:
-                try:
-                    previous = self.store.state_at(view.run_id, n - 1)
-                except KeyError:
-                    previous = None
-        else:
-            loop = self.loop_for(view.run)
-            if loop is not None:
-                try:
-                    previous = loop.new_state().model_dump(mode="json")
-                except Exception:
-                    previous = None
-        # A branch's first iteration starts from the state patched at the fork, not from its parent's.
-        fork = view.log.fork_point
-        at_fork = fork if fork is not None and n == fork.at + 1 else None
-        if at_fork is not None and at_fork.state is not None:
-            previous = at_fork.state
-        return DetailContext.of(record, previous, invariants=self._invariant_infos(view.run),
-                                relaxed=dict(view.log.relaxed), palette=self.palette, fork=at_fork)
-
-    def _invariant_infos(self, run: RunRecord) -> list[InvariantInfo]:
-        loop = self.loop_for(run)
-        if loop is None:
-            return []
-        return [InvariantInfo(i.name, i.description, i.remediation.value) for i in loop.invariants]
 
     # -- search, help, palette, quit ----------------------------------------------
 

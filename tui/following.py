@@ -1,4 +1,5 @@
-"""Reading the store into the screen: a run's iterations load in a thread, then the screen follows its rows and its log's fold."""
+"""Reading the store into the screen: a run's iterations load in a thread, then the screen follows its rows and its log's
+fold; the detail pane shows the iteration under the cursor."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from typing import Any, Iterable, Iterator
 
 from loopterm.core import events as notices
 from loopterm.core.fold import RunView, fold, news, outcome
+from loopterm.core.records import RunRecord
 from loopterm.core.runlog import EventRecord
 from loopterm.store import Store
 from loopterm.tui.view import EngineNotice, View, on_screen
+from loopterm.tui.widgets.detail import DetailContext
 from loopterm.tui.widgets.render import (
+    InvariantInfo,
     RowInfo,
     money,
     summarize,
 )
+from loopterm.tui.widgets.timeline import Timeline
 from rich.text import Text
 from textual.widgets import Sparkline, Static
 from textual.worker import get_current_worker
@@ -26,10 +31,11 @@ from textual.worker import get_current_worker
 FIRST_BATCH = 50  # timeline rows in the first batch while a stored run loads
 LOAD_BATCH = 1000  # and in each batch after it
 MAX_ROWS_PER_POLL = 400  # iterations read per poll while catching up with a fast run
+FOLLOW_DETAIL_SECONDS = 0.2  # while the cursor follows a fast run, its detail pane catches up this often
 
 
 class Following:
-    """Mixed into LooptermApp: showing a run and following the store."""
+    """Mixed into LooptermApp: showing a run, following the store, the detail of the selected iteration."""
 
     @on_screen
     def show_run(self, run_id: str) -> None:
@@ -220,6 +226,73 @@ class Following:
             self.refresh_tree()
         self.poll_soon()
 
+    # ------------------------------------------------------------------ detail
+
+    def on_timeline_row_highlighted(self, event: Timeline.RowHighlighted) -> None:
+        """A person's move shows its iteration at once; the cursor following new rows (up to 50 a second)
+        shows the newest at most every FOLLOW_DETAIL_SECONDS: reading a long run's iteration costs a few ms."""
+        if self._detail_timer is not None:
+            self._detail_timer.stop()
+            self._detail_timer = None
+        if event.following and self.view is not None and self.view.detail_n is not None:
+            self._detail_timer = self.set_timer(FOLLOW_DETAIL_SECONDS, self._show_selected)
+        else:
+            self._show_detail(event.n)
+
+    def _show_selected(self) -> None:
+        self._detail_timer = None
+        n = self.timeline.selected_n if self._screen_ready and not self.shutting_down else None
+        if n is not None and self.view is not None and n != self.view.detail_n:
+            self._show_detail(n)
+
+    @on_screen
+    def _show_detail(self, n: int) -> None:
+        view = self.view
+        if view is None:
+            return
+        with acyclic_burst():  # the states read are dropped before it ends: see acyclic_burst
+            context = self._detail_context(view, n)
+        if context is not None:
+            view.detail_n = n
+            self.detail.show(context)
+
+    def _detail_context(self, view: View, n: int) -> DetailContext | None:
+        """Iteration n for the detail pane: the record, and what the State and Diff tabs need of its state."""
+        # Iterations n-1 and n in one read: n's state is rebuilt from n-1's, so the two share what did not
+        # change (one state decoded, not two, and the diff compares shared parts by identity).
+        pair = list(islice(self.store.iter_iterations(view.run_id, first=max(1, n - 1)), 2 if n > 1 else 1))
+        record = pair[-1] if pair and pair[-1].n == n else self.store.get_iteration(view.run_id, n)
+        if record is None:
+            return None
+        previous = None
+        if n > 1:
+            if len(pair) == 2 and pair[0].n == n - 1:
+                previous = pair[0].state
+            else:
+                try:
+                    previous = self.store.state_at(view.run_id, n - 1)
+                except KeyError:
+                    previous = None
+        else:
+            loop = self.loop_for(view.run)
+            if loop is not None:
+                try:
+                    previous = loop.new_state().model_dump(mode="json")
+                except Exception:
+                    previous = None
+        # A branch's first iteration starts from the state patched at the fork, not from its parent's.
+        fork = view.log.fork_point
+        at_fork = fork if fork is not None and n == fork.at + 1 else None
+        if at_fork is not None and at_fork.state is not None:
+            previous = at_fork.state
+        return DetailContext.of(record, previous, invariants=self._invariant_infos(view.run),
+                                relaxed=dict(view.log.relaxed), palette=self.palette, fork=at_fork)
+
+    def _invariant_infos(self, run: RunRecord) -> list[InvariantInfo]:
+        loop = self.loop_for(run)
+        if loop is None:
+            return []
+        return [InvariantInfo(i.name, i.description, i.remediation.value) for i in loop.invariants]
 
 
 SPEND_POINTS = 512  # the sparkline's data, at most: it draws one bar per column anyway
