@@ -256,6 +256,9 @@ async def test_a_stale_state_edit_of_a_watched_run_in_another_process_is_refused
             assert not of(app.store.events(run_id), runlog.StateEdited)
             assert app.store.get_run(run_id).iterations == m
             assert len(app.store.state_at(run_id, m)["memory"]["facts"]) == facts
+            await until(pilot, lambda: again.query("#cancel"),  # composed (its fields may come first)
+                        lambda: f"the editor's buttons (screens {[type(x).__name__ for x in app.screen_stack]}, "
+                                f"it is on top: {app.screen is again}, mounted: {again.is_mounted})")
             again.query_one("#cancel", Button).press()
             await until(pilot, lambda: not isinstance(app.screen, EditStateScreen),
                         f"the editor closed (screens {[type(x).__name__ for x in app.screen_stack]}, "
