@@ -3,6 +3,15 @@
 The task, the invariants and the reply format are never pruned; working memory,
 recent tool output, the last gate failure and the project's rules are, oldest
 and longest first. Facts, not narratives.
+
+Laid out stable -> volatile, because providers cache a prompt's longest common
+prefix with the previous call (core/prompt_cache.py). The system message holds
+what a run never changes: the system text, the tools, the reply format, then the
+invariants, the project rules and long-term memory, so a cache breakpoint at its
+end covers all of it (Anthropic caches nothing under 1024 tokens: the system text
+alone is often shorter). The user message opens with the task (a scripted model's
+`match` reads the last message), then what changes rarely (relaxations), then
+what changes every iteration, slowest first, the iteration number last.
 """
 
 from __future__ import annotations
@@ -88,28 +97,35 @@ class _Sections:
         return True
 
 
-def user_message(loop: Loop, state: LoopState, s: _Sections, relaxed: dict[str, str], max_iterations: int) -> str:
-    out = [f"# Task\n{state.task or loop.goal}", "# Invariants (must hold every iteration)"]
-    for inv in loop.invariants:
-        note = f" [relaxed by a person: {relaxed[inv.name]}]" if inv.name in relaxed else ""
-        out.append(f"- {inv.name}: {inv.description or 'see name'}{note}")
-    if not loop.invariants:
-        out.append("- (none)")
+def stable_sections(loop: Loop, s: _Sections) -> str:
+    """What a run does not change (pruning aside): it follows the system text, before the cache breakpoint."""
+    out = ["# Invariants (must hold every iteration)"]
+    out += [f"- {inv.name}: {inv.description or 'see name'}" for inv in loop.invariants] or ["- (none)"]
     if s.rules:
         out.append(f"# Project rules ({RULES_FILE})\n{_tail(s.rules, s.rules_limit)}")
-    if s.retrieved:
+    if s.retrieved:  # recalled once, when the run starts
         out.append("# Long-term memory (from earlier runs of this loop)\n" + "\n".join(f"- {r}" for r in s.retrieved))
+    return "\n\n".join(out)
+
+
+def user_message(loop: Loop, state: LoopState, s: _Sections, relaxed: dict[str, str], max_iterations: int) -> str:
+    """The task, then what changes during a run: a person's relaxations (rarely), then every iteration's,
+    slowest first."""
+    out = [f"# Task\n{state.task or loop.goal}"]
+    notes = [f"- {inv.name}: relaxed by a person: {relaxed[inv.name]}" for inv in loop.invariants if inv.name in relaxed]
+    if notes:
+        out.append("# Relaxed invariants (a violation does not end the run)\n" + "\n".join(notes))
     if loop.context is not None:
         out.append(f"# Loop state\n{loop.context(state)}")
     mem = state.memory
     out.append("# Working memory")
-    out.append(f"Current subgoal: {mem.subgoal or '(none yet)'}")
-    if s.facts:
+    if s.facts:  # appended to: their start stays the same from one iteration to the next
         out.append("Facts:\n" + "\n".join(f"- {f}" for f in s.facts))
     if s.known:
         out.append("Observed:\n" + "\n".join(f"- {k} = {v}" for k, v in s.known.items()))
     if s.contradictions:
         out.append("Contradictions:\n" + "\n".join(f"- {c}" for c in s.contradictions))
+    out.append(f"Current subgoal: {mem.subgoal or '(none yet)'}")  # the model restates it every reply
     if s.strategy_note:
         out.append(f"Strategy: {s.strategy_note}")
     if s.tools:
@@ -148,11 +164,15 @@ def build_messages(
     relaxed = relaxed or {}
     limit = max_iterations or loop.max_iterations
     budget = loop.prompt_token_budget if token_budget is None else token_budget
-    system = system_message(loop, system_prompt)
+    head = system_message(loop, system_prompt)
     sections = _Sections(state, rules, strategy_note)
-    user = user_message(loop, state, sections, relaxed, limit)
+
+    def render() -> tuple[str, str]:
+        return f"{head}\n\n{stable_sections(loop, sections)}", user_message(loop, state, sections, relaxed, limit)
+
+    system, user = render()
     while count(system) + count(user) > budget and sections.shrink():
-        user = user_message(loop, state, sections, relaxed, limit)
+        system, user = render()
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 

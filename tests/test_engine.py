@@ -258,7 +258,7 @@ async def test_rules_file_reaches_the_prompt(tmp_path: Path) -> None:
     (tmp_path / ".loopterm" / "RULES.md").write_text("Never use tabs.")
     engine, store = make_engine(tmp_path, make_loop(tmp_path, bad_then_ok()))
     run = await engine.run()
-    assert "Never use tabs." in store.iterations(run.id)[0].prompt[-1]["content"]
+    assert "Never use tabs." in store.iterations(run.id)[0].prompt[0]["content"]  # stable: before the cache breakpoint
 
 
 class Crash(Exception):

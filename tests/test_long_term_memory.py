@@ -43,7 +43,7 @@ def test_a_new_run_recalls_memory_and_a_contradiction_is_flagged(tmp_path: Path)
     first, second = store.iterations(final.id)
     assert "widget: the blue widget ships in a box" in first.state["memory"]["retrieved"]
     assert all("not this loop's" not in r for r in first.state["memory"]["retrieved"])
-    assert "Long-term memory" in first.prompt[1]["content"]
+    assert "Long-term memory" in first.prompt[0]["content"]  # the system message: recalled once, stable
     assert first.invariant_status == {"consistent": False}
     assert second.invariant_status == {"consistent": True}
     assert "the widget is blue" in second.prompt[1]["content"]

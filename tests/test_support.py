@@ -281,7 +281,7 @@ def test_a_later_run_recalls_the_earlier_runs_decision(tmp_path: Path) -> None:
     recalled = start.state["memory"]["retrieved"]
     key = support.case_key(support.GOAL)
     assert any(r.startswith(f"{key}: answered (converged at iteration 3): Hi Dana") for r in recalled)
-    assert key in start.prompt[1]["content"]
+    assert key in start.prompt[0]["content"]  # long-term memory: in the stable system message
     # recalled at the start, the policy itself counts as retrieved: grounded before any search
     state = support.SupportState(iteration=1, reply="Within our 30-day return window.", reply_iteration=1)
     state.memory.retrieved = recalled
