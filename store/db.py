@@ -322,7 +322,7 @@ class Store(CallJournal):
         if unknown or "id" in fields:
             raise ValueError(f"cannot update run field(s): {', '.join(unknown or ['id'])}")
         changed = {name: _run_field(name).validate_python(value) for name, value in fields.items()}
-        if "tokens_in" in changed or "tokens_out" in changed or "cost_usd" in changed:
+        if not changed.keys().isdisjoint(ledger.TOTAL_FIELDS):
             at = spend_at if spend_at is not None else changed.get("updated_at") or self._clock()
             ledger.record_change(self._conn, run_id, changed, model=spend_model, at=at)
         row = encode("runs", changed)
