@@ -7,16 +7,10 @@ Writes start with BEGIN IMMEDIATE so two processes queue on the busy timeout
 instead of failing with "database is locked" when a read upgrades to a write.
 A lock serialises threads that share one Store (the TUI reads from workers).
 
-Schema 3 adds long-term memory (memory.py: a table and its FTS5 index) and
-the spend ledger (ledger.py: one row per change of a run's totals, written in
-the transaction that changes them).
-
-Schema 2 stores each iteration's state as a delta against the one before, with
-a keyframe when the deltas since the last one outweigh it (at least every 32
-iterations; bodies zlib-packed when smaller), whose long lists are shared content-addressed chunks (states.py,
-delta.py); intents and the tool-call journal are calls.py, and prompts by section (prompts.py). Reads of
-iterations and lineage (lineage-aware: a branch shows its parent's iterations up to its fork
-point, then its own) are reads.py.
+What lives where: each iteration's state is a delta against the one before, with keyframes (states.py,
+delta.py); prompts by section (prompts.py); intents and the tool-call journal (calls.py); reads of
+iterations and lineage (reads.py); long-term memory (memory.py); the spend ledger, written in the
+transaction that changes a run's totals (ledger.py).
 """
 
 from __future__ import annotations
