@@ -370,6 +370,7 @@ class Engine:
             gate_results=[g.model_dump() for g in gates], invariant_status=after.invariant_status,
             remediations=[r.value for r in after.remediations], tokens_in=tokens_in, tokens_out=tokens_out,
             cost_usd=cost, latency_ms=intent.latency_ms, model=intent.model, state=self.dumper.dump(state),
+            decision_mode=intent.decision_mode, tokens_cached=intent.tokens_cached,
         )
         totals = {
             "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,

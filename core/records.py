@@ -32,6 +32,7 @@ class RunRecord(BaseModel):
     tokens_out: int = 0
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
+    tokens_cached: int = 0  # of tokens_in, served from the provider's prompt cache (schema 4)
     termination_reason: str | None = None
     message: str | None = None  # one human line explaining the status
 
@@ -56,6 +57,10 @@ class IterationRecord(BaseModel):
     latency_ms: float = 0.0
     model: str = ""
     state: dict[str, Any]  # the state after this iteration
+    # Schema 4: how the decision was asked for ("text": JSON in the reply; "tools": the provider's tool call;
+    # "json_schema": a schema-constrained reply), and the input tokens the provider's prompt cache served.
+    decision_mode: str = "text"
+    tokens_cached: int = 0
 
 
 class ToolCallRecord(BaseModel):
@@ -91,6 +96,8 @@ class Intent(BaseModel):
     latency_ms: float = 0.0
     model: str = ""
     started_at: float
+    decision_mode: str = "text"  # as on IterationRecord
+    tokens_cached: int = 0
 
 
 class CommandRecord(BaseModel):
@@ -129,3 +136,4 @@ class SpendTotal(BaseModel):
     tokens_out: int = 0
     cost_usd: float = 0.0
     runs: int = 0  # distinct runs that spent in this group
+    tokens_cached: int = 0  # of tokens_in, served from a provider's prompt cache

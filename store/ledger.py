@@ -1,7 +1,7 @@
-"""The spend ledger (table `spend`, schema 3) and the daily budget.
+"""The spend ledger (table `spend`, schema 3; tokens_cached since schema 4) and the daily budget.
 
 The ledger equals the runs' totals by construction: whenever the Store writes
-a run's tokens_in / tokens_out / cost_usd (an iteration's commit, or
+a run's tokens_in / tokens_out / cost_usd / tokens_cached (an iteration's commit, or
 update_run), the same transaction first inserts one row for the change over
 the totals the row held, computed by SQL from that row (`RECORD_SQL`: one
 INSERT ... SELECT by primary key, no read-back, no extra commit). So for every
@@ -25,29 +25,31 @@ from loopterm.core.daily_budget import local_day, parse_usd
 
 DAILY_BUDGET_KEY = "daily_budget_usd"
 GROUPS = ("day", "loop", "model")
-TOTAL_FIELDS = ("tokens_in", "tokens_out", "cost_usd")
+TOTAL_FIELDS = ("tokens_in", "tokens_out", "cost_usd", "tokens_cached")
 
-# Parameters: model (NULL = the run's), day, at, then new tokens_in, tokens_out, cost_usd
-# (NULL = unchanged) twice (the values, then the change test), then the run id.
+# Parameters: model (NULL = the run's), day, at, then the new tokens_in, tokens_out, cost_usd,
+# tokens_cached (NULL = unchanged), then the run id.
 RECORD_SQL = """
-INSERT INTO spend (run_id, loop, model, day, at, tokens_in, tokens_out, cost_usd)
+INSERT INTO spend (run_id, loop, model, day, at, tokens_in, tokens_out, cost_usd, tokens_cached)
 SELECT id, loop, coalesce(?1, model), ?2, ?3,
-       coalesce(?4, tokens_in) - tokens_in, coalesce(?5, tokens_out) - tokens_out, coalesce(?6, cost_usd) - cost_usd
+       coalesce(?4, tokens_in) - tokens_in, coalesce(?5, tokens_out) - tokens_out, coalesce(?6, cost_usd) - cost_usd,
+       coalesce(?8, tokens_cached) - tokens_cached
 FROM runs
 WHERE id = ?7 AND (coalesce(?4, tokens_in) != tokens_in OR coalesce(?5, tokens_out) != tokens_out
-                   OR coalesce(?6, cost_usd) != cost_usd)
+                   OR coalesce(?6, cost_usd) != cost_usd OR coalesce(?8, tokens_cached) != tokens_cached)
 """
 
 
 def record_change(conn: sqlite3.Connection, run_id: str, totals: dict[str, Any], *, model: str | None, at: float) -> None:
     """Inside the caller's write, before the run's row is updated to `totals`: ledger the change.
 
-    Writes nothing when none of tokens_in / tokens_out / cost_usd changes (or
+    Writes nothing when none of tokens_in / tokens_out / cost_usd / tokens_cached changes (or
     the run does not exist: the caller's update then fails on its own).
     """
     conn.execute(
         RECORD_SQL,
-        [model, local_day(at), at, totals.get("tokens_in"), totals.get("tokens_out"), totals.get("cost_usd"), run_id],
+        [model, local_day(at), at, totals.get("tokens_in"), totals.get("tokens_out"), totals.get("cost_usd"), run_id,
+         totals.get("tokens_cached")],
     )
 
 
@@ -58,12 +60,12 @@ def spend_by(conn: sqlite3.Connection, group: str, since_day: str | None) -> lis
     where, params = ("WHERE day >= ?", [since_day]) if since_day else ("", [])
     order = "day" if group == "day" else f"sum(cost_usd) DESC, {group}"
     rows = conn.execute(
-        f"SELECT {group}, sum(tokens_in), sum(tokens_out), sum(cost_usd), count(DISTINCT run_id) "
+        f"SELECT {group}, sum(tokens_in), sum(tokens_out), sum(cost_usd), count(DISTINCT run_id), sum(tokens_cached) "
         f"FROM spend {where} GROUP BY {group} ORDER BY {order}",
         params,
     ).fetchall()
-    return [SpendTotal(key=key, tokens_in=t_in, tokens_out=t_out, cost_usd=cost, runs=runs)
-            for key, t_in, t_out, cost, runs in rows]
+    return [SpendTotal(key=key, tokens_in=t_in, tokens_out=t_out, cost_usd=cost, runs=runs, tokens_cached=cached)
+            for key, t_in, t_out, cost, runs, cached in rows]
 
 
 def spend_on(conn: sqlite3.Connection, day: str) -> float:

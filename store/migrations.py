@@ -27,7 +27,9 @@ from loopterm.core.text import one_line
 from loopterm.store.guard import OTHER_PATH, classify
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import args_hash
-from loopterm.store.schema import ITERATIONS_SQL, SCHEMA_VERSION, V2_ADDITIONS_SQL, V3_ADDITIONS_SQL, check_fts5, run_script
+from loopterm.store.schema import (
+    ITERATIONS_SQL, SCHEMA_VERSION, V2_ADDITIONS_SQL, V3_ADDITIONS_SQL, add_v4_columns, check_fts5, run_script,
+)
 from loopterm.store.states import Head, put_state
 
 PAGE = 256
@@ -120,7 +122,13 @@ def _v2_to_v3(db: Database) -> None:
         db.execute(statement)
 
 
-STEPS: dict[int, Callable[[Database], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(db: Database) -> None:
+    """decision_mode and tokens_cached: every earlier decision was asked for as JSON text ('text'), and
+    no cached tokens were counted (0), which is what the columns' defaults say."""
+    add_v4_columns(db)
+
+
+STEPS: dict[int, Callable[[Database], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def backup_path(path: Path, version: int) -> Path:

@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from loopterm.core.errors import ConfigError
 
 APP = "loopterm"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Columns that hold a JSON document (as TEXT); SQL NULL stands for Python None.
 # iterations.prompt (sections by hash) and the state (table `states`) are encoded by the Store.
@@ -46,6 +46,7 @@ TABLES_BY_VERSION: dict[int, tuple[str, ...]] = {
         "memory", "memory_fts", "spend",
     ),
 }
+TABLES_BY_VERSION[4] = TABLES_BY_VERSION[3]
 TABLES = TABLES_BY_VERSION[SCHEMA_VERSION]
 
 # One row per committed iteration. The state is not here but in `states` (a delta
@@ -150,6 +151,30 @@ CREATE TABLE IF NOT EXISTS spend (
 );
 CREATE INDEX IF NOT EXISTS spend_by_day ON spend(day);
 """
+
+# What schema 4 added: columns only. How a decision was asked for (decision_mode) and the input tokens a
+# provider's prompt cache served (tokens_cached, a part of tokens_in), per iteration and intent, in the
+# runs' totals and in the ledger. Schema 4 is also the first whose states may be written as compact deltas
+# and zlib-packed BLOB bodies (store/delta.py), which a loopterm reading schema 3 cannot decode: the
+# version says so, and store/guard.py refuses a file newer than the code. Each column is added only
+# where it is missing, so two processes creating one new file at once both succeed.
+V4_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("iterations", "decision_mode", "TEXT NOT NULL DEFAULT 'text'"),
+    ("iterations", "tokens_cached", "INTEGER NOT NULL DEFAULT 0"),
+    ("intents", "decision_mode", "TEXT NOT NULL DEFAULT 'text'"),
+    ("intents", "tokens_cached", "INTEGER NOT NULL DEFAULT 0"),
+    ("runs", "tokens_cached", "INTEGER NOT NULL DEFAULT 0"),
+    ("spend", "tokens_cached", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def add_v4_columns(db: Database) -> None:
+    """Schema 4's columns, each where it is missing (inside the caller's transaction)."""
+    for table, column, declaration in V4_COLUMNS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info([{table}])").fetchall()}
+        if column not in present:
+            db.execute(f"ALTER TABLE [{table}] ADD COLUMN [{column}] {declaration}")
+
 
 _TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -293,6 +318,7 @@ def create_schema(db: Database) -> None:
     """
     check_fts5(db)
     run_script(db, SCHEMA_SQL)
+    add_v4_columns(db)
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('app', ?)", [APP])
     db.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",

@@ -14,6 +14,7 @@ import pytest
 
 from loopterm.core.errors import ConfigError
 from loopterm.store import SCHEMA_VERSION, Store
+from loopterm.store.schema import V4_COLUMNS
 from loopterm.core.daily_budget import DAILY_BUDGET_ENV, check_daily_budget, local_day
 from loopterm.tui.cli import main
 from tests.loopkit import PRICE, decision, make_engine, make_loop
@@ -51,6 +52,8 @@ def assert_ledger_matches(store: Store, run_id: str) -> None:
     t_in, t_out, cost = sums(store, run_id)
     assert (t_in, t_out) == (run.tokens_in, run.tokens_out)
     assert cost == pytest.approx(run.cost_usd, abs=1e-12)
+    (cached,) = store._conn.execute("SELECT coalesce(sum(tokens_cached), 0) FROM spend WHERE run_id = ?", [run_id]).fetchone()
+    assert cached == run.tokens_cached
 
 
 # -- by construction -------------------------------------------------------------------
@@ -312,8 +315,19 @@ def test_budget_table_and_bad_settings(spender: tuple[Path, str], capsys: pytest
 V3_ONLY = ("memory_fts_insert", "memory_fts_delete", "memory_fts_update", "spend_by_day")
 
 
+def downgrade_to_v3(path: Path) -> None:
+    """Turn a new file into exactly what schema 3 wrote: the same file minus schema 4's columns."""
+    conn = sqlite3.connect(path)
+    for table, column, _ in V4_COLUMNS:
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+
+
 def downgrade_to_v2(path: Path) -> None:
-    """Turn a schema-3 file into exactly what schema 2 wrote: the same file minus the v3 additions."""
+    """Turn a new file into exactly what schema 2 wrote: the same file minus the v3 and v4 additions."""
+    downgrade_to_v3(path)
     conn = sqlite3.connect(path)
     for trigger in V3_ONLY[:3]:
         conn.execute(f"DROP TRIGGER {trigger}")
@@ -347,7 +361,7 @@ def test_a_v2_database_is_migrated_and_its_ledger_backfilled(tmp_path: Path) -> 
     build_v2(path)
     with Store.open(path, create=False) as s:
         assert s.migrated_from == 2 and s.backup_path == path.with_name("old.db.v2.bak")
-        assert dict(s._conn.execute("SELECT key, value FROM meta").fetchall())["schema_version"] == str(SCHEMA_VERSION) == "3"
+        assert dict(s._conn.execute("SELECT key, value FROM meta").fetchall())["schema_version"] == str(SCHEMA_VERSION) == "4"
         day = 86_400.0
         assert [row[2:] for row in ledger(s, "r1")] == [
             ("m1", local_day(1_700_000_000.0), 1_700_000_100.0, 20, 0, 0.75),
@@ -368,7 +382,31 @@ def test_a_v2_database_is_migrated_and_its_ledger_backfilled(tmp_path: Path) -> 
     backup.close()
     fresh = tmp_path / "fresh.db"
     Store.open(fresh).close()
-    assert schema_of(path) == schema_of(fresh)  # the same layout as a file created at schema 3
+    assert schema_of(path) == schema_of(fresh)  # the same layout as a file created now
+
+
+def test_a_v3_database_gains_the_v4_columns_and_keeps_its_ledger(tmp_path: Path) -> None:
+    """Schema 4 adds columns only: what a v3 file holds reads back the same, with every earlier decision
+    asked for as text and no cached tokens; new commits ledger tokens_cached like the other totals."""
+    path = tmp_path / "old.db"
+    build_v2(path)
+    with Store.open(path, create=False):
+        pass  # now schema 4: downgrade only its columns
+    downgrade_to_v3(path)
+    with Store.open(path, create=False) as s:
+        assert s.migrated_from == 3 and s.backup_path == path.with_name("old.db.v3.bak")
+        assert [(r.n, r.decision_mode, r.tokens_cached) for r in s.iterations("r1")] == [(1, "text", 0), (2, "text", 0), (3, "text", 0)]
+        assert s.get_run("r1").tokens_cached == 0 and s.get_run("r1").cost_usd == 1.0
+        assert_ledger_matches(s, "r1")
+        s.commit_iteration(make_iteration("r1", 4, tokens_in=100, cost_usd=0.5, tokens_cached=80, decision_mode="tools"),
+                           {"iterations": 4, "tokens_in": 135, "cost_usd": 1.5, "tokens_cached": 80})
+        assert (s.get_iteration("r1", 4).decision_mode, s.get_iteration("r1", 4).tokens_cached) == ("tools", 80)
+        assert s.get_run("r1").tokens_cached == 80
+        assert sum(t.tokens_cached for t in s.spend_by("model")) == 80
+        assert_ledger_matches(s, "r1")
+    fresh = tmp_path / "fresh.db"
+    Store.open(fresh).close()
+    assert schema_of(path) == schema_of(fresh)
 
 
 def test_a_failed_v2_migration_leaves_the_file_untouched(tmp_path: Path) -> None:

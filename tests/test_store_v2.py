@@ -631,8 +631,11 @@ V1_JSON = {
 }
 
 
+LATER_FIELDS = ("decision_mode", "tokens_cached")  # schema 4's, which a v1 file has no columns for
+
+
 def v1_row(table: str, record: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    data = {k: v for k, v in record.model_dump().items() if k not in drop}
+    data = {k: v for k, v in record.model_dump().items() if k not in drop and k not in LATER_FIELDS}
     return {k: json.dumps(v, ensure_ascii=False) if k in V1_JSON[table] and v is not None else v for k, v in data.items()}
 
 
