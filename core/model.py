@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, field_validator
 
 from loopterm.core.errors import ConfigError, ErrorKind, ModelError, classify_status
+from loopterm.core.prompt_cache import cache_points, cached_tokens
 from loopterm.core.retry import CallSettings, CircuitBreaker, RetryPolicy, breaker_for
 from loopterm.core.text import one_line
 
@@ -210,6 +211,7 @@ class ModelReply(BaseModel):
     latency_ms: float = Field(ge=0.0)  # wall time of complete(), retries and backoff included
     model: str
     calls: int = Field(ge=1)  # provider calls made, retries included
+    tokens_cached: int = Field(default=0, ge=0)  # of tokens_in, served from the provider's prompt cache
 
     @field_validator("text")
     @classmethod
@@ -321,6 +323,9 @@ class ModelClient:
         }
         if self.api_base is not None:
             request["api_base"] = self.api_base
+        cache = cache_points(self.model)  # Claude caches only a marked prefix (core/prompt_cache.py)
+        if cache is not None:
+            request["cache_control_injection_points"] = cache
         return request
 
     def _reply(self, response: Any, litellm: ModuleType, started: float, calls: int) -> ModelReply:
@@ -337,6 +342,7 @@ class ModelClient:
         usage = getattr(response, "usage", None)
         tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
         tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        tokens_cached = min(cached_tokens(usage), tokens_in)  # priced at their own rate in the cost
         return ModelReply(
             text=text,
             tokens_in=tokens_in,
@@ -345,6 +351,7 @@ class ModelClient:
             latency_ms=(time.monotonic() - started) * 1000.0,
             model=self.model,  # the litellm string the person chose, not the provider's alias
             calls=calls,
+            tokens_cached=tokens_cached,
         )
 
     def _cost(self, response: Any, litellm: ModuleType, tokens_in: int, tokens_out: int) -> float:
