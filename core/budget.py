@@ -20,15 +20,18 @@ class Spend(BaseModel):
     tokens_out: int = 0
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
+    tokens_cached: int = 0  # of tokens_in, served from the provider's prompt cache (already priced in cost_usd)
 
     @property
     def tokens(self) -> int:
+        """What a token budget counts: every input token, cached or not (a cap on tokens, not on money)."""
         return self.tokens_in + self.tokens_out
 
-    def add(self, tokens_in: int, tokens_out: int, cost_usd: float) -> None:
+    def add(self, tokens_in: int, tokens_out: int, cost_usd: float, tokens_cached: int = 0) -> None:
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
         self.cost_usd += cost_usd
+        self.tokens_cached += tokens_cached
 
 
 def over_budget(budget: Budget, spend: Spend, next_tokens: int = 0, next_cost: float = 0.0) -> str | None:

@@ -62,7 +62,8 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
         messages = [*base, *tail]
         projected = client.estimate(messages, loop.max_output_tokens)
         pending = Spend(tokens_in=engine.spend.tokens_in + tokens_in, tokens_out=engine.spend.tokens_out + tokens_out,
-                        cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s)
+                        cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s,
+                        tokens_cached=engine.spend.tokens_cached)  # it replaces the run's spend when over budget
         reason = over_budget(engine.budget, spent(engine, pending), *projected)
         if reason:
             engine.spend = pending  # a repair that was paid for still counts
@@ -119,6 +120,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
             run_id=engine.run_id, n=n, prompt=redact_tree(messages), raw_response=redact(reply.text),
             decision=redact_tree(decision.model_dump(mode="json")), repairs=repairs, tokens_in=tokens_in,
             tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
+            tokens_cached=reply.tokens_cached,  # the answering call's; a repair's earlier calls are not summed
         )
 
 

@@ -127,7 +127,8 @@ class Engine:
         if self.strategy is not None:
             adopt(self, self.strategy)
         self.spend = Spend(
-            tokens_in=run.tokens_in, tokens_out=run.tokens_out, cost_usd=run.cost_usd, elapsed_s=run.elapsed_s
+            tokens_in=run.tokens_in, tokens_out=run.tokens_out, cost_usd=run.cost_usd, elapsed_s=run.elapsed_s,
+            tokens_cached=run.tokens_cached,
         )
         # Child runs are runs of their own (their spend is in their records and the ledger), but the
         # caller's budget covers them: counted here for budget checks only.
@@ -361,7 +362,7 @@ class Engine:
         tokens_in = intent.tokens_in + sum(g.tokens_in for g in gates)
         tokens_out = intent.tokens_out + sum(g.tokens_out for g in gates)
         cost = intent.cost_usd + sum(g.cost_usd for g in gates)
-        self.spend.add(tokens_in, tokens_out, cost)
+        self.spend.add(tokens_in, tokens_out, cost, intent.tokens_cached)
         self._tick()
         record = IterationRecord(
             run_id=self.run_id, n=n, started_at=intent.started_at, ended_at=self.clock(),
@@ -375,6 +376,7 @@ class Engine:
         totals = {
             "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,
             "cost_usd": self.spend.cost_usd, "elapsed_s": self.spend.elapsed_s, "updated_at": self.clock(),
+            "tokens_cached": self.spend.tokens_cached,
         }
         self.confidences.append(decision.confidence)
         waiting = ends is not None and ends.reason is TerminationReason.WAITING
@@ -411,7 +413,7 @@ class Engine:
         self.journal.update_run(
             self.run_id, status=status.value, termination_reason=reason.value, message=message,
             updated_at=self.clock(), elapsed_s=self.spend.elapsed_s, tokens_in=self.spend.tokens_in,
-            tokens_out=self.spend.tokens_out, cost_usd=self.spend.cost_usd,
+            tokens_out=self.spend.tokens_out, cost_usd=self.spend.cost_usd, tokens_cached=self.spend.tokens_cached,
         )
         self.log(runlog.RunFinished(status=status.value, reason=reason.value, message=message))
         self.emit(RunFinished(run_id=self.run_id, status=status.value, reason=reason.value, message=message))

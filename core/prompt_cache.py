@@ -58,3 +58,9 @@ def cached_tokens(usage: Any) -> int:
 def hit_ratio(tokens_cached: int, tokens_in: int) -> float | None:
     """The share of input tokens the cache served; None when there was no input."""
     return tokens_cached / tokens_in if tokens_in > 0 else None
+
+
+def hit_text(tokens_cached: int, tokens_in: int) -> str:
+    """The cache hit ratio as people read it: "62%", "-" with no input."""
+    ratio = hit_ratio(tokens_cached, tokens_in)
+    return "-" if ratio is None else f"{ratio:.0%}"

@@ -94,12 +94,16 @@ def _attrs(**values: Any) -> dict[str, Any]:
 
 
 def _chat_attrs(model: str, response_model: str | None, tokens_in: int, tokens_out: int, cost_usd: float,
-                temperature: float | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+                temperature: float | None = None, max_tokens: int | None = None,
+                tokens_cached: int | None = None) -> dict[str, Any]:
+    """GenAI semconv attributes of a model call; `tokens_cached` (of tokens_in, served by the provider's prompt
+    cache) is `gen_ai.usage.cache_read.input_tokens`, left out when unknown."""
     provider = provider_name(model)
     return _attrs(
         gen_ai__operation__name="chat", gen_ai__provider__name=provider, gen_ai__system=provider,
         gen_ai__request__model=model, gen_ai__response__model=response_model or None,
         gen_ai__usage__input_tokens=tokens_in, gen_ai__usage__output_tokens=tokens_out,
+        gen_ai__usage__cache_read__input_tokens=tokens_cached,
         gen_ai__request__temperature=temperature, gen_ai__request__max_tokens=max_tokens,
         loopterm__cost_usd=float(cost_usd),
     )
@@ -194,6 +198,7 @@ class SpanBuilder:
             loopterm__run__message=short(run.message) if run.message else None,
             loopterm__run__iterations=run.iterations, loopterm__run__max_iterations=run.max_iterations,
             loopterm__model=run.model, loopterm__tokens_in=run.tokens_in, loopterm__tokens_out=run.tokens_out,
+            loopterm__tokens_cached=run.tokens_cached,
             loopterm__cost_usd=float(run.cost_usd), loopterm__elapsed_s=float(run.elapsed_s),
         )
         links: list[Link] = []
@@ -237,6 +242,7 @@ class SpanBuilder:
             loopterm__gates__passed=not gates_failed, loopterm__invariants__violated=violated or None,
             loopterm__remediations=list(record.remediations) or None,
             loopterm__tokens_in=record.tokens_in, loopterm__tokens_out=record.tokens_out,
+            loopterm__tokens_cached=record.tokens_cached,
             loopterm__cost_usd=float(record.cost_usd), loopterm__latency_ms=float(record.latency_ms),
             loopterm__model=record.model or None,
         )
@@ -245,7 +251,8 @@ class SpanBuilder:
         # The model call: from the iteration's start for its recorded latency (repairs included).
         model_end = min(record.ended_at, record.started_at + record.latency_ms / 1000)
         chat = _chat_attrs(request.model or record.model or run.model, record.model, record.tokens_in,
-                           record.tokens_out, record.cost_usd, request.temperature, request.max_tokens)
+                           record.tokens_out, record.cost_usd, request.temperature, request.max_tokens,
+                           tokens_cached=record.tokens_cached)
         chat["loopterm.repairs"] = record.repairs
         if self.content:
             chat.update(_messages(record))

@@ -8,13 +8,16 @@ response code for each provider.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from loopterm.core import Invariant, Loop, LoopState, ToolRecord, tool
 from loopterm.core.model import ModelClient, _litellm
@@ -121,6 +124,7 @@ class Stub:
 
     def __init__(self) -> None:
         self.answer: dict[str, Any] = {}
+        self.answers: list[dict[str, Any]] = []  # answered in order before `answer`
         self.bodies: list[dict[str, Any]] = []
         stub = self
 
@@ -128,7 +132,7 @@ class Stub:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 size = int(self.headers.get("content-length") or 0)
                 stub.bodies.append(json.loads(self.rfile.read(size) or b"{}"))
-                body = json.dumps(stub.answer).encode()
+                body = json.dumps(stub.answers.pop(0) if stub.answers else stub.answer).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -212,3 +216,85 @@ async def test_openai_caches_on_its_own_and_its_cached_tokens_are_priced_at_thei
                                      custom_llm_provider="openai")
     assert reply.cost_usd == pytest.approx(theirs, rel=1e-9)
     assert reply.cost_usd == pytest.approx(by_rates("gpt-4o", 128, 1_920, 0, 30), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- a run, end to end
+
+
+def openai_answer(reply: str, prompt: int, cached: int, out: int) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+                  "prompt_tokens_details": {"cached_tokens": cached}},
+    }
+
+
+async def test_a_runs_cached_tokens_reach_its_records_the_ledger_show_budget_spans_and_the_header(
+        stub: Stub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loopterm.core.spans import lineage_spans
+    from loopterm.tui.cli import main
+    from loopterm.tui.headless import summary
+    from loopterm.tui.widgets.render import Palette, header_text, response_text
+    from tests.loopkit import decision, make_engine
+
+    stub.answers = [openai_answer(json.dumps(decision("flag_write", text="no")), 1_500, 0, 20),
+                    openai_answer(json.dumps(decision("flag_write", text="ok", done=True)), 1_600, 1_408, 20)]
+    loop = Loop(name="cachey", goal="make flag.txt say ok", state=LoopState, tools=[flag_write], model=GPT,
+                max_iterations=2)
+    engine, store = make_engine(tmp_path, loop, client=client(GPT, stub.url + "/v1"))
+    run = await engine.run()
+
+    first, second = store.iterations(run.id)
+    assert (first.tokens_cached, second.tokens_cached) == (0, 1_408)
+    assert (run.tokens_in, run.tokens_cached) == (3_100, 1_408)
+    price = by_rates("gpt-4o", 1_500, 0, 0, 20) + by_rates("gpt-4o", 192, 1_408, 0, 20)
+    assert run.cost_usd == pytest.approx(price, rel=1e-9)
+
+    db = str(tmp_path / "db" / "loopterm.db")
+    store.close()
+    assert main(["show", run.id, "--json", "--db", db]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["run"]["tokens_cached"] == 1_408 and [i["tokens_cached"] for i in shown["iterations"]] == [0, 1_408]
+    assert main(["budget", "--json", "--db", db]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert [(d["tokens_in"], d["tokens_cached"]) for d in figures["by_model"]] == [(3_100, 1_408)]
+    assert main(["budget", "--db", db]) == 0
+    table = capsys.readouterr().out
+    assert "cached" in table and "45%" in table  # 1,408 of 3,100
+
+    spans = [(span.name, dict(span.attributes or {})) for span in lineage_spans(store_of(db), run.id)]
+    assert [a["gen_ai.usage.cache_read.input_tokens"] for name, a in spans if name.startswith("chat ")] == [0, 1_408]
+    assert [a["loopterm.tokens_cached"] for name, a in spans if name == "run cachey"] == [1_408]
+
+    assert "cache 45%" in header_text(run, Palette()).plain
+    assert "1,408 cached, 88%" in response_text(second).plain
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(summary(run))
+    assert "1,408 of the 3,100 in (45%" in console.export_text()
+
+
+def store_of(db: str) -> Any:
+    from loopterm.store import Store
+
+    return Store.open(db, create=False)
+
+
+@tool
+def flag_write(text: str) -> str:
+    """Write flag.txt."""
+    return f"wrote {text}"
+
+
+def test_the_headers_spend_line_with_the_cache_ratio_fits_80_columns() -> None:
+    from loopterm.core.records import RunRecord
+    from loopterm.tui.widgets.render import Palette, header_text
+
+    run = RunRecord(id="a1b2c3d4e5f6", loop="codefix", loop_ref="codefix", goal="g", spec_hash="h",
+                    model="anthropic/claude-sonnet-4-5", status="running", workspace="/w", created_at=0, updated_at=0,
+                    max_iterations=30, iterations=12, tokens_in=41_000, tokens_out=4_678, tokens_cached=30_750,
+                    cost_usd=0.1234, elapsed_s=123.4, budget={"tokens": 200_000, "usd": 0.5})
+    spend = header_text(run, Palette()).plain.splitlines()[1]
+    assert spend == "iteration 12/30  tokens 45,678/200,000  cache 75%  cost $0.1234/$0.5  123.4s"
+    assert len(spend) <= 80
+    assert "cache" not in header_text(run.model_copy(update={"tokens_cached": 0}), Palette()).plain

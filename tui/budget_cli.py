@@ -52,7 +52,8 @@ def report(store: Any, days: int, today: dt.date | None = None) -> dict[str, Any
     from_env = env_daily_budget()
     daily = from_env if from_env is not None else stored
     spent = {row["key"]: row for row in by_day}
-    filled = [spent.get(day) or {"key": day, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "runs": 0} for day in day_names]
+    filled = [spent.get(day) or {"key": day, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "runs": 0,
+                                    "tokens_cached": 0} for day in day_names]
     today_usd = spent.get(today.isoformat(), {}).get("cost_usd", 0.0)
     return {
         "today": today.isoformat(),
@@ -103,6 +104,7 @@ def _print(figures: dict[str, Any], notes: list[str]) -> None:
     from rich.text import Text
 
     from loopterm.core.daily_budget import money
+    from loopterm.core.prompt_cache import hit_text
 
     console = Console(highlight=False)
     for note in notes:
@@ -111,13 +113,14 @@ def _print(figures: dict[str, Any], notes: list[str]) -> None:
     def table(title: str, rows: list[dict[str, Any]], first: str) -> None:
         grid = Table(title=title, title_justify="left", title_style="bold", box=None, header_style="bold")
         grid.add_column(first, overflow="fold")
-        for col in ("runs", "tokens in", "tokens out", "cost"):
+        for col in ("runs", "tokens in", "cached", "tokens out", "cost"):  # cached: the share of tokens in
             grid.add_column(col, justify="right", no_wrap=True)
         for row in rows:
-            grid.add_row(Text(row["key"]), str(row["runs"]), f"{row['tokens_in']:,}", f"{row['tokens_out']:,}",
+            grid.add_row(Text(row["key"]), str(row["runs"]), f"{row['tokens_in']:,}",
+                         hit_text(row.get("tokens_cached", 0), row["tokens_in"]), f"{row['tokens_out']:,}",
                          money(row["cost_usd"]))
         if not rows:
-            grid.add_row(Text("-", style="dim"), "", "", "", "")
+            grid.add_row(Text("-", style="dim"), "", "", "", "", "")
         console.print(grid)
         console.print()
 

@@ -405,7 +405,7 @@ def _show_iteration(console: Console, r: Any) -> None:
         if not g["passed"]:
             console.print(Text(clean((g.get("error") or g.get("stderr") or g.get("stdout") or "")[-1500:]), style="red"))
     console.print(Text.assemble(("invariants  ", "bold"), Text(clean(", ".join(f"{k}={'ok' if v else 'VIOLATED'}" for k, v in r.invariant_status.items())) or "-")))
-    console.print(Text.assemble(("spend       ", "bold"), f"{r.tokens_in} in, {r.tokens_out} out, ${r.cost_usd:.6f}, {r.latency_ms:.0f} ms"))
+    console.print(Text.assemble(("spend       ", "bold"), f"{r.tokens_in} in ({r.tokens_cached} cached), {r.tokens_out} out, ${r.cost_usd:.6f}, {r.latency_ms:.0f} ms"))
     console.print(Text("state", style="bold"))
     console.print(Text(json.dumps(r.state, indent=2)))
 

@@ -30,6 +30,7 @@ from loopterm.core.events import (
     ApprovalNeeded,
 )
 from loopterm.core.control import Deny, command_payload
+from loopterm.core.prompt_cache import hit_text
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
 from loopterm.tui.widgets.render import clean
@@ -199,6 +200,9 @@ def summary(run: RunRecord) -> Panel:
         tokens += f" of {budget['tokens']:,}"
     cost = f"${run.cost_usd:.6f}" + (f" of ${budget['usd']}" if budget.get("usd") is not None else "")
     table.add_row("tokens", tokens)
+    if run.tokens_cached:  # served by the provider's prompt cache, priced at its rate in the cost
+        table.add_row("cached", f"{run.tokens_cached:,} of the {run.tokens_in:,} in "
+                                f"({hit_text(run.tokens_cached, run.tokens_in)}, from the provider's prompt cache)")
     table.add_row("cost", cost)
     table.add_row("time", f"{run.elapsed_s:.1f}s")
     table.add_row("workspace", Text(clean(run.workspace)))

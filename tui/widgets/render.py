@@ -21,6 +21,7 @@ from rich.text import Text
 
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
+from loopterm.core.prompt_cache import hit_text
 from loopterm.core.text import clip
 from loopterm.core.text import first_line as text_first_line
 from loopterm.core.compare import changed_parts
@@ -301,6 +302,8 @@ def header_text(
         text.append(f"/{int(budget['tokens']):,}")
         if tokens > 0.8 * budget["tokens"]:
             text.append(" !", style=f"bold {palette.warn}")
+    if run.tokens_cached:  # the share of input tokens the provider's prompt cache served (priced lower)
+        text.append(f"  cache {hit_text(run.tokens_cached, run.tokens_in)}")
     text.append(f"  cost {money(run.cost_usd)}")
     if budget.get("usd") is not None:
         text.append(f"/${budget['usd']}")
@@ -353,8 +356,9 @@ def response_text(record: IterationRecord) -> Text:
     text.append("raw reply", style="bold")
     if record.repairs:
         text.append(f"  (after {record.repairs} repair attempt(s))", style="italic")
-    text.append(f"  {clean(record.model)}  {record.tokens_in:,} in / {record.tokens_out:,} out  {money(record.cost_usd)}  "
-                f"{record.latency_ms:.0f} ms\n", style="dim")
+    cached = f" ({record.tokens_cached:,} cached, {hit_text(record.tokens_cached, record.tokens_in)})" if record.tokens_cached else ""
+    text.append(f"  {clean(record.model)}  {record.tokens_in:,} in{cached} / {record.tokens_out:,} out  "
+                f"{money(record.cost_usd)}  {record.latency_ms:.0f} ms\n", style="dim")
     text.append(literal(record.raw_response or "(empty)"))
     if record.decision is not None:
         text.append("\n\nparsed decision\n", style="bold")
