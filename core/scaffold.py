@@ -141,7 +141,7 @@ def check_name(name: str) -> str:
 
 def files_for(name: str) -> dict[Path, str]:
     """Each file of the skeleton (relative to its folder) and its text."""
-    state = "".join(part.capitalize() for part in re.split(r"[-_]+", name) if part) + "State"
+    state = "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_]+", name) if part) + "State"
     source = LOOP_TEMPLATE.replace("__NAME__", name).replace("__STATE__", state)
     return {
         Path(f"{name}.py"): source,

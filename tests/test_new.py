@@ -85,10 +85,11 @@ def test_new_into_another_folder_runs_from_there(tmp_path: Path) -> None:
 
 
 def test_every_generated_loop_loads_with_its_own_state_class(tmp_path: Path) -> None:
-    for name in ("a", "two-words", "snake_case_name"):
+    for name, state in (("a", "AState"), ("two-words", "TwoWordsState"), ("snake_case_name", "SnakeCaseNameState"),
+                        ("myLoop", "MyLoopState")):
         write_skeleton(name, tmp_path / name)
         loop, _ = load_loop(str(tmp_path / name / f"{name}.py"))
-        assert loop.name == name and loop.state.__name__.endswith("State") and loop.state.__name__ != "LoopState"
+        assert loop.name == name and loop.state.__name__ == state
         assert loop.context is not None and loop.observe is not None and loop.gates and loop.invariants
         assert any(t.side_effects for t in loop.tools)
 
