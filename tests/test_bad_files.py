@@ -497,3 +497,6 @@ def test_the_default_store_and_its_folder_are_still_created(tmp_path: Path, monk
     assert (tmp_path / ".loopterm" / "loopterm.db").is_file()
     assert main(["budget", "--set-daily", "6", "--db", str(tmp_path / "mine.db")]) == 0  # an existing folder: created
     assert (tmp_path / "mine.db").is_file()
+    shutil.rmtree(tmp_path / ".loopterm")
+    assert main(["budget", "--set-daily", "7", "--db", str(tmp_path / ".loopterm" / "loopterm.db")]) == 0  # the default, spelt out
+    assert (tmp_path / ".loopterm" / "loopterm.db").is_file()

@@ -30,7 +30,7 @@ def db_path(args: argparse.Namespace) -> Path:
 def in_existing_folder(path: Path, named_by: str) -> Path:
     """A store path someone typed must be in a folder that exists: a typo is refused, not made a new empty
     store. Only the default, .loopterm/loopterm.db, has its folder created."""
-    if path == DEFAULT_DB:
+    if path.expanduser().absolute() == DEFAULT_DB.absolute():  # the default, however it is spelt
         return path
     folder = path.expanduser().parent
     try:
