@@ -102,3 +102,17 @@ def test_a_file_that_appears_while_writing_is_not_replaced(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="not overwriting greeter.cases.json"):
         write_skeleton("greeter", tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["greeter.cases.json"] and target.read_text() == "[]"
+
+
+def test_the_skeleton_points_at_sections_the_guide_has() -> None:
+    """Each `"Section"` the skeleton's comments name is a heading of docs/WRITING_LOOPS.md."""
+    import re
+
+    from loopterm.core.scaffold import LOOP_TEMPLATE, RULES
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "WRITING_LOOPS.md").read_text(encoding="utf-8")
+    headings = [line.lower() for line in guide.splitlines() if line.startswith("## ")]
+    named = re.findall(r'# "([^"]+)"', LOOP_TEMPLATE) + re.findall(r'"([A-Z][a-z ]+)"', RULES)
+    assert len(named) >= 8
+    missing = [n for n in named if not any(n.lower() in h for h in headings)]
+    assert not missing, f"sections the skeleton names that the guide lacks: {missing}"
