@@ -266,3 +266,47 @@ def test_the_readme_links_the_guide_near_the_top_and_where_it_talks_about_writin
     link = "(docs/WRITING_LOOPS.md)"
     assert link in readme[:3_000], "link the guide near the top of the README"
     assert link in readme.split("## Writing a loop", 1)[1][:2_000]
+
+
+def test_the_signatures_the_guide_gives_match_the_code() -> None:
+    """`tool(...)`, `Invariant(...)`, `CommandGate(...)`, ...: the same parameters, the same defaults."""
+    import ast
+    import inspect
+
+    from pydantic_core import PydanticUndefined
+
+    from loopterm.core import Budget, CommandGate, Invariant, Remediation, tool
+    from loopterm.core.roles import Role
+    from loopterm.core.strategy import Strategy
+
+    def real(name: str) -> dict[str, Any]:
+        """Parameter -> default (inspect.Parameter.empty when required)."""
+        if name == "tool":
+            return {p.name: p.default for p in inspect.signature(tool).parameters.values()}
+        model = {"Invariant": Invariant, "CommandGate": CommandGate, "ModelGate": ModelGate, "Role": Role,
+                 "Strategy": Strategy, "Budget": Budget}[name]
+        return {f: (inspect.Parameter.empty if info.default is PydanticUndefined else info.default)
+                for f, info in model.model_fields.items() if not (name == "ModelGate" and f == "kind")}
+
+    prose = re.sub(r"^```.*?^```", "", GUIDE_TEXT, flags=re.MULTILINE | re.DOTALL)
+    checked: set[str] = set()
+    for span in re.findall(r"`([^`]+)`", prose):
+        found = re.fullmatch(r"(tool|Invariant|CommandGate|ModelGate|Role|Strategy|Budget)\((.*)\)", " ".join(span.split()))
+        if not found or "=" not in found.group(2):
+            continue  # a mention, not a signature
+        name = found.group(1)
+        args = ast.parse(f"def f({found.group(2)}): pass").body[0].args  # type: ignore[attr-defined]
+        params = [*args.args, *args.kwonlyargs]
+        defaults = [None] * (len(args.args) - len(args.defaults)) + list(args.defaults) + list(args.kw_defaults)
+        given = {p.arg: d for p, d in zip(params, defaults)}
+        expected = real(name)
+        assert set(given) == set(expected), (name, sorted(set(given) ^ set(expected)))
+        for param, node in given.items():
+            if node is None:
+                assert expected[param] is inspect.Parameter.empty, f"{name}: {param} has a default in the code"
+                continue
+            text = ast.unparse(node)
+            value = Remediation[text.split(".")[1]] if text.startswith("Remediation.") else ast.literal_eval(node)
+            assert value == expected[param], f"{name}: {param}={text} in the guide, {expected[param]!r} in the code"
+        checked.add(name)
+    assert checked == {"tool", "Invariant", "CommandGate", "ModelGate", "Role", "Strategy", "Budget"}, checked
