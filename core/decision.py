@@ -140,9 +140,48 @@ def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
         raise DecisionError(f"the reply is not valid JSON ({unreadable_json(exc)})") from None
     if not isinstance(raw, dict):
         raise DecisionError(f"the reply is JSON but not an object (got {type(raw).__name__})")
+    return decision_from(raw, tool_names)
+
+
+DECISION_KEYS = ("action", "subgoal", "confidence", "reasoning", "done")
+ACTION_KEYS = ("tool", "args")
+# Keys a model uses for a tool call in other protocols (OpenAI's, Anthropic's, its own guess): read
+# silently they would be "no action", so each gets a repair that says where the call belongs.
+_CALL_KEYS = frozenset({"tool", "tool_name", "name", "function", "arguments", "args", "parameters", "input",
+                        "tool_call", "tool_calls", "tool_use", "call"})
+_ARGS_KEYS = frozenset({"arguments", "parameters", "input", "params", "kwargs"})
+
+
+def unknown_keys(raw: dict[str, Any]) -> str | None:
+    """What is wrong with a reply's keys (one line), or None: a key the decision does not have is never
+    dropped silently; a tool call written in another protocol's shape is told where it belongs."""
+    for key in raw:
+        if key not in DECISION_KEYS:
+            name = short_repr(str(key), 40)
+            if key in _CALL_KEYS:
+                return (f"unknown key {name} at the top level: put the call in "
+                        '"action": {"tool": ..., "args": {...}}')
+            return f"unknown key {name} at the top level; a decision has only {', '.join(DECISION_KEYS)}"
+    action = raw.get("action")
+    if isinstance(action, dict):
+        for key in action:
+            if key not in ACTION_KEYS:
+                name = short_repr(str(key), 40)
+                if key in _ARGS_KEYS:
+                    return f'unknown key {name} in "action": the arguments go in "args": {{...}}'
+                return f'unknown key {name} in "action"; an action has only "tool" and "args"'
+    return None
+
+
+def decision_from(raw: dict[str, Any], tool_names: set[str] | None = None) -> Decision:
+    """A decision from a reply's JSON object (text, a JSON-schema reply or a native tool call's
+    fields), or DecisionError saying exactly what was wrong."""
     problem = json_problem(raw)
     if problem:
         raise DecisionError(f"the reply cannot be used: {problem}")
+    problem = unknown_keys(raw)
+    if problem:
+        raise DecisionError(problem)
     try:
         decision = Decision.model_validate(raw)
     except ValidationError as exc:
