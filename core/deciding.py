@@ -51,9 +51,10 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
     client = engine.client
     model = str(getattr(client, "model", "") or engine.run_record.model)
     mode = choose_mode(model, loop.decision_mode, n, [t.name for t in loop.tools]) if takes_params(client) else "text"
-    # Redacted as the prompt is: a key in a tool's description is neither sent nor journalled.
+    # Redacted as the prompt is: a key in a tool's description is not sent.
     params = redact_tree(request_params(mode, loop.tools, model))
     extra = {"params": params} if params else {}  # a text-mode call is the call it always was
+    counted = {"tools": params["tools"]} if "tools" in params else {}  # the functions are input tokens too
 
     def prompt(budget: int | None = None) -> list[dict[str, Any]]:
         return build_messages(
@@ -71,7 +72,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
     cost = latency = 0.0
     while True:
         messages = [*base, *tail]
-        projected = client.estimate(messages, loop.max_output_tokens)
+        projected = client.estimate(messages, loop.max_output_tokens, **counted)
         pending = Spend(tokens_in=engine.spend.tokens_in + tokens_in, tokens_out=engine.spend.tokens_out + tokens_out,
                         cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s)
         reason = over_budget(engine.budget, spent(engine, pending), *projected)

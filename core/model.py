@@ -390,11 +390,13 @@ class ModelClient:
         except Exception:  # noqa: BLE001 - no price known for this model: uncosted, not a crash
             return 0.0
 
-    def estimate(self, messages: list[dict[str, Any]], max_output_tokens: int) -> tuple[int, float]:
-        """Projected (tokens, USD) of the next call, for the budget check before it is made."""
+    def estimate(self, messages: list[dict[str, Any]], max_output_tokens: int,
+                 tools: list[dict[str, Any]] | None = None) -> tuple[int, float]:
+        """Projected (tokens, USD) of the next call, for the budget check before it is made (a decision's
+        functions, in tools mode, are input tokens too)."""
         litellm = _litellm()
         try:
-            prompt_tokens = int(litellm.token_counter(model=self.model, messages=messages))
+            prompt_tokens = int(litellm.token_counter(model=self.model, messages=messages, tools=tools or None))
         except Exception:  # noqa: BLE001 - a tokenizer hiccup must not stop the run: rough count
             prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4
         return prompt_tokens + max_output_tokens, self._price(litellm, prompt_tokens, max_output_tokens)

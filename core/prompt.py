@@ -50,7 +50,11 @@ def system_message(loop: Loop, system_prompt: str | None = None, decision_mode: 
         from loopterm.core.decision_modes import no_action_name
 
         none = no_action_name({t.name for t in loop.tools})
-        return "\n".join([system_prompt or loop.system_prompt, "", TOOL_CALL_FORMAT.format(none=none)])
+        # Names and descriptions only (the functions carry the argument schemas): a replay sees a changed one.
+        lines = [system_prompt or loop.system_prompt, "", "Tools (each is a function):"]
+        lines += [f"- {t.name}{' (side effects)' if t.side_effects else ''}: {t.description}" for t in loop.tools]
+        lines.append(f"- {none}: run no tool now")
+        return "\n".join([*lines, "", TOOL_CALL_FORMAT.format(none=none)])
     lines = [system_prompt or loop.system_prompt, "", "Tools:"]
     lines += [t.prompt_line() for t in loop.tools]
     if not loop.tools:

@@ -389,7 +389,7 @@ def step_handler_class(litellm: ModuleType) -> type:
                 ]
                 model_response.choices[0].finish_reason = "tool_calls"
             model_response.model = full
-            prompt_tokens = litellm.token_counter(model=full, messages=messages)
+            prompt_tokens = litellm.token_counter(model=full, messages=messages, tools=(params or {}).get("tools") or None)
             said = (content or "") + "".join(json.dumps(c, ensure_ascii=False) for c in calls)
             completion_tokens = (
                 litellm.token_counter(model=full, text=said, count_response_tokens=True) if said else 0

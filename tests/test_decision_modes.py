@@ -381,3 +381,62 @@ def test_auto_chooses_per_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_auto_does_not_choose_tools_when_a_tool_name_cannot_be_a_function_name() -> None:
     assert choose_mode("openai/gpt-4o-mini", "auto", 1, ["write", "git.status"]) == "json_schema"
     assert choose_mode("openai/gpt-4o-mini", "auto", 1, ["write", "git_status"]) == "tools"
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_two_calls_then_no_call_are_each_repaired_in_a_conversation_the_provider_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fakellm_server: Any,
+    proxy: RecordingProxy, provider: str,
+) -> None:
+    tag = f"twice-{provider}-{uuid.uuid4().hex[:6]}"
+    first = "\n1 of at most"
+    fakellm_server.set_rules([
+        {"name": f"{tag}-two", "when": {"messages_contain": first, "turn": 1},
+         "respond": {"content": "", "tool_calls": [{"name": "write", "arguments": fields("ok")},
+                                                   {"name": "no_action", "arguments": {"confidence": 0.2}}]}},
+        {"name": f"{tag}-none", "when": {"messages_contain": first, "turn": 2},
+         "respond": {"content": "I would write ok."}},
+        {"name": f"{tag}-ok", "when": {"messages_contain": first, "turn": 3},
+         "respond": {"content": "", "tool_calls": [{"name": "write", "arguments": fields("ok")}]}},
+    ])
+    db, shown = run_loop(tmp_path, capsys, monkeypatch, proxy, provider, "tools")
+    assert (shown["run"]["status"], shown["run"]["iterations"]) == ("converged", 1)
+    (only,) = shown["iterations"]
+    assert only["repairs"] == 2
+    asks = [m["content"] for m in only["prompt"] if m["role"] == "user"][1:]
+    assert asks[0].startswith("Your reply was not a valid decision: 2 functions were called ('write', 'no_action')")
+    assert asks[1].startswith("Your reply was not a valid decision: no function was called (a text reply is not read)")
+    sent = [body for p, body in proxy.requests if p == PROVIDERS[provider][3]]
+    last = sent[-1]["messages"]
+    if provider == "openai":
+        assert [m["role"] for m in last] == ["system", "user", "assistant", "tool", "tool", "user", "assistant", "user"]
+        assert [m["tool_call_id"] for m in last[3:5]] == [c["id"] for c in last[2]["tool_calls"]]
+    else:
+        assert [m["role"] for m in last] == ["user", "assistant", "user", "assistant", "user"]
+        uses = [b["id"] for b in last[1]["content"] if b["type"] == "tool_use"]
+        answered = [b["tool_use_id"] for b in last[2]["content"] if b["type"] == "tool_result"]
+        assert uses == answered and len(uses) == 2
+    code, out = cli(capsys, "replay", shown["run"]["id"], "--db", str(db), "--json")  # both repairs, replayed
+    assert code == 0 and json.loads(out)["identical"] is True, out
+
+
+def test_a_replay_asks_in_the_mode_each_iteration_was_recorded_in() -> None:
+    from loopterm.core.recording import Recording, register_recording
+    from loopterm.core.records import IterationRecord
+
+    run_id = f"modes{uuid.uuid4().hex[:8]}"
+    records = {n: IterationRecord(run_id=run_id, n=n, started_at=0.0, ended_at=0.0, prompt=[], raw_response="",
+                                  decision=None, state={}, decision_mode=mode)
+               for n, mode in ((1, "tools"), (2, "text"))}
+    model = register_recording(Recording(run_id=run_id, iterations=records))
+    assert [choose_mode(model, "json_schema", n) for n in (1, 2)] == ["tools", "text"]  # the loop's setting yields
+
+
+def test_the_budget_check_counts_the_functions_as_input() -> None:
+    from loopterm.core.model import ModelClient
+
+    client = ModelClient("openai/gpt-4o-mini", timeout=5.0)
+    messages = [{"role": "user", "content": "hi"}]
+    bare, _ = client.estimate(messages, 10)
+    with_tools, _ = client.estimate(messages, 10, tools=tool_functions([write]))
+    assert with_tools > bare + 50
