@@ -25,6 +25,7 @@ from loopterm.core.decision import DECISION_KEYS, Decision, DecisionError, decis
 Mode = Literal["tools", "json_schema", "text"]
 MODES: tuple[str, ...] = ("tools", "json_schema", "text")
 NO_ACTION = "no_action"  # the function a model calls when no tool should run now
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # An offline provider (replay/) that must answer in a recorded mode says which: (name after the
 # prefix, iteration) -> the mode, or None to choose as usual. Registered by core/recording.py.
@@ -181,7 +182,10 @@ def envelope(content: str | None, calls: list[dict[str, Any]]) -> str:
         body["content"] = content
     body["tool_calls"] = [{"name": str(c.get("name") or ""), "arguments": _arguments(c.get("arguments"))}
                           for c in calls]
-    return json.dumps(body, ensure_ascii=False, sort_keys=False)
+    text = json.dumps(body, ensure_ascii=False)
+    # An unpaired surrogate (a provider's "\ud800") cannot be stored as UTF-8: kept as its escape, the
+    # decision read back from it is refused as in text mode (decision.json_problem), not silently altered.
+    return json.dumps(body) if _SURROGATE.search(text) else text
 
 
 def read_envelope(text: str) -> tuple[str, list[dict[str, Any]]]:

@@ -440,3 +440,12 @@ def test_the_budget_check_counts_the_functions_as_input() -> None:
     bare, _ = client.estimate(messages, 10)
     with_tools, _ = client.estimate(messages, 10, tools=tool_functions([write]))
     assert with_tools > bare + 50
+
+
+def test_an_unpaired_surrogate_in_a_call_is_stored_escaped_and_refused_as_in_text_mode() -> None:
+    raw = envelope("é", [{"name": "write", "arguments": '{"args": {"text": "\\ud800"}, "confidence": 0.5}'}])
+    raw.encode("utf-8")  # storable
+    assert "é" not in raw and "\\ud800" in raw
+    with pytest.raises(DecisionError, match="unpaired surrogate"):
+        read_decision("tools", raw, [write])
+    assert "é" in envelope("é", [{"name": "write", "arguments": "{}"}])  # readable otherwise
