@@ -141,6 +141,8 @@ def request_params(mode: Mode, tools: list[Any], model: str) -> dict[str, Any]:
         params: dict[str, Any] = {"tools": tool_functions(tools)}
         if _passes(model, "tool_choice"):
             params["tool_choice"] = "required"
+        if _passes(model, "parallel_tool_calls"):
+            params["parallel_tool_calls"] = False  # one call: two is a repair
         return params
     if mode == "json_schema":
         return {"response_format": {"type": "json_schema", "json_schema": {

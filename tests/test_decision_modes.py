@@ -310,13 +310,13 @@ def test_tools_mode_converges_with_native_tool_calls_and_repairs_an_unknown_tool
     assert len(sent) == 3 and all("response_format" not in b for b in sent)
     if provider == "openai":
         assert [t["function"]["name"] for t in sent[0]["tools"]] == ["write", "no_action"]
-        assert all(b["tool_choice"] == "required" for b in sent)
+        assert all(b["tool_choice"] == "required" and b["parallel_tool_calls"] is False for b in sent)
         repair = sent[1]["messages"]
         assert [m["role"] for m in repair] == ["system", "user", "assistant", "tool", "user"]
     else:
         assert [t["name"] for t in sent[0]["tools"]] == ["write", "no_action"]
         assert sent[0]["tools"][0]["input_schema"]["properties"]["args"]["required"] == ["text"]
-        assert all(b["tool_choice"]["type"] == "any" for b in sent)  # Anthropic's "required"
+        assert all(b["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True} for b in sent)  # "required"
         repair = sent[1]["messages"]
         assert [m["role"] for m in repair] == ["user", "assistant", "user"]
         assert repair[1]["content"][-1]["type"] == "tool_use"
@@ -449,3 +449,24 @@ def test_an_unpaired_surrogate_in_a_call_is_stored_escaped_and_refused_as_in_tex
     with pytest.raises(DecisionError, match="unpaired surrogate"):
         read_decision("tools", raw, [write])
     assert "é" in envelope("é", [{"name": "write", "arguments": "{}"}])  # readable otherwise
+
+
+@pytest.mark.parametrize("mode", ["tools", "text"])
+async def test_the_builtin_codefix_script_converges_in_tools_mode_as_in_text_mode(tmp_path: Path, mode: str) -> None:
+    """The shipped scripts are JSON text; asked with tools, the scripted model answers each as a tool call."""
+    from loopterm.core.engine import Engine
+    from loopterm.core.loader import load_loop
+    from loopterm.core.model import check_model
+    from loopterm.store import Store
+
+    loop, ref = load_loop("codefix")
+    loop = loop.model_copy(update={"decision_mode": mode})
+    check_model(loop.model, loop.script)
+    store = Store.open(tmp_path / "t.db")
+    engine = Engine.create(loop, store, loop_ref=ref, workspace_root=tmp_path / "ws", workdir=tmp_path)
+    run = await engine.run()
+    records = store.iterations(run.id)
+    store.close()
+    assert (run.status, run.iterations) == ("converged", 3)
+    assert {r.decision_mode for r in records} == {mode} and all(r.repairs == 0 for r in records)
+    assert [r.tool_call["tool"] for r in records if r.tool_call] == ["write_file"] * 3
