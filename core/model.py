@@ -226,6 +226,12 @@ class ModelReply(BaseModel):
             return text
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _valid_unicode_calls(cls, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A call's name and arguments, as the reply's text: they reach the prompt of a repair, and the store."""
+        return [{k: cls._valid_unicode(v) if isinstance(v, str) else v for k, v in call.items()} for call in calls]
+
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

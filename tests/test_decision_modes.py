@@ -470,3 +470,11 @@ async def test_the_builtin_codefix_script_converges_in_tools_mode_as_in_text_mod
     assert (run.status, run.iterations) == ("converged", 3)
     assert {r.decision_mode for r in records} == {mode} and all(r.repairs == 0 for r in records)
     assert [r.tool_call["tool"] for r in records if r.tool_call] == ["write_file"] * 3
+
+
+def test_a_literal_surrogate_in_a_providers_call_becomes_a_replacement_character() -> None:
+    from loopterm.core.model import ModelReply
+
+    reply = ModelReply(text="", tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=0.0, model="m", calls=1,
+                       tool_calls=[{"id": "c", "name": "write", "arguments": '{"text": "\ud800"}'}])
+    assert reply.tool_calls[0]["arguments"] == '{"text": "\ufffd"}'
