@@ -123,6 +123,24 @@ def unreadable_json(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
 
+class DuplicateKey(ValueError):
+    """A JSON object with one key twice: json.loads would keep the last silently (a second "action")."""
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(f"the key {short_repr(key, 40)} appears twice in one object; write each key once")
+        out[key] = value
+    return out
+
+
+def load_json(text: str) -> Any:
+    """json.loads of a model's text, refusing a key given twice (DuplicateKey) rather than keeping one."""
+    return json.loads(text, object_pairs_hook=_once)
+
+
 def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
     """Parse a model reply into a Decision or raise DecisionError with a readable reason (one line)."""
     if not isinstance(text, str) or not text.strip():
@@ -132,7 +150,9 @@ def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
     if fenced:
         body = fenced.group(1)
     try:
-        raw = json.loads(body)
+        raw = load_json(body)
+    except DuplicateKey as exc:
+        raise DecisionError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise DecisionError(f"the reply is not valid JSON (JSONDecodeError: {exc.msg} at line {exc.lineno} column "
                             f"{exc.colno})") from None

@@ -20,7 +20,16 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any, Callable, Literal
 
-from loopterm.core.decision import DECISION_KEYS, Decision, DecisionError, decision_from, parse_decision, short_repr
+from loopterm.core.decision import (
+    DECISION_KEYS,
+    Decision,
+    DecisionError,
+    DuplicateKey,
+    decision_from,
+    load_json,
+    parse_decision,
+    short_repr,
+)
 
 Mode = Literal["tools", "json_schema", "text"]
 MODES: tuple[str, ...] = ("tools", "json_schema", "text")
@@ -171,8 +180,8 @@ def _arguments(value: Any) -> Any:
     """A call's arguments as JSON when they are JSON (the canonical form), else the text as sent."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except (ValueError, RecursionError):
+            return load_json(value)
+        except (ValueError, RecursionError):  # not JSON, or a key twice: kept as sent, refused on reading
             return value
     return value
 
@@ -236,6 +245,12 @@ def read_decision(mode: Mode, raw: str, tools: list[Any]) -> Decision:
     if name != nothing and name not in names:
         raise DecisionError(f"unknown function {short_repr(name)}; call exactly one of: {functions}")
     if isinstance(arguments, str):
+        try:
+            load_json(arguments)
+        except DuplicateKey as exc:
+            raise DecisionError(f"the arguments of {name!r}: {exc}") from None
+        except (ValueError, RecursionError):
+            pass
         raise DecisionError(f"the arguments of {name!r} are not valid JSON: {short_repr(arguments, 60)}")
     if not isinstance(arguments, dict):
         raise DecisionError(f"the arguments of {name!r} are not a JSON object")

@@ -461,8 +461,10 @@ def _decision_json(text: str) -> dict[str, Any] | None:
     body = text.strip()
     if body.startswith("```"):
         body = body.strip("`").removeprefix("json").strip()
+    from loopterm.core.decision import load_json
+
     try:
-        value = json.loads(body)
+        value = load_json(body)  # a key twice is no decision to convert: it is answered as the text it is
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) and ("action" in value or "confidence" in value) else None

@@ -67,3 +67,11 @@ def test_unknown_keys_are_never_dropped_silently(reply: dict, reason: str) -> No
 def test_a_reply_with_only_known_keys_still_parses() -> None:
     decision = parse_decision(json.dumps({"action": None, "confidence": 0.1}), {"write"})
     assert decision.action is None and decision.subgoal == ""
+
+
+def test_a_key_given_twice_is_refused_not_reduced_to_the_last() -> None:
+    reply = '{"action": {"tool": "write", "args": {"text": "ok"}}, "confidence": 0.5, "action": null}'
+    with pytest.raises(DecisionError, match="the key 'action' appears twice in one object"):
+        parse_decision(reply, {"write"})
+    with pytest.raises(DecisionError, match="the key 'text' appears twice"):
+        parse_decision('{"action": {"tool": "write", "args": {"text": "a", "text": "b"}}, "confidence": 0.5}', {"write"})

@@ -478,3 +478,9 @@ def test_a_literal_surrogate_in_a_providers_call_becomes_a_replacement_character
     reply = ModelReply(text="", tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=0.0, model="m", calls=1,
                        tool_calls=[{"id": "c", "name": "write", "arguments": '{"text": "\ud800"}'}])
     assert reply.tool_calls[0]["arguments"] == '{"text": "\ufffd"}'
+
+
+def test_a_key_given_twice_in_a_calls_arguments_is_refused() -> None:
+    raw = envelope(None, [{"name": "write", "arguments": '{"args": {"text": "ok"}, "confidence": 0.5, "confidence": 1}'}])
+    with pytest.raises(DecisionError, match="the arguments of 'write': the key 'confidence' appears twice"):
+        read_decision("tools", raw, [write])
