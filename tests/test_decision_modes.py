@@ -484,3 +484,21 @@ def test_a_key_given_twice_in_a_calls_arguments_is_refused() -> None:
     raw = envelope(None, [{"name": "write", "arguments": '{"args": {"text": "ok"}, "confidence": 0.5, "confidence": 1}'}])
     with pytest.raises(DecisionError, match="the arguments of 'write': the key 'confidence' appears twice"):
         read_decision("tools", raw, [write])
+
+
+def test_a_script_step_may_be_a_tool_call(tmp_path: Path) -> None:
+    from loopterm.core.errors import ConfigError
+    from loopterm.core.scripted import load_script
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"turns": [{"tool_calls": [{"name": "write", "arguments": {"confidence": 0.5}}]},
+                                          {"content": "x", "tool_calls": [{"name": "write"}]}]}))
+    script = load_script(good)
+    assert [c.name for c in script.turns[0][0].tool_calls or []] == ["write"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"turns": [{"tool_calls": [{"name": "w"}], "error": {"status": 500}}]}))
+    with pytest.raises(ConfigError, match="exactly one of 'content' \\(or 'tool_calls'\\) or 'error'"):
+        load_script(bad)
+    bad.write_text(json.dumps({"turns": [{"tool_calls": [{"arguments": {}}]}]}))
+    with pytest.raises(ConfigError, match="turns.0.tool_calls.0.name: Field required"):
+        load_script(bad)
