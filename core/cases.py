@@ -11,14 +11,14 @@ Fields (every one but `id` optional; no others allowed):
 - ``id``: unique in the file, letters, digits, ``_ . -``.
 - ``goal``: replaces the loop's goal (the task spec) for this case.
 - ``script``: a scripted-model script for this case, relative to the cases file; the case
-  runs on ``scripted/<loop>.<id>``.
+  runs on ``scripted/<loop>.case.<id>``.
 - ``model``: a litellm model string for this case (not together with ``script``).
 - ``max_iterations``, ``budget_usd``: this case's caps.
 - ``expect``: the status the case should end in: converged, terminated, escalated, failed or
   stopped. Without it a case meets its expectation when it converges.
 
 Which model a case runs on: its ``model``, else the command's ``--model``, else its ``script``'s
-``scripted/<loop>.<id>``, else the loop's own model.
+``scripted/<loop>.case.<id>``, else the loop's own model.
 
 Every problem is one ConfigError line naming the file, the case and the field.
 """
@@ -57,7 +57,7 @@ class Case(BaseModel):
     @model_validator(mode="after")
     def _model_or_script(self) -> "Case":
         if self.model is not None and self.script is not None:
-            raise ValueError("give either 'model' or 'script', not both (a script runs on scripted/<loop>.<id>)")
+            raise ValueError("give either 'model' or 'script', not both (a script runs on scripted/<loop>.case.<id>)")
         return self
 
     def met(self, status: str) -> bool:

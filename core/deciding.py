@@ -1,15 +1,21 @@
 """The decide phase: ask the maker's model for a decision, with a bounded repair for invalid replies and
-a pruned prompt when it does not fit the context window; the budget is checked before every call."""
+a pruned prompt when it does not fit the context window; the budget is checked before every call.
+
+The decision is asked for in the iteration's mode (core/decision_modes.py: the provider's own tool
+call, a JSON-schema reply or JSON text); whatever the mode, a reply that is not a valid decision gets
+the same bounded repair, told exactly what was wrong."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import TYPE_CHECKING, Any
 
 from loopterm.core import prompt as _prompt
 from loopterm.core import runlog as log
 from loopterm.core.budget import Spend, over_budget
-from loopterm.core.decision import DecisionError, parse_decision
+from loopterm.core.decision import DecisionError
+from loopterm.core.decision_modes import choose_mode, raw_reply, read_decision, request_params
 from loopterm.core.errors import ErrorKind, ModelError
 from loopterm.core.events import ModelRetry
 from loopterm.core.policies import budget_message, spent
@@ -42,25 +48,31 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
 
     loop = engine.loop
     rules = read_rules(engine.workdir)
+    client = engine.client
+    model = str(getattr(client, "model", "") or engine.run_record.model)
+    mode = choose_mode(model, loop.decision_mode, n, [t.name for t in loop.tools]) if takes_params(client) else "text"
+    # Redacted as the prompt is: a key in a tool's description is not sent.
+    params = redact_tree(request_params(mode, loop.tools, model))
+    extra = {"params": params} if params else {}  # a text-mode call is the call it always was
+    counted = {"tools": params["tools"]} if "tools" in params else {}  # the functions are input tokens too
 
     def prompt(budget: int | None = None) -> list[dict[str, Any]]:
         return build_messages(
             loop, engine.state, rules=rules, relaxed=engine.relaxed, strategy_note=engine.strategy_note,
             max_iterations=engine.max_iterations, token_budget=budget,
             system_prompt=engine.strategy.system_prompt if engine.strategy is not None else None,
+            decision_mode=mode,
         )
 
     base = prompt()
     tail: list[dict[str, Any]] = []  # a repair's turns, after the prompt
     budget, pruned = loop.prompt_token_budget, 0
-    tool_names = {t.name for t in loop.tools}
     call_index, repairs = 0, 0
     tokens_in = tokens_out = 0
     cost = latency = 0.0
-    client = engine.client
     while True:
         messages = [*base, *tail]
-        projected = client.estimate(messages, loop.max_output_tokens)
+        projected = client.estimate(messages, loop.max_output_tokens, **counted)
         pending = Spend(tokens_in=engine.spend.tokens_in + tokens_in, tokens_out=engine.spend.tokens_out + tokens_out,
                         cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s,
                         tokens_cached=engine.spend.tokens_cached)  # it replaces the run's spend when over budget
@@ -71,7 +83,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
         if getattr(client, "temperature", None) is not None:
             client.temperature = engine.temperature
         try:
-            reply = await client.complete(messages, iteration=n, call_index=call_index)
+            reply = await client.complete(messages, iteration=n, call_index=call_index, **extra)
         except ModelError as exc:
             call_index += exc.calls
             if exc.code == "context_window" and pruned < MAX_PRUNES:
@@ -95,8 +107,9 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
         tokens_out += reply.tokens_out
         cost += reply.cost_usd
         latency += reply.latency_ms
+        raw = raw_reply(mode, reply.text, getattr(reply, "tool_calls", None) or [])
         try:
-            decision = parse_decision(reply.text, tool_names)
+            decision = read_decision(mode, raw, loop.tools)
             if decision.action is not None:
                 tool = loop.tool(decision.action.tool)
                 assert tool is not None
@@ -105,7 +118,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
                 except ValueError as exc:
                     raise DecisionError(str(exc)) from None
         except DecisionError as exc:
-            engine.log(log.InvalidReply(error=redact(str(exc)), repair=repairs + 1, reply=redact(reply.text)[:2_000]), n)
+            engine.log(log.InvalidReply(error=redact(str(exc)), repair=repairs + 1, reply=redact(raw)[:2_000]), n)
             if repairs >= loop.max_repairs:
                 engine.spend.add(tokens_in, tokens_out, cost)
                 raise RunEnds(
@@ -113,15 +126,25 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
                     f"the model's reply was still invalid after {repairs} repair attempt(s): {exc}",
                 ) from None
             repairs += 1
-            tail = repair_messages(messages, reply.text, str(exc))[len(base):]
+            tail = repair_messages(messages, reply.text, str(exc), getattr(reply, "tool_calls", None), mode)[len(base):]
             continue
         return Intent(
             # Redacted before it is journalled: the tool runs with, and every record keeps, what is here.
-            run_id=engine.run_id, n=n, prompt=redact_tree(messages), raw_response=redact(reply.text),
+            run_id=engine.run_id, n=n, prompt=redact_tree(messages), raw_response=redact(raw), decision_mode=mode,
             decision=redact_tree(decision.model_dump(mode="json")), repairs=repairs, tokens_in=tokens_in,
             tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
             tokens_cached=reply.tokens_cached,  # the answering call's; a repair's earlier calls are not summed
         )
+
+
+def takes_params(client: Any) -> bool:
+    """Whether the client can send a request's tools or response_format (ModelClient can; a stand-in
+    client a test or a benchmark injects may not: it is asked in text mode, as before modes existed)."""
+    try:
+        parameters = inspect.signature(client.complete).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return any(p.name == "params" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def model_failure(engine: Engine, exc: ModelError, n: int, pruned: int, prompt: list[dict[str, Any]]) -> str:

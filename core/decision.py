@@ -123,6 +123,24 @@ def unreadable_json(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
 
+class DuplicateKey(ValueError):
+    """A JSON object with one key twice: json.loads would keep the last silently (a second "action")."""
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(f"the key {short_repr(key, 40)} appears twice in one object; write each key once")
+        out[key] = value
+    return out
+
+
+def load_json(text: str) -> Any:
+    """json.loads of a model's text, refusing a key given twice (DuplicateKey) rather than keeping one."""
+    return json.loads(text, object_pairs_hook=_once)
+
+
 def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
     """Parse a model reply into a Decision or raise DecisionError with a readable reason (one line)."""
     if not isinstance(text, str) or not text.strip():
@@ -132,7 +150,9 @@ def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
     if fenced:
         body = fenced.group(1)
     try:
-        raw = json.loads(body)
+        raw = load_json(body)
+    except DuplicateKey as exc:
+        raise DecisionError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise DecisionError(f"the reply is not valid JSON (JSONDecodeError: {exc.msg} at line {exc.lineno} column "
                             f"{exc.colno})") from None
@@ -140,9 +160,48 @@ def parse_decision(text: str, tool_names: set[str] | None = None) -> Decision:
         raise DecisionError(f"the reply is not valid JSON ({unreadable_json(exc)})") from None
     if not isinstance(raw, dict):
         raise DecisionError(f"the reply is JSON but not an object (got {type(raw).__name__})")
+    return decision_from(raw, tool_names)
+
+
+DECISION_KEYS = ("action", "subgoal", "confidence", "reasoning", "done")
+ACTION_KEYS = ("tool", "args")
+# Keys a model uses for a tool call in other protocols (OpenAI's, Anthropic's, its own guess): read
+# silently they would be "no action", so each gets a repair that says where the call belongs.
+_CALL_KEYS = frozenset({"tool", "tool_name", "name", "function", "arguments", "args", "parameters", "input",
+                        "tool_call", "tool_calls", "tool_use", "call"})
+_ARGS_KEYS = frozenset({"arguments", "parameters", "input", "params", "kwargs"})
+
+
+def unknown_keys(raw: dict[str, Any]) -> str | None:
+    """What is wrong with a reply's keys (one line), or None: a key the decision does not have is never
+    dropped silently; a tool call written in another protocol's shape is told where it belongs."""
+    for key in raw:
+        if key not in DECISION_KEYS:
+            name = short_repr(str(key), 40)
+            if key in _CALL_KEYS:
+                return (f"unknown key {name} at the top level: put the call in "
+                        '"action": {"tool": ..., "args": {...}}')
+            return f"unknown key {name} at the top level; a decision has only {', '.join(DECISION_KEYS)}"
+    action = raw.get("action")
+    if isinstance(action, dict):
+        for key in action:
+            if key not in ACTION_KEYS:
+                name = short_repr(str(key), 40)
+                if key in _ARGS_KEYS:
+                    return f'unknown key {name} in "action": the arguments go in "args": {{...}}'
+                return f'unknown key {name} in "action"; an action has only "tool" and "args"'
+    return None
+
+
+def decision_from(raw: dict[str, Any], tool_names: set[str] | None = None) -> Decision:
+    """A decision from a reply's JSON object (text, a JSON-schema reply or a native tool call's
+    fields), or DecisionError saying exactly what was wrong."""
     problem = json_problem(raw)
     if problem:
         raise DecisionError(f"the reply cannot be used: {problem}")
+    problem = unknown_keys(raw)
+    if problem:
+        raise DecisionError(problem)
     try:
         decision = Decision.model_validate(raw)
     except ValidationError as exc:

@@ -24,7 +24,7 @@ class Invariant(BaseModel):
     name: str
     check: Callable[[LoopState], bool]
     remediation: Remediation = Remediation.ESCALATE
-    description: str = ""
+    description: str = ""  # what the model is told must hold; a loop file must give one (core/loop_checks.py)
     custom: Callable[[LoopState], LoopState] | None = None
 
     def holds(self, state: LoopState) -> bool:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
+from loopterm.core.loop_checks import check_loop_file, explain_validation_error
 from loopterm.core.text import first_line, one_line
 
 _MAX_LINE = 400  # longest error message we print; a loop file's exception can be huge
@@ -81,6 +82,7 @@ def _load_loop(ref: str) -> tuple[Loop, str]:
         raise ConfigError(f"loop file {_ref_shown(path_text)} cannot be opened: {_os_reason(exc)}; check the path") from None
     loops = _loops_in_file(path, shown=path_text)
     chosen_name, loop = _choose(loops, name, shown=path_text)
+    _check(loop, path_text)
     return loop, f"{path}:{chosen_name}"
 
 
@@ -221,6 +223,10 @@ def _import_failure(exc: BaseException, path: Path, shown: str) -> str:
     where = _line_in_file(exc, path)
     if isinstance(exc, ValidationError):
         what = "Loop" if exc.title == "Loop" else exc.title
+        errors = exc.errors()
+        clearer = explain_validation_error(exc.title, errors[0]) if errors else None
+        if clearer is not None:
+            return one_line(f"loop file {shown}{where}: {clearer}", _MAX_LINE)
         return one_line(
             f"loop file {shown} defines an invalid {what}{where}: {_first_validation_error(exc)}; "
             f"fix the {what}(...) call", _MAX_LINE
@@ -291,6 +297,14 @@ def _choose(variables: dict[str, object], name: str | None, shown: str) -> tuple
     return chosen, loops[chosen]
 
 
+def _check(loop: Loop, shown: str) -> None:
+    """A loaded file's Loop passes the checks a loop file is held to (see loop_checks.py)."""
+    try:
+        check_loop_file(loop)
+    except ConfigError as exc:
+        raise ConfigError(f"loop file {shown}: {exc}") from None
+
+
 def _infos_for_file(file: Path, resolved: Path) -> list[LoopInfo]:
     """Every Loop a discovered file defines, or one row carrying its error."""
     shown = _display_path(file)
@@ -303,6 +317,8 @@ def _infos_for_file(file: Path, resolved: Path) -> list[LoopInfo]:
         else:  # several: one row each, an alias listed under its first name only
             firsts = {id(v): k for k, v in sorted(loops.items(), reverse=True)}
             loops = {k: loops[k] for k in firsts.values()}
+        for loop in loops.values():
+            _check(loop, shown)
     except ConfigError as exc:
         return [LoopInfo(name=file.stem, ref=shown, source=shown, error=str(exc))]
     return [_info(loop, f"{shown}:{var}", shown) for var, loop in sorted(loops.items())]

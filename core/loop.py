@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -89,6 +89,9 @@ class Loop(BaseModel):
     context: Callable[[LoopState], str] | None = None
     # What a run of this loop hands back when another loop called it (see nesting.py).
     result: Callable[[LoopState], Any] | None = None
+    # How the model is asked for its decision (core/decision_modes.py): "auto" picks per model what litellm
+    # says it supports (its own tool calls, else a JSON-schema reply, else JSON text); or force one.
+    decision_mode: Literal["auto", "tools", "json_schema", "text"] = "auto"
 
     @field_validator("tools")
     @classmethod

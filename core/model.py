@@ -10,6 +10,7 @@ answer), behind a per-model circuit breaker. No API key is ever put in a message
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -52,6 +53,7 @@ _MAX_MESSAGE = 300
 def _litellm() -> ModuleType:
     """Import litellm on first use, offline-safe and quiet."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else it fetches prices over the network
+    os.environ.setdefault("LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", "True")  # else an Anthropic call fetches a config
     import litellm
 
     litellm.suppress_debug_info = True
@@ -211,6 +213,9 @@ class ModelReply(BaseModel):
     latency_ms: float = Field(ge=0.0)  # wall time of complete(), retries and backoff included
     model: str
     calls: int = Field(ge=1)  # provider calls made, retries included
+    # The provider's own tool calls (OpenAI tool_calls, Anthropic tool_use, as litellm gives both):
+    # [{"id", "name", "arguments"}], arguments as the provider sent them (JSON text, untrusted).
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     tokens_cached: int = Field(default=0, ge=0)  # of tokens_in, served from the provider's prompt cache
 
     @field_validator("text")
@@ -222,6 +227,12 @@ class ModelReply(BaseModel):
         if not _SURROGATE.search(text):
             return text
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _valid_unicode_calls(cls, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A call's name and arguments, as the reply's text: they reach the prompt of a repair, and the store."""
+        return [{k: cls._valid_unicode(v) if isinstance(v, str) else v for k, v in call.items()} for call in calls]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -256,12 +267,15 @@ class ModelClient:
         self.rng = rng or random.Random()
         self.breaker = breaker or breaker_for(model, settings)
 
-    async def complete(self, messages: list[dict[str, Any]], *, iteration: int, call_index: int = 0) -> ModelReply:
+    async def complete(self, messages: list[dict[str, Any]], *, iteration: int, call_index: int = 0,
+                       params: dict[str, Any] | None = None) -> ModelReply:
         """Ask the model; retry transient failures; raise a classified ModelError otherwise.
 
         ``call_index`` is how many provider calls this iteration already made;
         attempt a (1-based) is tagged ``call = call_index + a - 1`` so the
         scripted provider (and logs) can tell retries and repairs apart.
+        ``params`` are added to the request (a decision's tools, tool_choice or
+        response_format: core/decision_modes.py).
         """
         litellm = _litellm()
         started = time.monotonic()
@@ -275,7 +289,7 @@ class ModelClient:
                 raise
             calls += 1
             try:
-                response = await litellm.acompletion(**self._request(messages, iteration, call_index + attempt - 1))
+                response = await litellm.acompletion(**self._request(messages, iteration, call_index + attempt - 1, params))
                 reply = self._reply(response, litellm, started, calls)
             except asyncio.CancelledError:
                 self.breaker.release()
@@ -309,7 +323,8 @@ class ModelClient:
             calls=calls,
         )
 
-    def _request(self, messages: list[dict[str, Any]], iteration: int, call: int) -> dict[str, Any]:
+    def _request(self, messages: list[dict[str, Any]], iteration: int, call: int,
+                 params: dict[str, Any] | None = None) -> dict[str, Any]:
         request: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -323,6 +338,7 @@ class ModelClient:
         }
         if self.api_base is not None:
             request["api_base"] = self.api_base
+        request.update(params or {})
         cache = cache_points(self.model)  # Claude caches only a marked prefix (core/prompt_cache.py)
         if cache is not None:
             request["cache_control_injection_points"] = cache
@@ -338,6 +354,12 @@ class ModelClient:
             raise ModelError(f"{self.model}: reply has no message content", ErrorKind.TRANSIENT, code="bad_reply")
         content = message.content
         text = "" if content is None else str(content)
+        tool_calls = []
+        for call in getattr(message, "tool_calls", None) or []:
+            function = getattr(call, "function", None)
+            arguments = getattr(function, "arguments", None)
+            tool_calls.append({"id": str(getattr(call, "id", "") or ""), "name": str(getattr(function, "name", "") or ""),
+                               "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)})
 
         usage = getattr(response, "usage", None)
         tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
@@ -351,6 +373,7 @@ class ModelClient:
             latency_ms=(time.monotonic() - started) * 1000.0,
             model=self.model,  # the litellm string the person chose, not the provider's alias
             calls=calls,
+            tool_calls=tool_calls,
             tokens_cached=tokens_cached,
         )
 
@@ -380,11 +403,13 @@ class ModelClient:
         except Exception:  # noqa: BLE001 - no price known for this model: uncosted, not a crash
             return 0.0
 
-    def estimate(self, messages: list[dict[str, Any]], max_output_tokens: int) -> tuple[int, float]:
-        """Projected (tokens, USD) of the next call, for the budget check before it is made."""
+    def estimate(self, messages: list[dict[str, Any]], max_output_tokens: int,
+                 tools: list[dict[str, Any]] | None = None) -> tuple[int, float]:
+        """Projected (tokens, USD) of the next call, for the budget check before it is made (a decision's
+        functions, in tools mode, are input tokens too)."""
         litellm = _litellm()
         try:
-            prompt_tokens = int(litellm.token_counter(model=self.model, messages=messages))
+            prompt_tokens = int(litellm.token_counter(model=self.model, messages=messages, tools=tools or None))
         except Exception:  # noqa: BLE001 - a tokenizer hiccup must not stop the run: rough count
             prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4
         return prompt_tokens + max_output_tokens, self._price(litellm, prompt_tokens, max_output_tokens)

@@ -43,7 +43,27 @@ def read_rules(workdir: Path) -> str | None:
         return None
 
 
-def system_message(loop: Loop, system_prompt: str | None = None) -> str:
+# In tools mode the tools are the provider's functions (their schemas travel with the request, not here).
+TOOL_CALL_FORMAT = (
+    "Decide by calling exactly one of the functions you are given, and write no other text: a tool's "
+    'function runs that tool (its own arguments go in "args"); {none} runs none. Every function also '
+    'takes "subgoal" (what this step is for), "confidence" (0..1), "reasoning" (why) and "done" '
+    "(true when you believe the task is complete)."
+)
+
+
+def system_message(loop: Loop, system_prompt: str | None = None, decision_mode: str = "text") -> str:
+    """The system text: the loop's instructions, its tools, and how to reply in this decision mode
+    (JSON text, or one native function call: core/decision_modes.py)."""
+    if decision_mode == "tools":
+        from loopterm.core.decision_modes import no_action_name
+
+        none = no_action_name({t.name for t in loop.tools})
+        # Names and descriptions only (the functions carry the argument schemas): a replay sees a changed one.
+        lines = [system_prompt or loop.system_prompt, "", "Tools (each is a function):"]
+        lines += [f"- {t.name}{' (side effects)' if t.side_effects else ''}: {t.description}" for t in loop.tools]
+        lines.append(f"- {none}: run no tool now")
+        return "\n".join([*lines, "", TOOL_CALL_FORMAT.format(none=none)])
     lines = [system_prompt or loop.system_prompt, "", "Tools:"]
     lines += [t.prompt_line() for t in loop.tools]
     if not loop.tools:
@@ -155,6 +175,7 @@ def build_messages(
     count: Callable[[str], int] = approx_tokens,
     system_prompt: str | None = None,
     token_budget: int | None = None,
+    decision_mode: str = "text",
 ) -> list[dict[str, Any]]:
     """The messages for this iteration, pruned until they fit loop.prompt_token_budget.
 
@@ -164,7 +185,7 @@ def build_messages(
     relaxed = relaxed or {}
     limit = max_iterations or loop.max_iterations
     budget = loop.prompt_token_budget if token_budget is None else token_budget
-    head = system_message(loop, system_prompt)
+    head = system_message(loop, system_prompt, decision_mode)
     sections = _Sections(state, rules, strategy_note)
 
     def render() -> tuple[str, str]:
@@ -181,10 +202,30 @@ def prompt_tokens(messages: list[dict[str, Any]], count: Callable[[str], int] = 
     return sum(count(str(m.get("content") or "")) for m in messages)
 
 
-def repair_messages(messages: list[dict[str, Any]], bad_reply: str, error: str) -> list[dict[str, Any]]:
-    """The conversation for a repair attempt: the model sees its reply and what was wrong with it."""
-    return [
-        *messages,
-        {"role": "assistant", "content": bad_reply[:4_000]},
-        {"role": "user", "content": f"Your reply was not a valid decision: {error}. Reply again with only the JSON object."},
-    ]
+def repair_messages(messages: list[dict[str, Any]], bad_reply: str, error: str,
+                    tool_calls: list[dict[str, Any]] | None = None, decision_mode: str = "text") -> list[dict[str, Any]]:
+    """The conversation for a repair attempt: the model sees its reply and what was wrong with it.
+
+    In tools mode the reply's function calls are replayed as the provider expects a conversation to go
+    on: the assistant message with its calls, a `tool` result for each (none was run), then the request.
+    Call ids are renumbered (call_<turn>_<k>): the provider's are random, and a replay must send the same.
+    """
+    if decision_mode != "tools":
+        return [
+            *messages,
+            {"role": "assistant", "content": bad_reply[:4_000]},
+            {"role": "user", "content": f"Your reply was not a valid decision: {error}. Reply again with only the JSON object."},
+        ]
+    turn = sum(1 for m in messages if m.get("role") == "assistant") + 1
+    calls = [{"id": f"call_{turn}_{k}", "type": "function",
+              "function": {"name": c.get("name") or "", "arguments": c.get("arguments") or "{}"}}
+             for k, c in enumerate(tool_calls or [], start=1)]
+    said: dict[str, Any] = {"role": "assistant", "content": bad_reply[:4_000] or None}
+    if calls:
+        said["tool_calls"] = calls
+    elif not said["content"]:
+        said["content"] = "(no reply)"  # a provider refuses an empty assistant turn
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": f"not run: the decision was invalid ({error})"}
+               for c in calls]
+    ask = f"Your reply was not a valid decision: {error}. Call exactly one function."
+    return [*messages, said, *results, {"role": "user", "content": ask}]

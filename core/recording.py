@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from loopterm.core.decision_modes import message_reply, read_envelope, register_mode_source
 from loopterm.core.loop import Loop
 from loopterm.core.model import cannot_answer, register_provider
 from loopterm.core.records import IterationRecord, ToolCallRecord
@@ -66,7 +67,7 @@ class Recording:
             raise self._refuse(Problem(n, "missing", f"replay: the recording has no iteration {n} (it ends at {last})"))
         prompt = list(record.prompt)
         turns = [i for i, m in enumerate(prompt) if m.get("role") == "assistant"]
-        replies = [str(prompt[i].get("content") or "") for i in turns] + [record.raw_response]
+        replies = [message_reply(prompt[i], record.decision_mode) for i in turns] + [record.raw_response]
         if call >= len(replies):
             raise self._refuse(Problem(
                 n, "repair",
@@ -113,8 +114,8 @@ class Recording:
             where = _message_name(i, str(want.get("role", "")))
             if want.get("role") != got.get("role"):
                 return where, f"role {want.get('role')}", f"role {got.get('role')}"
-            a = self.normalize(_content(want.get("content")))
-            b = self.normalize(_content(got.get("content")))
+            a = self.normalize(_content(want.get("content")) + _calls(want))
+            b = self.normalize(_content(got.get("content")) + _calls(got))
             if a != b:
                 at = _first_difference(a, b)
                 return where, _excerpt(a, at), _excerpt(b, at)
@@ -141,6 +142,16 @@ def _content(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     return json.dumps(content, sort_keys=True, default=str)
+
+
+def _calls(message: dict[str, Any]) -> str:
+    """A message's tool calls (a tools-mode repair turn) and the call a tool result answers, as text."""
+    calls = message.get("tool_calls")
+    said = "" if not calls else " tool_calls=" + json.dumps(
+        [{"id": c.get("id"), "function": dict(c.get("function") or {})} for c in (_as_dict(x) for x in calls)],
+        sort_keys=True, default=str)
+    answered = message.get("tool_call_id")
+    return said + (f" tool_call_id={answered}" if answered else "")
 
 
 def _message_name(index: int, role: str) -> str:
@@ -182,6 +193,16 @@ def _preflight(run_id: str, _script: Path | None) -> None:
 register_provider(PROVIDER, _preflight)  # importing this module is what makes replay/ models known
 
 
+def _recorded_mode(run_id: str, iteration: int) -> str | None:
+    """The decision mode the recording used in this iteration: a replay asks the same way."""
+    recording = registered_recording(run_id)
+    record = recording.iterations.get(iteration) if recording is not None else None
+    return record.decision_mode if record is not None else None
+
+
+register_mode_source(PROVIDER, _recorded_mode)
+
+
 def register_recording(recording: Recording) -> str:
     """Make ``replay/<run_id>`` answer from this recording (replacing an earlier one); returns the model string."""
     from loopterm.core.scripted import Price, register_custom_model
@@ -211,7 +232,12 @@ def _handler_class(litellm: ModuleType) -> type:
                     model=model, llm_provider=PROVIDER,
                 )
             try:
-                return Step(content=recording.answer(messages, iteration, call))
+                reply = recording.answer(messages, iteration, call)
+                record = recording.iterations[iteration]
+                if record.decision_mode == "tools":
+                    content, calls = read_envelope(reply)
+                    return Step.recorded(content or None, calls)
+                return Step.recorded(reply)
             except ReplayRefusal as exc:
                 # A 400 as it is (not through self.error, which would read "context window"
                 # in a prompt excerpt as a context-window error): permanent, not retried.

@@ -17,7 +17,14 @@ unless it gives its own ``price``.
 
 TURN is a STEP or a list of STEPs; STEP is a string (the reply text) or
 ``{"content": str | object, "delay": 0}`` (an object is sent as its JSON text) or
-``{"error": {"status": 503, "message": "..."}, "delay": 0}``. The caller passes
+``{"tool_calls": [{"name": "write_file", "arguments": {"args": {...}, "confidence": 0.9}}]}``
+(the provider's own tool calls, with or without content) or
+``{"error": {"status": 503, "message": "..."}, "delay": 0}``.
+
+Every script answers in every decision mode (core/decision_modes.py): asked with tools, a reply
+that is a decision's JSON text is answered as the tool call that says the same; asked for text,
+an explicit tool call is answered as the decision's JSON text. Anything else is answered as it is
+(a reply that is no decision stays one, for a test of the repair). The caller passes
 ``metadata={"loopterm": {"iteration": n, "call": k}}``: iteration n (1-based)
 picks turns[n-1]; within a list turn, provider call k (0-based, retries and
 repairs included) picks step min(k, len-1).
@@ -36,7 +43,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.model import cannot_answer, register_provider
@@ -66,23 +73,46 @@ class ScriptedError(BaseModel):
     message: str = "scripted error"
 
 
+class ScriptedCall(BaseModel):
+    """A tool call the scripted provider answers with (arguments: an object, or text sent as it is)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: Any = Field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "arguments": self.arguments}
+
+
 class Step(BaseModel):
-    """One provider answer: content (text or JSON object) or an error, after an optional delay."""
+    """One provider answer: content (text or JSON object) and/or tool calls, or an error, after an optional delay."""
 
     model_config = ConfigDict(extra="forbid")
 
     content: Any = None
+    tool_calls: list[ScriptedCall] | None = None
     error: ScriptedError | None = None
     delay: float = Field(default=0.0, ge=0.0)
     # Answer with this step only when the prompt's last message contains this text (see Script.step):
     # one script can then answer differently per input (a file with a bug, a clean one).
     match: str | None = Field(default=None, min_length=1)
 
+    # Answered as it is in every mode (a replay's recorded reply), never converted (see the module doc).
+    _literal: bool = PrivateAttr(default=False)
+
+    @classmethod
+    def recorded(cls, content: str | None, tool_calls: list[dict[str, Any]] | None = None) -> Step:
+        """A step answered exactly as given in every mode: a recording's reply."""
+        step = cls(content=content, tool_calls=tool_calls)
+        step._literal = True
+        return step
+
     @model_validator(mode="after")
     def _one_of(self) -> Step:
-        has_content = "content" in self.model_fields_set
+        has_content = "content" in self.model_fields_set or self.tool_calls is not None
         if has_content == (self.error is not None):
-            raise ValueError("a step needs exactly one of 'content' or 'error'")
+            raise ValueError("a step needs exactly one of 'content' (or 'tool_calls') or 'error'")
         return self
 
     def text(self) -> str | None:
@@ -339,17 +369,30 @@ def step_handler_class(litellm: ModuleType) -> type:
                 return CustomLLMError(status_code=status, message=message)
             return litellm.APIError(status_code=status, message=message, llm_provider=self.provider, model=model)
 
-        def _answer(self, model: str, step: Step, messages: list[Any], model_response: Any) -> Any:
+        def _answer(self, model: str, step: Step, messages: list[Any], model_response: Any,
+                    params: dict[str, Any] | None = None) -> Any:
             if step.error is not None:
                 raise self.error(model, step.error.status, step.error.message)
-            content = step.text()
+            content, calls = in_mode(step, (params or {}).get("tools"))
             full = f"{self.provider}/{model}"
-            model_response.choices[0].message.content = content
+            message = model_response.choices[0].message
+            message.content = content
             model_response.choices[0].finish_reason = "stop"
+            if calls:
+                from litellm.types.utils import ChatCompletionMessageToolCall, Function
+
+                message.tool_calls = [
+                    ChatCompletionMessageToolCall(id=f"call_{k}", type="function", function=Function(
+                        name=c["name"], arguments=c["arguments"] if isinstance(c["arguments"], str)
+                        else json.dumps(c["arguments"], ensure_ascii=False)))
+                    for k, c in enumerate(calls, start=1)
+                ]
+                model_response.choices[0].finish_reason = "tool_calls"
             model_response.model = full
-            prompt_tokens = litellm.token_counter(model=full, messages=messages)
+            prompt_tokens = litellm.token_counter(model=full, messages=messages, tools=(params or {}).get("tools") or None)
+            said = (content or "") + "".join(json.dumps(c, ensure_ascii=False) for c in calls)
             completion_tokens = (
-                litellm.token_counter(model=full, text=content, count_response_tokens=True) if content else 0
+                litellm.token_counter(model=full, text=said, count_response_tokens=True) if said else 0
             )
             model_response.usage = litellm.Usage(
                 prompt_tokens=prompt_tokens,
@@ -379,16 +422,52 @@ def step_handler_class(litellm: ModuleType) -> type:
         ) -> Any:
             iteration, call = call_selection(litellm_params)
             step = self.plan(model, messages, iteration, call)
+            params = optional_params if isinstance(optional_params, dict) else {}
             limit = _timeout_seconds(timeout)
             if step.delay:
                 if limit is not None and step.delay > limit:
                     await asyncio.sleep(limit)
                     raise self.error(model, 408, f"{self.provider} reply took longer than the {limit:g}s timeout")
                 await asyncio.sleep(step.delay)
-            return self._answer(model, step, messages, model_response)
+            return self._answer(model, step, messages, model_response, params)
 
     _step_classes[id(litellm)] = StepLLM
     return StepLLM
+
+
+def in_mode(step: Step, functions: list[Any] | None) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) a step answers a request with: asked with functions (tools mode), a
+    decision's JSON text becomes the call that says the same; asked without, an explicit call becomes
+    the decision's JSON text. A literal step (a replay's) and anything that is no decision stay as they are."""
+    from loopterm.core.decision_modes import as_decision_text, as_tool_call, no_action_in
+
+    content = step.text()
+    calls = [c.as_dict() for c in step.tool_calls or []]
+    if step._literal:
+        return content, calls
+    if functions:
+        if not calls and content:
+            decision = _decision_json(content)
+            if decision is not None:
+                return None, [as_tool_call(decision, no_action_in(functions))]
+        return content, calls
+    if calls:
+        return as_decision_text(calls[0]), []
+    return content, calls
+
+
+def _decision_json(text: str) -> dict[str, Any] | None:
+    """The JSON object a reply text holds when it reads as a decision (has an action or a confidence)."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`").removeprefix("json").strip()
+    from loopterm.core.decision import load_json
+
+    try:
+        value = load_json(body)  # a key twice is no decision to convert: it is answered as the text it is
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) and ("action" in value or "confidence" in value) else None
 
 
 def _handler_class(litellm: ModuleType) -> type:

@@ -395,6 +395,7 @@ def gated_loop_file(tmp_path: Path) -> Path:
 
 def test_a_headless_run_denies_a_call_no_one_answered_in_time_and_goes_on(tmp_path: Path) -> None:
     db = tmp_path / "db" / "loopterm.db"
+    db.parent.mkdir()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "200",
            "LOOPTERM_CONFIG_DIR": str(tmp_path / "config")}
     done = subprocess.run([sys.executable, "-m", "loopterm.tui.cli", "run", str(gated_loop_file(tmp_path)),

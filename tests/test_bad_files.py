@@ -86,6 +86,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("sample")
     loop_file = write_project(work / "project", N)
     db = work / "good" / "loopterm.db"
+    db.parent.mkdir()
     for args in (["run", str(loop_file), "--headless"], ["memory", "fast", "add", "tip", "keep it short"],
                  ["budget", "--set-daily", "100"]):
         done = subprocess.run(cli(*args, "--db", str(db)), cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
@@ -364,6 +365,7 @@ def fill_then_resume(work: Path, db: Path, n: int, capsys: pytest.CaptureFixture
                      make_space: Any, expected: str) -> dict[str, int]:
     """Run until the disk fills (one clear line, exit 1), then check what was committed and resume to the end."""
     loop_file = write_project(work / "project", n)
+    db.parent.mkdir(parents=True, exist_ok=True)
     preexec = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))) if limit else None
     first = subprocess.run(cli("run", str(loop_file), "--headless", "--db", str(db)), env=ENV, capture_output=True,
                            text=True, timeout=300, preexec_fn=preexec)
@@ -458,3 +460,43 @@ def test_every_command_on_a_full_filesystem_is_one_clear_line_and_changes_nothin
             code, out, err = invoke(all_commands[name], db, capsys)
             assert_one_clear_line(code, out, err, 1, "(a full disk, a file size limit or a failing disk); fix that")
             assert hashlib.sha256(db.read_bytes()).hexdigest() == before, name
+
+
+# -- a mistyped store path -----------------------------------------------------------------------------------
+
+TYPO_COMMANDS = [["run", "codefix", "--headless"], ["runs"], ["show", "abc123"], ["budget"], ["budget", "--set-daily", "5"],
+                 ["prune", "--keep-last", "1"], ["memory", "codefix", "add", "k", "v"], ["export", "abc123"],
+                 ["eval", "codefix", "--cases", "cases.json"], ["resume", "abc123"], ["policy", "list"]]
+
+
+@pytest.mark.parametrize("args", TYPO_COMMANDS, ids=lambda a: "-".join(a[:2]))
+def test_a_db_in_a_folder_that_does_not_exist_is_refused_not_created(
+        args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOPTERM_DB", raising=False)
+    db = tmp_path / "stroe" / "loopterm.db"  # a typo for an existing store/ folder
+    (tmp_path / "store").mkdir()
+    code, out, err = invoke(args, db, capsys)
+    assert_one_clear_line(code, out, err, 2, f"--db {db}: the folder {db.parent} does not exist; create it "
+                                             f"(mkdir -p {db.parent}) or check the path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no stroe/, no .loopterm/, no workspace
+
+    monkeypatch.setenv("LOOPTERM_DB", str(db))  # the same typo in the environment
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert_one_clear_line(code, out, err, 2, f"LOOPTERM_DB={db}: the folder {db.parent} does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_the_default_store_and_its_folder_are_still_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOPTERM_DB", raising=False)
+    assert main(["budget", "--set-daily", "5"]) == 0, capsys.readouterr().err
+    assert (tmp_path / ".loopterm" / "loopterm.db").is_file()
+    assert main(["budget", "--set-daily", "6", "--db", str(tmp_path / "mine.db")]) == 0  # an existing folder: created
+    assert (tmp_path / "mine.db").is_file()
+    shutil.rmtree(tmp_path / ".loopterm")
+    assert main(["budget", "--set-daily", "7", "--db", str(tmp_path / ".loopterm" / "loopterm.db")]) == 0  # the default, spelt out
+    assert (tmp_path / ".loopterm" / "loopterm.db").is_file()

@@ -76,6 +76,7 @@ def test_eight_parallel_codefix_cases_converge_in_their_own_worktrees(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "store" / "loopterm.db"
+    db.parent.mkdir()
     code = main(["run", "codefix", "--cases", str(CODEFIX / "cases8.json"), "--parallel", "8", "--db", str(db)])
     out = capsys.readouterr().out
     assert code == 0, out

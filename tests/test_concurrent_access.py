@@ -50,7 +50,8 @@ def finished(state, gates):
 
 loop = Loop(
     name="fast", goal="note lines until told to finish", state=LoopState, tools=[note],
-    invariants=[Invariant(name="bounded", check=lambda s: len(s.memory.facts) < 10_000)],
+    invariants=[Invariant(name="bounded", check=lambda s: len(s.memory.facts) < 10_000,
+                          description="working memory stays under 10,000 facts")],
     # The cap only ends a run whose controller died: a slow controller keeps it going past N, never past this.
     script=HERE / "script.json", max_iterations=50 * N, stall_window=None, converged=finished, recall=0,
 )
@@ -178,6 +179,7 @@ def run_concurrently(tmp_path: Path, n: int, cycles: int, limit_s: float) -> dic
     }))
     (tmp_path / "controller.py").write_text(CONTROLLER)
     db = tmp_path / "shared" / "loopterm.db"
+    db.parent.mkdir()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "FAST_N": str(n)}
     env.pop("LOOPTERM_DEBUG", None)
     out = tmp_path / "controller.json"

@@ -482,3 +482,15 @@ def test_executing_elsewhere_asks_the_process_on_this_machine_and_the_heartbeat_
     legacy = fold([EventRecord(run_id="r1", ts=now, event=RunStarted())])
     assert executing_elsewhere(run, legacy)  # recorded before pids were: the heartbeat decides
     assert not executing_elsewhere(run.model_copy(update={"status": "stopped"}), started(sleeper.pid, "another-host"))
+
+
+async def test_a_tool_call_written_at_the_top_level_is_repaired_not_read_as_no_action(tmp_path: Path) -> None:
+    """Issue 16: `{"tool": ..., "arguments": ...}` was silently a decision without an action."""
+    wrong = {"tool": "write", "arguments": {"text": "ok"}, "subgoal": "s", "confidence": 0.9}
+    engine, store = make_engine(tmp_path, make_loop(tmp_path, [[{"content": wrong}, {"content": decision(text="ok")}]]))
+    run = await engine.run()
+    assert (run.status, run.iterations) == ("converged", 1)
+    record = store.iterations(run.id)[0]
+    assert record.repairs == 1 and record.tool_call is not None and record.tool_call["tool"] == "write"
+    assert ("unknown key 'tool' at the top level: put the call in \"action\": {\"tool\": ..., \"args\": {...}}"
+            in record.prompt[-1]["content"])

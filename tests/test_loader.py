@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from loopterm.core import Invariant
 from loopterm.core.errors import ConfigError
 from loopterm.core.loader import LoopInfo, list_loops, load_loop
 from loopterm.core.loop import Loop
@@ -294,3 +295,76 @@ def test_list_loops_with_explicit_dirs_and_missing_dirs(tmp_path: Path) -> None:
     assert len(found) == 1 and found[0].ref.endswith("x.py:my_loop")
     loop, _ = load_loop(found[0].ref)
     assert loop.name == "elsewhere"
+
+
+# --- loop-file mistakes pydantic alone would word badly or let through -------------------------------
+
+HEAD = "from loopterm.core import Invariant, Loop\n"
+
+
+def loop_file(tmp_path: Path, body: str) -> str:
+    return str(write(tmp_path / "mine.py", HEAD + f"loop = Loop(name='mine', goal='g', model='openai/gpt-4o-mini', {body})\n"))
+
+
+def test_an_unknown_keyword_names_it_and_the_closest_field(tmp_path: Path) -> None:
+    message = config_error(loop_file(tmp_path, "contxt=lambda s: ''"))
+    assert message == ("loop file " + str(tmp_path / "mine.py") + " (line 2): Loop(...) has no keyword 'contxt'; "
+                       "did you mean 'context'? its keywords are listed in docs/WRITING_LOOPS.md")
+
+
+def test_a_string_for_context_says_it_must_be_a_function(tmp_path: Path) -> None:
+    message = config_error(loop_file(tmp_path, "context='the plan'"))
+    assert "context must be a function called as context(state) -> str, not a str" in message
+
+
+@pytest.mark.parametrize("body, field", [
+    ("observe=lambda state: state", "observe: a lambda cannot be called as observe(state, decision, tool_record, gates)"),
+    ("converged=lambda state: True", "converged: a lambda cannot be called as converged(state, gates) -> bool"),
+    ("setup=lambda: None", "setup: a lambda cannot be called as setup(workspace: Path) -> None"),
+    ("context=lambda: ''", "context: a lambda cannot be called as context(state) -> str"),
+])
+def test_a_callable_with_the_wrong_parameters_is_refused_at_load(tmp_path: Path, body: str, field: str) -> None:
+    message = config_error(loop_file(tmp_path, body))
+    assert field in message and message.startswith("loop file ")
+
+
+def test_callables_with_defaults_or_star_args_are_accepted(tmp_path: Path) -> None:
+    loop, _ = load_loop(loop_file(tmp_path, "observe=lambda *a: a[0], converged=lambda s, g, extra=1: True, "
+                                            "context=len, setup=print"))
+    assert loop.observe is not None
+
+
+def test_an_invariant_without_a_description_is_refused_when_a_file_is_loaded(tmp_path: Path) -> None:
+    message = config_error(loop_file(tmp_path, "invariants=[Invariant(name='small', check=lambda s: True)]"))
+    assert "invariants: 'small' has no description; add description=" in message
+    # built in code (tests, helpers), the same Loop is fine: only loop files are held to it
+    Loop(name="mine", goal="g", model="openai/gpt-4o-mini", invariants=[Invariant(name="small", check=lambda s: True)])
+
+
+def test_an_invariant_check_with_the_wrong_parameters_is_refused(tmp_path: Path) -> None:
+    message = config_error(loop_file(tmp_path, "invariants=[Invariant(name='small', check=lambda: True, "
+                                               "description='always')]"))
+    assert "'small': its check a lambda cannot be called as check(state) -> bool" in message
+
+
+def test_list_loops_shows_the_mistake_on_its_row(tmp_path: Path) -> None:
+    write(tmp_path / "loops" / "nodesc.py", HEAD + "loop = Loop(name='nd', goal='g', model='m/x', "
+                                                   "invariants=[Invariant(name='i', check=lambda s: True)])\n")
+    rows = [r for r in list_loops([tmp_path / "loops"]) if r.source.endswith("nodesc.py")]
+    assert len(rows) == 1 and rows[0].error and "'i' has no description" in rows[0].error
+
+
+def test_every_builtin_and_example_loop_describes_its_invariants() -> None:
+    """The prompt shows each invariant's description; none of ours falls back to its bare name."""
+    import importlib
+    import pkgutil
+
+    import loopterm.examples as examples
+
+    seen = 0
+    for info in pkgutil.walk_packages(examples.__path__, "loopterm.examples."):
+        module = importlib.import_module(info.name)
+        for loop in (v for v in vars(module).values() if isinstance(v, Loop)):
+            seen += 1
+            assert all(i.description.strip() for i in loop.invariants), (info.name, loop.name)
+    assert seen >= 10

@@ -241,6 +241,7 @@ async def test_a_runs_cached_tokens_reach_its_records_the_ledger_show_budget_spa
     stub.answers = [openai_answer(json.dumps(decision("flag_write", text="no")), 1_500, 0, 20),
                     openai_answer(json.dumps(decision("flag_write", text="ok", done=True)), 1_600, 1_408, 20)]
     loop = Loop(name="cachey", goal="make flag.txt say ok", state=LoopState, tools=[flag_write], model=GPT,
+                decision_mode="text",  # the stub answers JSON text
                 max_iterations=2)
     engine, store = make_engine(tmp_path, loop, client=client(GPT, stub.url + "/v1"))
     run = await engine.run()
@@ -298,3 +299,23 @@ def test_the_headers_spend_line_with_the_cache_ratio_fits_80_columns() -> None:
     assert spend == "iteration 12/30  tokens 45,678/200,000  cache 75%  cost $0.1234/$0.5  123.4s"
     assert len(spend) <= 80
     assert "cache" not in header_text(run.model_copy(update={"tokens_cached": 0}), Palette()).plain
+
+
+async def test_in_tools_mode_claudes_breakpoint_still_ends_the_system_message_after_the_functions(stub: Stub) -> None:
+    from loopterm.core.decision_modes import request_params
+
+    stub.answer = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "tool_use", "id": "toolu_1", "name": "no_action",
+                     "input": {"subgoal": "s", "confidence": 0.5, "reasoning": "r", "done": True}}],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 100, "output_tokens": 20, "cache_read_input_tokens": 1_500},
+    }
+    loop = make_loop()
+    messages = build_messages(loop, loop.new_state(), decision_mode="tools")
+    reply = await client(CLAUDE, stub.url).complete(messages, iteration=1,
+                                                     params=request_params("tools", loop.tools, CLAUDE))
+    body = stub.bodies[0]
+    assert [t["name"] for t in body["tools"]][:1] == ["write"]  # cached before the system text, under its mark
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert (reply.tokens_in, reply.tokens_cached) == (1_600, 1_500) and reply.tool_calls

@@ -82,6 +82,7 @@ loop = Loop(
     initial_state=big_state if BIG else None,
     gates=[ModelGate(name="review", role=Role(name="checker", system_prompt="You check each appended line."),
                      instructions="Did the line get appended?")] if GATED else [],
+    decision_mode="text",  # the servers here answer with JSON text (native tool calls: test_decision_modes.py)
 )
 '''
 

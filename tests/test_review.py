@@ -33,6 +33,7 @@ def _no_review_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _run(db: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str, str]:
+    db.parent.mkdir(parents=True, exist_ok=True)  # a --db in a folder that does not exist is refused
     code = main(["run", "review", "--headless", "--db", str(db), *extra])
     out, err = capsys.readouterr()
     return code, out, err

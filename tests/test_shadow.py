@@ -268,6 +268,7 @@ def test_a_headless_shadow_run_waits_for_verdicts_sent_from_another_process(tmp_
 
     loop_file = write_loop(tmp_path / "loop")
     db = tmp_path / "db" / "loopterm.db"
+    db.parent.mkdir()  # a --db in a folder that does not exist is refused
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run", str(loop_file), "--shadow", "--headless",
                              "--db", str(db)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

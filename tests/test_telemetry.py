@@ -58,7 +58,8 @@ loop = Loop(
     name="traced", goal="make flag.txt say ok", state=LoopState, tools=[write, boom],
     gates=[CommandGate(name="flag", argv=["{python}", "-c",
                                           "import sys; sys.exit(0 if open('flag.txt').read() == 'ok' else 1)"])],
-    invariants=[Invariant(name="never_bad", check=never_bad, remediation=Remediation.ESCALATE)],
+    invariants=[Invariant(name="never_bad", check=never_bad, remediation=Remediation.ESCALATE,
+                          description="the flag is never set to bad")],
     script=Path(__file__).parent / "script.json", max_iterations=8, stall_window=None, temperature=0.2,
     max_output_tokens=512,
 )

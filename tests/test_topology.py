@@ -254,6 +254,7 @@ def test_two_loops_calling_each_other_are_refused_before_the_run_starts(tmp_path
     with pytest.raises(LoopCycleError, match=r"ping.py:loop -> pong.py:loop -> ping.py:loop"):
         check_calls(loop, ref)
     db = tmp_path / "db" / "l.db"
+    db.parent.mkdir()
     code = main(["run", str(ping), "--headless", "--db", str(db)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1

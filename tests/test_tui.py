@@ -55,6 +55,7 @@ def turn(text: str, *, delay: float = 0.0, tool_name: str = "write", **kwargs: A
 
 
 def db_of(tmp_path: Path) -> Path:
+    (tmp_path / "db").mkdir(exist_ok=True)  # a --db or LOOPTERM_DB in a folder that does not exist is refused
     return tmp_path / "db" / "loopterm.db"
 
 

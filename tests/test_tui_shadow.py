@@ -189,6 +189,7 @@ async def test_a_shadow_run_that_stopped_waiting_is_continued_from_watch_and_sta
     folder = tmp_path / "loop"
     loop_file = write_loop(folder)
     db = tmp_path / "db" / "loopterm.db"
+    db.parent.mkdir()  # a --db in a folder that does not exist is refused
     import asyncio
 
     argv = ["run", str(loop_file), "--shadow", "--headless", "--no-wait", "--db", str(db)]

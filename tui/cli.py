@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loopterm.tui import diff_cli  # standard library only at import
 
     diff_cli.add_parser(sub, db)
+    from loopterm.tui import new_cli  # standard library only at import
+
+    new_cli.add_parser(sub)
     return parser
 
 
@@ -238,6 +241,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command is None:
         return commands.demo()
+    if args.command == "new":
+        from loopterm.tui import new_cli
+
+        return new_cli.run(args)
     if args.command == "run" and args.shadow and (args.cases is not None or args.parallel is not None):
         from loopterm.tui import shadow_cli
 

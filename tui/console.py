@@ -18,12 +18,31 @@ def default_db() -> Path:
     """The store when no --db is given: $LOOPTERM_DB, else .loopterm/loopterm.db under the working directory."""
     from loopterm.core.settings import settings  # pydantic-settings loads on first use, never for --help
 
-    return settings().db
+    return in_existing_folder(settings().db, "LOOPTERM_DB=")
 
 
 def db_path(args: argparse.Namespace) -> Path:
     """The store a command's arguments name (--db), else the default one."""
-    return getattr(args, "db", None) or default_db()
+    given = getattr(args, "db", None)
+    return in_existing_folder(given, "--db ") if given else default_db()
+
+
+def in_existing_folder(path: Path, named_by: str) -> Path:
+    """A store path someone typed must be in a folder that exists: a typo is refused, not made a new empty
+    store. Only the default, .loopterm/loopterm.db, has its folder created."""
+    if path.expanduser().absolute() == DEFAULT_DB.absolute():  # the default, however it is spelt
+        return path
+    folder = path.expanduser().parent
+    try:
+        folder.stat()
+    except FileNotFoundError:
+        from loopterm.core.errors import ConfigError
+
+        raise ConfigError(f"{named_by}{path}: the folder {folder} does not exist; create it (mkdir -p {folder}) "
+                          "or check the path") from None
+    except OSError:
+        pass  # a part of it is a file, or it cannot be read: the store says which when it opens the path
+    return path
 
 
 def error(message: object, limit: int | None = None) -> None:
