@@ -68,14 +68,14 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
     tail: list[dict[str, Any]] = []  # a repair's turns, after the prompt
     budget, pruned = loop.prompt_token_budget, 0
     call_index, repairs = 0, 0
-    tokens_in = tokens_out = 0
+    tokens_in = tokens_out = cached = 0
     cost = latency = 0.0
     while True:
         messages = [*base, *tail]
         projected = client.estimate(messages, loop.max_output_tokens, **counted)
         pending = Spend(tokens_in=engine.spend.tokens_in + tokens_in, tokens_out=engine.spend.tokens_out + tokens_out,
                         cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s,
-                        tokens_cached=engine.spend.tokens_cached)  # it replaces the run's spend when over budget
+                        tokens_cached=engine.spend.tokens_cached + cached)  # it replaces the run's spend when over budget
         reason = over_budget(engine.budget, spent(engine, pending), *projected)
         if reason:
             engine.spend = pending  # a repair that was paid for still counts
@@ -100,10 +100,11 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
                                                 tokens_before=before, tokens_after=prompt_tokens(base)), n)
                     engine.emit(ModelRetry(run_id=engine.run_id, n=n, attempt=pruned, error=note, delay_s=0.0))
                     continue
-            engine.spend.add(tokens_in, tokens_out, cost)  # replies this iteration already paid for
+            engine.spend.add(tokens_in, tokens_out, cost, cached)  # replies this iteration already paid for
             raise RunEnds(TerminationReason.FATAL_ERROR, model_failure(engine, exc, n, pruned, base)) from None
         call_index += max(1, reply.calls)
         tokens_in += reply.tokens_in
+        cached += reply.tokens_cached
         tokens_out += reply.tokens_out
         cost += reply.cost_usd
         latency += reply.latency_ms
@@ -120,7 +121,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
         except DecisionError as exc:
             engine.log(log.InvalidReply(error=redact(str(exc)), repair=repairs + 1, reply=redact(raw)[:2_000]), n)
             if repairs >= loop.max_repairs:
-                engine.spend.add(tokens_in, tokens_out, cost)
+                engine.spend.add(tokens_in, tokens_out, cost, cached)
                 raise RunEnds(
                     TerminationReason.FATAL_ERROR,
                     f"the model's reply was still invalid after {repairs} repair attempt(s): {exc}",
@@ -133,7 +134,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
             run_id=engine.run_id, n=n, prompt=redact_tree(messages), raw_response=redact(raw), decision_mode=mode,
             decision=redact_tree(decision.model_dump(mode="json")), repairs=repairs, tokens_in=tokens_in,
             tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
-            tokens_cached=reply.tokens_cached,  # the answering call's; a repair's earlier calls are not summed
+            tokens_cached=cached,  # every call of this decision's, repairs included, like tokens_in
         )
 
 

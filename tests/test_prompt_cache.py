@@ -275,6 +275,22 @@ async def test_a_runs_cached_tokens_reach_its_records_the_ledger_show_budget_spa
     assert "1,408 of the 3,100 in (45%" in console.export_text()
 
 
+async def test_a_repaired_decision_counts_the_cached_tokens_of_every_call_it_made(stub: Stub, tmp_path: Path) -> None:
+    """Like tokens_in: the invalid reply's call was paid for (its cached part at the cached rate) too."""
+    from tests.loopkit import decision, make_engine
+
+    stub.answers = [openai_answer("I will write it now.", 1_500, 1_024, 10),
+                    openai_answer(json.dumps(decision("flag_write", text="ok", done=True)), 1_600, 1_408, 20)]
+    loop = Loop(name="cachey", goal="make flag.txt say ok", state=LoopState, tools=[flag_write], model=GPT,
+                decision_mode="text", max_iterations=1)
+    engine, store = make_engine(tmp_path, loop, client=client(GPT, stub.url + "/v1"))
+    run = await engine.run()
+    (only,) = store.iterations(run.id)
+    assert only.repairs == 1 and (only.tokens_in, only.tokens_cached) == (3_100, 2_432)
+    assert (run.tokens_in, run.tokens_cached) == (3_100, 2_432)
+    store.close()
+
+
 def store_of(db: str) -> Any:
     from loopterm.store import Store
 
