@@ -32,3 +32,23 @@ def test_a_model_checker_shows_who_answered_what_it_cost_and_its_verdict_literal
     text = gates_detail(record, Palette())
     assert "scripted/t.checker, 1,234 tok, $0.000210" in text.plain
     assert "[bold red]no[/]" in text.plain  # model output is shown as written, never as markup
+
+
+def test_a_tools_mode_repair_shows_the_calls_it_answered_and_the_reply_says_its_mode() -> None:
+    from loopterm.core.records import IterationRecord
+    from loopterm.tui.widgets.render import prompt_text, response_text
+
+    calls = [{"id": "call_1_0", "type": "function",
+              "function": {"name": "delete_everything", "arguments": "{\"why\": \"[b]now[/b]\"}"}}]
+    record = IterationRecord(
+        run_id="r", n=1, started_at=0, ended_at=1, decision=None, repairs=1, model="m", state={},
+        decision_mode="tools", raw_response='{"tool_calls": [{"name": "no_action", "arguments": {"confidence": 0.5}}]}',
+        prompt=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_1_0", "content": "unknown function 'delete_everything'"},
+                {"role": "user", "content": "call exactly one of the functions"}],
+    )
+    shown = prompt_text(record).plain
+    assert "── assistant ──\ntool calls\n" in shown and "delete_everything" in shown and "[b]now[/b]" in shown
+    assert "None" not in shown
+    assert response_text(record).plain.startswith("raw reply  as the provider's tool call  (after 1 repair attempt(s))")

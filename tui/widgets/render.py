@@ -343,17 +343,25 @@ def prompt_text(record: IterationRecord) -> Text:
     text = Text()
     for message in record.prompt:
         text.append(f"── {clean(message.get('role', '?'))} ──\n", style="bold")
-        content = message.get("content", "")
+        content = message.get("content") or ""
         if not isinstance(content, str):
             content = pretty(content)
         text.append(literal(content))
+        calls = message.get("tool_calls")  # a tools-mode repair: the reply's calls, each answered by a `tool` message
+        if calls:
+            text.append(("\n" if content else "") + "tool calls\n", style="italic")
+            text.append(literal(pretty(calls)))
         text.append("\n\n")
     return text if text.plain else Text("(no prompt recorded)")
+
+
+MODE_SHOWN = {"tools": "the provider's tool call", "json_schema": "schema-constrained JSON", "text": "JSON text"}
 
 
 def response_text(record: IterationRecord) -> Text:
     text = Text()
     text.append("raw reply", style="bold")
+    text.append(f"  as {MODE_SHOWN.get(record.decision_mode, clean(record.decision_mode))}", style="dim")
     if record.repairs:
         text.append(f"  (after {record.repairs} repair attempt(s))", style="italic")
     cached = f" ({record.tokens_cached:,} cached, {hit_text(record.tokens_cached, record.tokens_in)})" if record.tokens_cached else ""
