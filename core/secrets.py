@@ -98,6 +98,8 @@ def _env_secrets() -> tuple[tuple[str, str], ...]:
             )
             _cache.clear()
             _long_cache.clear()
+            _sections.clear()
+            _section_chars[0] = 0
         _env_seen = dict(data)
     return _env_ordered
 
@@ -261,18 +263,89 @@ _long_cache: dict[str, str | None] = {}
 _SHORT, _CACHE_ITEMS, _LONG_CACHE_ITEMS, _LONGEST_CACHED = 256, 4_096, 64, 65_536
 _MISS = object()
 
+# A long text made of blank-line separated sections (a prompt: system message, tool docs, task, then the
+# state and the facts that change) is redacted section by section, each section answered from this cache
+# when it was seen before: only what is new is scanned. No secret shape spans a blank line (the name=value
+# and header patterns stop at whitespace, key shapes hold no whitespace), except a PEM block and an
+# environment value that holds one: a text with "-----BEGIN" in it, or with such a value known, is
+# redacted whole. Measured on prose with names and values (bench: 1-64 KB, one new section of 300
+# characters): 2-13x faster than a whole scan from 1 KB up. Bounded by characters held; cleared with the other caches when the secrets change.
+_SECTION = "\n\n"
+_sections: dict[str, str | None] = {}
+_section_chars = [0]
+_SECTION_CHARS = 4_000_000
+_SECTIONED = 1_024  # shorter texts are scanned whole: splitting and looking up costs more than it saves
+
 
 def redact(text: str) -> str:
     """`text` with every secret replaced by a marker (see the module's docstring)."""
     if not isinstance(text, str) or len(text) < MIN_SECRET_LENGTH:
         return text
-    env = _env_secrets()
+    return _redact(text, _env_secrets())
+
+
+def _redact(text: str, env: tuple[tuple[str, str], ...]) -> str:
+    """redact() with the environment's secrets already read (a tree reads them once, not per string:
+    comparing the environment costs about a microsecond, more than a cached string)."""
+    if len(text) < MIN_SECRET_LENGTH:
+        return text
     cache = _cache if len(text) < _SHORT else _long_cache if len(text) <= _LONGEST_CACHED else None
     if cache is not None:
         hit = cache.get(text, _MISS)
         if hit is not _MISS:
             return text if hit is None else hit  # type: ignore[return-value]
-    original = text
+    if len(text) >= _SECTIONED and _SECTION in text and "-----BEGIN" not in text and not _env_splits(env):
+        clean = _redact_sections(text, env)
+    else:
+        clean = _redact_whole(text, env)
+    if cache is not None:
+        if len(cache) >= (_CACHE_ITEMS if cache is _cache else _LONG_CACHE_ITEMS):
+            cache.clear()
+        cache[text] = None if clean is text else clean
+    return clean
+
+
+def _env_splits(env: tuple[tuple[str, str], ...]) -> bool:
+    """Whether an environment secret holds a blank line (an occurrence could span two sections)."""
+    return env is not _env_checked[0] and _check_env(env)
+
+
+_env_checked: list[Any] = [None]
+
+
+def _check_env(env: tuple[tuple[str, str], ...]) -> bool:
+    if any(_SECTION in value for value, _ in env):
+        return True
+    _env_checked[0] = env
+    return False
+
+
+def _redact_sections(text: str, env: tuple[tuple[str, str], ...]) -> str:
+    """`text` redacted one blank-line separated section at a time, sections seen before from the cache:
+    the same result as redacting it whole (see _sections), the very same object if nothing changed."""
+    parts = text.split(_SECTION)
+    changed = False
+    for i, part in enumerate(parts):
+        if len(part) < MIN_SECRET_LENGTH:
+            continue
+        hit = _sections.get(part, _MISS)
+        if hit is _MISS:
+            clean = _redact_whole(part, env)
+            if _section_chars[0] + len(part) > _SECTION_CHARS:
+                _sections.clear()
+                _section_chars[0] = 0
+            _sections[part] = None if clean is part else clean
+            _section_chars[0] += len(part) + (0 if clean is part else len(clean))
+        else:
+            clean = part if hit is None else hit  # type: ignore[assignment]
+        if clean is not part:
+            parts[i] = clean
+            changed = True
+    return _SECTION.join(parts) if changed else text
+
+
+def _redact_whole(text: str, env: tuple[tuple[str, str], ...]) -> str:
+    """`text` redacted in one scan; the very same object if it holds no secret."""
     for value, mark in env:
         if value in text:
             text = text.replace(value, mark)
@@ -290,10 +363,6 @@ def redact(text: str) -> str:
             last, (start, end) = end, (s, e)
         parts += (text[last:start], KEY_MARKER, text[end:])
         text = "".join(parts)
-    if cache is not None:
-        if len(cache) >= (_CACHE_ITEMS if cache is _cache else _LONG_CACHE_ITEMS):
-            cache.clear()
-        cache[original] = None if text is original else text
     return text
 
 
@@ -302,19 +371,23 @@ def redact_tree(obj: Any) -> Any:
 
     Returns `obj` itself when nothing in it changed, so redacting clean data copies nothing.
     """
+    return _tree(obj, _env_secrets())
+
+
+def _tree(obj: Any, env: tuple[tuple[str, str], ...]) -> Any:
     if isinstance(obj, str):
-        return redact(obj)
+        return _redact(obj, env)
     if isinstance(obj, dict):
         changed = False
         items = []
         for k, v in obj.items():
-            k2 = redact(k) if isinstance(k, str) else k
-            v2 = redact_tree(v)
+            k2 = _redact(k, env) if isinstance(k, str) else k
+            v2 = _tree(v, env)
             changed = changed or k2 is not k or v2 is not v
             items.append((k2, v2))
         return dict(items) if changed else obj
     if isinstance(obj, (list, tuple)):
-        redacted = [redact_tree(v) for v in obj]
+        redacted = [_tree(v, env) for v in obj]
         if all(a is b for a, b in zip(redacted, obj)):
             return obj
         return type(obj)(redacted) if type(obj) in (list, tuple) else redacted

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlite_utils import Database
 
 from loopterm.core.records import Intent, ToolCallRecord
+from loopterm.store.known import Known
 from loopterm.store.rows import args_hash, encode, from_row, to_row
 
 Queued = tuple[dict[tuple[str, int], Intent], dict[str, ToolCallRecord], dict[str, tuple[dict[str, Any], float]]]
@@ -28,6 +29,7 @@ class CallJournal:
 
     _lock: threading.RLock
     _conn: sqlite3.Connection
+    _known: Known
 
     if TYPE_CHECKING:  # the Store's own
         def _write(self, *, power_safe: bool = True) -> AbstractContextManager[Database]: ...
@@ -41,6 +43,9 @@ class CallJournal:
         self._queued_intents: dict[tuple[str, int], Intent] = {}
         self._queued_starts: dict[str, ToolCallRecord] = {}
         self._queued_finishes: dict[str, tuple[dict[str, Any], float]] = {}
+        # The key tool_call() last found in neither the file nor the queue: the start that follows at once
+        # (ToolExecutor.execute) need not look again. A write of a call, or any transaction, forgets it.
+        self._absent_call: str | None = None
 
     def _queued(self) -> Queued:
         return self._queued_intents, self._queued_starts, self._queued_finishes
@@ -54,6 +59,7 @@ class CallJournal:
         if self._queued_intents:
             intents, self._queued_intents = self._queued_intents, {}
             for intent in intents.values():
+                self._known.intent_written(intent.run_id, intent.n)
                 self._insert_row("intents", to_row("intents", intent), replace=True)
         finishes, self._queued_finishes = dict(self._queued_finishes), {}  # a copy: a failed write requeues the original
         if self._queued_starts:
@@ -89,6 +95,7 @@ class CallJournal:
             return
         with self._write():
             self._queued_intents.pop((intent.run_id, intent.n), None)
+            self._known.intent_written(intent.run_id, intent.n)
             self._insert_row("intents", to_row("intents", intent), replace=True)
 
     def load_intent(self, run_id: str, n: int) -> Intent | None:
@@ -108,6 +115,8 @@ class CallJournal:
             else:
                 rows = self._rows("tool_calls", "key = ?", [key])
                 if not rows:
+                    if key not in self._queued_finishes:
+                        self._absent_call = key
                     return None
                 call = from_row("tool_calls", ToolCallRecord, rows[0])
             queued = self._queued_finishes.get(key)
@@ -132,11 +141,14 @@ class CallJournal:
                 self._insert_call(record)
 
     def _refuse_finished(self, key: str) -> None:
+        if key == self._absent_call and key not in self._queued_finishes:
+            return
         existing = self._conn.execute("SELECT status FROM tool_calls WHERE key = ?", [key]).fetchone()
         if (existing and existing[0] == "done") or key in self._queued_finishes:
             raise ValueError(f"tool call {key} already finished; reuse its result instead of running it again")
 
     def _insert_call(self, record: ToolCallRecord) -> None:
+        self._absent_call = None
         self._insert_row("tool_calls", {**to_row("tool_calls", record), "args_hash": args_hash(record.args)}, replace=True)
 
     def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float, *, durable: bool = True) -> None:
@@ -154,6 +166,7 @@ class CallJournal:
             self._finish_call(key, result, finished_at)
 
     def _finish_call(self, key: str, result: dict[str, Any], finished_at: float) -> None:
+        self._absent_call = None
         row = encode("tool_calls", {"status": "done", "result": result, "finished_at": finished_at})
         cursor = self._conn.execute(
             "UPDATE tool_calls SET status = ?, result = ?, finished_at = ? WHERE key = ?",

@@ -48,7 +48,8 @@ import loopterm.store.transfer as transfer
 from loopterm.store.calls import CallJournal
 from loopterm.store.reads import LineageReads
 from loopterm.core.text import one_line
-from loopterm.store.guard import OTHER_PATH, check_file, classify, describe_failure, is_busy
+from loopterm.store.known import Known
+from loopterm.store.guard import OTHER_PATH, check_file, classify, is_busy, open_failure, when_unlocked
 from loopterm.store.migrations import upgrade
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import dump_json, encode, from_row, to_row
@@ -94,6 +95,7 @@ class Store(LineageReads, CallJournal):
         self.heads_kept = HEADS_KEPT
         self._conn: sqlite3.Connection = db.conn
         self._lineages: dict[str, list[tuple[str, str | None, int | None]]] = {}  # see _lineage
+        self._known = Known()  # what commits may skip: see known.py
         self._init_queue()  # writes the engine chose not to wait for: see calls.py
         self.migrated_from: int | None = None  # the schema version this open upgraded the file from
         self.backup_path: Path | None = None  # the copy of the file made before that upgrade
@@ -123,7 +125,7 @@ class Store(LineageReads, CallJournal):
         except OSError as exc:
             raise ConfigError(f"cannot create {path}: {one_line(exc.strerror or exc)}; check its permissions or {OTHER_PATH}") from None
         except sqlite3.Error as exc:
-            raise _open_failure(exc, path) from None
+            raise open_failure(exc, path) from None
         migrated: tuple[int, Path] | None = None
         try:
             db = Database(conn, execute_plugins=False)
@@ -133,7 +135,7 @@ class Store(LineageReads, CallJournal):
                 # so a failed upgrade leaves the file byte for byte as it was.
                 migrated = upgrade(db, path)
             db.execute("PRAGMA foreign_keys = ON")
-            _when_unlocked(db.enable_wal)  # SQLite does not wait on its busy handler for a journal mode switch
+            when_unlocked(db.enable_wal, BUSY_TIMEOUT_MS / 1000)  # SQLite does not wait on its busy handler for a journal mode switch
             db.execute("PRAGMA synchronous = FULL")  # stated, not left to the build: see _write
             if not version:
                 cls._init_schema(db, path)
@@ -142,7 +144,7 @@ class Store(LineageReads, CallJournal):
             raise
         except sqlite3.Error as exc:
             conn.close()
-            raise _open_failure(exc, path) from None
+            raise open_failure(exc, path) from None
         store = cls(db, path, clock)
         _OPEN[key] = _OPEN.get(key, 0) + 1
         store._key = key
@@ -209,6 +211,7 @@ class Store(LineageReads, CallJournal):
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
         with self._lock:
             self._begin(conn)
+            self._absent_call = None  # what it writes (an import, a prune) may add any call
             queued = self._queued()
             try:
                 self._write_queued()
@@ -348,19 +351,26 @@ class Store(LineageReads, CallJournal):
         it) again, so the Store keeps it as the base of the next delta instead of
         copying it, and compares unchanged parts by identity (the engine does this).
         """
+        run_id, n, known = record.run_id, record.n, self._known
         with self._lock:
-            queued = self._queued_intents.pop((record.run_id, record.n), None)
+            queued = self._queued_intents.pop((run_id, n), None)
+            blobs: list[str] = []
+            intents: list[int] | None = None
             try:
                 with self._write():
-                    head = self._insert_iteration(record, self._heads, handover=handover)
-                    self._update_run(record.run_id, run_fields, spend_model=record.model or None, spend_at=record.ended_at)
-                    self._conn.execute("DELETE FROM intents WHERE run_id = ? AND n = ?", [record.run_id, record.n])
-                    written = [self._insert_event(record.run_id, event, record.n) for event in events]
+                    head = self._insert_iteration(record, self._heads, handover=handover, blobs=blobs)
+                    self._update_run(run_id, run_fields, spend_model=record.model or None, spend_at=record.ended_at)
+                    if known.intent_may_exist(run_id, n):
+                        self._conn.execute("DELETE FROM intents WHERE run_id = ? AND n = ?", [run_id, n])
+                        if not known.intents_read(run_id):
+                            intents = [row[0] for row in self._conn.execute("SELECT n FROM intents WHERE run_id = ?", [run_id])]
+                    written = [self._insert_event(run_id, event, n) for event in events]
             except BaseException:
                 self._heads.pop(record.run_id, None)  # its state may have moved past what was committed
                 if queued is not None:
                     self._queued_intents.setdefault((record.run_id, record.n), queued)
                 raise
+            known.committed(run_id, n, blobs, intents)
             self._heads[record.run_id] = head
             self._heads.move_to_end(record.run_id)
             while len(self._heads) > self.heads_kept:
@@ -378,11 +388,11 @@ class Store(LineageReads, CallJournal):
                 self._lineages[run_id] = rows
         return rows
 
-    def _insert_iteration(self, record: IterationRecord, heads: dict[str, Head], *, handover: bool = False) -> Head:
-        """The rows of one iteration, inside the caller's write; returns the run's new head."""
+    def _insert_iteration(self, record: IterationRecord, heads: dict[str, Head], *, handover: bool = False,
+                          blobs: list[str] | None = None) -> Head:
+        """The rows of one iteration, inside the caller's write; returns the run's new head. `blobs`
+        receives the hashes of the prompt sections it references (stored now or before)."""
         run_id, n = record.run_id, record.n
-        if self._conn.execute("SELECT 1 FROM iterations WHERE run_id = ? AND n = ?", [run_id, n]).fetchone():
-            raise DuplicateIterationError(f"iteration {n} of run {run_id} is already committed")
         lineage = self._lineage(run_id)
         segs = segments(lambda sql, params: lineage, run_id, n)
         holder = owner(segs, n)
@@ -393,9 +403,17 @@ class Store(LineageReads, CallJournal):
         new_blobs: dict[str, str] = {}
         row = encode("iterations", record.model_dump(exclude={"state", "prompt"}))
         row["prompt"] = dump_json(encode_prompt(record.prompt, new_blobs))
-        if new_blobs:
-            self._executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
-        self._insert_row("iterations", row)
+        unstored = self._known.unstored(run_id, new_blobs)
+        if unstored:
+            self._executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", unstored)
+        if blobs is not None:
+            blobs.extend(new_blobs)
+        try:
+            self._insert_row("iterations", row)
+        except sqlite3.IntegrityError as exc:  # the primary key (run_id, n): no SELECT before every insert
+            if "UNIQUE" not in str(exc):
+                raise
+            raise DuplicateIterationError(f"iteration {n} of run {run_id} is already committed") from None
 
         def base() -> Head | None:
             if n <= 1:
@@ -558,32 +576,6 @@ def _event_record(row: dict[str, Any]) -> EventRecord:
     data = loads(row["data"]) if row["data"] is not None else {}
     return EventRecord(id=row["id"], run_id=row["run_id"], iteration=row["iteration"], ts=row["ts"],
                        event=from_stored(row["kind"], data))
-
-
-def _when_unlocked(action: Callable[[], Any], seconds: float = BUSY_TIMEOUT_MS / 1000) -> None:
-    """Do `action`, trying again for a while if another connection has the file locked.
-
-    Two processes creating the same new database at once both switch it to WAL; SQLite answers the
-    loser SQLITE_BUSY at once, without its busy handler (measured: about 1 open in 200 of four racing).
-    """
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            action()
-            return
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.005)
-
-
-def _open_failure(exc: sqlite3.Error, path: Path) -> Exception:
-    """What opening the store failed with: a fault of the moment (locked, full, I/O) as the SQLite error
-    itself, for the caller to report and retry; anything about the file as a one-line ConfigError."""
-    described = describe_failure(exc, path)
-    if described is None or described[1]:
-        return ConfigError(described[0] if described else f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}")
-    return exc
 
 
 @functools.cache

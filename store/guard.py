@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -195,3 +198,29 @@ def classify(db: Database, path: Path) -> int:
     if missing:
         raise ConfigError(f"{damaged} (missing tables: {', '.join(missing)}); restore it from a backup or {OTHER_PATH}")
     return version
+
+
+def when_unlocked(action: Callable[[], Any], seconds: float) -> None:
+    """Do `action`, trying again for a while if another connection has the file locked.
+
+    Two processes creating the same new database at once both switch it to WAL; SQLite answers the
+    loser SQLITE_BUSY at once, without its busy handler (measured: about 1 open in 200 of four racing).
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def open_failure(exc: sqlite3.Error, path: Path) -> Exception:
+    """What opening the store failed with: a fault of the moment (locked, full, I/O) as the SQLite error
+    itself, for the caller to report and retry; anything about the file as a one-line ConfigError."""
+    described = describe_failure(exc, path)
+    if described is None or described[1]:
+        return ConfigError(described[0] if described else f"cannot open {path}: {one_line(exc)}; check its permissions or {OTHER_PATH}")
+    return exc

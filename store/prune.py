@@ -184,6 +184,7 @@ def prune(store: Store, *, older_than: float | None, keep_last: int | None, dry_
     store._lineages.clear()
     for run in decided.removed:
         store._heads.pop(run.id, None)
+        store._known.forget(run.id)
     result = PruneResult(plan=decided, dry_run=False, file_bytes_before=before, file_bytes_after=before)
     if compact and decided.removed:
         _compact(store, result)

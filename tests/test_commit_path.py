@@ -90,3 +90,98 @@ async def test_a_slow_call_without_side_effects_writes_its_reply_while_it_runs(t
     engine, store = make_engine(tmp_path, loop)
     await engine.run()
     assert seen == [([(1,)], [("started",)])]
+
+
+def test_a_commit_skips_only_what_is_already_in_the_file(tmp_path: Path, monkeypatch: Any) -> None:
+    """An iteration's commit writes no prompt section its run already stored, deletes no intent row that
+    was never written, and finds a duplicate by the primary key; what it skips is always in the file: an
+    intent left by a process that died, one written since, and a commit that failed halfway are all
+    handled, and every prompt loads back exactly."""
+    from loopterm.store import DuplicateIterationError, Store
+    from tests.test_store import make_intent, make_iteration, make_run
+
+    system = "You are the decision step. " * 8  # sections over 64 characters go to blobs
+    def record(n: int, extra: str = "") -> Any:
+        prompt = [{"role": "system", "content": f"{system}\n\n{'Tools: noop, look. ' * 5}"},
+                  {"role": "user", "content": f"# Task\n\n{'the same task text ' * 5}\n\n{f'facts of {n} ' * 8}{extra}"}]
+        return make_iteration("r1", n, prompt=prompt)
+
+    db = tmp_path / "loopterm.db"
+    other = Store.open(db)
+    store = Store.open(db)
+    store.create_run(make_run("r1"))
+    other.save_intent(make_intent("r1", 3))  # left by a process that died, before this Store's first commit
+    sql: list[str] = []
+    store._conn.set_trace_callback(sql.append)
+    committed = []
+    for n in (1, 2):
+        committed.append(record(n))
+        store.commit_iteration(committed[-1], {"iterations": n})
+    second = [s for s in sql if s.startswith(("INSERT OR IGNORE INTO blobs", "DELETE FROM intents", "SELECT 1 FROM iterations"))]
+    sql.clear()
+    assert not any(s.startswith("SELECT 1 FROM iterations") for s in second)
+    store.commit_iteration(record(3), {"iterations": 3})
+    assert on_disk(db, "SELECT n FROM intents WHERE run_id = 'r1'", []) == []  # the dead process's intent went
+    blob_inserts = [s for s in sql if s.startswith("INSERT OR IGNORE INTO blobs")]
+    assert len(blob_inserts) == 1 and "facts of 3" in blob_inserts[0]  # only the new section
+    sql.clear()
+    store.commit_iteration(committed[-1].model_copy(update={"n": 4}), {"iterations": 4})
+    assert not [s for s in sql if s.startswith(("INSERT OR IGNORE INTO blobs", "DELETE FROM intents"))]
+    store.save_intent(make_intent("r1", 5))  # written since: its commit deletes it
+    store.commit_iteration(record(5), {"iterations": 5})
+    assert on_disk(db, "SELECT n FROM intents WHERE run_id = 'r1'", []) == []
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk gone")
+
+    with monkeypatch.context() as patch:  # a commit that stores new sections, then fails: none of it stays
+        patch.setattr(store, "_update_run", fail)
+        try:
+            store.commit_iteration(record(6, "brand new section " * 5), {"iterations": 6})
+        except RuntimeError:
+            pass
+    six = record(6, "brand new section " * 5)
+    store.commit_iteration(six, {"iterations": 6})
+    try:
+        store.commit_iteration(six, {"iterations": 6})
+        raise AssertionError("a duplicate was committed")
+    except DuplicateIterationError:
+        pass
+    fresh = Store.open(db)
+    assert [fresh.get_iteration("r1", n).prompt for n in (1, 2, 3, 6)] == [c.prompt for c in (*committed, record(3), six)]
+    assert fresh.get_iteration("r1", 4).prompt == committed[-1].prompt
+    for s in (fresh, store, other):
+        s.close()
+
+
+def test_a_call_found_absent_is_not_looked_up_again_yet_a_finished_one_is_never_restarted(tmp_path: Path) -> None:
+    """tool_call() finding no row spares the start that follows its own SELECT; a call finished in
+    between (queued or written) is still refused."""
+    import pytest
+
+    from loopterm.core.records import ToolCallRecord
+    from loopterm.store import Store
+    from tests.test_store import make_run
+
+    store = Store.open(tmp_path / "loopterm.db")
+    store.create_run(make_run("r1"))
+    sql: list[str] = []
+    store._conn.set_trace_callback(sql.append)
+
+    def start(key: str) -> ToolCallRecord:
+        return ToolCallRecord(key=key, run_id="r1", iteration=1, tool="look", args={}, status="started", started_at=1.0)
+
+    assert store.tool_call("k1") is None
+    store.tool_call_started(start("k1"), durable=False)
+    assert not [s for s in sql if s.startswith("SELECT status FROM tool_calls")]
+    store.tool_call_finished("k1", {"ok": True}, 2.0, durable=False)
+    with pytest.raises(ValueError, match="already finished"):
+        store.tool_call_started(start("k1"), durable=False)
+    store.flush()
+    assert store.tool_call("k2") is None
+    store.tool_call_started(start("k2"))
+    store.tool_call_finished("k2", {"ok": True}, 2.0)
+    for key in ("k1", "k2"):
+        with pytest.raises(ValueError, match="already finished"):
+            store.tool_call_started(start(key))
+    store.close()

@@ -424,6 +424,49 @@ def test_environment_values_by_name_with_a_minimum_length(monkeypatch: pytest.Mo
                                                 "MONKEY", "HOME"])
 
 
+def test_a_long_text_redacted_by_sections_gives_what_a_whole_scan_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Texts of 1 KB and more are redacted one blank-line section at a time, sections seen before from a
+    cache: for random prompts built from secrets, near-secrets and ordinary prose, across blank lines
+    (encrypted PEM blocks hold one), the result is exactly a whole scan's."""
+    from loopterm.core import secrets
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-" + "7" * 12)
+    rng = random.Random(15)
+    pieces = [
+        *SHAPED.values(), "Authorization: Bearer abcdefghijklmnop", "x-api-key: Zq8w7e6r5t4y3u2i1o0p",
+        "DB_PASSWORD=hunter2hunter2", 'client_secret="S3cr3t-value"', "tok-777777777777", "password: required",
+        "key=lambda item: item.name", '{"key": "3f2a9c0d1e2b3a4f5c6d7e8f9a0b1c2d"}', "Bearer", "api_key=", "sk-",
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\nMIIEow" + "A1b2" * 8 + "\n-----END RSA PRIVATE KEY-----",
+        "the state of the run", "- iteration 12: noop ok", '"items": [1, 2.0, true]', "=", ":", " ", "\n", "\n\n", "\n\n\n",
+    ]
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(60, 200)))
+        if len(text) < secrets._SECTIONED:
+            continue
+        expected = secrets._redact_whole(text, secrets._env_secrets())
+        assert redact(text) == expected
+        grown = f"{text}\n\nnew section {rng.random()}: " + rng.choice(pieces)  # most sections now cached
+        assert redact(grown) == secrets._redact_whole(grown, secrets._env_secrets())
+        assert redact(text) == expected  # again, from the caches
+
+
+def test_a_cached_section_is_redacted_again_when_the_environment_gains_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The section memo never lets a secret through: a value that becomes a secret after its text was
+    cached (a variable set later) is redacted in that text from then on; a secret holding a blank line
+    makes long texts go whole."""
+    value = "later-" + token(16)
+    long_prose = "\n\n".join(f"section {i}: ordinary words, nothing to hide here at all" for i in range(40))
+    text = f"{long_prose}\n\nconnect with {value} today\n\n{long_prose}"
+    assert redact(text) is text  # not a secret yet: cached clean, section by section
+    assert redact(f"{long_prose}\n\nother {value}") .endswith(value)
+    monkeypatch.setenv("LATER_SERVICE_TOKEN", value)
+    assert value not in redact(text) and "[redacted:LATER_SERVICE_TOKEN]" in redact(text)
+    assert value not in redact(f"{long_prose}\n\nother {value}")
+    spanning = "first-half-" + token(8) + "\n\nsecond-half-" + token(8)
+    monkeypatch.setenv("SPANNING_API_KEY", spanning)
+    assert spanning not in redact(f"{long_prose}\n\nsee {spanning} end")
+
+
 def test_redact_tree_returns_clean_data_itself_and_copies_only_what_changed() -> None:
     clean = {"a": ["x", {"b": ("y", 1, None)}], "n": 2.5}
     assert redact_tree(clean) is clean

@@ -676,3 +676,59 @@ def test_an_integer_beyond_64_bits_is_stored_exactly(tmp_path: Path) -> None:
         store.create_run(make_run("r"))
         commit(store, "r", 1, {"x": 2**64}, handover=False)
         assert_same(store.state_at("r", 1), {"x": 2**64}, "state_at(1)")
+
+
+def test_the_engine_dump_of_dict_fields_is_the_models_own_whatever_the_edits() -> None:
+    """StateDump reuses the previous dump's entry for every value of a dict field still equal to it
+    type-strictly (so the store's diff skips it by identity). Driven by random edits, in place and by
+    replacement, including 1 / 1.0 / True, 0.0 / -0.0, a tuple for a list and a value whose dump the
+    model's config decides (a timedelta as seconds): every dump equals the model's own model_dump,
+    byte for byte through orjson (types and key order), and an unchanged entry is the same object."""
+    import datetime
+    import random
+
+    import orjson
+    from pydantic import ConfigDict
+
+    from loopterm.core.state import LoopState
+    from loopterm.core.state_dump import StateDump
+
+    class Tables(LoopState):
+        model_config = ConfigDict(ser_json_timedelta="float")
+        records: dict[str, dict[str, Any]] = {}
+        flat: dict[str, Any] = {}
+        spans: dict[str, dict[str, datetime.timedelta]] = {}
+
+    rng = random.Random(42)
+    scalars: list[Any] = [1, 1.0, True, 0, 0.0, -0.0, False, None, "1", [1], (1,), {"k": 1}, [1.0], 2**70]
+    dumper = StateDump(Tables)
+    state = Tables(records={f"r{i}": {"a": i, "b": "x"} for i in range(20)}, flat={"x": 1, "y": [1, 2]},
+                   spans={"s": {"d": datetime.timedelta(seconds=1)}})
+    last = dumper.dump(state)
+    for step in range(300):
+        records, flat, spans = dict(state.records), dict(state.flat), dict(state.spans)
+        for _ in range(rng.randint(0, 3)):
+            key = f"r{rng.randrange(24)}"
+            what = rng.random()
+            if what < 0.3 and key in records:
+                records[key][rng.choice("abc")] = rng.choice(scalars)  # in place: the dump must see it
+            elif what < 0.5:
+                records.pop(key, None)
+            else:
+                records[key] = {"a": rng.choice(scalars), "b": rng.choice(scalars)}
+        if rng.random() < 0.3:
+            flat[rng.choice("xyz")] = rng.choice(scalars)
+        if rng.random() < 0.2:
+            spans[rng.choice("st")] = {"d": datetime.timedelta(seconds=rng.choice([1, 1.5, 2]))}
+        state = state.model_copy(update={"records": records, "flat": flat, "spans": spans})
+        dump = dumper.dump(state)
+        full = state.model_dump(mode="json")
+        assert list(dump)[: len(full) - 1] == [k for k in full if k != "tool_results"], step
+        try:
+            assert orjson.dumps({k: dump[k] for k in full}) == orjson.dumps(full), step
+        except TypeError:  # an integer beyond 64 bits: compare with the standard library and by type
+            assert json.dumps({k: dump[k] for k in full}) == json.dumps(full), step
+        for key, value in dump["records"].items():
+            if key in last["records"] and last["records"][key] is value:
+                assert json.dumps(value) == json.dumps(full["records"][key])
+        last = dump
