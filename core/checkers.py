@@ -73,6 +73,7 @@ class Asked:
     tokens_out: int = 0
     cost_usd: float = 0.0
     model: str = ""
+    tokens_cached: int = 0
 
 
 # The engine's way to call a role's model: budget-checked, counted in the iteration's spend.
@@ -159,7 +160,7 @@ class ModelGate(BaseModel):
         started = time.monotonic()
         asked = await ctx.ask(self.role, self.messages(ctx))
         spend = {"tokens_in": asked.tokens_in, "tokens_out": asked.tokens_out, "cost_usd": asked.cost_usd,
-                 "model": asked.model, "duration_s": round(time.monotonic() - started, 3)}  # a trace's gate span needs it
+                 "tokens_cached": asked.tokens_cached, "model": asked.model, "duration_s": round(time.monotonic() - started, 3)}  # a trace's gate span needs it
         try:
             verdict = parse_verdict(asked.text)
         except ValueError as exc:

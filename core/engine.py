@@ -362,7 +362,8 @@ class Engine:
         tokens_in = intent.tokens_in + sum(g.tokens_in for g in gates)
         tokens_out = intent.tokens_out + sum(g.tokens_out for g in gates)
         cost = intent.cost_usd + sum(g.cost_usd for g in gates)
-        self.spend.add(tokens_in, tokens_out, cost, intent.tokens_cached)
+        cached = intent.tokens_cached + sum(g.tokens_cached for g in gates)  # model checkers' calls count too
+        self.spend.add(tokens_in, tokens_out, cost, cached)
         self._tick()
         record = IterationRecord(
             run_id=self.run_id, n=n, started_at=intent.started_at, ended_at=self.clock(),
@@ -371,7 +372,7 @@ class Engine:
             gate_results=[g.model_dump() for g in gates], invariant_status=after.invariant_status,
             remediations=[r.value for r in after.remediations], tokens_in=tokens_in, tokens_out=tokens_out,
             cost_usd=cost, latency_ms=intent.latency_ms, model=intent.model, state=self.dumper.dump(state),
-            decision_mode=intent.decision_mode, tokens_cached=intent.tokens_cached,
+            decision_mode=intent.decision_mode, tokens_cached=cached,
         )
         totals = {
             "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,

@@ -48,6 +48,7 @@ class GateResult(BaseModel):
     tokens_in: int = 0
     tokens_out: int = 0
     cost_usd: float = 0.0
+    tokens_cached: int = 0  # of tokens_in, served from the provider's prompt cache
     model: str | None = None
     findings: list[dict[str, Any]] = Field(default_factory=list)
 

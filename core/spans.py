@@ -310,7 +310,8 @@ class SpanBuilder:
         )
         if gate.get("model"):  # a model checker: its call in GenAI terms
             attributes.update(_chat_attrs(str(gate["model"]), str(gate["model"]), int(gate.get("tokens_in") or 0),
-                                          int(gate.get("tokens_out") or 0), float(gate.get("cost_usd") or 0.0)))
+                                          int(gate.get("tokens_out") or 0), float(gate.get("cost_usd") or 0.0),
+                                          tokens_cached=int(gate.get("tokens_cached") or 0)))
         if passed:
             status = Status(StatusCode.OK)
         else:

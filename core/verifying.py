@@ -67,4 +67,4 @@ class Verifier:
         reply = await client.complete(messages, iteration=n, call_index=call)
         self._calls[role.name] = call + max(1, reply.calls)
         return Asked(text=redact(reply.text), tokens_in=reply.tokens_in, tokens_out=reply.tokens_out,
-                     cost_usd=reply.cost_usd, model=reply.model)
+                     cost_usd=reply.cost_usd, model=reply.model, tokens_cached=reply.tokens_cached)

@@ -291,6 +291,34 @@ async def test_a_repaired_decision_counts_the_cached_tokens_of_every_call_it_mad
     store.close()
 
 
+async def test_a_model_checkers_cached_tokens_count_in_the_iteration_and_its_gate_span(
+        stub: Stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checker's call is a model call like the maker's: its cached input is in the iteration's and the
+    run's tokens_cached (as its input is in tokens_in), in its gate result and in its span."""
+    from loopterm.core.checkers import ModelGate
+    from loopterm.core.roles import Role
+    from loopterm.core.spans import lineage_spans
+    from tests.loopkit import decision, make_engine
+
+    monkeypatch.setenv("OPENAI_BASE_URL", stub.url + "/v1")  # the checker's own client finds the stub here
+    verdict = json.dumps({"verdict": "pass", "reason": "flag.txt says ok"})
+    stub.answers = [openai_answer(json.dumps(decision("flag_write", text="ok", done=True)), 1_600, 1_408, 20),
+                    openai_answer(verdict, 1_200, 1_024, 15)]
+    critic = Role(name="critic", system_prompt="You review the maker's step.", model="openai/gpt-4o-mini")
+    loop = Loop(name="cachey", goal="make flag.txt say ok", state=LoopState, tools=[flag_write], model=GPT,
+                decision_mode="text", max_iterations=1,
+                gates=[ModelGate(name="review", role=critic, instructions="Pass when the step is sound.")])
+    engine, store = make_engine(tmp_path, loop, client=client(GPT, stub.url + "/v1"))
+    run = await engine.run()
+    (only,) = store.iterations(run.id)
+    assert run.status == "converged" and only.gate_results[0]["tokens_cached"] == 1_024
+    assert (only.tokens_in, only.tokens_cached) == (2_800, 2_432) and run.tokens_cached == 2_432
+    spans = [(span.name, dict(span.attributes or {})) for span in lineage_spans(store, run.id)]
+    gate = next(attrs for name, attrs in spans if attrs.get("loopterm.gate.name") == "review")
+    assert gate["gen_ai.usage.cache_read.input_tokens"] == 1_024
+    store.close()
+
+
 def store_of(db: str) -> Any:
     from loopterm.store import Store
 
