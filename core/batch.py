@@ -2,7 +2,8 @@
 
 Each case is one ordinary run (watchable, resumable and forkable like any other), recorded with
 its case id (event `case`). Runs of a code-changing loop each get their own git worktree (see
-`loopterm.core.worktree`), so concurrent runs never write the same files. Nobody waits on a
+`loopterm.core.worktree`), so concurrent runs never write the same files; the loop's setup runs
+in it, so a case's workspace is prepared as `loopterm run` prepares one. Nobody waits on a
 person: an escalation ends that case with status escalated. A case that raises is that case's
 failure, never the batch's.
 """
@@ -23,7 +24,7 @@ from loopterm.core.loop import Loop
 from loopterm.core.persistence import Journal
 from loopterm.core.runs import create, preflight_model, record_end
 from loopterm.core.termination import Status, TerminationReason
-from loopterm.core.worktree import BaseRepo, Worktrees, code_changing, require_git
+from loopterm.core.worktree import BaseRepo, Snapshot, Worktrees, code_changing, require_git
 
 
 @dataclass
@@ -203,12 +204,14 @@ async def _run_case(
     started, clock = time.time(), time.monotonic()
     run_id = new_run_id()
     workspace: Path | None = None
+    baseline: Snapshot = {}
     created = False
     final = None
     error: str | None = None
     try:
         if worktrees is not None and base is not None:
             workspace = await worktrees.add(base, workspace_root / run_id)
+            baseline = await worktrees.prepare(loop, base, workspace)  # setup, then what the run is compared with
         case_budget = dict(budget or {})
         if case.budget_usd is not None:
             case_budget["usd"] = case.budget_usd
@@ -240,7 +243,8 @@ async def _run_case(
     kept: str | None = None
     if worktrees is not None and base is not None and workspace is not None and workspace.exists():
         try:
-            kept = await _settle_worktree(store, worktrees, base, workspace, run_id if created else None, status)
+            kept = await _settle_worktree(store, worktrees, base, workspace, baseline, run_id if created else None,
+                                          status)
         except Exception as exc:  # noqa: BLE001 - a clean-up failure keeps the worktree; it is listed
             kept = str(workspace)
             if created:
@@ -267,10 +271,11 @@ async def _run_case(
 
 
 async def _settle_worktree(
-    store: Journal, worktrees: Worktrees, base: BaseRepo, path: Path, run_id: str | None, status: str
+    store: Journal, worktrees: Worktrees, base: BaseRepo, path: Path, baseline: Snapshot, run_id: str | None,
+    status: str,
 ) -> str | None:
-    """Converged: record the changed files, remove the worktree; otherwise keep it. The kept path, or None."""
-    files = await worktrees.changes(base, path)
+    """Converged: record the files the run changed, remove the worktree; otherwise keep it. The kept path, or None."""
+    files = await worktrees.changes(path, baseline)
     where = {"path": str(path), "base": str(base.path), "commit": base.commit, "files": files}
     if status == Status.CONVERGED.value and run_id is not None:
         store.append_event(run_id, log.WorktreeRemoved(**where))

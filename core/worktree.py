@@ -3,10 +3,13 @@
 A loop is code-changing when one of its tools has side effects. For such a loop a base
 repository is prepared once per content of `loop.workspace_files` (`<repos>/<loop>-<hash>`, one
 commit with a fixed identity and date, so it needs no git configuration), and each run gets
-`git worktree add --detach <workspaces>/<run id>`. After the run:
+`git worktree add --detach <workspaces>/<run id>`, then the loop's `setup` runs in it, as for any
+new run's workspace (`prepare`). What the worktree holds then is its baseline (`snapshot`: a
+sha256 per file). After the run:
 
-- converged: the files it changed or added (against the base commit) are recorded in the run's
-  event log with a sha256 each (`worktree_removed`), then the worktree is removed and pruned;
+- converged: the files it changed, added or deleted (against the baseline, so what setup made is
+  not counted) are recorded in the run's event log with a sha256 each (`worktree_removed`), then
+  the worktree is removed and pruned;
 - anything else: the worktree is kept for a person (resume, inspect), recorded (`worktree_kept`)
   and listed by the command.
 
@@ -121,6 +124,29 @@ def file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+Snapshot = dict[str, tuple[str, bool]]  # relative POSIX path: (sha256, executable)
+
+
+def snapshot(root: Path) -> Snapshot:
+    """Every file under root but git's own (`.git`, at any depth), with its sha256 and executable bit.
+
+    Symlinks count as files (the sha256 of their target text) and are not followed.
+    """
+    out: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        dirnames[:] = [d for d in dirnames if d != ".git" and d not in links]
+        for name in [*filenames, *links]:
+            if name == ".git":  # a worktree's (or a submodule's) pointer to its repository
+                continue
+            path = here / name
+            digest = file_sha256(path)
+            if digest is not None:
+                out[path.relative_to(root).as_posix()] = (digest, not path.is_symlink() and os.access(path, os.X_OK))
+    return out
+
+
 @dataclass(frozen=True)
 class BaseRepo:
     """A repository holding the loop's workspace files in one commit; worktrees are added from it."""
@@ -184,26 +210,40 @@ class Worktrees:
             await git("worktree", "add", "-q", "--detach", str(path), base.commit, cwd=base.path)
         return path
 
-    async def changes(self, base: BaseRepo, path: Path) -> list[dict[str, Any]]:
-        """Files changed, added or deleted in the worktree against the base commit, with a sha256 each.
+    async def prepare(self, loop: Loop, base: BaseRepo, path: Path) -> Snapshot:
+        """Run the loop's setup in a new worktree (as `loopterm run` does after copying workspace_files); its baseline.
 
-        Compared with the base commit, not HEAD, so a run that committed inside its worktree is
-        still seen in full; untracked and ignored files count as added.
+        Why a per-worktree file snapshot rather than setup's output in the base repository or a
+        commit in the worktree: the base is shared and keyed by workspace_files alone (setup's code
+        can change without its files changing), setup may build a nested git repository (which
+        `git add` would record as a bare gitlink, hiding the run's edits inside it), and a commit
+        would move the HEAD the run sees. A snapshot is one walk, needs no git, and sees inside
+        nested repositories. A setup that commits to the worktree's own repository (a sample
+        repository at the workspace root instead of in a subfolder) is refused with one line:
+        it would write into the shared base repository.
         """
-        tracked = await git("--no-optional-locks", "diff", "--no-renames", "--name-status", "-z", base.commit,
-                            "--", cwd=path)
-        untracked = await git("--no-optional-locks", "ls-files", "-z", "--others", cwd=path)
-        found: dict[str, str] = {}
-        parts = tracked.split("\0")
-        for status, name in zip(parts[0::2], parts[1::2]):
-            if name:
-                found[name] = status[:1]
-        for name in untracked.split("\0"):
-            if name:
-                found.setdefault(name, "A")
-        return [{"path": name, "change": {"A": "added", "D": "deleted"}.get(found[name], "modified"),
-                 "sha256": file_sha256(path / name)}
-                for name in sorted(found)]
+        if loop.setup is not None:
+            await asyncio.to_thread(loop.setup, path)
+            head = (await git("rev-parse", "--verify", "HEAD^{commit}", cwd=path)).strip()
+            if head != base.commit:
+                raise ConfigError(
+                    f"setup of loop {loop.name!r} committed to the workspace's own git repository; under eval and "
+                    "run --cases each case's workspace is a git worktree of a shared base: build the sample "
+                    "repository in a subfolder of the workspace (e.g. workspace / 'repo')")
+        return await asyncio.to_thread(snapshot, path)
+
+    async def changes(self, path: Path, baseline: Snapshot) -> list[dict[str, Any]]:
+        """Files changed, added or deleted in the worktree since its baseline, with a sha256 each.
+
+        Compared file by file with the baseline, not with git's HEAD or index, so a run that
+        committed (in the worktree or in a nested repository) is still seen in full, and what
+        setup made is not counted; untracked and ignored files count.
+        """
+        now = await asyncio.to_thread(snapshot, path)
+        found = [(name, "deleted" if name not in now else "added" if name not in baseline else "modified")
+                 for name in sorted(baseline.keys() | now.keys()) if baseline.get(name) != now.get(name)]
+        return [{"path": name, "change": change, "sha256": now[name][0] if name in now else None}
+                for name, change in found]
 
     async def remove(self, base: BaseRepo, path: Path) -> None:
         """Remove the worktree and prune the base's records of it (a vanished directory is fine)."""

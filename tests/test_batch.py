@@ -286,3 +286,139 @@ def test_uncapped_cases_share_what_is_left_of_the_daily_budget(tmp_path: Path, m
     shared = _within_daily_budget(tmp_path / "none.db", loop, cases, None, lower=None)
     assert [c.budget_usd for c in shared] == [pytest.approx(0.3), 0.4, pytest.approx(0.3)]
     assert "each gets an equal share" in capsys.readouterr().err
+
+
+# A code-changing loop whose setup prepares what its gate needs: expected.txt, and repo/, a nested git
+# repository with one commit. Its tool writes flag.txt and edits a file inside repo/.
+SETUP_LOOP = '''
+import os
+import subprocess
+from pathlib import Path
+
+from loopterm.core import CommandGate, Loop, LoopState, ToolContext, tool
+
+HERE = Path(__file__).parent
+
+
+def git(repo, *args):
+    env = {{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}}
+    env.update({{"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "t",
+                "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}})
+    subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+def setup(workspace: Path) -> None:
+    (workspace / "expected.txt").write_text("ok")
+    repo = workspace / "{repo}"
+    repo.mkdir(exist_ok=True)
+    git(repo, "init", "-q")
+    (repo / "README.md").write_text("sample")
+    git(repo, "add", "README.md")
+    git(repo, "commit", "-q", "-m", "initial")
+
+
+@tool(side_effects=True, idempotent=True, workspace_only=True)
+def write(ctx: ToolContext, text: str) -> str:
+    """Write flag.txt, and a note in the sample repository."""
+    (ctx.workspace / "flag.txt").write_text(text)
+    (ctx.workspace / "{repo}" / "notes.txt").write_text(text)
+    return "written"
+
+
+GATE = CommandGate(name="flag", argv=["{{python}}", "-c", (
+    "import pathlib, subprocess, sys; "
+    "subprocess.run(['git', '-C', '{repo}', 'rev-parse', 'HEAD'], check=True, capture_output=True); "
+    "sys.exit(pathlib.Path('flag.txt').read_text() != pathlib.Path('expected.txt').read_text())")])
+
+loop = Loop(name="setupcase", goal="make flag.txt say what expected.txt says", state=LoopState, tools=[write],
+            gates=[GATE], workspace_files=HERE / "files", setup=setup, script=HERE / "script.json", max_iterations=3)
+'''
+
+
+def setup_loop(tmp_path: Path, repo: str = "repo") -> Path:
+    """The loop file above, with its workspace files, script and a two-case cases file beside it."""
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "base.txt").write_text("from workspace_files")
+    (tmp_path / "script.json").write_text(json.dumps({"turns": [{"content": decision("write", text="ok")}],
+                                                      "after_end": "repeat_last"}))
+    (tmp_path / "cases.json").write_text(json.dumps([{"id": "one"}, {"id": "two"}]))
+    path = tmp_path / "setupcase.py"
+    path.write_text(SETUP_LOOP.format(repo=repo))
+    return path
+
+
+@pytest.mark.parametrize("command", [["eval"], ["run", "--parallel", "2"]])
+def test_setup_prepares_every_case_worktree_and_its_output_is_not_a_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """As under `loopterm run`: workspace_files, then setup (a file and a nested git repository), in each case's
+    worktree; the changes recorded are the run's own (flag.txt, repo/notes.txt), none of setup's."""
+    loop_file = setup_loop(tmp_path)
+    db = tmp_path / "loopterm.db"
+    code = main([command[0], str(loop_file), "--cases", str(tmp_path / "cases.json"), *command[1:], "--db", str(db)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    store = Store.open(db, create=False)
+    runs = store.list_runs()
+    assert len(runs) == 2 and {r.status for r in runs} == {"converged"}, out
+    for run in runs:
+        (removed,) = events(store, run.id, log.WorktreeRemoved)
+        assert removed.files == [
+            {"path": "flag.txt", "change": "added", "sha256": sha("ok")},
+            {"path": "repo/notes.txt", "change": "added", "sha256": sha("ok")},
+        ]
+        assert not Path(run.workspace).exists()
+    store.close()
+
+
+def test_worktree_changes_are_counted_from_the_prepared_workspace(tmp_path: Path) -> None:
+    """Against the baseline taken after setup: edits to, and deletions of, setup's files count as such."""
+    from loopterm.core.worktree import Worktrees
+
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "base.txt").write_text("base")
+
+    def setup(workspace: Path) -> None:
+        (workspace / "made.txt").write_text("setup")
+        (workspace / "gone.txt").write_text("setup")
+        (workspace / "base.txt").write_text("changed by setup")
+
+    loop = make_loop(tmp_path, [], workspace_files=tmp_path / "files", setup=setup)
+
+    async def go() -> list[dict[str, Any]]:
+        trees = Worktrees(tmp_path / "repos")
+        base = await trees.base(loop)
+        path = await trees.add(base, tmp_path / "ws" / "case")
+        baseline = await trees.prepare(loop, base, path)
+        assert await trees.changes(path, baseline) == []
+        (path / "made.txt").write_text("run")
+        (path / "gone.txt").unlink()
+        (path / "new.sh").write_text("run")
+        (path / "new.sh").chmod(0o755)
+        return await trees.changes(path, baseline)
+
+    assert asyncio.run(go()) == [
+        {"path": "gone.txt", "change": "deleted", "sha256": None},
+        {"path": "made.txt", "change": "modified", "sha256": sha("run")},
+        {"path": "new.sh", "change": "added", "sha256": sha("run")},
+    ]
+
+
+def test_a_setup_that_commits_to_the_worktree_itself_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A sample repository at the workspace root would be the case's worktree, whose commits land in the shared
+    base repository: that case fails with one line saying to use a subfolder; the base is untouched."""
+    loop_file = setup_loop(tmp_path, repo=".")
+    from loopterm.core.loader import load_loop
+
+    loop, _ = load_loop(str(loop_file))
+    store = Store.open(tmp_path / "db" / "loopterm.db")
+    (result,) = asyncio.run(run_cases(loop, store, [Case(id="root")], parallel=1,
+                                      workspace_root=tmp_path / "db" / "workspaces", loop_ref="test:setupcase"))
+    assert result.status == "failed" and result.run_id is None
+    assert result.message is not None and "\n" not in result.message
+    assert "committed to the workspace's own git repository" in result.message and "subfolder" in result.message
+    (base,) = (tmp_path / "db" / "repos").iterdir()
+    count = subprocess.run(["git", "rev-list", "--count", "main"], cwd=base, env=git_env(), capture_output=True,
+                           text=True, check=True).stdout
+    assert count.strip() == "1"  # the base still holds only its own commit
+    store.close()
