@@ -12,9 +12,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.pgserver import PostgresServer
 
 _START_TIMEOUT = 20.0
 
@@ -125,3 +128,21 @@ def fakellm_server(_fakellm_process: FakeLLMServer, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     _fakellm_process.set_rules([])
     return _fakellm_process
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator["PostgresServer"]:
+    """A real PostgreSQL server for the session (tests/pgserver.py), started on first use."""
+    from tests.pgserver import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: "PostgresServer") -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres_server.fresh_database()
