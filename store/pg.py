@@ -224,6 +224,10 @@ class PgConnection:
 
         return self._raw.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_transaction()
+
     def commit(self) -> None:
         if self._in_transaction():
             self._raw.execute("COMMIT")
