@@ -588,8 +588,8 @@ class Store(LineageReads, CallJournal):
         vectors computed for items are stored for next time.
         """
         if embed is None:
-            return memory.search(self._query, loop, query, limit)
-        return memory.semantic_search(self._query, loop, query, limit, embed, self._save_embeddings)
+            return memory.search(self._query, loop, query, limit, self.backend)
+        return memory.semantic_search(self._query, loop, query, limit, embed, self._save_embeddings, self.backend)
 
     def _save_embeddings(self, pairs: list[tuple[str, int]]) -> None:
         with self._write():  # an item forgotten meanwhile is simply not updated

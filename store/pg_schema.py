@@ -31,6 +31,17 @@ from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES
 INIT_LOCK = 0x6C6F6F70_7465726D  # "loopterm": pg_advisory_xact_lock key serialising two processes creating at once
 FTS_CHARS = 200_000  # characters of a memory's value indexed for full-text search (a tsvector holds at most 1 MB)
 T = 'text COLLATE "C"'
+# Diacritics folded before indexing and searching ("cafe" finds "café", as SQLite's remove_diacritics does):
+# translate() is immutable, so it can feed the generated column; the unaccent extension may not be installed.
+FOLD_FROM = "ÀÁÂÃÄÅàáâãäåÇçÈÉÊËèéêëÌÍÎÏìíîïÑñÒÓÔÕÖØòóôõöøÙÚÛÜùúûüÝýÿŠšŽžŁłŃńŚśŹźŻżĆćĘęĄąŐőŰű"
+FOLD_TO = "AAAAAAaaaaaaCcEEEEeeeeIIIIiiiiNnOOOOOOooooooUUUUuuuuYyySsZzLlNnSsZzZzCcEeAaOoUu"
+assert len(FOLD_FROM) == len(FOLD_TO)
+
+
+def folded(expression: str) -> str:
+    """SQL for `expression` with its diacritics folded (see FOLD_FROM)."""
+    return f"translate({expression}, '{FOLD_FROM}', '{FOLD_TO}')"
+
 INIT_HINT = "create one with `loopterm db init --db URL`"
 
 # Tables as PostgreSQL sees them (memory_fts is SQLite's FTS5 index; here it is the memory.fts column).
@@ -171,8 +182,8 @@ CREATE TABLE memory (
     updated_at double precision NOT NULL,
     embedding  {T},
     fts        tsvector GENERATED ALWAYS AS (
-        setweight(to_tsvector('english'::regconfig, key), 'A')
-        || setweight(to_tsvector('english'::regconfig, left(value, {FTS_CHARS})), 'B')
+        setweight(to_tsvector('english'::regconfig, {folded("key")}), 'A')
+        || setweight(to_tsvector('english'::regconfig, {folded(f"left(value, {FTS_CHARS})")}), 'B')
     ) STORED,
     UNIQUE (loop, key)
 );
