@@ -5,8 +5,8 @@ Every difference between the dialects is here, each with why:
 
 - placeholders: `?` / `?N` become `$N` (a RawCursor: server-side parameters, so a literal `%` needs no escaping);
 - `BEGIN IMMEDIATE` is `BEGIN`: PostgreSQL locks rows, not the file, so there is no write lock to take early;
-- `PRAGMA synchronous = NORMAL / FULL` (a write that may be lost on power loss) is `synchronous_commit off / on`,
-  which promises the same: a crash of the client loses nothing, a crash of the server may lose the last commits;
+- `PRAGMA synchronous = NORMAL` (a write that may be lost on power loss) is `synchronous_commit = off` for
+  that write (FULL resets it to the server's setting), which promises the same: a crash of the client loses nothing, a crash of the server may lose the last commits;
   other PRAGMAs mean nothing here and are dropped (no rows);
 - `length(CAST(x AS BLOB))` (bytes of a value) is `octet_length(x)`;
 - `lastrowid` does not exist: an INSERT into a table with an identity `id` gets `RETURNING id`;
@@ -110,7 +110,7 @@ _BLOB_LENGTH = re.compile(r"length\(CAST\(([\w.]+) AS BLOB\)\)", re.I)
 _INSERT = re.compile(r'^INSERT\s+(OR\s+(?:IGNORE|REPLACE)\s+)?INTO\s+"?(\w+)"?\s*\(([^)]*)\)', re.I)
 _PRAGMAS = {
     "PRAGMA synchronous = NORMAL": "SET synchronous_commit = off",
-    "PRAGMA synchronous = FULL": "SET synchronous_commit = on",
+    "PRAGMA synchronous = FULL": "RESET synchronous_commit",  # back to what the server or database says
 }
 # INSERT OR REPLACE becomes an upsert on the table's primary key (the only unique key of the tables it is used on).
 PRIMARY_KEYS = {"intents": ("run_id", "n"), "tool_calls": ("key",), "meta": ("key",), "blobs": ("hash",)}
