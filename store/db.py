@@ -51,6 +51,7 @@ from loopterm.core.text import one_line
 from loopterm.store.known import Known
 from loopterm.store.guard import OTHER_PATH, check_file, classify, is_busy, open_failure, when_unlocked
 from loopterm.store.migrations import upgrade
+from loopterm.store.pg import is_url
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import dump_json, encode, from_row, to_row
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
@@ -126,7 +127,7 @@ class Store(LineageReads, CallJournal):
         Refuses with ConfigError, leaving the file untouched, anything that is
         not a loopterm database this code can read.
         """
-        if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+        if is_url(path):
             return cls._open_postgres(path, create=create, clock=clock)
         path = Path(path).expanduser()
         key = path.resolve()
@@ -219,12 +220,14 @@ class Store(LineageReads, CallJournal):
             if self._run_locks is not None:
                 self._run_locks.close()
             try:
-                self.flush()
-            except (sqlite3.ProgrammingError, AttributeError):  # already closed
+                if not getattr(self._conn, "closed", False):
+                    self.flush()
+            except sqlite3.ProgrammingError:  # already closed
                 pass
             except Exception:
-                if not getattr(self._conn, "closed", False):
-                    raise
+                if self._url is not None:  # PostgreSQL: the connection is gone or going; close it all the same
+                    self._conn.close()
+                raise
             self._conn.close()
             if self._key is not None:
                 _OPEN[self._key] -= 1

@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from loopterm.core.errors import ConfigError
@@ -41,7 +41,7 @@ ID_TABLES = ("events", "commands")  # tables whose INSERT the Store reads lastro
 LISTEN_POLL_S = 0.25  # how often a listener thread looks whether it was unsubscribed
 
 
-def is_url(target: object) -> bool:
+def is_url(target: object) -> TypeGuard[str]:
     """Whether `target` names a PostgreSQL database rather than a SQLite file."""
     return isinstance(target, str) and target.startswith(SCHEMES)
 
@@ -185,23 +185,49 @@ class PgCursor:
 
 class PgConnection:
     """A psycopg connection in autocommit mode that the Store drives with explicit BEGIN / COMMIT, as it does
-    SQLite's; see the module for what it translates."""
+    SQLite's; see the module for what it translates.
 
-    def __init__(self, raw: Any) -> None:
+    A connection the server dropped (a restart, a failover, an idle timeout) is made again at the next
+    statement outside a transaction; inside one, statements fail until the Store rolls back, so a
+    transaction is never split across two connections.
+    """
+
+    def __init__(self, raw: Any, url: str) -> None:
         import psycopg
 
         self._raw = raw
+        self._url = url
+        self._tx = False  # a BEGIN was sent and neither COMMIT nor ROLLBACK since
         self.closed = False
+        self.reconnects = 0
         self.Error = psycopg.Error
         self.IntegrityError = psycopg.IntegrityError
         self.OperationalError = psycopg.OperationalError
         self.DatabaseError = psycopg.DatabaseError
         self.ProgrammingError = psycopg.ProgrammingError
 
+    def _alive(self) -> None:
+        """Outside a transaction: make the connection again if the server dropped it."""
+        if self.closed:
+            raise self.ProgrammingError("the store is closed")
+        if self._raw.broken or self._raw.closed:
+            import psycopg
+
+            raw = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                  cursor_factory=psycopg.RawCursor)
+            _configure(raw)
+            self._raw.close()
+            self._raw = raw
+            self.reconnects += 1
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> PgCursor:
         text, returning = translate(sql)
         if text is None:
             return PgCursor([], -1, None, None)
+        begins = text.upper().startswith("BEGIN")
+        if begins or not self._tx:
+            self._alive()
+        self._tx = self._tx or begins
         cursor = self._raw.cursor()
         cursor.execute(text, list(params) if params else None)
         rows = cursor.fetchall() if cursor.description is not None else []
@@ -216,24 +242,35 @@ class PgConnection:
         text, _ = translate(sql)
         if text is None or not rows:
             return
+        if not self._tx:
+            self._alive()
         with self._raw.cursor() as cursor:
             cursor.executemany(text, [list(row) for row in rows])
 
-    def _in_transaction(self) -> bool:
+    def _status(self) -> str:
         from psycopg.pq import TransactionStatus
 
-        return self._raw.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+        status = self._raw.info.transaction_status
+        return "in" if status == TransactionStatus.INTRANS else "failed" if status == TransactionStatus.INERROR else ""
 
     @property
     def in_transaction(self) -> bool:
-        return self._in_transaction()
+        return self._status() != ""
 
     def commit(self) -> None:
-        if self._in_transaction():
+        """COMMIT; a transaction a statement of which failed is rolled back and reported, never committed
+        in part (PostgreSQL would answer COMMIT with a silent ROLLBACK)."""
+        status = self._status()
+        self._tx = False
+        if status == "failed":
+            self._raw.execute("ROLLBACK")
+            raise self.OperationalError("a statement of the transaction failed; nothing of it was committed")
+        if status == "in":
             self._raw.execute("COMMIT")
 
     def rollback(self) -> None:
-        if not self.closed and self._in_transaction():
+        self._tx = False
+        if not self.closed and not self._raw.broken and self._status():
             self._raw.execute("ROLLBACK")
 
     def close(self) -> None:
@@ -297,7 +334,7 @@ def raw_connect(url: str, *, autocommit: bool = True) -> Any:
 def connect(url: str) -> PgConnection:
     raw = raw_connect(url)
     _configure(raw)
-    return PgConnection(raw)
+    return PgConnection(raw, url)
 
 
 # -- per-run advisory locks and notifications -------------------------------------------------------

@@ -333,3 +333,35 @@ def test_a_write_that_need_not_survive_power_loss_is_not_waited_for(pg_url: str)
         assert store.tool_call("k").status == "done"  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+def test_a_dropped_connection_is_made_again_between_transactions(store: Store, pg_url: str) -> None:
+    import psycopg
+
+    store.create_run(make_run("r1"))
+    store.commit_iteration(make_iteration("r1", 1), {"iterations": 1})
+    pid = store._query("SELECT pg_backend_pid()")[0][0]
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # what a server restart does to a client
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    time.sleep(0.2)
+    with pytest.raises(psycopg.OperationalError):
+        store._query("SELECT 1")  # the statement the drop interrupted fails (the caller may retry) ...
+    store.commit_iteration(make_iteration("r1", 2), {"iterations": 2})  # ... and the next one reconnects
+    assert [it.n for it in store.iterations("r1")] == [1, 2] and store._conn.reconnects == 1
+    assert store._query("SELECT pg_backend_pid()")[0][0] != pid
+
+
+def test_a_transaction_is_never_split_across_connections(store: Store, pg_url: str) -> None:
+    import psycopg
+
+    store.create_run(make_run("r1"))
+    pid = store._query("SELECT pg_backend_pid()")[0][0]
+    with pytest.raises(psycopg.OperationalError):
+        with store._write():
+            store._conn.execute("UPDATE runs SET status = 'paused' WHERE id = 'r1'")
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+            time.sleep(0.2)
+            store._conn.execute("UPDATE runs SET message = 'half' WHERE id = 'r1'")  # not on a new connection
+    run = store.get_run("r1")  # this read reconnects
+    assert (run.status, run.message) == ("running", None)  # neither half was committed
