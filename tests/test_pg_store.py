@@ -365,3 +365,21 @@ def test_a_transaction_is_never_split_across_connections(store: Store, pg_url: s
             store._conn.execute("UPDATE runs SET message = 'half' WHERE id = 'r1'")  # not on a new connection
     run = store.get_run("r1")  # this read reconnects
     assert (run.status, run.message) == ("running", None)  # neither half was committed
+
+
+def test_a_user_who_may_not_create_tables_is_told_in_one_line(pg_url: str) -> None:
+    import uuid
+
+    import psycopg
+
+    role = "reader_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+    parts = urlsplit(pg_url)
+    url = urlunsplit(parts._replace(netloc=parts.netloc.replace("loopterm@", f"{role}:pw@")))
+    with pytest.raises(ConfigError) as info:
+        Store.open(url)
+    message = str(info.value)
+    assert message.startswith(f"cannot create the loopterm store in postgresql://{role}:***@")
+    assert "permission denied for schema public" in message and "\n" not in message and ":pw@" not in message
