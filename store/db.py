@@ -47,6 +47,7 @@ import loopterm.store.prune as pruning
 import loopterm.store.transfer as transfer
 from loopterm.store.calls import CallJournal
 from loopterm.store.coordination import Coordination
+from loopterm.store.copy import CopyResult, copy_store
 from loopterm.store.reads import LineageReads
 from loopterm.core.text import one_line
 from loopterm.store.known import Known
@@ -621,6 +622,11 @@ class Store(LineageReads, CallJournal, Coordination):
     def import_lines(self, lines: Iterable[str]) -> list[str]:
         """Import an export in one transaction, checked first; returns the run ids imported (see transfer.py)."""
         return transfer.import_lines(self, lines)
+
+    def copy_to(self, target: Store) -> CopyResult:
+        """Copy this whole store (runs, memory, ledger, commands, ...) into the empty store `target`, in one
+        transaction verified row by row before it commits (see copy.py)."""
+        return copy_store(self, target)
 
 
 def _event_record(row: dict[str, Any]) -> EventRecord:

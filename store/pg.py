@@ -384,8 +384,12 @@ class RunLocks:
     def close(self) -> None:
         with self._lock:
             if self._raw is not None:
-                self._raw.close()  # releases every lock it held
-                self._raw = None
+                try:  # at once: the server ends a closed session (and frees its locks) a moment later
+                    if self._held and not self._raw.broken:
+                        self._raw.execute("SELECT pg_advisory_unlock_all()")
+                finally:
+                    self._raw.close()  # a process that dies frees them this way too
+                    self._raw = None
             self._held.clear()
 
 

@@ -239,6 +239,16 @@ END $$;
 """
 
 
+IDENTITY_TABLES = ("events", "commands", "memory", "spend")
+
+
+def advance_identities(conn: Any) -> None:
+    """After rows were written with their ids (a copy): the next generated id follows the highest one."""
+    for table in IDENTITY_TABLES:
+        conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                     f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)")
+
+
 def statements(script: str) -> list[str]:
     """Split SCHEMA_SQL at `;` that end a line outside a $$ body."""
     done: list[str] = []
