@@ -366,8 +366,18 @@ class RunLocks:
 
     def drive(self, run_id: str) -> bool:
         with self._lock:
+            if self._raw is not None and (self._raw.broken or self._raw.closed):
+                self._raw.close()  # the server dropped the session, and every lock with it: claim them again
+                self._raw = None
+                self._held.clear()
             if run_id in self._held:
-                return True
+                try:
+                    self._raw.execute("SELECT 1")  # the lock lives as long as this session: is it still there?
+                    return True
+                except self._raw.Error:
+                    self._raw.close()
+                    self._raw = None
+                    self._held.clear()
             if self._raw is None:
                 self._raw = raw_connect(self._url)
             (got,) = self._raw.execute("SELECT pg_try_advisory_lock($1)", [run_lock_key(run_id)]).fetchone()

@@ -458,3 +458,18 @@ def test_a_copy_that_does_not_read_back_the_same_is_rolled_back(tmp_path: Path, 
         with pytest.raises(ConfigError, match=r"^the copy of table states differs from .*; nothing was copied$"):
             sqlite.copy_to(pg)
         assert pg.list_runs() == [] and pg.memories("fixit") == [] and pg.stored_daily_budget() is None
+
+
+def test_a_drive_whose_session_was_dropped_is_claimed_again(store: Store, pg_url: str) -> None:
+    import psycopg
+
+    assert store.drive("r1") is True
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server ends the lock's session
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                      "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    time.sleep(0.2)
+    with Store.open(pg_url) as other:
+        assert other.drive("r1") is True  # free again: nobody holds it now
+        assert store.drive("r1") is False  # so the first store, asked again, must not claim it still holds it
+        other.undrive("r1")
+    assert store.drive("r1") is True
