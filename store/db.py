@@ -53,7 +53,7 @@ from loopterm.core.text import one_line
 from loopterm.store.known import Known
 from loopterm.store.guard import OTHER_PATH, check_file, classify, is_busy, open_failure, when_unlocked
 from loopterm.store.migrations import upgrade
-from loopterm.store.pg import is_url
+from loopterm.store.pg import is_url, log_lock_key
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import dump_json, encode, from_row, to_row
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
@@ -485,6 +485,11 @@ class Store(LineageReads, CallJournal, Coordination):
 
     def _insert_event(self, run_id: str, event: RunEvent, iteration: int | None) -> EventRecord:
         kind, data = to_stored(event)
+        if self._url is not None:
+            # PostgreSQL lets two transactions write at once, and takes ids when rows are inserted, not committed:
+            # a reader polling events(run, after_id) could pass an id committed later. One writer of a run's log
+            # at a time (until its commit) keeps each run's ids committed in order, as SQLite's lock does.
+            self._conn.execute("SELECT pg_advisory_xact_lock(?)", [log_lock_key(run_id)])
         ts = self._clock()
         row = encode("events", {"run_id": run_id, "iteration": iteration, "ts": ts, "kind": kind, "data": data})
         return EventRecord(id=self._insert_row("events", row), run_id=run_id, iteration=iteration, ts=ts, event=event)

@@ -349,9 +349,18 @@ def state_body(body: str | bytes) -> bytes:
     return body.encode() if isinstance(body, str) else body
 
 
+def _key(kind: bytes, run_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(kind + run_id.encode()).digest()[:8], "big", signed=True)
+
+
 def run_lock_key(run_id: str) -> int:
-    """A signed 64-bit advisory lock key for a run (stable across processes and versions)."""
-    return int.from_bytes(hashlib.sha256(b"loopterm-run:" + run_id.encode()).digest()[:8], "big", signed=True)
+    """A signed 64-bit advisory lock key for driving a run (stable across processes and versions)."""
+    return _key(b"loopterm-run:", run_id)
+
+
+def log_lock_key(run_id: str) -> int:
+    """The advisory lock key that serialises writers of one run's event log (see Store._insert_event)."""
+    return _key(b"loopterm-log:", run_id)
 
 
 class RunLocks:
