@@ -1,4 +1,4 @@
-"""`Store`: the SQLite journal of runs, and the reads the CLI and TUI need.
+"""`Store`: the journal of runs, and the reads the CLI and TUI need, on SQLite or PostgreSQL.
 
 One `Store` owns one connection. Every public method commits before it
 returns, because the engine relies on each iteration being durable before
@@ -11,6 +11,11 @@ What lives where: each iteration's state is a delta against the one before, with
 delta.py); prompts by section (prompts.py); intents and the tool-call journal (calls.py); reads of
 iterations and lineage (reads.py); long-term memory (memory.py); the spend ledger, written in the
 transaction that changes a run's totals (ledger.py).
+
+PostgreSQL (`Store.open("postgresql://...")`): the same code over store/pg.py's connection, which quacks like
+sqlite3's and holds every dialect difference; the schema is pg_schema.py's. Transactions run at READ
+COMMITTED with the same all-or-nothing `_write()`; notifications and per-run locks are coordination.py's;
+copying a whole store between backends is copy.py's.
 """
 
 from __future__ import annotations
