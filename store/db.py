@@ -49,6 +49,7 @@ import loopterm.store.ledger as ledger
 import loopterm.store.memory as memory
 import loopterm.store.policies as policies
 import loopterm.store.prune as pruning
+import loopterm.store.reservations as reservations
 import loopterm.store.transfer as transfer
 from loopterm.store.calls import CallJournal
 from loopterm.store.coordination import Coordination
@@ -336,8 +337,20 @@ class Store(LineageReads, CallJournal, Coordination):
     # -- runs ------------------------------------------------------------------
 
     def create_run(self, run: RunRecord) -> None:
+        """Record a new run; under a daily budget, checked against it and what active runs hold in this same
+        transaction, so two processes or hosts cannot both pass it (store/reservations.py)."""
         with self._write():
+            daily = self.daily_budget()
+            if daily is not None:
+                if self._url is not None:
+                    self._conn.execute("SELECT pg_advisory_xact_lock(?)", [reservations.DAILY_LOCK])
+                reservations.check_new_run(self._conn, run, daily)
             self._insert_row("runs", to_row("runs", run))
+
+    def held_usd(self, exclude: str | None = None) -> float:
+        """What active runs (all but `exclude`) may still spend under their USD budgets (reservations.py)."""
+        with self._lock:
+            return reservations.held(self._conn, exclude)[0]
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run with exactly this id; KeyError if there is none (use resolve_run for user input)."""
