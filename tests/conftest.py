@@ -146,3 +146,19 @@ def postgres_server() -> Iterator["PostgresServer"]:
 def pg_url(postgres_server: "PostgresServer") -> str:
     """The URL of a new, empty database on the session's PostgreSQL server."""
     return postgres_server.fresh_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | Path]:
+    """Where a store-level test opens its Store: a SQLite file, then a fresh PostgreSQL database (dropped
+    afterwards: hundreds of 7 MB databases would otherwise pile up until the session ends)."""
+    if request.param == "sqlite":
+        yield tmp_path / "db" / "loopterm.db"
+        return
+    url = str(request.getfixturevalue("pg_url"))
+    yield url
+    import psycopg
+
+    server = request.getfixturevalue("postgres_server")
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
