@@ -145,7 +145,8 @@ def redact(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = "&".join(f"{k}={REDACTED if k in _SECRET_PARAMS else quote(v, safe='/:,')}" for k, v in pairs)
-    return parts._replace(netloc=netloc, query=query).geturl()
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 _URL_IN_TEXT = re.compile(r"postgres(?:ql)?://\S+", re.IGNORECASE)

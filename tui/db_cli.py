@@ -67,18 +67,42 @@ def _no_schema(exc: Exception) -> bool:
 
 
 def _copy(args: argparse.Namespace) -> int:
+    """Store.copy_to (one transaction, every table compared before it commits), then copy_check reads both
+    stores back through the Store API. A target holding runs: the same data (a copy run again) is said and
+    left alone; anything else is refused."""
     from loopterm.core.errors import ConfigError
-    from loopterm.store.copy import copy_store
+    from loopterm.store.copy_check import check, difference
     from loopterm.store.target import StoreTarget, is_url
 
     if is_url(args.source):
         raise ConfigError(f"--from {StoreTarget.postgresql(args.source, '--from ').shown}: give the SQLite file to "
                           "copy (a copy reads a SQLite store)")
-    source = StoreTarget.sqlite(Path(args.source))
+    source_target = StoreTarget.sqlite(Path(args.source))
     target = StoreTarget.parse(args.to, "--to ")
+    if not source_target.path.is_file():  # type: ignore[union-attr]
+        raise ConfigError(f"--from {args.source}: no such file; give the SQLite store to copy")
     if target.path is not None and target.path.exists() and target.path.resolve() == Path(args.source).resolve():
         raise ConfigError(f"--to {target.shown} is the store being copied; give another store")
-    report = copy_store(source, target)
-    print(report.summary(source.shown, target.shown))
+    try:
+        source = source_target.open(create=False)
+    except ConfigError as exc:
+        raise ConfigError(f"--from {args.source}: {str(exc).replace('pass --db with', 'give --from')}") from None
+    try:
+        with target.open(create=True) as dest:
+            if dest.list_runs():
+                found = difference(source, dest)
+                if found is not None:
+                    raise ConfigError(f"--to {target.shown} already holds runs and is not a copy of {args.source} "
+                                      f"({found}); copy into an empty database (create one, then `loopterm db init`)")
+                copied = check(source, dest, target.shown)
+                print(f"{target.shown} already holds a copy of {args.source}, identical ({copied.what()}); "
+                      "nothing copied")
+                return 0
+            source.copy_to(dest)
+            copied = check(source, dest, target.shown)
+    finally:
+        source.close()
+    print(f"copied {args.source} to {target.shown}: {copied.what()}; verified: every table row for row, every "
+          "run's export line by line, intents, commands, memories, the ledger and the daily budget")
     sys.stdout.flush()
     return 0
