@@ -293,3 +293,16 @@ def test_db_copy_into_postgresql_then_every_command_works_there(source_store: di
     assert (tmp_path / ".loopterm" / "workspaces").is_dir()  # a server store's workspaces: under the working folder
     # the SQLite source is not touched by any of it
     assert len(json.loads(loopterm("runs", "--json", "--db", "src.db", cwd=tmp_path).stdout)) == 4
+
+
+def test_a_server_failure_mid_command_is_one_line_without_the_password() -> None:
+    """A psycopg error that escapes a command (the server went away) is named with the store, redacted, exit 1."""
+    import psycopg
+
+    from loopterm.tui.cli import _server_failure
+
+    failure = psycopg.OperationalError(f"server closed the connection (postgresql://ann:{SECRET}@db.example/loops)")
+    message, bad_input = _server_failure(failure, "postgresql://ann:***@db.example/loops")  # type: ignore[misc]
+    assert SECRET not in message and "\n" not in message and not bad_input
+    assert message.startswith("the PostgreSQL store postgresql://ann:***@db.example/loops failed: server closed")
+    assert _server_failure(ValueError("not the database's"), "x") is None
