@@ -22,11 +22,11 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
                                    "SQLite file). Running it again changes nothing and says so.")
     copy = actions.add_parser("copy", help="copy a whole SQLite store into another store, then verify it",
                               description="Copy every run (with its lineage, iterations, events, tool calls and "
-                                          "pending intent), the commands, long-term memory, the spend ledger and "
-                                          "the daily budget of a SQLite store into TO (a postgresql:// URL), in "
-                                          "dependency order, then read both back and compare. A TO that already "
-                                          "holds runs is refused, unless they are this store's, identical (a copy "
-                                          "run again): then only what is missing is copied.")
+                                          "intents), the commands, long-term memory, the spend ledger and the daily "
+                                          "budget of a SQLite store into TO (a postgresql:// URL), ids kept, in one "
+                                          "transaction checked row for row before it commits; then read both stores "
+                                          "back and compare. A TO that already holds runs is refused, unless it "
+                                          "holds this very copy: then it says so and copies nothing.")
     copy.add_argument("--from", dest="source", metavar="FILE", required=True, help="the SQLite store to copy")
     copy.add_argument("--to", dest="to", metavar="URL", required=True,
                       help="the store to copy into: a postgresql:// URL (or a new SQLite file)")
