@@ -306,3 +306,15 @@ def test_a_server_failure_mid_command_is_one_line_without_the_password() -> None
     assert SECRET not in message and "\n" not in message and not bad_input
     assert message.startswith("the PostgreSQL store postgresql://ann:***@db.example/loops failed: server closed")
     assert _server_failure(ValueError("not the database's"), "x") is None
+
+
+def test_db_copy_into_a_postgresql_store_with_runs_of_its_own_is_refused(source_store: dict[str, Any], pg_url: str,
+                                                                         tmp_path: Path) -> None:
+    shutil.copy(source_store["db"], tmp_path / "src.db")
+    assert loopterm("run", "codefix", "--headless", "--db", pg_url, cwd=tmp_path).returncode == 0
+    line = one_line_refusal(loopterm("db", "copy", "--from", "src.db", "--to", pg_url, cwd=tmp_path),
+                            f"--to {pg_url} already holds runs and is not a copy of src.db")
+    assert "copy into an empty database" in line
+    assert len(json.loads(loopterm("runs", "--json", "--db", pg_url, cwd=tmp_path).stdout)) == 1  # nothing added
+    one_line_refusal(loopterm("db", "copy", "--from", pg_url, "--to", "x.db", cwd=tmp_path),
+                     "give the SQLite file to copy")
