@@ -318,3 +318,29 @@ def test_db_copy_into_a_postgresql_store_with_runs_of_its_own_is_refused(source_
     assert len(json.loads(loopterm("runs", "--json", "--db", pg_url, cwd=tmp_path).stdout)) == 1  # nothing added
     one_line_refusal(loopterm("db", "copy", "--from", pg_url, "--to", "x.db", cwd=tmp_path),
                      "give the SQLite file to copy")
+
+
+def test_the_other_commands_on_a_postgresql_store(pg_url: str, tmp_path: Path) -> None:
+    """memory, export / import, answer, resume, prune and policy through the console script, on PostgreSQL."""
+    def ok(*args: str, codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+        done = loopterm(*args, "--db", pg_url, cwd=tmp_path)
+        assert done.returncode in codes, (args, done.stdout[-1500:], done.stderr[-1500:])
+        assert "Traceback" not in done.stderr
+        return done
+
+    ok("run", "codefix", "--headless")
+    run_id = json.loads(ok("runs", "--json").stdout)[0]["id"]
+    ok("memory", "codefix", "add", "style", "prefer small diffs")
+    assert "prefer small diffs" in ok("memory", "codefix", "search", "diffs", "--json").stdout
+    ok("export", run_id, "-o", "run.jsonl")
+    done = loopterm("import", "run.jsonl", "--db", "local.db", cwd=tmp_path)  # PostgreSQL -> a SQLite file
+    assert done.returncode == 0 and run_id in done.stdout, done.stderr
+    ok("run", "demo", "--headless", "--no-wait", codes=(4,))  # escalates, waits on a person
+    demo = next(r["id"] for r in json.loads(ok("runs", "--json").stdout) if r["loop"] == "demo")
+    ok("answer", demo, "--fact", "the tests live in tests/")
+    ok("resume", demo, "--no-wait", codes=(0, 3, 4))
+    kinds = [e["kind"] for e in json.loads(ok("show", demo, "--json").stdout)["events"]]
+    assert {"fact_added", "escalation_answered"} <= set(kinds[kinds.index("escalated"):])  # the answer was taken there
+    pruned = json.loads(ok("prune", "--keep-last", "0", "--dry-run", "--json").stdout)
+    assert run_id in json.dumps(pruned)
+    ok("policy", "list")
