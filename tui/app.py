@@ -33,7 +33,7 @@ from loopterm.core.errors import LooptermError
 from loopterm.core.fold import RunView
 from loopterm.core.loop import Loop
 from loopterm.core.settings import settings
-from loopterm.store import Store
+from loopterm.store.target import StoreTarget
 from loopterm.tui.bindings import SEARCH_CLOSE, SUPERVISION_BINDINGS
 from loopterm.tui import heap
 from loopterm.tui.branching import Branching
@@ -137,7 +137,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | StoreTarget,
         *,
         start: tuple[Loop, str] | None = None,
         model: str | None = None,
@@ -152,9 +152,9 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
     ) -> None:
         super().__init__()
         self.shadow = shadow  # `start` begins a shadow run
-        self.db_path = Path(db_path)
-        self.store = Store.open(self.db_path)
-        self.workspace_root = self.db_path.resolve().parent / "workspaces"
+        self.target = StoreTarget.of(db_path)  # a SQLite file or a PostgreSQL URL (store/target.py)
+        self.store = self.target.open()
+        self.workspace_root = self.target.workspace_root()
         self.start_spec = start
         self.model = model
         self.watch_run = watch_run
