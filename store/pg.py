@@ -365,12 +365,14 @@ def log_lock_key(run_id: str) -> int:
 
 class RunLocks:
     """Session-level advisory locks on a dedicated connection: held until released or the process dies
-    (its connection closes), whatever the Store's own transactions do."""
+    (its connection closes), whatever the Store's own transactions do. A claim by a holder that already
+    has it is counted (a worker's segment claims a run, then the engine it starts claims it again), and the
+    lock goes only when the last claim is released."""
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._raw: Any = None
-        self._held: set[str] = set()
+        self._held: dict[str, int] = {}  # run id -> claims
         self._lock = threading.Lock()
 
     def drive(self, run_id: str) -> bool:
@@ -382,6 +384,7 @@ class RunLocks:
             if run_id in self._held:
                 try:
                     self._raw.execute("SELECT 1")  # the lock lives as long as this session: is it still there?
+                    self._held[run_id] += 1
                     return True
                 except self._raw.Error:
                     self._raw.close()
@@ -391,14 +394,16 @@ class RunLocks:
                 self._raw = raw_connect(self._url)
             (got,) = self._raw.execute("SELECT pg_try_advisory_lock($1)", [run_lock_key(run_id)]).fetchone()
             if got:
-                self._held.add(run_id)
+                self._held[run_id] = 1
             return bool(got)
 
     def undrive(self, run_id: str) -> None:
         with self._lock:
             if run_id in self._held and self._raw is not None:
-                self._raw.execute("SELECT pg_advisory_unlock($1)", [run_lock_key(run_id)])
-                self._held.discard(run_id)
+                self._held[run_id] -= 1
+                if not self._held[run_id]:
+                    self._raw.execute("SELECT pg_advisory_unlock($1)", [run_lock_key(run_id)])
+                    del self._held[run_id]
 
     def close(self) -> None:
         with self._lock:

@@ -152,9 +152,11 @@ def test_sqlite_subscribe_never_calls_back(tmp_path: Path) -> None:
 def test_only_one_store_drives_a_run(store: Store, pg_url: str) -> None:
     with Store.open(pg_url) as other:
         assert store.drive("r1") is True
-        assert store.drive("r1") is True  # already ours
+        assert store.drive("r1") is True  # already ours: a second claim (a segment's engine), counted
         assert other.drive("r1") is False
         assert other.drive("r2") is True  # another run: free
+        store.undrive("r1")
+        assert other.drive("r1") is False  # the first claim still holds it
         store.undrive("r1")
         assert other.drive("r1") is True
         assert store.drive("r1") is False
