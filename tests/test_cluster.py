@@ -1,0 +1,290 @@
+"""Workers on DBOS queues, with real processes and a real PostgreSQL (the `pg_url` fixture).
+
+The queues live in PostgreSQL (LOOPTERM_QUEUE_DB); the store here is a SQLite file shared by the processes
+of one machine (the PostgreSQL store is tested with the same commands once it is the store: tests/pgkit).
+Every `loopterm` below is its own process: submitters, workers, a person answering, a reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+LOOP_FILE = '''
+import fcntl, os, time
+from pathlib import Path
+from loopterm.core import Loop, LoopState, ToolContext, tool
+from loopterm.core.invariants import Invariant, Remediation
+
+HERE = Path(__file__).resolve().parent
+IDEMPOTENT = os.environ.get("SIDEFX_IDEMPOTENT", "1") == "1"
+
+
+def mark(text):
+    with open(HERE / "marks.log", "a") as f:
+        f.write(f"{text} {os.getpid()}\\n")
+
+
+@tool(side_effects=True, idempotent=IDEMPOTENT)
+def append(ctx: ToolContext, line: str) -> str:
+    """Append a line to effects.log outside the workspace: a real side effect, keyed like a payment API's."""
+    hold = os.environ.get("SIDEFX_HOLD_AT") == str(ctx.iteration) and not (HERE / "held").exists()
+    if hold:
+        mark(f"enter {ctx.iteration}")
+        time.sleep(0.5)
+    with open(HERE / "effects.log", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        if IDEMPOTENT and ctx.idempotency_key in f.read():
+            return "already appended (same idempotency key)"
+        f.write(f"{ctx.iteration} {ctx.idempotency_key} {line}\\n")
+        f.flush()
+    if hold:
+        (HERE / "held").touch()
+        mark(f"effect {ctx.iteration}")
+        time.sleep(30)  # killed here
+    return "appended"
+
+
+def no_question(state):
+    return not state.tool_results or "?" not in str(state.tool_results[-1].args)
+
+
+loop = Loop(
+    name="sidefx",
+    goal="append four lines",
+    state=LoopState,
+    tools=[append],
+    invariants=[Invariant(name="no_question", check=no_question, remediation=Remediation.ESCALATE,
+                          description="a line is never a question")],
+    script=HERE / "script.json",
+    max_iterations=8,
+    converged=lambda state, gates: state.iteration >= 4,
+)
+'''
+
+
+def turn(line: str) -> dict[str, Any]:
+    decision = {"action": {"tool": "append", "args": {"line": line}}, "subgoal": line, "confidence": 0.9,
+                "reasoning": "append the next line"}
+    return {"content": decision, "delay": 0.05}
+
+
+def write_loop(folder: Path, lines: list[str]) -> Path:
+    (folder / "sidefx.py").write_text(LOOP_FILE)
+    (folder / "script.json").write_text(json.dumps({
+        "price": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6},
+        "turns": [turn(line) for line in lines],
+    }))
+    return folder / "sidefx.py"
+
+
+class Cluster:
+    """The processes of one test: a store file, the queue database, workers, and commands."""
+
+    def __init__(self, folder: Path, queue_db: str | None) -> None:
+        self.folder = folder
+        self.db = folder / "store.db"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPTERM_")}
+        self.env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+        if queue_db is not None:
+            self.env["LOOPTERM_QUEUE_DB"] = queue_db
+        self.workers: dict[str, subprocess.Popen[str]] = {}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "loopterm.tui.cli", *args, "--db", str(self.db)]
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(self.argv(*args), cwd=self.folder, env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=120)
+        if check:
+            assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def worker(self, name: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        out = (self.folder / f"{name}.out").open("w")
+        proc = subprocess.Popen(self.argv("worker", "--id", name, "--poll", "0.5", *extra), cwd=self.folder,
+                                env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, text=True)
+        self.workers[name] = proc
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.folder / f"{name}.out").read_text()
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return json.loads(self.cli("show", run_id, "--json").stdout)
+
+    def runs(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("runs", "--json").stdout)
+
+    def wait(self, what: str, ok: Callable[[], bool], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ok():
+                return
+            for name, proc in self.workers.items():
+                assert proc.poll() is None or proc.returncode in (0, -signal.SIGKILL), self.output(name)
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}: " + " | ".join(self.output(n) for n in self.workers))
+
+    def status(self, run_id: str) -> str:
+        return str(next(r["status"] for r in self.runs() if r["id"] == run_id))
+
+    def stop(self) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers.values():
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str) -> Any:
+    made = Cluster(tmp_path, pg_url)
+    yield made
+    made.stop()
+
+
+def effects(folder: Path) -> list[tuple[int, str]]:
+    path = folder / "effects.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(int(n), key) for n, key, *_ in (line.split() for line in lines)]
+
+
+def check_exactly_once(cluster: Cluster, run_id: str, iterations: int) -> dict[str, Any]:
+    shown = cluster.run(run_id)
+    assert shown["run"]["status"] == "converged", shown["run"]
+    assert [it["n"] for it in shown["iterations"]] == list(range(1, iterations + 1))  # none lost, none twice
+    done = effects(cluster.folder)
+    assert sorted(n for n, _ in done) == list(range(1, iterations + 1)), done  # each side effect exactly once
+    assert [key for _, key in done] == [it["tool_call"]["key"] for it in shown["iterations"]]
+    return shown
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("args", [("run", "demo", "--submit"), ("worker",), ("eval", "demo", "--cases", "c.json", "--submit")],
+                         ids=["run", "worker", "eval"])
+def test_submit_and_worker_are_refused_on_a_sqlite_store_in_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    cluster = Cluster(tmp_path, None)
+    done = cluster.cli(*args, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "needs a PostgreSQL store" in done.stderr and "Traceback" not in done.stderr
+    assert not cluster.db.exists()  # refused before anything was made
+
+
+def test_the_queue_database_password_is_never_printed(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, "postgresql://team:s3cret@127.0.0.1:1/nowhere")
+    done = cluster.cli("run", "demo", "--submit", check=False)
+    assert done.returncode == 2 and "cannot reach the queue database" in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "team:***@" in done.stderr
+
+
+# ----------------------------------------------------------------------------- the happy paths
+
+
+def test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(cluster: Cluster) -> None:
+    loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
+    run_id = cluster.cli("run", str(loop), "--submit").stdout.strip()
+    assert cluster.status(run_id) == "created"  # recorded before any worker saw it
+    worker = cluster.worker("w1")
+    cluster.wait("convergence", lambda: cluster.status(run_id) == "converged")
+    check_exactly_once(cluster, run_id, 4)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=40) == 0
+    out = cluster.output("w1")
+    assert f"▶ run {run_id}" in out and f"■ run {run_id} converged after iteration 4" in out and "stopped" in out
+
+
+def test_eval_submit_twice_makes_one_run_per_case(cluster: Cluster, pg_url: str) -> None:
+    write_loop(cluster.folder, ["one", "two", "three", "four"])
+    cases = cluster.folder / "cases.json"
+    cases.write_text(json.dumps([{"id": "a", "goal": "append a"}, {"id": "b", "goal": "append b"}]))
+    first = cluster.cli("eval", "sidefx.py", "--cases", str(cases), "--submit").stdout.split()
+    again = cluster.cli("eval", "sidefx.py", "--cases", str(cases), "--submit")
+    assert again.stdout.split() == first and again.stderr.count("(already submitted)") == 2
+    ids = first[1::2]
+    assert sorted(r["id"] for r in cluster.runs()) == sorted(ids)  # two cases, two runs, however often submitted
+    other = cluster.cli("eval", "sidefx.py", "--cases", str(cases), "--submit", "--batch", "again").stdout.split()
+    assert set(other[1::2]).isdisjoint(ids)  # a named new batch runs the cases again
+    from dbos import DBOSClient
+
+    client = DBOSClient(system_database_url=pg_url.replace("postgresql://", "postgresql+psycopg://"),
+                        application_name="loopterm")
+    try:
+        queued = client.list_workflows(load_input=False, load_output=False)
+    finally:
+        client.destroy()
+    assert sorted(w.workflow_id for w in queued) == sorted(f"{r}/start" for r in [*ids, *other[1::2]])
+    cluster.worker("w1")
+    cluster.wait("both cases converged", lambda: all(cluster.status(r) == "converged" for r in ids), timeout=90)
+
+
+def test_an_escalation_on_one_worker_answered_from_another_process_converges(cluster: Cluster) -> None:
+    loop = write_loop(cluster.folder, ["one", "two?", "three", "four", "five"])
+    run_id = cluster.cli("run", str(loop), "--submit").stdout.strip()
+    cluster.worker("w1")
+    cluster.wait("the escalation", lambda: cluster.status(run_id) == "escalated")
+    assert "waits on a person" in cluster.cli("show", run_id).stdout
+    cluster.cli("answer", run_id, "--fact", "lines are statements")  # a person, elsewhere: the store only
+    cluster.wait("convergence", lambda: cluster.status(run_id) == "converged")
+    shown = cluster.run(run_id)
+    kinds = [e["kind"] for e in shown["events"]]
+    assert "escalation_answered" in kinds and kinds.count("run_resumed") == 1
+    out = cluster.output("w1")
+    assert f"↻ run {run_id} was answered" in out and out.count(f"▶ run {run_id}") == 2
+
+
+# ----------------------------------------------------------------------------- a worker dies
+
+
+def _killed_mid_tool(cluster: Cluster, idempotent: bool) -> tuple[str, str, str]:
+    """Two workers; the one that runs iteration 2's side effect is SIGKILLed right after the effect, before
+    its result is recorded. Returns the run id, the dead worker and the survivor."""
+    loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
+    env = {"SIDEFX_HOLD_AT": "2", "SIDEFX_IDEMPOTENT": "1" if idempotent else "0"}
+    cluster.env.update({"SIDEFX_IDEMPOTENT": env["SIDEFX_IDEMPOTENT"]})
+    workers = {name: cluster.worker(name, "--concurrency", "1", env=env) for name in ("wa", "wb")}
+    run_id = cluster.cli("run", str(loop), "--submit").stdout.strip()
+    marks = cluster.folder / "marks.log"
+    cluster.wait("the side effect", lambda: marks.exists() and "effect 2" in marks.read_text())
+    pid = int(next(line for line in marks.read_text().splitlines() if line.startswith("effect 2")).split()[-1])
+    dead = next(name for name, proc in workers.items() if proc.pid == pid)
+    workers[dead].send_signal(signal.SIGKILL)
+    workers[dead].wait(timeout=10)
+    survivor = next(name for name in workers if name != dead)
+    return run_id, dead, survivor
+
+
+def test_sigkill_a_worker_mid_side_effect_and_another_takes_the_run_over(cluster: Cluster) -> None:
+    run_id, dead, survivor = _killed_mid_tool(cluster, idempotent=True)
+    cluster.wait("convergence on the other worker", lambda: cluster.status(run_id) == "converged")
+    shown = check_exactly_once(cluster, run_id, 4)
+    out = cluster.output(survivor)
+    assert f"worker {dead} is gone: 1 segment(s) of it back on the queues" in out and f"▶ run {run_id}" in out
+    assert [e["kind"] for e in shown["events"]].count("run_resumed") == 1
+
+
+def test_a_non_idempotent_call_cut_by_a_kill_waits_for_a_person_then_converges(cluster: Cluster) -> None:
+    run_id, dead, survivor = _killed_mid_tool(cluster, idempotent=False)
+    cluster.wait("the question", lambda: "side-effecting call" in " ".join(cluster.cli("show", run_id).stdout.split()))
+    assert cluster.status(run_id) == "escalated" and len(effects(cluster.folder)) == 2
+    answered = cluster.cli("resume", run_id, "--side-effects", "reuse", "--submit")  # it took effect: never again
+    assert answered.stdout.strip() == run_id
+    cluster.wait("convergence", lambda: cluster.status(run_id) == "converged")
+    shown = cluster.run(run_id)
+    assert [it["n"] for it in shown["iterations"]] == [1, 2, 3, 4]
+    assert sorted(n for n, _ in effects(cluster.folder)) == [1, 2, 3, 4]  # iteration 2's effect once
