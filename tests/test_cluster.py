@@ -288,3 +288,56 @@ def test_a_non_idempotent_call_cut_by_a_kill_waits_for_a_person_then_converges(c
     shown = cluster.run(run_id)
     assert [it["n"] for it in shown["iterations"]] == [1, 2, 3, 4]
     assert sorted(n for n, _ in effects(cluster.folder)) == [1, 2, 3, 4]  # iteration 2's effect once
+
+
+# ----------------------------------------------------------------------------- the takeover module on its own
+
+HOLDER = """
+import sys, time
+from loopterm.core.takeover import ExecutorLock
+lock = ExecutorLock(sys.argv[1], sys.argv[2])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_dead_workers_lock_is_free_and_a_live_ones_is_not(pg_url: str) -> None:
+    import psycopg
+
+    from loopterm.core.errors import ConfigError
+    from loopterm.core.takeover import ExecutorLock, Takeover, dead_executors, release
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, pg_url, "host-a"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert dead_executors(conn, {"host-a"}) == []  # alive: its lock is held
+            with pytest.raises(ConfigError, match="another worker with id 'host-a' is running"):
+                ExecutorLock(pg_url, "host-a", wait_s=0.2)
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            found: list[str] = []
+            while not found and time.monotonic() < deadline:  # the server notices the closed session at once
+                found = dead_executors(conn, {"host-a", "never-was"})
+                time.sleep(0.05)
+            assert found == ["host-a", "never-was"]
+            for executor in found:
+                release(conn, executor)
+        me = ExecutorLock(pg_url, "host-b")
+        recovered: list[str] = []
+        said: list[str] = []
+        watch = Takeover(pg_url, me, pending=lambda: {"host-a", "host-b"}, recover=lambda e: recovered.append(e) or 3,
+                         said=said.append)
+        try:
+            assert watch.once() == ["host-a"] and recovered == ["host-a"]  # never itself
+            assert said == ["worker host-a is gone: 3 segment(s) of it back on the queues"]
+            again = ExecutorLock(pg_url, "host-a", wait_s=1)  # let go after the takeover: a restart gets its id back
+            again.close()
+        finally:
+            watch.stop()
+            me.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
