@@ -341,3 +341,68 @@ def test_a_dead_workers_lock_is_free_and_a_live_ones_is_not(pg_url: str) -> None
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+# ----------------------------------------------------------------------------- the daemon in a cluster
+
+TRIGGERS = """
+[[trigger]]
+name = "often"
+loop = "sidefx.py"
+on.schedule = "every 1s"
+"""
+
+
+def test_the_daemon_queues_each_firing_for_the_workers(cluster: Cluster) -> None:
+    write_loop(cluster.folder, ["one", "two", "three", "four"] * 4)
+    (cluster.folder / "triggers.toml").write_text(TRIGGERS)
+    (cluster.folder / "effects.log").touch()
+    cluster.worker("w1")
+    log = (cluster.folder / "daemon.out").open("w")
+    daemon = subprocess.Popen(cluster.argv("daemon", "--triggers", "triggers.toml"), cwd=cluster.folder, env=cluster.env,
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        cluster.wait("two runs the daemon queued, converged on the worker",
+                     lambda: len([r for r in cluster.runs() if r["status"] == "converged"]) >= 2, timeout=90)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=40) == 0
+    said = (cluster.folder / "daemon.out").read_text()
+    assert "queued on loopterm-scripted for the workers" in said
+    converged = [r for r in cluster.runs() if r["status"] == "converged"]
+    assert all(r["origin"] == "trigger" for r in converged)
+    out = cluster.output("w1")
+    assert all(f"■ run {r['id']} converged" in out for r in converged)
+
+
+def test_two_daemons_seeing_one_firing_make_one_run(tmp_path: Path, pg_url: str) -> None:
+    import asyncio
+
+    from loopterm.core.queues import Queues
+    from loopterm.core.triggers import load_triggers
+    from loopterm.store import Store
+    from loopterm.tui.daemon import prepare
+    from loopterm.tui.daemon_queue import QueueingDaemon
+
+    write_loop(tmp_path, ["one"])
+    (tmp_path / "triggers.toml").write_text(TRIGGERS.replace("sidefx.py", str(tmp_path / "sidefx.py")))
+    slots = prepare(load_triggers(tmp_path / "triggers.toml"), "triggers.toml", tmp_path)
+    said: list[str] = []
+
+    async def fire_in_two_daemons() -> None:
+        with Queues(pg_url) as queues, Store.open(tmp_path / "store.db") as store:
+            for _ in range(2):  # two daemons (hosts) on the same triggers file, the same scheduled time
+                daemon = QueueingDaemon(store, tmp_path / "store.db", tmp_path / "triggers.toml", slots, cwd=tmp_path,
+                                        queues=queues, log=said.append)
+                daemon._start(slots[0], "scheduled run at 2026-12-07T18:00:00+00:00 (every 1s)")
+                await asyncio.sleep(0.5)
+                for slot in slots:
+                    if slot.task is not None:
+                        slot.task.cancel()
+                        slot.task = None
+
+    asyncio.run(fire_in_two_daemons())
+    with Store.open(tmp_path / "store.db") as store:
+        made = store.list_runs()
+    assert len(made) == 1 and made[0].origin == "trigger"
+    assert any("made already (another daemon); not again" in line for line in said), said
