@@ -51,6 +51,7 @@ from loopterm.core.text import one_line
 from loopterm.store.known import Known
 from loopterm.store.guard import OTHER_PATH, check_file, classify, is_busy, open_failure, when_unlocked
 from loopterm.store.migrations import upgrade
+from loopterm.store.pg import is_url
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import dump_json, encode, from_row, to_row
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
@@ -82,18 +83,31 @@ class DuplicateIterationError(ValueError):
 
 
 class Store(LineageReads, CallJournal):
-    """The loopterm database: implements core's `Journal` plus the query API."""
+    """The loopterm database: implements core's `Journal` plus the query API.
 
-    def __init__(self, db: Database, path: Path, clock: Callable[[], float]) -> None:
+    On SQLite (a path) or PostgreSQL (a postgresql:// URL): one body of store logic over a connection that
+    is sqlite3's own or store/pg.py's, which quacks like it.
+    """
+
+    def __init__(self, conn: Any, path: Path | str, clock: Callable[[], float], *, db: Database | None = None,
+                 url: str | None = None) -> None:
         """Use `Store.open`; this only wires an already checked connection."""
-        self._db = db
+        self._db = db  # sqlite-utils' view of a SQLite connection (None on PostgreSQL)
+        self._url = url  # the PostgreSQL URL (None on SQLite); never shown: `location` is redacted
         self._path = path
         self._clock = clock
         self._lock = threading.RLock()
         self._heads: OrderedDict[str, Head] = OrderedDict()
         # Runs whose last state is kept for the next delta; a batch of K concurrent runs raises it to K.
         self.heads_kept = HEADS_KEPT
-        self._conn: sqlite3.Connection = db.conn
+        self._conn: Any = conn  # sqlite3.Connection, or store/pg.py's PgConnection
+        self._state_body: Callable[[str | bytes], Any] | None = None
+        self._run_locks: Any = None  # store/pg.py's RunLocks, made on the first drive()
+        self._listeners: list[Any] = []
+        if url is not None:
+            from loopterm.store.pg import state_body
+
+            self._state_body = state_body
         self._lineages: dict[str, list[tuple[str, str | None, int | None]]] = {}  # see _lineage
         self._known = Known()  # what commits may skip: see known.py
         self._init_queue()  # writes the engine chose not to wait for: see calls.py
@@ -107,11 +121,14 @@ class Store(LineageReads, CallJournal):
 
     @classmethod
     def open(cls, path: str | Path, *, create: bool = True, clock: Callable[[], float] = time.time) -> Self:
-        """Open (or, with create=True, create) the database at `path`.
+        """Open (or, with create=True, create) the store at `path`: a SQLite file, or a PostgreSQL database
+        named by a postgresql:// (or postgres://) URL.
 
         Refuses with ConfigError, leaving the file untouched, anything that is
         not a loopterm database this code can read.
         """
+        if is_url(path):
+            return cls._open_postgres(path, create=create, clock=clock)
         path = Path(path).expanduser()
         key = path.resolve()
         # Already open in this process: its header was checked and it was migrated then. Reading the file again
@@ -145,12 +162,27 @@ class Store(LineageReads, CallJournal):
         except sqlite3.Error as exc:
             conn.close()
             raise open_failure(exc, path) from None
-        store = cls(db, path, clock)
+        store = cls(conn, path, clock, db=db)
         _OPEN[key] = _OPEN.get(key, 0) + 1
         store._key = key
         if migrated is not None:
             store.migrated_from, store.backup_path = migrated
         return store
+
+    @classmethod
+    def _open_postgres(cls, url: str, *, create: bool, clock: Callable[[], float]) -> Self:
+        """Connect (one-line ConfigError without the password if that fails), check the database holds a
+        loopterm store this code can use, creating it in an empty one if `create`."""
+        from loopterm.store import pg, pg_schema
+
+        location = pg.redact(url)
+        conn = pg.connect(url)
+        try:
+            pg_schema.prepare(conn, location, create=create)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, location, clock, url=url)
 
     @staticmethod
     def _init_schema(db: Database, path: Path) -> None:
@@ -165,17 +197,38 @@ class Store(LineageReads, CallJournal):
         db.commit()
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """The SQLite file, or the PostgreSQL URL with its password replaced by ***."""
         return self._path
+
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return "sqlite" if self._url is None else "postgresql"
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as shown to a person: the file's path, or the URL without its password."""
+        return str(self._path)
 
     def close(self) -> None:
         """Write anything queued, then close the connection; safe to call twice."""
         with self._lock:
+            for listener in self._listeners:
+                listener.stop()
+            self._listeners.clear()
+            if self._run_locks is not None:
+                self._run_locks.close()
             try:
-                self.flush()
+                if not getattr(self._conn, "closed", False):
+                    self.flush()
             except sqlite3.ProgrammingError:  # already closed
                 pass
-            self._db.close()
+            except Exception:
+                if self._url is not None:  # PostgreSQL: the connection is gone or going; close it all the same
+                    self._conn.close()
+                raise
+            self._conn.close()
             if self._key is not None:
                 _OPEN[self._key] -= 1
                 if not _OPEN[self._key]:
@@ -188,8 +241,50 @@ class Store(LineageReads, CallJournal):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
+    # -- notifications and run locks (PostgreSQL; no-ops on SQLite) ------------------------
+
+    def subscribe(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
+        """Call `callback(kind, run_id)` (from a background thread) after each commit, by any process, that
+        writes an iteration ("iteration"), an event ("event"), a command ("command") or a run's creation or
+        status ("run"); returns the function that stops it. On SQLite it never calls back: keep polling
+        (on PostgreSQL too, as a fallback: a notification may be missed while the connection is re-made)."""
+        if self._url is None:
+            return lambda: None
+        from loopterm.store.pg import Listener
+
+        listener = Listener(self._url, callback)
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            listener.stop()
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def drive(self, run_id: str) -> bool:
+        """Claim the right to execute `run_id`: False if another session (process, or Store) holds it.
+        PostgreSQL: a session-level advisory lock on a connection of its own, released by undrive, close,
+        or the process dying. SQLite: always True (one machine; the engine's heartbeat guards it)."""
+        if self._url is None:
+            return True
+        with self._lock:
+            if self._run_locks is None:
+                from loopterm.store.pg import RunLocks
+
+                self._run_locks = RunLocks(self._url)
+            locks = self._run_locks
+        return bool(locks.drive(run_id))
+
+    def undrive(self, run_id: str) -> None:
+        """Release what drive(run_id) took (nothing if it was not held)."""
+        if self._run_locks is not None:
+            self._run_locks.undrive(run_id)
+
     @contextmanager
-    def _write(self, *, power_safe: bool = True) -> Iterator[Database]:
+    def _write(self, *, power_safe: bool = True) -> Iterator[Any]:
         """One write transaction: all of it commits, or none of it. Queued writes go first.
 
         power_safe=False commits with synchronous=NORMAL: in WAL mode that survives
@@ -202,13 +297,13 @@ class Store(LineageReads, CallJournal):
                 conn.execute("PRAGMA synchronous = NORMAL")
             try:
                 with self._transaction(conn):
-                    yield self._db
+                    yield conn
             finally:
                 if not power_safe:
                     conn.execute("PRAGMA synchronous = FULL")
 
     @contextmanager
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+    def _transaction(self, conn: Any) -> Iterator[None]:
         with self._lock:
             self._begin(conn)
             self._absent_call = None  # what it writes (an import, a prune) may add any call
@@ -228,7 +323,7 @@ class Store(LineageReads, CallJournal):
                 self._requeue(queued)
                 raise
 
-    def _begin(self, conn: sqlite3.Connection) -> None:
+    def _begin(self, conn: Any) -> None:
         """BEGIN IMMEDIATE, trying again while another process keeps the write lock, up to lock_wait_s in all.
 
         Each attempt already waits BUSY_TIMEOUT_MS inside SQLite. Nothing has been read or written yet,
@@ -280,8 +375,8 @@ class Store(LineageReads, CallJournal):
     # -- runs ------------------------------------------------------------------
 
     def create_run(self, run: RunRecord) -> None:
-        with self._write() as db:
-            db.table("runs").insert(to_row("runs", run))
+        with self._write():
+            self._insert_row("runs", to_row("runs", run))
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run with exactly this id; KeyError if there is none (use resolve_run for user input)."""
@@ -410,8 +505,8 @@ class Store(LineageReads, CallJournal):
             blobs.extend(new_blobs)
         try:
             self._insert_row("iterations", row)
-        except sqlite3.IntegrityError as exc:  # the primary key (run_id, n): no SELECT before every insert
-            if "UNIQUE" not in str(exc):
+        except self._conn.IntegrityError as exc:  # the primary key (run_id, n): no SELECT before every insert
+            if "UNIQUE" not in str(exc) and getattr(exc, "sqlstate", None) != "23505":  # PostgreSQL's unique_violation
                 raise
             raise DuplicateIterationError(f"iteration {n} of run {run_id} is already committed") from None
 
@@ -423,7 +518,8 @@ class Store(LineageReads, CallJournal):
             except (KeyError, DamagedStateError):  # no chain to extend: this iteration becomes a keyframe
                 return None
 
-        return put_state(self._query, self._executemany, heads, run_id, n, record.state, base, handover=handover)
+        return put_state(self._query, self._executemany, heads, run_id, n, record.state, base, handover=handover,
+                         stored_body=self._state_body)
 
     # -- events ----------------------------------------------------------------
 
@@ -468,11 +564,11 @@ class Store(LineageReads, CallJournal):
     def consume_command(self, command_id: int, events: Sequence[tuple[RunEvent, int | None]] = ()) -> list[EventRecord]:
         """Mark a command handled and record what it did, in one transaction: a crash between the two
         can neither lose the command nor apply it twice. Consuming it again keeps the first time."""
-        with self._write() as db:
+        with self._write():
             rows = self._rows("commands", "id = ?", [command_id])
             if not rows:
                 raise KeyError(f"no command {command_id}")
-            db.execute("UPDATE commands SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL", [self._clock(), command_id])
+            self._conn.execute("UPDATE commands SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL", [self._clock(), command_id])
             return [self._insert_event(rows[0]["run_id"], event, iteration) for event, iteration in events]
 
     # -- long-term memory (memory.py) ------------------------------------------
@@ -495,8 +591,8 @@ class Store(LineageReads, CallJournal):
         vectors computed for items are stored for next time.
         """
         if embed is None:
-            return memory.search(self._query, loop, query, limit)
-        return memory.semantic_search(self._query, loop, query, limit, embed, self._save_embeddings)
+            return memory.search(self._query, loop, query, limit, self.backend)
+        return memory.semantic_search(self._query, loop, query, limit, embed, self._save_embeddings, self.backend)
 
     def _save_embeddings(self, pairs: list[tuple[str, int]]) -> None:
         with self._write():  # an item forgotten meanwhile is simply not updated

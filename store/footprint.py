@@ -38,7 +38,7 @@ IN_BATCH = 500
 
 def _b(column: str) -> str:
     """A column's size in bytes (UTF-8 for text); 0 for NULL."""
-    return f"ifnull(length(CAST({column} AS BLOB)), 0)"
+    return f"coalesce(length(CAST({column} AS BLOB)), 0)"
 
 
 def _sum(*columns: str, fixed: int) -> str:
@@ -49,7 +49,7 @@ ITERATION_BYTES = _sum("i.prompt", "i.raw_response", "i.decision", "i.tool_call"
                        "i.invariant_status", "i.remediations", "i.model", fixed=80)
 STATE_BYTES = _sum("s.body", fixed=16)
 SCAN_SQL = f"""
-SELECT i.n, {ITERATION_BYTES}, ifnull({STATE_BYTES}, 0), i.prompt, CASE WHEN s.keyframe = 1 THEN s.body END
+SELECT i.n, {ITERATION_BYTES}, coalesce({STATE_BYTES}, 0), i.prompt, CASE WHEN s.keyframe = 1 THEN s.body END
 FROM iterations i LEFT JOIN states s ON s.run_id = i.run_id AND s.n = i.n
 WHERE i.run_id = ? AND i.n > ? ORDER BY i.n LIMIT ?
 """
@@ -168,7 +168,7 @@ class Meter:
                 break
         scan.upto = at
         scan.other = sum(
-            int(query(f"SELECT ifnull(sum({expression}), 0) FROM {table} WHERE {column} = ?", [run.id])[0][0])
+            int(query(f"SELECT coalesce(sum({expression}), 0) FROM {table} WHERE {column} = ?", [run.id])[0][0])
             for table, expression, column in SMALL_TABLES
         )
         scan.iterations = run.iterations

@@ -53,6 +53,16 @@ FROM memory_fts JOIN memory AS m ON m.id = memory_fts.rowid
 WHERE memory_fts MATCH ? AND m.loop = ?
 ORDER BY rank LIMIT ?
 """
+# PostgreSQL: memory.fts is a generated tsvector, key weighted A and value B (pg_schema.py); ts_rank_cd
+# weighs them {D, C, B, A} = {0.1, 0.2, 0.5, 1.0}, so a word in the key counts double, as with bm25 above.
+# Each word of the query is its own plainto_tsquery (any text is valid), OR-ed together.
+PG_WEIGHTS = "'{0.1, 0.2, 0.5, 1.0}'"
+PG_SEARCH_SQL = """
+SELECT {columns}, ts_rank_cd({weights}, m.fts, q.query, 1) AS rank
+FROM memory AS m, (SELECT {match} AS query) AS q
+WHERE m.fts @@ q.query AND m.loop = ?
+ORDER BY rank DESC, m.id LIMIT ?
+"""
 
 
 def check_loop(loop: str) -> str:
@@ -163,12 +173,21 @@ def memory_loops(query: Query) -> list[str]:
     return [loop for (loop,) in query("SELECT DISTINCT loop FROM memory ORDER BY loop", [])]
 
 
-def search(query: Query, loop: str, text: str, limit: int) -> list[MemoryItem]:
-    """Full-text matches ranked by bm25 (score = -bm25: higher is better)."""
+def search(query: Query, loop: str, text: str, limit: int, backend: str = "sqlite") -> list[MemoryItem]:
+    """Full-text matches ranked by bm25 (score = -bm25: higher is better); on PostgreSQL by ts_rank_cd."""
     check_loop(loop)
     match = fts_query(text)
     if not match or limit <= 0:
         return []
+    if backend == "postgresql":
+        from loopterm.store.pg_schema import folded
+
+        terms = words(text)
+        sql = PG_SEARCH_SQL.format(
+            columns=", ".join("m." + c.strip() for c in COLUMNS.split(",")), weights=PG_WEIGHTS,
+            match=" || ".join(f"plainto_tsquery('english', {folded('?')})" for _ in terms),
+        )
+        return [_item(row, float(row[8])) for row in query(sql, [*terms, loop, int(limit)])]
     return [_item(row, -row[8]) for row in query(SEARCH_SQL, [match, loop, int(limit)])]
 
 
@@ -187,6 +206,7 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 def semantic_search(
     query: Query, loop: str, text: str, limit: int, embed: Embed, save: Callable[[list[tuple[str, int]]], None],
+    backend: str = "sqlite",
 ) -> list[MemoryItem]:
     """Re-rank the full-text candidates plus the items with stored embeddings by
     COSINE_WEIGHT * cosine + (1 - COSINE_WEIGHT) * bm25 normalised to the best candidate.
@@ -201,7 +221,7 @@ def semantic_search(
     relevance: dict[int, float] = {}
     match = fts_query(text)
     if match:
-        for item in search(query, loop, text, max(limit * 4, EMBED_CANDIDATES)):
+        for item in search(query, loop, text, max(limit * 4, EMBED_CANDIDATES), backend):
             candidates[item.id] = item
             relevance[item.id] = item.score or 0.0
     vectors: dict[int, list[float]] = {}

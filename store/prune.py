@@ -22,6 +22,11 @@ convention), so a run resumed by another process a moment before is seen as runn
 append-only by trigger; a pruned run's whole log is the one exception: the trigger is dropped and re-created
 inside that same transaction, so no other writer ever sees it missing. Afterwards the file is compacted
 (VACUUM, then a WAL checkpoint), outside the transaction.
+
+On PostgreSQL the same rules hold; the events trigger stays and lets prune's transaction delete (it sets
+`loopterm.prune` for that transaction only), "the file" is the database (pg_database_size), and compacting
+is a plain VACUUM of the store's tables, which frees their dead rows for reuse (the disk space goes back to
+the system only with VACUUM FULL, which locks the tables: left to the person who runs the database).
 """
 
 from __future__ import annotations
@@ -161,6 +166,8 @@ def plan(store: Store, *, older_than: float | None, keep_last: int | None, now: 
 
 def file_bytes(store: Store) -> int:
     """The database's size as its pages say (what the file is once the WAL is checkpointed)."""
+    if store.backend == "postgresql":
+        return int(store._query("SELECT pg_database_size(current_database())")[0][0])
     count = store._query("PRAGMA page_count")[0][0]
     size = store._query("PRAGMA page_size")[0][0]
     return int(count) * int(size)
@@ -172,7 +179,7 @@ def prune(store: Store, *, older_than: float | None, keep_last: int | None, dry_
     before = file_bytes(store)
     if dry_run:
         with store._lock:  # one read snapshot, so the plan is the one a real prune would make at this moment
-            store._conn.execute("BEGIN")
+            store._conn.execute("BEGIN" if store.backend == "sqlite" else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             try:
                 decided = plan(store, older_than=older_than, keep_last=keep_last, now=now)
             finally:
@@ -197,7 +204,11 @@ def _delete(store: Store, run_ids: list[str], orphans: list[str]) -> None:
     if not run_ids:
         return
     conn = store._conn
-    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?", [EVENTS_TRIGGER]).fetchone()
+    if store.backend == "postgresql":
+        conn.execute("SET LOCAL loopterm.prune = 'on'")  # the events trigger lets this transaction delete
+        trigger = None
+    else:
+        trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?", [EVENTS_TRIGGER]).fetchone()
     for start in range(0, len(run_ids), IN_BATCH):
         batch = run_ids[start : start + IN_BATCH]
         marks = ",".join("?" * len(batch))
@@ -223,6 +234,12 @@ def _compact(store: Store, result: PruneResult) -> None:
     import sqlite3
 
     started = time.perf_counter()
+    if store.backend == "postgresql":
+        with store._lock:
+            for table in (*RUN_TABLES, "runs", "blobs"):
+                store._conn.execute(f"VACUUM {table}")
+        result.vacuum_s = time.perf_counter() - started
+        return
     with store._lock:
         try:
             store._conn.execute("VACUUM")

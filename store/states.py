@@ -123,6 +123,7 @@ def put_state(
     base: Callable[[], Head | dict[str, Any] | None],
     *,
     handover: bool = False,
+    stored_body: Callable[[str | bytes], Any] | None = None,
 ) -> Head:
     """Store the state of iteration n and return the new head (the caller caches it after commit).
 
@@ -131,7 +132,8 @@ def put_state(
     this iteration is a keyframe; a bare state: the next is a keyframe). The head's
     state is updated in place: drop it if the transaction fails. With
     `handover`, `state` itself becomes the new head's state (its owner promised
-    not to change it); otherwise the head keeps a copy of its containers.
+    not to change it); otherwise the head keeps a copy of its containers. `stored_body` turns the body
+    into what the backend's column takes (PostgreSQL's bytea: store/pg.py), SQLite takes it as it is.
     """
     head = heads.get(run_id)
     if head is None or head.n != n - 1:
@@ -159,7 +161,8 @@ def put_state(
         after = Head(n, private, memo, head.chain + 1, head.delta_bytes + len(body), head.keyframe_bytes)
     if new_blobs:
         executemany("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", list(new_blobs.items()))
-    query("INSERT INTO states (run_id, n, keyframe, body) VALUES (?, ?, ?, ?)", [run_id, n, int(keyframe), body])
+    stored = stored_body(body) if stored_body is not None else body
+    query("INSERT INTO states (run_id, n, keyframe, body) VALUES (?, ?, ?, ?)", [run_id, n, int(keyframe), stored])
     return after
 
 

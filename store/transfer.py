@@ -295,7 +295,7 @@ class _Reader:
         run = RunRecord.model_validate(item)
         store = self.store
         if run.id in self.imported or store._query("SELECT 1 FROM runs WHERE id = ?", [run.id]):
-            where = "earlier in this file" if run.id in self.imported else f"already in {store.path}"
+            where = "earlier in this file" if run.id in self.imported else f"already in {store.location}"
             raise ConfigError(f"run {run.id} is {where}")
         if run.fork_iteration is not None and run.fork_iteration < 0:
             raise ConfigError(f"run {run.id}: fork_iteration {run.fork_iteration} is negative")
@@ -306,7 +306,7 @@ class _Reader:
                 rows = store._query("SELECT iterations FROM runs WHERE id = ?", [run.parent_run])
                 if not rows:
                     raise ConfigError(f"run {run.id}: its parent run {run.parent_run} is neither earlier in this file "
-                                      f"nor in {store.path}; export the run again (an export carries its lineage)")
+                                      f"nor in {store.location}; export the run again (an export carries its lineage)")
                 parent = int(rows[0][0])
             if first - 1 > parent:
                 raise ConfigError(f"run {run.id} branches from iteration {first - 1} of run {run.parent_run}, "

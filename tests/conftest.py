@@ -146,3 +146,11 @@ def postgres_server() -> Iterator["PostgresServer"]:
 def pg_url(postgres_server: "PostgresServer") -> str:
     """The URL of a new, empty database on the session's PostgreSQL server."""
     return postgres_server.fresh_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """Where a store-level test opens its Store: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "db" / "loopterm.db"
+    return str(request.getfixturevalue("pg_url"))

@@ -28,8 +28,9 @@ def no_env_budget(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "ledger.db")
+def store(store_target: str | Path) -> Iterator[Store]:
+    """On SQLite, then on PostgreSQL."""
+    s = Store.open(store_target)
     yield s
     s.close()
 
@@ -157,8 +158,9 @@ def test_spend_by_and_spend_on(store: Store) -> None:
 # -- the daily budget --------------------------------------------------------------------
 
 
-def test_daily_budget_is_stored_and_the_environment_overrides_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "b.db"
+def test_daily_budget_is_stored_and_the_environment_overrides_it(store_target: str | Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = store_target
     with Store.open(path) as s:
         assert s.daily_budget() is None
         s.set_daily_budget(2.5)

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
+from loopterm.core import runlog
 from loopterm.store import Store
 from loopterm.store.footprint import Meter
 from loopterm.tui.cli import main
-from tests.test_store import make_iteration, make_run
+from tests.test_store import make_iteration, make_run, rows_in, target_of
 
 SYSTEM = "\n\n".join(f"system section {i}: " + "rules " * 20 for i in range(6))  # shared by every run: blobs
 
@@ -63,14 +64,28 @@ def on_disk(db: Path) -> int:
     return os.path.getsize(db) + (os.path.getsize(wal) if wal.exists() else 0)
 
 
-def table_dump(db: Path) -> list[str]:
-    with closing(sqlite3.connect(db)) as conn:
+def table_dump(db: Path | Store) -> list[str]:
+    """Every row of the store, as another connection reads it."""
+    if isinstance(db, Store) and db.backend == "postgresql":
+        from loopterm.store.pg_schema import PG_TABLES
+
+        return [repr(rows_in(db, f"SELECT * FROM {table} ORDER BY 1, 2", [])) for table in PG_TABLES]
+    path = db.path if isinstance(db, Store) else db
+    with closing(sqlite3.connect(path)) as conn:
         return list(conn.iterdump())
 
 
+def event_triggers(store: Store) -> list[tuple[Any, ...]]:
+    if store.backend == "postgresql":
+        return rows_in(store, "SELECT tgname, tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = 'events'::regclass "
+                              "AND NOT tgisinternal ORDER BY tgname", [])
+    return rows_in(store, "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name", [])
+
+
 @pytest.fixture
-def forest(tmp_path: Path) -> Iterator[Forest]:
-    store = Store.open(tmp_path / "db" / "loopterm.db")
+def forest(store_target: str | Path) -> Iterator[Forest]:
+    """On SQLite, then on PostgreSQL."""
+    store = Store.open(store_target)
     f = Forest(store)
     f.run("root", 150, when=1)
     f.run("b", 30, parent="root", at=70, when=2)  # b: root's 1..70, own 71..100
@@ -90,38 +105,44 @@ KEPT = ("root", "b", "c", "y", "live", "esc")
 def test_prune_keeps_every_kept_run_exactly_and_frees_real_bytes(forest: Forest) -> None:
     store = forest.store
     before = {run_id: snapshot(store, run_id) for run_id in KEPT}
-    with closing(sqlite3.connect(store.path)) as conn:
-        schema_triggers = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name").fetchall()
+    schema_triggers = event_triggers(store)
     assert ("events_no_delete",) in [t[:1] for t in schema_triggers]
-    dump = table_dump(store.path)
+    dump = table_dump(store)
     dry = store.prune(older_than=5.0, keep_last=None, dry_run=True)
-    assert table_dump(store.path) == dump  # a dry run changes nothing
+    assert table_dump(store) == dump  # a dry run changes nothing
     assert [r.id for r in dry.plan.removed] == ["x", "w"]
     assert {k.id: k.reason for k in dry.plan.kept} == {
         "root": "kept: ancestor of c", "b": "kept: ancestor of c", "live": "kept: running", "esc": "kept: escalated",
     }
     assert dry.plan.blobs > 0 and dry.plan.bytes > 0
 
-    size_before = on_disk(store.path)
+    sqlite = store.backend == "sqlite"
+    size_before = on_disk(store.path) if sqlite else 0  # type: ignore[arg-type]
     done = store.prune(older_than=5.0, keep_last=None)
     assert done.plan.model_dump() == dry.plan.model_dump()  # the dry run said what the real one frees
     assert done.plan.orphans == dry.plan.orphans
     assert done.vacuum_s is not None and done.vacuum_error is None
-    assert done.file_bytes_after < done.file_bytes_before
-    assert on_disk(store.path) < size_before  # compacted: the file and its WAL shrank
+    if sqlite:
+        assert done.file_bytes_after < done.file_bytes_before
+        assert on_disk(store.path) < size_before  # type: ignore[arg-type]  # compacted: the file and its WAL shrank
+    else:  # VACUUM (not FULL) keeps the freed pages for the tables' next rows (and adds its free-space maps)
+        assert done.file_bytes_after > 0
 
     assert sorted(r.id for r in store.list_runs()) == sorted(KEPT)
     for run_id in KEPT:
         assert snapshot(store, run_id) == before[run_id], run_id
-    with closing(sqlite3.connect(store.path)) as conn:
-        for table in ("iterations", "states", "events", "tool_calls", "intents", "commands", "spend"):
-            assert conn.execute(f"SELECT count(*) FROM {table} WHERE run_id IN ('x', 'w')").fetchone()[0] == 0
-        hashes = set(done.plan.orphans)
-        left = {row[0] for row in conn.execute("SELECT hash FROM blobs")}
-        assert not hashes & left
-        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-        triggers = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name").fetchall()
-    assert triggers == schema_triggers  # the log is append-only again, by the same trigger
+    for table in ("iterations", "states", "events", "tool_calls", "intents", "commands", "spend"):
+        assert rows_in(store, f"SELECT count(*) FROM {table} WHERE run_id IN ('x', 'w')", [])[0][0] == 0
+    hashes = set(done.plan.orphans)
+    left = {row[0] for row in rows_in(store, "SELECT hash FROM blobs", [])}
+    assert not hashes & left
+    if sqlite:  # (PostgreSQL checks foreign keys on every statement)
+        assert rows_in(store, "PRAGMA foreign_key_check", []) == []
+    assert event_triggers(store) == schema_triggers  # the log is append-only again, by the same trigger
+    store.append_event("root", runlog.ShadowMode(why="after the prune"))
+    with pytest.raises(store._conn.DatabaseError, match="append-only"):
+        store._conn.execute("DELETE FROM events WHERE run_id = 'root'")
+    store._conn.rollback()
     # Another branch of c at an iteration c inherits from root works on the pruned store.
     store.create_run(make_run("d", parent_run="c", fork_iteration=40, origin="fork", status="converged"))
     state = store.state_at("d", 40)
@@ -136,8 +157,7 @@ def test_a_whole_lineage_goes_when_nothing_kept_needs_it(forest: Forest) -> None
     assert sorted(r.id for r in done.plan.removed) == ["b", "c", "root", "w", "x", "y"]
     assert sorted(r.id for r in store.list_runs()) == ["esc", "live"]
     assert store.state_at("live", 5) is not None and store.state_at("esc", 3) is not None
-    with closing(sqlite3.connect(store.path)) as conn:
-        left = conn.execute("SELECT count(*) FROM blobs").fetchone()[0]
+    left = rows_in(store, "SELECT count(*) FROM blobs", [])[0][0]
     assert left > 0  # the system prompt's sections: the kept runs still reference them
     assert store.iterations("live")[0].prompt[0]["content"] == SYSTEM
 
@@ -172,9 +192,8 @@ def test_the_meter_adds_up(forest: Forest) -> None:
     assert sizes["b"].own_bytes < sizes["root"].own_bytes / 3  # b inherits 70 of its 100 iterations
     assert sizes["root"].shared_bytes > sizes["y"].shared_bytes  # root lends 1..70 to its branches
     assert sizes["c"].own_bytes < sizes["c"].shared_bytes + sizes["c"].own_bytes
-    with closing(sqlite3.connect(store.path)) as conn:
-        blob_bytes = conn.execute("SELECT sum(length(CAST(hash AS BLOB)) + length(CAST(body AS BLOB))) FROM blobs").fetchone()[0]
-        state_bytes = conn.execute("SELECT sum(length(CAST(body AS BLOB))) FROM states").fetchone()[0]
+    blob_bytes = rows_in(store, "SELECT sum(length(CAST(hash AS BLOB)) + length(CAST(body AS BLOB))) FROM blobs", [])[0][0]
+    state_bytes = rows_in(store, "SELECT sum(length(CAST(body AS BLOB))) FROM states", [])[0][0]
     own = sum(size.own_bytes for size in sizes.values())
     everything = sum(size.own_bytes + size.shared_bytes for size in sizes.values())
     assert state_bytes + blob_bytes < everything  # all rows and blobs are counted somewhere
@@ -189,7 +208,7 @@ def test_the_meter_adds_up(forest: Forest) -> None:
 def test_prune_with_a_loop_running_on_the_same_db(forest: Forest, tmp_path: Path) -> None:
     """Another connection commits iterations of the running run while prune deletes and compacts."""
     store = forest.store
-    other = Store.open(store.path)
+    other = Store.open(target_of(store))
     done = threading.Event()
     errors: list[BaseException] = []
 

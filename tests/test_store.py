@@ -1,4 +1,4 @@
-"""The SQLite store: round trips, atomic commits, refusals that leave files untouched, concurrency."""
+"""The store, on SQLite and on PostgreSQL (the `store` fixture runs each test on both): round trips, atomic commits, refusals that leave files untouched, concurrency."""
 
 from __future__ import annotations
 
@@ -72,10 +72,31 @@ def siblings(path: Path) -> set[str]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
+def store(store_target: str | Path) -> Iterator[Store]:
+    s = Store.open(store_target)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+    """For what only SQLite has (PRAGMAs, query plans, its tracer)."""
     s = Store.open(tmp_path / "db" / "loopterm.db")
     yield s
     s.close()
+
+
+def target_of(store: Store) -> str | Path:
+    """What Store.open takes to open this store again (the URL with its password, on PostgreSQL)."""
+    return store._url if store._url is not None else store.path  # type: ignore[return-value]
+
+
+def table_columns(store: Store, table: str) -> set[str]:
+    if store.backend == "sqlite":
+        return set(store._db.table(table).columns_dict)  # type: ignore[union-attr]
+    rows = store._query("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                        "AND table_name = ?", [table])
+    return {row[0] for row in rows}
 
 
 @pytest.fixture
@@ -135,18 +156,20 @@ def test_columns_match_the_records(store: Store) -> None:
     derived = {"tool_calls": {"args_hash"}, "events": {"kind", "data"}}  # args_hash: indexed for prior_tool_calls
     for table, model in models.items():
         expected = set(model.model_fields) - elsewhere.get(table, set()) | derived.get(table, set())
-        assert set(store._db.table(table).columns_dict) == expected, table
+        if store.backend == "postgresql" and table == "runs":
+            expected |= {"rowid"}  # creation order, which SQLite's rowid gives (store/pg_schema.py)
+        assert table_columns(store, table) == expected, table
 
 
-def test_data_survives_reopen_and_meta_is_stamped(tmp_path: Path) -> None:
-    path = tmp_path / "x.db"
+def test_data_survives_reopen_and_meta_is_stamped(store_target: str | Path) -> None:
+    path = store_target
     with Store.open(path) as s:
         s.create_run(make_run())
         s.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1})
     with Store.open(path, create=False) as s:
         assert s.get_run("run-0001").iterations == 1
         assert s.get_iteration("run-0001", 1) == make_iteration("run-0001", 1)
-        meta = dict(s._db.execute("SELECT key, value FROM meta").fetchall())
+        meta = dict(s._conn.execute("SELECT key, value FROM meta").fetchall())
     assert meta == {"app": "loopterm", "schema_version": str(SCHEMA_VERSION)}
 
 
@@ -189,7 +212,7 @@ def test_commit_iteration_is_all_or_nothing(store: Store) -> None:
         store.commit_iteration(make_iteration("run-0001", 1), {"iterations": "many"})
     assert store.get_iteration("run-0001", 1) is None
     assert store.load_intent("run-0001", 1) is not None
-    with pytest.raises(sqlite3.IntegrityError):  # no such run: foreign key
+    with pytest.raises(store._conn.IntegrityError):  # no such run: foreign key
         store.commit_iteration(make_iteration("ghost", 1), {})
     assert store.iterations("ghost") == []
 
@@ -362,9 +385,9 @@ def test_refuses_unreadable_locations(tmp_path: Path, loopterm_db: Path) -> None
 # -- events, commands, intents, tool calls --------------------------------------
 
 
-def test_events_are_append_only_and_ordered(tmp_path: Path) -> None:
+def test_events_are_append_only_and_ordered(store_target: str | Path) -> None:
     ticks = iter(range(1000))
-    with Store.open(tmp_path / "e.db", clock=lambda: float(next(ticks))) as store:
+    with Store.open(store_target, clock=lambda: float(next(ticks))) as store:
         store.create_run(make_run("r1"))
         store.create_run(make_run("r2"))
         written = [store.append_event("r1" if i % 3 else "r2", runlog.StatusChanged(status="running", message=f"{i} ü\n"), iteration=i) for i in range(12)]
@@ -375,10 +398,10 @@ def test_events_are_append_only_and_ordered(tmp_path: Path) -> None:
         assert [e.ts for e in r1] == sorted(e.ts for e in r1)
         assert store.events("r1", after_id=r1[2].id) == r1[3:]
         assert store.events("r1", after_id=r1[-1].id) == []
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            store._db.execute("UPDATE events SET kind = 'x'")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            store._db.execute("DELETE FROM events")
+        with pytest.raises(store._conn.DatabaseError, match="append-only"):
+            store._conn.execute("UPDATE events SET kind = 'x'")
+        with pytest.raises(store._conn.DatabaseError, match="append-only"):
+            store._conn.execute("DELETE FROM events")
         assert store.events("r1") == r1
 
 
@@ -392,9 +415,9 @@ def test_commands_pending_then_consumed(store: Store) -> None:
     store.consume_command(pause.id)
     assert store.pending_commands("r1") == [relax]
     assert store.pending_commands("r2") == [other]
-    consumed = store._db.execute("SELECT consumed_at FROM commands WHERE id = ?", [pause.id]).fetchone()[0]
+    consumed = store._conn.execute("SELECT consumed_at FROM commands WHERE id = ?", [pause.id]).fetchone()[0]
     store.consume_command(pause.id)
-    assert store._db.execute("SELECT consumed_at FROM commands WHERE id = ?", [pause.id]).fetchone()[0] == consumed
+    assert store._conn.execute("SELECT consumed_at FROM commands WHERE id = ?", [pause.id]).fetchone()[0] == consumed
     with pytest.raises(KeyError):
         store.consume_command(10_000)
 
@@ -431,7 +454,8 @@ def test_tool_call_journal(store: Store) -> None:
 # -- connection settings --------------------------------------------------------
 
 
-def test_wal_busy_timeout_and_foreign_keys(store: Store) -> None:
+def test_wal_busy_timeout_and_foreign_keys(sqlite_store: Store) -> None:
+    store = sqlite_store
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
     assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -441,7 +465,7 @@ def test_wal_busy_timeout_and_foreign_keys(store: Store) -> None:
 
 
 def test_every_method_commits_before_returning(store: Store) -> None:
-    conn = store._db.conn
+    conn = store._conn
     calls = [
         lambda: store.create_run(make_run()),
         lambda: store.get_run("run-0001"),
@@ -463,7 +487,8 @@ def test_every_method_commits_before_returning(store: Store) -> None:
         assert not conn.in_transaction
 
 
-def test_queries_use_indexes(store: Store) -> None:
+def test_queries_use_indexes(sqlite_store: Store) -> None:
+    store = sqlite_store
     store.create_run(make_run())
     store.create_run(make_run("run-0002", parent_run="run-0001", fork_iteration=2))
     for n in range(1, 4):
@@ -592,8 +617,13 @@ def test_one_store_shared_by_threads(store: Store) -> None:
 # -- queued writes (durable=False) ------------------------------------------------
 
 
-def rows_in(path: Path, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
-    """What another connection (another process, after a crash) would read from the file."""
+def rows_in(path: Path | str | Store, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    """What another connection (another process, after a crash) would read from the file or database."""
+    if isinstance(path, Store):
+        path = target_of(path)
+    if isinstance(path, str):
+        with Store.open(path, create=False) as other:
+            return other._query(sql, params)
     conn = sqlite3.connect(path)
     try:
         return conn.execute(sql, params).fetchall()
@@ -605,15 +635,15 @@ def test_a_queued_intent_is_dropped_by_its_iterations_commit_and_never_written(s
     store.create_run(make_run())
     store.save_intent(make_intent("run-0001", 1), durable=False)
     assert store.load_intent("run-0001", 1) == make_intent("run-0001", 1)
-    assert rows_in(store.path, "SELECT n FROM intents", []) == []
+    assert rows_in(store, "SELECT n FROM intents", []) == []
     store.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1})
     assert store.load_intent("run-0001", 1) is None
     store.flush()
-    assert rows_in(store.path, "SELECT n FROM intents", []) == []
+    assert rows_in(store, "SELECT n FROM intents", []) == []
 
 
-def test_queued_writes_join_the_next_write_and_close(tmp_path: Path) -> None:
-    path = tmp_path / "loopterm.db"
+def test_queued_writes_join_the_next_write_and_close(store_target: str | Path) -> None:
+    path = store_target
     store = Store.open(path)
     store.create_run(make_run())
     call = ToolCallRecord(key="k1", run_id="run-0001", iteration=1, tool="write", args={"p": 1}, status="started", started_at=1.0)
@@ -641,7 +671,7 @@ def test_a_failed_write_keeps_what_was_queued(store: Store) -> None:
     with pytest.raises(DuplicateIterationError):
         store.commit_iteration(make_iteration("run-0001", 1), {"iterations": 1})
     store.flush()
-    assert rows_in(store.path, "SELECT n FROM intents", []) == [(2,)]
+    assert rows_in(store, "SELECT n FROM intents", []) == [(2,)]
 
 
 def test_a_queued_finish_needs_a_started_call(store: Store) -> None:
@@ -660,7 +690,7 @@ def test_a_handed_over_state_is_kept_not_copied_and_stored_exactly(store: Store)
     assert store._heads["run-0001"].state is record.state
     third = {"iteration": 3, "items": [*items[:5], "edited", *items[6:], "new"]}  # an edit in the middle
     store.commit_iteration(make_iteration("run-0001", 3, state=third), {}, handover=True)
-    fresh = Store.open(store.path, create=False)
+    fresh = Store.open(target_of(store), create=False)
     try:
         assert [fresh.state_at("run-0001", n) for n in (1, 2, 3)] == [first, second, third]
     finally:
@@ -695,7 +725,7 @@ def test_an_engines_append_is_stored_as_an_append(store: Store) -> None:
     store.commit_iteration(first, {}, handover=True)
     grown = GrownList(first.state["items"], ["new"])
     store.commit_iteration(make_iteration("run-0001", 2, state={"items": grown}), {}, handover=True)
-    body = rows_in(store.path, "SELECT body FROM states WHERE n = 2", [])[0][0]
+    body = rows_in(store, "SELECT body FROM states WHERE n = 2", [])[0][0]
     from loopterm.store.delta import decode_delta
 
     assert decode_delta(body) == [["a", ["items"], ["new"]]]

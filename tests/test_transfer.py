@@ -5,6 +5,7 @@ file, a line of a run the file does not define. Refused, the database is left ex
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,7 +72,12 @@ def dumped(items: Iterator[dict[str, Any]]) -> Lines:
 
 def rows(store: Store) -> dict[str, int]:
     """Every table's row count."""
-    tables = [row[0] for row in store._query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    if store.backend == "postgresql":
+        from loopterm.store.pg_schema import PG_TABLES
+
+        tables = list(PG_TABLES)
+    else:
+        tables = [row[0] for row in store._query("SELECT name FROM sqlite_master WHERE type = 'table'")]
     return {table: store._query(f"SELECT count(*) FROM [{table}]")[0][0] for table in tables}
 
 
@@ -88,9 +94,10 @@ def exported(source: Store) -> Lines:
 
 
 @pytest.fixture
-def target(tmp_path: Path) -> Iterator[Store]:
-    """A database that already holds a run of its own, so "unchanged" means something."""
-    with Store.open(tmp_path / "target.db") as store:
+def target(store_target: str | Path) -> Iterator[Store]:
+    """A database that already holds a run of its own, so "unchanged" means something: a SQLite file, then a
+    PostgreSQL database (so every export from SQLite is imported into both)."""
+    with Store.open(store_target) as store:
         store.create_run(make_run("local"))
         store.commit_iteration(make_iteration("local", 1), {"iterations": 1})
         add_event(store, "local", "note", {"why": "mine"}, 1)
@@ -248,7 +255,7 @@ def test_a_reordered_pair_of_lines_is_refused(exported: Lines, target: Store) ->
     start = where(exported, "run", "branch")
     branch_first = exported[:1] + exported[start:-1] + exported[1:start] + exported[-1:]  # whole runs swapped
     refused(target, branch_first, r"^line 2: run branch: its parent run root is neither earlier in this file nor in "
-                                  r".*target\.db; export the run again")
+                                  rf"{re.escape(target.location)}; export the run again")
 
 
 @pytest.mark.parametrize("keep, message", [
@@ -284,7 +291,7 @@ def test_a_branch_whose_parent_is_nowhere_is_refused_and_one_already_here_is_acc
         source: Store, exported: Lines, tmp_path: Path, target: Store) -> None:
     branch_only = dumped(seal(json.loads(line) for line in exported[where(exported, "run", "branch"):]))
     refused(target, branch_only, r"^line 2: run branch: its parent run root is neither earlier in this file nor in "
-                                 r".*target\.db; export the run again \(an export carries its lineage\)")
+                                 rf"{re.escape(target.location)}; export the run again \(an export carries its lineage\)")
     with Store.open(tmp_path / "has-root.db") as other:
         assert import_lines(other, dumped(export_run(source, "root"))) == ["root"]
         assert import_lines(other, branch_only) == ["branch"]
