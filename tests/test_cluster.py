@@ -88,19 +88,25 @@ def write_loop(folder: Path, lines: list[str]) -> Path:
 
 
 class Cluster:
-    """The processes of one test: a store file, the queue database, workers, and commands."""
+    """The processes of one test: a store (a PostgreSQL database, or a SQLite file with the queues in
+    PostgreSQL), workers, and commands. Reads go through the Store API from the test's own process."""
 
-    def __init__(self, folder: Path, queue_db: str | None) -> None:
+    def __init__(self, folder: Path, queue_db: str | None, *, store: str | None = None) -> None:
         self.folder = folder
+        self.store = store or str(folder / "store.db")  # a postgresql:// URL, or a SQLite file
         self.db = folder / "store.db"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPTERM_")}
         self.env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-        if queue_db is not None:
+        if queue_db is not None and store is None:
             self.env["LOOPTERM_QUEUE_DB"] = queue_db
         self.workers: dict[str, subprocess.Popen[str]] = {}
 
+    @property
+    def on_postgres(self) -> bool:
+        return self.store.startswith("postgresql://")
+
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "loopterm.tui.cli", *args, "--db", str(self.db)]
+        return [sys.executable, "-m", "loopterm.tui.cli", *args, "--db", self.store]
 
     def cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(self.argv(*args), cwd=self.folder, env={**self.env, **(env or {})}, capture_output=True,
@@ -119,11 +125,44 @@ class Cluster:
     def output(self, name: str) -> str:
         return (self.folder / f"{name}.out").read_text()
 
+    def open(self) -> Any:
+        from loopterm.store import Store
+
+        return Store.open(self.store)
+
     def run(self, run_id: str) -> dict[str, Any]:
-        return json.loads(self.cli("show", run_id, "--json").stdout)
+        with self.open() as store:
+            return {"run": store.get_run(run_id).model_dump(),
+                    "iterations": [i.model_dump() for i in store.iterations(run_id)],
+                    "events": [{"kind": e.event.kind} for e in store.events(run_id)]}
 
     def runs(self) -> list[dict[str, Any]]:
-        return json.loads(self.cli("runs", "--json").stdout)
+        if not self.on_postgres and not self.db.exists():
+            return []
+        with self.open() as store:
+            return [r.model_dump() for r in store.list_runs()]
+
+    def waiting(self, run_id: str) -> list[str]:
+        from loopterm.core.fold import fold, waiting_lines
+
+        with self.open() as store:
+            return waiting_lines(fold(store.events(run_id)))
+
+    def answer(self, run_id: str, fact: str) -> None:
+        """A person's answer to the escalation, from another process: `loopterm answer` (its SQLite path),
+        or the same commands written through the store."""
+        if not self.on_postgres:
+            self.cli("answer", run_id, "--fact", fact)
+            return
+        from loopterm.core.control import AddFact, Resume, command_payload
+        from loopterm.core.fold import fold
+
+        with self.open() as store:
+            view = fold(store.events(run_id))
+            assert view.escalation is not None
+            base = store.get_run(run_id).iterations
+            for command in (AddFact(fact=fact, base_iteration=base), Resume(escalation=view.escalation.event_id)):
+                store.add_command(run_id, *command_payload(command))
 
     def wait(self, what: str, ok: Callable[[], bool], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -152,6 +191,15 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path, pg_url: str) -> Any:
+    """The team's setup: the store and the queues in one PostgreSQL database."""
+    made = Cluster(tmp_path, pg_url, store=pg_url)
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def one_machine(tmp_path: Path, pg_url: str) -> Any:
+    """A SQLite store on one machine, the queues in PostgreSQL (LOOPTERM_QUEUE_DB)."""
     made = Cluster(tmp_path, pg_url)
     yield made
     made.stop()
@@ -209,6 +257,10 @@ def test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(cluster: Cl
     assert f"▶ run {run_id}" in out and f"■ run {run_id} converged after iteration 4" in out and "stopped" in out
 
 
+def test_workers_on_one_machine_share_a_sqlite_store(one_machine: Cluster) -> None:
+    test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(one_machine)
+
+
 def test_eval_submit_twice_makes_one_run_per_case(cluster: Cluster, pg_url: str) -> None:
     write_loop(cluster.folder, ["one", "two", "three", "four"])
     cases = cluster.folder / "cases.json"
@@ -238,8 +290,8 @@ def test_an_escalation_on_one_worker_answered_from_another_process_converges(clu
     run_id = cluster.cli("run", str(loop), "--submit").stdout.strip()
     cluster.worker("w1")
     cluster.wait("the escalation", lambda: cluster.status(run_id) == "escalated")
-    assert "waits on a person" in cluster.cli("show", run_id).stdout
-    cluster.cli("answer", run_id, "--fact", "lines are statements")  # a person, elsewhere: the store only
+    assert any(line.startswith("the escalation at iteration 2") for line in cluster.waiting(run_id))
+    cluster.answer(run_id, "lines are statements")  # a person, elsewhere: through the store only
     cluster.wait("convergence", lambda: cluster.status(run_id) == "converged")
     shown = cluster.run(run_id)
     kinds = [e["kind"] for e in shown["events"]]
@@ -280,7 +332,7 @@ def test_sigkill_a_worker_mid_side_effect_and_another_takes_the_run_over(cluster
 
 def test_a_non_idempotent_call_cut_by_a_kill_waits_for_a_person_then_converges(cluster: Cluster) -> None:
     run_id, dead, survivor = _killed_mid_tool(cluster, idempotent=False)
-    cluster.wait("the question", lambda: "side-effecting call" in " ".join(cluster.cli("show", run_id).stdout.split()))
+    cluster.wait("the question", lambda: any("side-effecting call append" in line for line in cluster.waiting(run_id)))
     assert cluster.status(run_id) == "escalated" and len(effects(cluster.folder)) == 2
     answered = cluster.cli("resume", run_id, "--side-effects", "reuse", "--submit")  # it took effect: never again
     assert answered.stdout.strip() == run_id

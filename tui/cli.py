@@ -376,7 +376,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "daemon":
         from loopterm.tui import daemon_cli
 
-        return daemon_cli.run(args, db_path(args))
+        from loopterm.tui.submit_cli import store_location
+
+        return daemon_cli.run(args, store_location(args))  # type: ignore[arg-type] - a URL: the daemon queues
     if args.command == "diff":
         from loopterm.tui import diff_cli
 

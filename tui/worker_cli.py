@@ -156,7 +156,7 @@ class Answers(threading.Thread):
 
     def poke(self, kind: str, run_id: str) -> None:
         """A store notification (another thread): a command for this run was committed."""
-        if kind == "commands":
+        if kind in ("command", "commands"):
             with self.lock:
                 self.poked.add(run_id)
             self.wake.set()
