@@ -167,8 +167,7 @@ class Queues:
         name = queue_name(model)
         self.ensure_queue(name, provider_of(model))
         workflow_id = segment_id(run_id, cause)
-        existing = self.client.retrieve_workflow(workflow_id) if self._known(workflow_id) else None
-        if existing is not None:
+        if self._known(workflow_id):  # enqueued before (a retried submit, another worker saw the same answer)
             return Enqueued(workflow_id, name, False)
         try:
             self.client.enqueue({"queue_name": name, "workflow_name": WORKFLOW, "workflow_id": workflow_id,

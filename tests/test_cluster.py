@@ -134,7 +134,7 @@ class Cluster:
         with self.open() as store:
             return {"run": store.get_run(run_id).model_dump(),
                     "iterations": [i.model_dump() for i in store.iterations(run_id)],
-                    "events": [{"kind": e.event.kind} for e in store.events(run_id)]}
+                    "events": [{"kind": e.event.kind, "ts": e.ts} for e in store.events(run_id)]}
 
     def runs(self) -> list[dict[str, Any]]:
         if not self.on_postgres and not self.db.exists():
@@ -255,6 +255,20 @@ def test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(cluster: Cl
     assert worker.wait(timeout=40) == 0
     out = cluster.output("w1")
     assert f"▶ run {run_id}" in out and f"■ run {run_id} converged after iteration 4" in out and "stopped" in out
+
+
+def test_a_worker_runs_at_most_its_concurrency_at_once(cluster: Cluster) -> None:
+    loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
+    ids = [cluster.cli("run", str(loop), "--submit").stdout.strip() for _ in range(3)]
+    cluster.worker("w1", "--concurrency", "1")
+    cluster.wait("three runs converged", lambda: all(cluster.status(r) == "converged" for r in ids), timeout=90)
+    spans = []
+    for run_id in ids:
+        events = cluster.run(run_id)["events"]
+        spans.append((next(e["ts"] for e in events if e["kind"] == "run_started"),
+                      next(e["ts"] for e in events if e["kind"] == "run_finished")))
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans  # one after another
 
 
 def test_workers_on_one_machine_share_a_sqlite_store(one_machine: Cluster) -> None:
