@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
                  + (f": {end.message}" if end.message and end.status != "converged" else ""))
         return end.as_dict()
 
+    from loopterm.core.model import load_litellm
+
+    load_litellm()  # seconds, once, before the first segment rather than inside it
     dbos = launch_worker(url, me, segment, concurrency=args.concurrency)
     takeover = Takeover(url, lock, pending=lambda: _pending_executors(dbos), said=lambda t: line(f"⚠ {t}"),
                         recover=lambda executor: len(dbos._recover_pending_workflows([executor])))
