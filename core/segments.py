@@ -158,9 +158,18 @@ def _prepare(loop: Any, workspace: Path) -> None:
 
 
 def _side_effect_answers(store: Any, run_id: str) -> dict[str, str]:
-    """A person's answers (reuse | reexecute) to interrupted side-effecting calls, from the run's log: the
-    fold forgets an answered question, and the engine needs the answer when it reaches the call again."""
-    return {e.event.key: e.event.answer for e in store.events(run_id) if isinstance(e.event, log.SideEffectAnswered)}
+    """A person's answers (reuse | reexecute) to interrupted side-effecting calls, given since the run's last
+    engine session began: the engine needs the answer when it reaches the call again, and the fold forgets an
+    answered question. An answer is for the one session after it, as `resume --side-effects` gives it: if
+    that session is cut inside the same call again, the person is asked again (a `reexecute` carried over
+    would fire it a third time without anyone seeing whether the second took effect)."""
+    answers: dict[str, str] = {}
+    for record in store.events(run_id):
+        if isinstance(record.event, (log.RunStarted, log.RunResumed)):
+            answers.clear()
+        elif isinstance(record.event, log.SideEffectAnswered):
+            answers[record.event.key] = record.event.answer
+    return answers
 
 
 def next_cause(store: Any, run_id: str) -> str | None:

@@ -472,3 +472,22 @@ def test_two_daemons_seeing_one_firing_make_one_run(tmp_path: Path, pg_url: str)
         made = store.list_runs()
     assert len(made) == 1 and made[0].origin == "trigger"
     assert any("made already (another daemon); not again" in line for line in said), said
+
+
+def test_an_answer_to_an_interrupted_call_holds_for_one_session_only(tmp_path: Path) -> None:
+    """`reexecute`, then the worker dies inside the same call again: the person is asked again, never the
+    old answer reused (found by bench/cluster_trial.py: it fired the call a third time)."""
+    from loopterm.core import runlog as log
+    from loopterm.core.segments import _side_effect_answers
+    from tests.loopkit import decision, make_engine, make_loop
+
+    loop = make_loop(tmp_path, [{"content": decision("write", text="ok")}])
+    engine, store = make_engine(tmp_path, loop)
+    run_id = engine.run_id
+    store.append_event(run_id, log.RunStarted(pid=1, host="a"))
+    store.append_event(run_id, log.SideEffectPending(key="k", why="interrupted", tool="write"))
+    store.append_event(run_id, log.SideEffectAnswered(key="k", answer="reexecute"))
+    assert _side_effect_answers(store, run_id) == {"k": "reexecute"}  # for the session that takes it
+    store.append_event(run_id, log.RunResumed(pid=2, host="b"))  # that session began, and was cut again
+    assert _side_effect_answers(store, run_id) == {}  # asked again
+    store.close()
