@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -247,7 +248,8 @@ class Trial:
         out = self.outputs()
         return {
             "runs": len(ids), "iterations_per_run": n, "kills": len(self.kills), "kill_detail": self.kills,
-            "takeovers": out.count("is gone:"), "answers": self.answers, "segments_started": out.count("▶ run "),
+            "takeovers": out.count("is gone:"), "taken_over": sorted(set(re.findall(r"worker (\S+) is gone", out))),
+            "warnings": [line for line in out.splitlines() if "⚠" in line and "is gone" not in line], "answers": self.answers, "segments_started": out.count("▶ run "),
             "reader_polls": reader["polls"], "wall_s": round(wall, 1), "submit_s": round(submitted, 1),
             "lost_or_duplicated_or_double": len(problems), "problems": problems[:20],
         }

@@ -44,7 +44,13 @@ class ExecutorLock:
         import psycopg
 
         self.executor_id = executor_id
-        self.conn = psycopg.connect(url, autocommit=True)
+        try:
+            self.conn = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as exc:
+            from loopterm.core.queues import redact_url
+
+            raise ConfigError(f"cannot reach the queue database {redact_url(url)}: "
+                              f"{redact_url(' '.join(str(exc).split()))[:300]}; check the URL and that the server is up") from None
         self.conn.execute(f"SET lock_timeout = '{int(wait_s * 1000)}ms'")
         try:
             self.conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, lock_key(executor_id)))
