@@ -491,3 +491,17 @@ def test_an_answer_to_an_interrupted_call_holds_for_one_session_only(tmp_path: P
     store.append_event(run_id, log.RunResumed(pid=2, host="b"))  # that session began, and was cut again
     assert _side_effect_answers(store, run_id) == {}  # asked again
     store.close()
+
+
+def test_the_cluster_modules_load_neither_dbos_nor_psycopg_until_used() -> None:
+    code = ("import sys\n"
+            "import loopterm.core.queues, loopterm.core.segments, loopterm.core.takeover\n"
+            "import loopterm.tui.worker_cli, loopterm.tui.submit_cli, loopterm.tui.daemon_queue, loopterm.tui.cli\n"
+            "from loopterm.core.queues import queue_name, provider_of\n"
+            "assert (queue_name('anthropic/claude-x'), queue_name('scripted/demo')) == "
+            "('loopterm-anthropic', 'loopterm-scripted')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dbos', 'psycopg', 'sqlalchemy')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

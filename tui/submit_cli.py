@@ -24,16 +24,32 @@ from loopterm.tui.console import db_path
 
 def store_location(args: argparse.Namespace) -> Path | str:
     """The store the arguments name: a postgresql:// URL as given (a Path-typed --db would fold its `//`),
-    else the SQLite path as every command takes it."""
+    else the SQLite path as every command takes it. A parsed target (an object with `backend`, `url`,
+    `path`) is taken apart the same way."""
     from loopterm.core.queues import is_postgres
     from loopterm.core.settings import settings
 
     given = getattr(args, "db", None)
+    plain = _plain(given)
+    if plain is not None:
+        return plain
     text = str(given) if given else str(settings().db)
     text = re.sub(r"^(postgres(?:ql)?):/(?!/)", r"\1://", text)
     if is_postgres(text):
         return text
-    return db_path(args)
+    chosen = db_path(args)
+    found = _plain(chosen)
+    return found if found is not None else chosen
+
+
+def _plain(target: object) -> Path | str | None:
+    """A parsed store target's URL or path; None for a plain value."""
+    backend = getattr(target, "backend", None)
+    if backend == "postgresql":
+        return str(getattr(target, "url"))
+    if backend == "sqlite":
+        return Path(getattr(target, "path"))
+    return None
 
 
 def _workspace(location: Path | str, run_id: str) -> Path:
