@@ -46,6 +46,8 @@ import loopterm.store.policies as policies
 import loopterm.store.prune as pruning
 import loopterm.store.transfer as transfer
 from loopterm.store.calls import CallJournal
+from loopterm.store.coordination import Coordination
+from loopterm.store.copy import CopyResult, copy_store
 from loopterm.store.reads import LineageReads
 from loopterm.core.text import one_line
 from loopterm.store.known import Known
@@ -82,7 +84,7 @@ class DuplicateIterationError(ValueError):
     """An iteration (run_id, n) was committed twice: the first is kept, the second refused."""
 
 
-class Store(LineageReads, CallJournal):
+class Store(LineageReads, CallJournal, Coordination):
     """The loopterm database: implements core's `Journal` plus the query API.
 
     On SQLite (a path) or PostgreSQL (a postgresql:// URL): one body of store logic over a connection that
@@ -102,8 +104,7 @@ class Store(LineageReads, CallJournal):
         self.heads_kept = HEADS_KEPT
         self._conn: Any = conn  # sqlite3.Connection, or store/pg.py's PgConnection
         self._state_body: Callable[[str | bytes], Any] | None = None
-        self._run_locks: Any = None  # store/pg.py's RunLocks, made on the first drive()
-        self._listeners: list[Any] = []
+        self._init_coordination()  # notifications and run locks: see coordination.py
         if url is not None:
             from loopterm.store.pg import state_body
 
@@ -173,12 +174,13 @@ class Store(LineageReads, CallJournal):
     def _open_postgres(cls, url: str, *, create: bool, clock: Callable[[], float]) -> Self:
         """Connect (one-line ConfigError without the password if that fails), check the database holds a
         loopterm store this code can use, creating it in an empty one if `create`."""
-        from loopterm.store import pg, pg_schema
+        from loopterm.store.pg import connect, redact
+        from loopterm.store.pg_schema import prepare
 
-        location = pg.redact(url)
-        conn = pg.connect(url)
+        location = redact(url)
+        conn = connect(url)
         try:
-            pg_schema.prepare(conn, location, create=create)
+            prepare(conn, location, create=create)
         except BaseException:
             conn.close()
             raise
@@ -214,11 +216,7 @@ class Store(LineageReads, CallJournal):
     def close(self) -> None:
         """Write anything queued, then close the connection; safe to call twice."""
         with self._lock:
-            for listener in self._listeners:
-                listener.stop()
-            self._listeners.clear()
-            if self._run_locks is not None:
-                self._run_locks.close()
+            self._stop_coordination()
             try:
                 if not getattr(self._conn, "closed", False):
                     self.flush()
@@ -240,48 +238,6 @@ class Store(LineageReads, CallJournal):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
-
-    # -- notifications and run locks (PostgreSQL; no-ops on SQLite) ------------------------
-
-    def subscribe(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
-        """Call `callback(kind, run_id)` (from a background thread) after each commit, by any process, that
-        writes an iteration ("iteration"), an event ("event"), a command ("command") or a run's creation or
-        status ("run"); returns the function that stops it. On SQLite it never calls back: keep polling
-        (on PostgreSQL too, as a fallback: a notification may be missed while the connection is re-made)."""
-        if self._url is None:
-            return lambda: None
-        from loopterm.store.pg import Listener
-
-        listener = Listener(self._url, callback)
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            listener.stop()
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
-
-    def drive(self, run_id: str) -> bool:
-        """Claim the right to execute `run_id`: False if another session (process, or Store) holds it.
-        PostgreSQL: a session-level advisory lock on a connection of its own, released by undrive, close,
-        or the process dying. SQLite: always True (one machine; the engine's heartbeat guards it)."""
-        if self._url is None:
-            return True
-        with self._lock:
-            if self._run_locks is None:
-                from loopterm.store.pg import RunLocks
-
-                self._run_locks = RunLocks(self._url)
-            locks = self._run_locks
-        return bool(locks.drive(run_id))
-
-    def undrive(self, run_id: str) -> None:
-        """Release what drive(run_id) took (nothing if it was not held)."""
-        if self._run_locks is not None:
-            self._run_locks.undrive(run_id)
 
     @contextmanager
     def _write(self, *, power_safe: bool = True) -> Iterator[Any]:
@@ -666,6 +622,11 @@ class Store(LineageReads, CallJournal):
     def import_lines(self, lines: Iterable[str]) -> list[str]:
         """Import an export in one transaction, checked first; returns the run ids imported (see transfer.py)."""
         return transfer.import_lines(self, lines)
+
+    def copy_to(self, target: Store) -> CopyResult:
+        """Copy this whole store (runs, memory, ledger, commands, ...) into the empty store `target`, in one
+        transaction verified row by row before it commits (see copy.py)."""
+        return copy_store(self, target)
 
 
 def _event_record(row: dict[str, Any]) -> EventRecord:

@@ -9,6 +9,8 @@ Every difference between the dialects is here, each with why:
   that write (FULL resets it to the server's setting), which promises the same: a crash of the client loses nothing, a crash of the server may lose the last commits;
   other PRAGMAs mean nothing here and are dropped (no rows);
 - `length(CAST(x AS BLOB))` (bytes of a value) is `octet_length(x)`;
+- `json_extract(doc, '$.key')` is the schema's `loopterm_json_extract` (a name no other software in a shared
+  database will have taken);
 - `lastrowid` does not exist: an INSERT into a table with an identity `id` gets `RETURNING id`;
 - text cannot hold NUL: every string parameter is escaped (NUL -> \\x01 "0", \\x01 -> \\x01 \\x01) and every text
   result unescaped, so any text round-trips exactly; JSON text never holds a raw control character, so JSON
@@ -107,6 +109,7 @@ def unescape(text: str) -> str:
 
 _TOKENS = re.compile(r"""'(?:[^']|'')*'|"[^"]*"|\[([A-Za-z_]\w*)\]|\?(\d*)""")
 _BLOB_LENGTH = re.compile(r"length\(CAST\(([\w.]+) AS BLOB\)\)", re.I)
+_JSON_EXTRACT = re.compile(r"\bjson_extract\(", re.I)
 _INSERT = re.compile(r'^INSERT\s+(OR\s+(?:IGNORE|REPLACE)\s+)?INTO\s+"?(\w+)"?\s*\(([^)]*)\)', re.I)
 _PRAGMAS = {
     "PRAGMA synchronous = NORMAL": "SET synchronous_commit = off",
@@ -141,6 +144,7 @@ def translate(sql: str) -> tuple[str | None, bool]:
 
     text = _TOKENS.sub(token, text)
     text = _BLOB_LENGTH.sub(r"octet_length(\1)", text)
+    text = _JSON_EXTRACT.sub("loopterm_json_extract(", text)
     returning = False
     found = _INSERT.match(text)
     if found:
@@ -362,8 +366,18 @@ class RunLocks:
 
     def drive(self, run_id: str) -> bool:
         with self._lock:
+            if self._raw is not None and (self._raw.broken or self._raw.closed):
+                self._raw.close()  # the server dropped the session, and every lock with it: claim them again
+                self._raw = None
+                self._held.clear()
             if run_id in self._held:
-                return True
+                try:
+                    self._raw.execute("SELECT 1")  # the lock lives as long as this session: is it still there?
+                    return True
+                except self._raw.Error:
+                    self._raw.close()
+                    self._raw = None
+                    self._held.clear()
             if self._raw is None:
                 self._raw = raw_connect(self._url)
             (got,) = self._raw.execute("SELECT pg_try_advisory_lock($1)", [run_lock_key(run_id)]).fetchone()
@@ -380,8 +394,12 @@ class RunLocks:
     def close(self) -> None:
         with self._lock:
             if self._raw is not None:
-                self._raw.close()  # releases every lock it held
-                self._raw = None
+                try:  # at once: the server ends a closed session (and frees its locks) a moment later
+                    if self._held and not self._raw.broken:
+                        self._raw.execute("SELECT pg_advisory_unlock_all()")
+                finally:
+                    self._raw.close()  # a process that dies frees them this way too
+                    self._raw = None
             self._held.clear()
 
 

@@ -65,14 +65,15 @@ def test_a_converged_run_leaves_its_facts_and_outcome_for_the_next_run(tmp_path:
     assert any("converged in 1 iterations" in r for r in engine2.state.memory.retrieved)
 
 
-def test_recall_ranks_by_meaning_through_a_litellm_embedding_model(tmp_path: Path) -> None:
+def test_recall_ranks_by_meaning_through_a_litellm_embedding_model(tmp_path: Path, store_target: object) -> None:
+    """The store's semantic recall on SQLite, then on PostgreSQL; the engine's on SQLite."""
     from loopterm.core.embedding import litellm_embedder
     from loopterm.store import Store
 
     embed = litellm_embedder("scripted/words")
     a, b, c = embed(["refund window for returns", "refund window for returns", "cache stampede on the api"])
     assert a == b and sum(x * y for x, y in zip(a, c)) < 0.5  # same text same vector; unrelated text far
-    store = Store.open(tmp_path / "m.db")
+    store = Store.open(store_target)  # type: ignore[arg-type]
     store.remember("s", "returns", "items may be returned within 30 days for a refund", kind="document")
     store.remember("s", "shipping", "orders ship within two business days", kind="document")
     found = store.recall("s", "how many days do I have to return an item for a refund", limit=1, embed=embed)

@@ -365,3 +365,111 @@ def test_a_transaction_is_never_split_across_connections(store: Store, pg_url: s
             store._conn.execute("UPDATE runs SET message = 'half' WHERE id = 'r1'")  # not on a new connection
     run = store.get_run("r1")  # this read reconnects
     assert (run.status, run.message) == ("running", None)  # neither half was committed
+
+
+def test_a_user_who_may_not_create_tables_is_told_in_one_line(pg_url: str) -> None:
+    import uuid
+
+    import psycopg
+
+    role = "reader_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+    parts = urlsplit(pg_url)
+    url = urlunsplit(parts._replace(netloc=parts.netloc.replace("loopterm@", f"{role}:pw@")))
+    with pytest.raises(ConfigError) as info:
+        Store.open(url)
+    message = str(info.value)
+    assert message.startswith(f"cannot create the loopterm store in postgresql://{role}:***@")
+    assert "permission denied for schema public" in message and "\n" not in message and ":pw@" not in message
+
+
+# -- copying a whole store ----------------------------------------------------------------------
+
+
+def populate(store: Store) -> None:
+    """Everything a store holds: a run and its fork, events, tool calls, an intent, commands, memory, the ledger."""
+    store.create_run(make_run("root", goal=NULS))
+    for n in range(1, 45):
+        store.commit_iteration(make_iteration("root", n, state={"log": [f"line {i}" for i in range(n * 2)]},
+                                              cost_usd=0.01, tokens_in=10),
+                               {"iterations": n, "cost_usd": 0.01 * n, "tokens_in": 10 * n})
+    store.create_run(make_run("fork", parent_run="root", fork_iteration=30, origin="fork", iterations=30))
+    store.commit_iteration(make_iteration("fork", 31, state={"log": []}), {"iterations": 31})
+    store.append_event("fork", runlog.StatusChanged(status="running", message=NULS), 31)
+    store.tool_call_started(ToolCallRecord(key="k", run_id="fork", iteration=31, tool="send", args={"to": "x"},
+                                           status="started", started_at=1.0))
+    store.tool_call_finished("k", {"ok": True}, 2.0)
+    store.save_intent(make_intent("fork", 32))
+    store.consume_command(store.add_command("root", "pause", {}).id)
+    store.add_command("fork", "stop", {"why": NULS})
+    store.remember("fixit", "tokenizer", "splits on tabs; naïve café", embedding=[1.0, 0.0])
+    store.remember("fixit", "doc", "the release checklist", kind="document")
+    store.set_daily_budget(4.5)
+
+
+def same_contents(one: Store, two: Store) -> None:
+    assert one.list_runs() == two.list_runs() and one.tree() == two.tree()
+    for run in one.list_runs():
+        assert one.iterations(run.id) == two.iterations(run.id)
+        assert one.events(run.id) == two.events(run.id)
+        assert one.pending_commands(run.id) == two.pending_commands(run.id)
+    assert one.load_intent("fork", 32) == two.load_intent("fork", 32) and one.tool_call("k") == two.tool_call("k")
+    assert one.memories("fixit") == two.memories("fixit")
+    assert keys_of(two.recall("fixit", "cafe tabs")) == ["tokenizer"]
+    assert one.spend_by("day") == two.spend_by("day") and two.stored_daily_budget() == 4.5
+
+
+def keys_of(items: list[Any]) -> list[str]:
+    return [item.key for item in items]
+
+
+def test_a_whole_sqlite_store_is_copied_into_postgresql_and_back(tmp_path: Path, pg_url: str) -> None:
+    with Store.open(tmp_path / "team.db") as sqlite, Store.open(pg_url) as pg:
+        populate(sqlite)
+        result = sqlite.copy_to(pg)
+        assert result.runs == 2 and result.rows["iterations"] == 45 and result.rows["memory"] == 2
+        same_contents(sqlite, pg)
+        later = pg.append_event("root", runlog.ShadowMode(why="after the copy"))  # ids go on after the copied ones
+        assert later.id > max(e.id for run in ("root", "fork") for e in sqlite.events(run))
+        assert pg.add_command("root", "stop", {}).id > 2 and pg.remember("fixit", "new", "x").id > 2
+        with pytest.raises(ConfigError, match=r"already holds runs or memories; copy into an empty store"):
+            sqlite.copy_to(pg)
+        with Store.open(tmp_path / "back.db") as back:
+            pg.copy_to(back)
+            assert [json.dumps(x) for x in back.export_run("fork")] == [json.dumps(x) for x in pg.export_run("fork")]
+            assert back.events("root") == pg.events("root")
+
+
+def test_a_copy_that_does_not_read_back_the_same_is_rolled_back(tmp_path: Path, pg_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import loopterm.store.copy as copying
+
+    real = copying._digest
+
+    def damaged(store: Store, table: str, key: Any, columns: Any) -> tuple[int, str]:
+        count, digest = real(store, table, key, columns)
+        return (count, "0" * 64) if store.backend == "postgresql" and table == "states" else (count, digest)
+
+    monkeypatch.setattr(copying, "_digest", damaged)
+    with Store.open(tmp_path / "team.db") as sqlite, Store.open(pg_url) as pg:
+        populate(sqlite)
+        with pytest.raises(ConfigError, match=r"^the copy of table states differs from .*; nothing was copied$"):
+            sqlite.copy_to(pg)
+        assert pg.list_runs() == [] and pg.memories("fixit") == [] and pg.stored_daily_budget() is None
+
+
+def test_a_drive_whose_session_was_dropped_is_claimed_again(store: Store, pg_url: str) -> None:
+    import psycopg
+
+    assert store.drive("r1") is True
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server ends the lock's session
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                      "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    time.sleep(0.2)
+    with Store.open(pg_url) as other:
+        assert other.drive("r1") is True  # free again: nobody holds it now
+        assert store.drive("r1") is False  # so the first store, asked again, must not claim it still holds it
+        other.undrive("r1")
+    assert store.drive("r1") is True
