@@ -317,20 +317,20 @@ def test_an_escalation_on_one_worker_answered_from_another_process_converges(clu
 # ----------------------------------------------------------------------------- a worker dies
 
 
-def _killed_mid_tool(cluster: Cluster, idempotent: bool) -> tuple[str, str, str]:
-    """Two workers; the one that runs iteration 2's side effect is SIGKILLed right after the effect, before
-    its result is recorded. Returns the run id, the dead worker and the survivor."""
+def _killed_mid_tool(cluster: Cluster, idempotent: bool, how: int = signal.SIGKILL) -> tuple[str, str, str]:
+    """Two workers; the one that runs iteration 2's side effect is SIGKILLed (or sent `how`) right after the
+    effect, before its result is recorded. Returns the run id, the dead worker and the survivor."""
     loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
     env = {"SIDEFX_HOLD_AT": "2", "SIDEFX_IDEMPOTENT": "1" if idempotent else "0"}
     cluster.env.update({"SIDEFX_IDEMPOTENT": env["SIDEFX_IDEMPOTENT"]})
-    workers = {name: cluster.worker(name, "--concurrency", "1", env=env) for name in ("wa", "wb")}
+    workers = {name: cluster.worker(name, "--concurrency", "1", "--grace", "1", env=env) for name in ("wa", "wb")}
     run_id = cluster.cli("run", str(loop), "--submit").stdout.strip()
     marks = cluster.folder / "marks.log"
     cluster.wait("the side effect", lambda: marks.exists() and "effect 2" in marks.read_text())
     pid = int(next(line for line in marks.read_text().splitlines() if line.startswith("effect 2")).split()[-1])
     dead = next(name for name, proc in workers.items() if proc.pid == pid)
-    workers[dead].send_signal(signal.SIGKILL)
-    workers[dead].wait(timeout=10)
+    workers[dead].send_signal(how)
+    assert workers[dead].wait(timeout=30) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
     survivor = next(name for name in workers if name != dead)
     return run_id, dead, survivor
 
@@ -342,6 +342,15 @@ def test_sigkill_a_worker_mid_side_effect_and_another_takes_the_run_over(cluster
     out = cluster.output(survivor)
     assert f"worker {dead} is gone: 1 segment(s) of it back on the queues" in out and f"▶ run {run_id}" in out
     assert [e["kind"] for e in shown["events"]].count("run_resumed") == 1
+
+
+def test_a_worker_stopped_with_sigterm_leaves_a_long_segment_to_the_others(cluster: Cluster) -> None:
+    run_id, stopped, survivor = _killed_mid_tool(cluster, idempotent=True, how=signal.SIGTERM)
+    cluster.wait("convergence on the other worker", lambda: cluster.status(run_id) == "converged")
+    check_exactly_once(cluster, run_id, 4)
+    said = cluster.output(stopped)
+    assert "1 running get up to 1s to end" in said and said.rstrip().endswith("stopped")
+    assert f"worker {stopped} is gone" in cluster.output(survivor)
 
 
 def test_a_non_idempotent_call_cut_by_a_kill_waits_for_a_person_then_converges(cluster: Cluster) -> None:
