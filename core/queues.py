@@ -219,6 +219,7 @@ def launch_worker(url: str, executor_id: str, segment: Callable[[str], dict[str,
     config: dict[str, Any] = {
         "name": APP, "system_database_url": _sqlalchemy_url(url), "application_version": APP_VERSION,
         "executor_id": executor_id, "log_level": "WARNING", "notification_listener_polling_interval_sec": 0.2,
+        "sys_db_pool_size": concurrency + 4,  # the segments' step records, the queue threads, recovery
     }
     DBOS(config=config)  # type: ignore[arg-type]
     DBOS.launch()
