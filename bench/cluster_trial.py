@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 
 def mark(text):
     with open(HERE / "marks.log", "a") as f:
-        f.write(f"{text} {os.getpid()}\\n")
+        f.write(f"{text} {os.getpid()} {time.time()}\\n")
 
 
 @tool(side_effects=True, idempotent=False)
@@ -128,7 +129,8 @@ class Trial:
         (self.folder / "script.json").write_text(json.dumps(script_for(lines)))
         asking = self.folder / "asking"  # one run's own copy, whose script asks a question at iteration 2
         asking.mkdir()
-        (asking / "trial.py").write_text((self.folder / "trial.py").read_text())
+        # Its own name: a scripted model is registered by the loop's name in a worker's process.
+        (asking / "trial.py").write_text((self.folder / "trial.py").read_text().replace('name="trial"', 'name="asking"'))
         (asking / "script.json").write_text(json.dumps(script_for([lines[0], "may I?", *lines[1:]])))
         (asking / "effects.log").touch()
         (self.folder / "effects.log").touch()
@@ -139,13 +141,16 @@ class Trial:
         self.worker()
         self.worker()
         began = time.monotonic()
+        submits = [subprocess.Popen([sys.executable, "-m", "loopterm.tui.cli", "run",
+                                     str(asking / "trial.py" if i == 0 else self.folder / "trial.py"), "--submit",
+                                     "--db", self.url], cwd=self.folder, env=env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for i in range(self.args.runs)]
         ids = []
-        for i in range(self.args.runs):
-            loop_file = asking / "trial.py" if i == 0 else self.folder / "trial.py"
-            done = cli(self.url, self.folder, "run", str(loop_file), "--submit")
-            if done.returncode != 0:
-                raise SystemExit(done.stderr)
-            ids.append(done.stdout.strip())
+        for proc in submits:  # from third processes, all at once
+            out, err = proc.communicate(timeout=180)
+            if proc.returncode != 0:
+                raise SystemExit(err)
+            ids.append(out.strip())
         submitted = time.monotonic() - began
         try:
             self.drive(ids)
@@ -163,33 +168,41 @@ class Trial:
         wall = time.monotonic() - began
         return self.check(ids, wall, submitted)
 
+    def kill_in_windows(self) -> None:
+        """Tail marks.log; SIGKILL the worker inside a fresh window (alternately before and after the effect),
+        then start a new worker, until --kills kills."""
+        marks = self.folder / "marks.log"
+        seen = 0
+        while len(self.kills) < self.args.kills and not (self.folder / "stop").exists():
+            text = marks.read_text().splitlines() if marks.exists() else []
+            for line in text[seen:]:
+                seen += 1
+                phase, run_id, n, pid, at = line.split()
+                want = "enter" if len(self.kills) % 2 == 0 else "effect"
+                victim = next((name for name, p in self.workers.items() if p.pid == int(pid) and p.poll() is None), None)
+                if phase != want or victim is None or time.time() - float(at) > 0.2 or self.rng.random() < 0.3:
+                    continue
+                time.sleep(self.rng.uniform(0.02, 0.15))  # inside the 0.4 s window on that side of the effect
+                self.workers[victim].send_signal(signal.SIGKILL)
+                self.workers[victim].wait()
+                self.kills.append({"worker": victim, "run": run_id, "iteration": int(n), "phase": phase,
+                                   "at": time.strftime("%H:%M:%S")})
+                self.worker()  # a new worker joins
+                break
+            time.sleep(0.02)
+        (self.folder / "armed").unlink(missing_ok=True)
+
     def drive(self, ids: list[str]) -> None:
         """Kill inside windows, answer what waits, until every run converged."""
         from loopterm.core.control import AddFact, Resume, command_payload
         from loopterm.core.fold import fold
         from loopterm.store import Store
 
-        marks = self.folder / "marks.log"
-        seen = 0
+        killer = threading.Thread(target=self.kill_in_windows, daemon=True)
+        killer.start()
         deadline = time.monotonic() + 600
         with Store.open(self.url) as store:
             while time.monotonic() < deadline:
-                text = marks.read_text().splitlines() if marks.exists() else []
-                for line in text[seen:]:
-                    seen += 1
-                    phase, run_id, n, pid = line.split()
-                    if len(self.kills) >= self.args.kills:
-                        (self.folder / "armed").unlink(missing_ok=True)
-                        break
-                    want = "enter" if len(self.kills) % 2 == 0 else "effect"
-                    victim = next((name for name, p in self.workers.items() if p.pid == int(pid) and p.poll() is None), None)
-                    if phase != want or victim is None or self.rng.random() < 0.3:
-                        continue
-                    time.sleep(self.rng.uniform(0.05, 0.3))
-                    self.workers[victim].send_signal(signal.SIGKILL)
-                    self.workers[victim].wait()
-                    self.kills.append({"worker": victim, "run": run_id, "iteration": int(n), "phase": phase})
-                    self.worker()  # a new worker joins
                 statuses = {r: store.get_run(r).status for r in ids}
                 if all(s == "converged" for s in statuses.values()):
                     return
@@ -204,7 +217,9 @@ class Trial:
                         for command in (AddFact(fact="lines are statements", base_iteration=base),
                                         Resume(escalation=view.escalation.event_id)):
                             store.add_command(run_id, *command_payload(command))
-                        self.answers.append(f"{run_id}: escalation answered through the store")
+                        why = " ".join(view.escalation.packet.summary.split())[:120]
+                        self.answers.append(f"{run_id}: escalation at {view.escalation.iteration} answered through "
+                                            f"the store ({why})")
                     elif view.side_effect is not None:
                         key = view.side_effect.asked.key
                         happened = key in self.effects_text()
@@ -243,13 +258,18 @@ class Trial:
                     key = (i.tool_call or {}).get("key")
                     if not any(e[0] == run_id and int(e[1]) == i.n and e[2] == key for e in effects):
                         problems.append(f"{run_id} iteration {i.n}: effect key differs from the store's")
+            asking = [e.event.kind for e in store.events(ids[0])]
         reader = json.loads((self.folder / "reader.json").read_text())
         problems += reader["problems"]
         out = self.outputs()
         return {
             "runs": len(ids), "iterations_per_run": n, "kills": len(self.kills), "kill_detail": self.kills,
+            "asking_run": {"id": ids[0], "escalated": asking.count("escalated"),
+                           "answered": asking.count("escalation_answered")},
             "takeovers": out.count("is gone:"), "taken_over": sorted(set(re.findall(r"worker (\S+) is gone", out))),
-            "warnings": [line for line in out.splitlines() if "⚠" in line and "is gone" not in line], "answers": self.answers, "segments_started": out.count("▶ run "),
+            "warnings": [line for line in out.splitlines() if "⚠" in line and "is gone" not in line],
+            "log": sorted(f"{line[:8]} {name}: {line[9:]}" for name in self.workers
+                          for line in (self.folder / f"{name}.out").read_text().splitlines()) if self.args.json else [], "answers": self.answers, "segments_started": out.count("▶ run "),
             "reader_polls": reader["polls"], "wall_s": round(wall, 1), "submit_s": round(submitted, 1),
             "lost_or_duplicated_or_double": len(problems), "problems": problems[:20],
         }
@@ -309,8 +329,10 @@ def main() -> None:
     else:
         print(f"{report['runs']} runs x {report['iterations_per_run']} iterations on 2 workers (+{report['kills']} "
               f"started after kills), {report['wall_s']} s")
-        print(f"  kills inside side-effecting calls: {report['kills']}; takeovers: {report['takeovers']}; "
-              f"segments: {report['segments_started']}; a person's answers: {len(report['answers'])}")
+        print(f"  kills inside side-effecting calls: {report['kills']}; dead workers taken over: "
+              f"{len(report['taken_over'])}; segments: {report['segments_started']}; a person's answers: "
+              f"{len(report['answers'])} (the escalation raised on a worker answered from here: "
+              f"{report['asking_run']['answered']} of {report['asking_run']['escalated']})")
         print(f"  reader polls: {report['reader_polls']}; lost, duplicated or double effects: "
               f"{report['lost_or_duplicated_or_double']}")
         for problem in report["problems"]:
