@@ -207,7 +207,10 @@ def launch_worker(url: str, executor_id: str, segment: Callable[[str], dict[str,
 
     slots = threading.BoundedSemaphore(concurrency)
 
-    @DBOS.step(name="loopterm.drive")
+    # A segment is a resume from the journal, so running it again is safe: a failure that is not the run's
+    # (the store's connection dropped, say) is retried, 2 + 4 + 8 + 16 s apart, before the segment fails.
+    @DBOS.step(name="loopterm.drive", retries_allowed=True, interval_seconds=2.0, max_attempts=5, backoff_rate=2.0,
+               should_retry=lambda exc: not isinstance(exc, ConfigError))
     def drive(run_id: str) -> dict[str, Any]:
         return segment(run_id)
 
