@@ -121,7 +121,7 @@ def submit_cases(loop_ref: str, location: Path | str, *, cases_file: Path, model
     loop, ref = load_loop(loop_ref)
     if code_changing(loop):
         raise ConfigError(f"loop {loop.name} changes code: its cases need git worktrees, which workers do not make "
-                          "yet; run them here with `loopterm eval` (without --submit)")
+                          "yet; run them on one machine (without --submit)")
     cases = load_cases(cases_file)
     models = check_cases(loop, cases, model)
     budget: dict[str, Any] = {k: v for k, v in (("usd", budget_usd), ("tokens", budget_tokens)) if v is not None}
