@@ -259,8 +259,10 @@ def test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(cluster: Cl
 
 def test_a_worker_runs_at_most_its_concurrency_at_once(cluster: Cluster) -> None:
     loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
-    ids = [cluster.cli("run", str(loop), "--submit").stdout.strip() for _ in range(3)]
     cluster.worker("w1", "--concurrency", "1")
+    submits = [subprocess.Popen(cluster.argv("run", str(loop), "--submit"), cwd=cluster.folder, env=cluster.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    ids = [proc.communicate(timeout=120)[0].strip() for proc in submits]  # three processes at once
     cluster.wait("three runs converged", lambda: all(cluster.status(r) == "converged" for r in ids), timeout=90)
     spans = []
     for run_id in ids:
