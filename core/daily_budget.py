@@ -24,6 +24,8 @@ class DailyLedger(Protocol):
 
     def spend_on(self, day: str) -> float: ...
 
+    def held_usd(self, exclude: str | None = None) -> float: ...
+
     def update_run(self, run_id: str, **fields: Any) -> None: ...
 
     def append_event(self, run_id: str, event: Any, iteration: int | None = None) -> Any: ...
@@ -62,7 +64,7 @@ def money(value: float) -> str:
 
 def check_daily_budget(
     store: DailyLedger | None, run_budget_usd: float | None, *, what: str = "this run's budget",
-    lower: str | None = "--budget-usd", today: str | None = None,
+    lower: str | None = "--budget-usd", today: str | None = None, exclude: str | None = None,
 ) -> float | None:
     """The USD cap a run about to start may have under the daily budget; None when no daily budget is set.
 
@@ -75,22 +77,32 @@ def check_daily_budget(
     the remainder itself. store=None: there is no database yet (nothing spent,
     nothing stored; only $LOOPTERM_DAILY_BUDGET_USD counts). `what` names the
     figure in the refusal, `lower` the option that lowers it (None: there is none).
+
+    What active runs may still spend (their USD budgets' remainders) is held against the daily budget
+    (store/reservations.py, which checks again in the transaction that creates a run); `exclude`: the run
+    about to continue, whose own holding is not counted against it.
     """
     daily = store.daily_budget() if store is not None else env_daily_budget()
     if daily is None:
         return None
     day = today or local_day(time.time())
     spent = store.spend_on(day) if store is not None else 0.0
-    remaining = max(0.0, daily - spent)
+    holding = store.held_usd(exclude) if store is not None else 0.0
+    remaining = max(0.0, daily - spent - holding)
+    held = f" and {money(holding)} held by active runs" if holding > 0 else ""
     advice = "raise it with `loopterm budget --set-daily X`, or wait until tomorrow"
+    if holding > 0:
+        advice = "wait for active runs to end, " + advice
     if remaining <= 0 and (run_budget_usd is None or run_budget_usd > 0):
-        raise ConfigError(f"the daily budget is spent: {money(spent)} of {money(daily)} used today ({day}); {advice}")
+        what_is = "spent" if holding <= 0 else "spent or held"
+        raise ConfigError(f"the daily budget is {what_is}: {money(spent)} of {money(daily)} used today ({day}){held}; "
+                          f"{advice}")
     if run_budget_usd is None:
         return remaining
-    if spent + run_budget_usd > daily + 1e-12:
+    if spent + holding + run_budget_usd > daily + 1e-12:
         lowering = f"pass a lower {lower} (at most {money(remaining)}), " if lower else ""
         raise ConfigError(
-            f"{what} of {money(run_budget_usd)} on top of today's spend of {money(spent)} would exceed the "
+            f"{what} of {money(run_budget_usd)} on top of today's spend of {money(spent)}{held} would exceed the "
             f"daily budget of {money(daily)} ({money(remaining)} left today); {lowering}{advice}"
         )
     return run_budget_usd
@@ -105,7 +117,8 @@ def cap_run(store: DailyLedger, run: RunRecord, default_usd: float | None, *, wh
     cap given (None: none).
     """
     usd = (run.budget or {}).get("usd", default_usd)
-    cap = check_daily_budget(store, None if usd is None else max(0.0, usd - run.cost_usd), what=what, lower=None)
+    cap = check_daily_budget(store, None if usd is None else max(0.0, usd - run.cost_usd), what=what, lower=None,
+                             exclude=run.id)
     if cap is None or usd is not None:
         return run, None
     capped = {**(run.budget or {}), "usd": run.cost_usd + cap}

@@ -30,7 +30,7 @@ from loopterm.core.control import Approve, Deny
 from loopterm.core.creation import new_run
 from loopterm.core.deciding import decide
 from loopterm.core.decision import Decision
-from loopterm.core.errors import ModelError
+from loopterm.core.errors import ModelError, RunBusyError
 from loopterm.core.events import (
     EngineEvent,
     Escalated,
@@ -42,7 +42,7 @@ from loopterm.core.events import (
     StatusChanged,
 )
 from loopterm.core.fold import fold
-from loopterm.core.hooks import Hook, LongTermMemory, McpServers
+from loopterm.core.hooks import ControlFeed, Hook, LongTermMemory, McpServers
 from loopterm.core.liveness import HEARTBEAT_S
 from loopterm.core.loop import Loop
 from loopterm.core.migrations import migrate_state
@@ -114,7 +114,7 @@ class Engine:
         # Long-term memory (core/memory.py), when the journal keeps one (the Store does).
         memory: Any = journal if hasattr(journal, "recall") and hasattr(journal, "remember") else None
         self.hooks: list[Hook] = [*([LongTermMemory(memory)] if memory is not None else []),
-                                  *([McpServers()] if loop.mcp_servers else [])]
+                                  *([McpServers()] if loop.mcp_servers else []), ControlFeed()]
         self._spawn = functools.partial(spawn, self)
         self.executor = ToolExecutor(
             journal, run.id, clock=clock, prior=prior, replaying=replaying, answers=dict(side_effect_answers or {}),
@@ -244,7 +244,20 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> RunRecord:
-        """Iterate until a termination reason; returns the final run record."""
+        """Iterate until a termination reason; returns the final run record.
+
+        Holds the run's lock (the journal's `drive`) throughout: on a shared PostgreSQL store no second
+        engine, on any host, can execute the run at the same time, whatever a queue or a person does.
+        """
+        if not self.journal.drive(self.run_id):
+            raise RunBusyError(f"run {self.run_id} is being executed by another engine (it holds the run's lock); "
+                               "`loopterm watch` it, or wait until it stops")
+        try:
+            return await self._run()
+        finally:
+            self.journal.undrive(self.run_id)
+
+    async def _run(self) -> RunRecord:
         resumed_from = self.state.iteration
         self.journal.update_run(self.run_id, status=Status.RUNNING.value, updated_at=self.clock(), message=None)
         started = runlog.RunResumed if self.view.started_before else runlog.RunStarted

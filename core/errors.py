@@ -24,6 +24,10 @@ class ConfigError(LooptermError):
     """Bad input from the person: loop file, model, key, budget, run id, database."""
 
 
+class RunBusyError(ConfigError):
+    """Another engine holds the run's lock: it is being executed elsewhere (a worker, another host)."""
+
+
 class ModelError(LooptermError):
     """A model call that failed, already classified."""
 

@@ -156,3 +156,28 @@ class McpServers(Hook):
         if self.tools is not None:
             tools, self.tools = self.tools, None
             await tools.close()
+
+
+class ControlFeed(Hook):
+    """Wakes the engine the moment another process sends this run a command (PostgreSQL's LISTEN/NOTIFY,
+    through the journal's `subscribe`), so a pause from `watch` on another host takes effect at once
+    rather than at the next poll. The poll stays as the fallback (and is all SQLite has)."""
+
+    def __init__(self) -> None:
+        self._unsubscribe: Any = None
+
+    async def started(self, engine: Engine) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+
+        def heard(kind: str, run_id: str) -> None:  # on the journal's listening thread
+            if kind == "command" and run_id == engine.run_id and not loop.is_closed():
+                loop.call_soon_threadsafe(engine.wake)
+
+        self._unsubscribe = engine.journal.subscribe(heard)
+
+    async def closed(self, engine: Engine) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None

@@ -9,7 +9,7 @@ before anything slow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from loopterm.core.runlog import EventRecord, RunEvent
@@ -89,6 +89,18 @@ class Journal(Protocol):
         ...
 
     def pending_commands(self, run_id: str) -> list[CommandRecord]: ...
+
+    def subscribe(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
+        """Call callback(kind, run_id) from another thread when any process commits an iteration, a command or
+        an event; returns the unsubscribe function. A journal that cannot notify never calls (callers poll)."""
+        ...
+
+    def drive(self, run_id: str) -> bool:
+        """Take the run's lock for as long as this engine executes it; False when another engine holds it.
+        A journal on one machine may always say True (liveness is checked from heartbeats instead)."""
+        ...
+
+    def undrive(self, run_id: str) -> None: ...
 
     def consume_command(self, command_id: int, events: Sequence[tuple[RunEvent, int | None]] = ()) -> list[EventRecord]:
         """Mark the command handled and append what it did (events at iterations), in one commit."""

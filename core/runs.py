@@ -130,8 +130,17 @@ def record_end(journal: Journal, run_id: str, reason: TerminationReason, message
     return journal.get_run(run_id)
 
 
-def workspace_root(db: Path) -> Path:
-    """Where a store's runs get their workspaces: beside the database."""
+def workspace_root(db: Path | None) -> Path:
+    """Where a store's runs get their workspaces, which are files on the machine that runs the loop:
+    $LOOPTERM_WORKSPACES when set, else beside a SQLite database (`db`), else (a server store: `db` None)
+    `.loopterm/workspaces` under the working directory."""
+    from loopterm.core.settings import settings
+
+    chosen = settings().workspaces
+    if chosen is not None:
+        return chosen.expanduser().resolve()
+    if db is None:
+        return (Path.cwd() / ".loopterm" / "workspaces").resolve()
     return db.resolve().parent / "workspaces"
 
 

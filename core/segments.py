@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loopterm.core import runlog as log
-from loopterm.core.errors import ConfigError, LooptermError
+from loopterm.core.errors import ConfigError, LooptermError, RunBusyError
 from loopterm.core.fold import RunView, fold
 from loopterm.core.liveness import executing_elsewhere
 from loopterm.core.records import RunRecord
@@ -93,6 +93,8 @@ def _drive_held(store: Any, run_id: str, say: Say | None) -> SegmentEnd:
         say(f"run {run_id} ({run.loop}, {run.model}) from iteration {engine.state.iteration}")
     try:
         final = asyncio.run(engine.run())
+    except RunBusyError as exc:  # another engine took the run between our look and the engine's own lock
+        return SegmentEnd(run_id, run.status, skipped=str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug in a loop or in loopterm: this run's failure, not the worker's
         message = " ".join(f"{exc.__class__.__name__}: {exc}".split())[:500]
         final = service.record_end(store, run_id, TerminationReason.FATAL_ERROR, message)

@@ -69,10 +69,17 @@ class Settings(BaseSettings):
         protected_namespaces=(),  # `model_timeout` is ours, not pydantic's `model_` namespace
     )
 
-    db: Path = Field(
+    db: Path | str = Field(
         default=Path(".loopterm") / "loopterm.db",
-        description="the SQLite store; `--db` wins over it",
-        json_schema_extra={"default_text": "`.loopterm/loopterm.db` under the working directory"},
+        description="the store: a SQLite file, or a `postgresql://` URL (see Storage); `--db` wins over it",
+        json_schema_extra={"default_text": "`.loopterm/loopterm.db` under the working directory",
+                           "type_text": "path or URL"},
+    )
+    workspaces: Path | None = Field(
+        default=None,
+        description="where new runs get their workspaces (files on the machine that runs the loop; `~` expands)",
+        json_schema_extra={"default_text": "`workspaces/` beside a SQLite store; `.loopterm/workspaces` under the "
+                                           "working directory for a PostgreSQL store"},
     )
     config_dir: Path | None = Field(
         default=None,
@@ -153,6 +160,14 @@ class Settings(BaseSettings):
                     continue
             kept[key] = value
         return kept
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _path_or_url(cls, value: Any) -> Any:
+        """A URL stays text (a Path would fold its `//`); anything else is a path, as it always was."""
+        if isinstance(value, str) and "://" not in value:
+            return Path(value)
+        return value
 
     @field_validator("daily_budget_usd", mode="before")
     @classmethod
@@ -264,6 +279,8 @@ def expects(field: str) -> str:
     if _is_mapping(field):
         return f"a JSON object like {LIMITS_EXAMPLE}"
     kind = _base_type(field)
+    if "type_text" in _extra(field):
+        return f"a {_extra(field)['type_text']}"
     if kind is bool:
         return f"a boolean ({_BOOLEAN_WORDS})"
     if kind is Path:
@@ -281,6 +298,8 @@ def type_text(field: str) -> str:
     if _is_mapping(field):
         return "JSON object"
     kind = _base_type(field)
+    if "type_text" in _extra(field):
+        return str(_extra(field)["type_text"])
     if kind is bool:
         return "boolean"
     if kind is Path:

@@ -1,4 +1,5 @@
-"""loopterm.store: the SQLite journal of runs (sqlite-utils). Never imports textual or litellm."""
+"""loopterm.store: the journal of runs, in a SQLite file (the default) or a PostgreSQL database (psycopg 3,
+imported only then). Never imports textual or litellm."""
 
 from loopterm.store.db import DuplicateIterationError, Store
 from loopterm.store.schema import SCHEMA_VERSION

@@ -1,4 +1,4 @@
-"""`Store`: the SQLite journal of runs, and the reads the CLI and TUI need.
+"""`Store`: the journal of runs, and the reads the CLI and TUI need, on SQLite or PostgreSQL.
 
 One `Store` owns one connection. Every public method commits before it
 returns, because the engine relies on each iteration being durable before
@@ -11,6 +11,11 @@ What lives where: each iteration's state is a delta against the one before, with
 delta.py); prompts by section (prompts.py); intents and the tool-call journal (calls.py); reads of
 iterations and lineage (reads.py); long-term memory (memory.py); the spend ledger, written in the
 transaction that changes a run's totals (ledger.py).
+
+PostgreSQL (`Store.open("postgresql://...")`): the same code over store/pg.py's connection, which quacks like
+sqlite3's and holds every dialect difference; the schema is pg_schema.py's. Transactions run at READ
+COMMITTED with the same all-or-nothing `_write()`; notifications and per-run locks are coordination.py's;
+copying a whole store between backends is copy.py's.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import loopterm.store.ledger as ledger
 import loopterm.store.memory as memory
 import loopterm.store.policies as policies
 import loopterm.store.prune as pruning
+import loopterm.store.reservations as reservations
 import loopterm.store.transfer as transfer
 from loopterm.store.calls import CallJournal
 from loopterm.store.coordination import Coordination
@@ -53,7 +59,7 @@ from loopterm.core.text import one_line
 from loopterm.store.known import Known
 from loopterm.store.guard import OTHER_PATH, check_file, classify, is_busy, open_failure, when_unlocked
 from loopterm.store.migrations import upgrade
-from loopterm.store.pg import is_url
+from loopterm.store.pg import is_url, log_lock_key
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import dump_json, encode, from_row, to_row
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
@@ -331,8 +337,20 @@ class Store(LineageReads, CallJournal, Coordination):
     # -- runs ------------------------------------------------------------------
 
     def create_run(self, run: RunRecord) -> None:
+        """Record a new run; under a daily budget, checked against it and what active runs hold in this same
+        transaction, so two processes or hosts cannot both pass it (store/reservations.py)."""
         with self._write():
+            daily = self.daily_budget()
+            if daily is not None:
+                if self._url is not None:
+                    self._conn.execute("SELECT pg_advisory_xact_lock(?)", [reservations.DAILY_LOCK])
+                reservations.check_new_run(self._conn, run, daily)
             self._insert_row("runs", to_row("runs", run))
+
+    def held_usd(self, exclude: str | None = None) -> float:
+        """What active runs (all but `exclude`) may still spend under their USD budgets (reservations.py)."""
+        with self._lock:
+            return reservations.held(self._conn, exclude)[0]
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run with exactly this id; KeyError if there is none (use resolve_run for user input)."""
@@ -485,6 +503,11 @@ class Store(LineageReads, CallJournal, Coordination):
 
     def _insert_event(self, run_id: str, event: RunEvent, iteration: int | None) -> EventRecord:
         kind, data = to_stored(event)
+        if self._url is not None:
+            # PostgreSQL lets two transactions write at once, and takes ids when rows are inserted, not committed:
+            # a reader polling events(run, after_id) could pass an id committed later. One writer of a run's log
+            # at a time (until its commit) keeps each run's ids committed in order, as SQLite's lock does.
+            self._conn.execute("SELECT pg_advisory_xact_lock(?)", [log_lock_key(run_id)])
         ts = self._clock()
         row = encode("events", {"run_id": run_id, "iteration": iteration, "ts": ts, "kind": kind, "data": data})
         return EventRecord(id=self._insert_row("events", row), run_id=run_id, iteration=iteration, ts=ts, event=event)

@@ -6,8 +6,8 @@ Every difference between the dialects is here, each with why:
 - placeholders: `?` / `?N` become `$N` (a RawCursor: server-side parameters, so a literal `%` needs no escaping);
 - `BEGIN IMMEDIATE` is `BEGIN`: PostgreSQL locks rows, not the file, so there is no write lock to take early;
 - `PRAGMA synchronous = NORMAL` (a write that may be lost on power loss) is `synchronous_commit = off` for
-  that write (FULL resets it to the server's setting), which promises the same: a crash of the client loses nothing, a crash of the server may lose the last commits;
-  other PRAGMAs mean nothing here and are dropped (no rows);
+  that write (FULL resets it to the server's setting), which promises the same: a crash of the client loses
+  nothing, a crash of the server may lose the last commits; other PRAGMAs mean nothing here and are dropped;
 - `length(CAST(x AS BLOB))` (bytes of a value) is `octet_length(x)`;
 - `json_extract(doc, '$.key')` is the schema's `loopterm_json_extract` (a name no other software in a shared
   database will have taken);
@@ -318,6 +318,11 @@ def _configure(raw: Any) -> None:
     adapters.register_loader("numeric", WholeLoader)
 
 
+def state_body(body: str | bytes) -> bytes:
+    """A state body for the bytea column (read back by the bytea loader as the str or bytes it was)."""
+    return body.encode() if isinstance(body, str) else body
+
+
 def raw_connect(url: str, *, autocommit: bool = True) -> Any:
     """A psycopg connection to `url`, or a one-line ConfigError without the password."""
     import psycopg
@@ -344,14 +349,18 @@ def connect(url: str) -> PgConnection:
 # -- per-run advisory locks and notifications -------------------------------------------------------
 
 
-def state_body(body: str | bytes) -> bytes:
-    """A state body for the bytea column (read back by the bytea loader as the str or bytes it was)."""
-    return body.encode() if isinstance(body, str) else body
+def _key(kind: bytes, run_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(kind + run_id.encode()).digest()[:8], "big", signed=True)
 
 
 def run_lock_key(run_id: str) -> int:
-    """A signed 64-bit advisory lock key for a run (stable across processes and versions)."""
-    return int.from_bytes(hashlib.sha256(b"loopterm-run:" + run_id.encode()).digest()[:8], "big", signed=True)
+    """A signed 64-bit advisory lock key for driving a run (stable across processes and versions)."""
+    return _key(b"loopterm-run:", run_id)
+
+
+def log_lock_key(run_id: str) -> int:
+    """The advisory lock key that serialises writers of one run's event log (see Store._insert_event)."""
+    return _key(b"loopterm-log:", run_id)
 
 
 class RunLocks:

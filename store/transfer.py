@@ -204,7 +204,7 @@ def import_lines(store: Store, lines: Iterable[str]) -> list[str]:
                 error = exc.errors()[0]
                 where = ".".join(str(part) for part in error["loc"]) or "(record)"
                 raise ConfigError(f"line {number}: invalid {kind} record at {where}: {error['msg']}; {NOTHING}") from None
-            except (sqlite3.IntegrityError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            except (sqlite3.IntegrityError, store._conn.IntegrityError, ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise ConfigError(f"line {number}: {one_line(exc)}; {NOTHING}") from None
         reader.finish()
     return reader.imported

@@ -162,3 +162,12 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     server = request.getfixturevalue("postgres_server")
     with psycopg.connect(server.url(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+@pytest.fixture
+def engine_store(store_target: str | Path, monkeypatch: pytest.MonkeyPatch) -> str | Path:
+    """Runs a module's engine tests (tests/loopkit.py's make_engine) on both backends."""
+    from tests import loopkit
+
+    monkeypatch.setattr(loopkit, "store_location", store_target)
+    return store_target

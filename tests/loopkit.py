@@ -47,11 +47,16 @@ def make_loop(tmp_path: Path, turns: list[Any], *, name: str = "t", after_end: s
     return Loop(name=name, goal="make flag.txt say ok", script=script, **fields)
 
 
+# Where make_engine opens its Store: a SQLite file under the test's tmp_path, unless a test module runs on
+# both backends (the `engine_store` fixture in conftest.py points it at the test's PostgreSQL database).
+store_location: Any = None
+
+
 def make_engine(tmp_path: Path, loop: Loop, **kwargs: Any) -> tuple[Engine, Store]:
     from loopterm.core.model import check_model
 
     check_model(loop.model, loop.script)
-    store = Store.open(tmp_path / "db" / "loopterm.db")
+    store = Store.open(store_location or tmp_path / "db" / "loopterm.db")
     engine = Engine.create(loop, store, loop_ref=f"test:{loop.name}", workspace_root=tmp_path / "ws", workdir=tmp_path,
                            **kwargs)
     return engine, store

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from loopterm.core import Invariant, LoopState, Remediation, ToolContext, tool
 from loopterm.core.control import (
     AddFact,
@@ -31,6 +33,9 @@ from loopterm.store import Store
 from loopterm.core.fold import fold
 from loopterm.core.runlog import CommandRejected, EscalationAnswered, StateEdited
 from tests.loopkit import decision, kinds, make_engine, make_loop, of
+
+
+pytestmark = pytest.mark.usefixtures("engine_store")  # every test on SQLite and on PostgreSQL
 
 
 def many(k: int = 8) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,9 +35,17 @@ def codefix_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
 
 
 @pytest.fixture
-def codefix_db(codefix_template: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+def codefix_db(codefix_template: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               store_target: str | Path) -> tuple[Any, str]:
+    """A copy of the template's store: a SQLite file, then a PostgreSQL database (every test runs on both)."""
     monkeypatch.chdir(tmp_path)
     template, run_id = codefix_template
+    if not isinstance(store_target, Path):
+        from loopterm.store import Store
+
+        with Store.open(template, create=False) as source, Store.open(store_target) as target:
+            source.copy_to(target)
+        return store_target, run_id
     db = tmp_path / "s.db"
     with sqlite3.connect(template) as src, sqlite3.connect(db) as dst:
         src.backup(dst)  # consistent even with the template's WAL not yet checkpointed

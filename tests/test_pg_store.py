@@ -473,3 +473,23 @@ def test_a_drive_whose_session_was_dropped_is_claimed_again(store: Store, pg_url
         assert store.drive("r1") is False  # so the first store, asked again, must not claim it still holds it
         other.undrive("r1")
     assert store.drive("r1") is True
+
+
+def test_a_runs_event_ids_are_committed_in_order(store: Store, pg_url: str) -> None:
+    """A reader polling events(run, after_id) never passes an id that commits later."""
+    store.create_run(make_run("r1"))
+    store.create_run(make_run("r2"))
+    done = threading.Event()
+    second: list[Any] = []
+    with Store.open(pg_url) as other, Store.open(pg_url) as reader:
+        with store._write():
+            first = store._insert_event("r1", runlog.ShadowMode(why="first"), None)
+            thread = threading.Thread(target=lambda: (second.append(other.append_event("r1", runlog.ShadowMode(why="2"))),
+                                                      done.set()))
+            thread.start()
+            assert not done.wait(0.5)  # the other writer of r1's log waits for this transaction
+            assert reader.events("r1") == []  # nothing committed yet: a poller remembers no id
+            reader.append_event("r2", runlog.ShadowMode(why="another run's log is not held up"))
+        thread.join(5)
+        assert done.is_set() and second[0].id > first.id
+        assert [e.id for e in reader.events("r1")] == [first.id, second[0].id]

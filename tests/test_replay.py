@@ -138,12 +138,17 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def db(store_target: str | Path, work: Path) -> str | Path:
+    """Where the test's store is: every test runs on SQLite and on PostgreSQL."""
+    return work / "r.db" if isinstance(store_target, Path) else store_target
+
+
 # ----------------------------------------------------------------------------- identical replays
 
 
-def test_converged_codefix_run_replays_identically(work: Path, capsys: pytest.CaptureFixture[str],
+def test_converged_codefix_run_replays_identically(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    db = work / "r.db"
     code, out, err = cli(capsys, "run", "codefix", "--headless", "--db", str(db))
     assert code == 0, out + err
     recorded = only_run(capsys, db, "run")
@@ -176,9 +181,8 @@ def test_converged_codefix_run_replays_identically(work: Path, capsys: pytest.Ca
     assert code == 0 and "(replay)" in out
 
 
-def test_side_effect_with_policy_ask_is_answered_from_the_recording(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_side_effect_with_policy_ask_is_answered_from_the_recording(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     assert fired(folder) == ["halfway"]
 
@@ -191,10 +195,9 @@ def test_side_effect_with_policy_ask_is_answered_from_the_recording(work: Path, 
     assert second["tool_result"]["reused"] is True
 
 
-def test_a_repaired_reply_replays_identically(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_repaired_reply_replays_identically(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     turns = [[{"content": "this is not JSON"}, {"content": decision("write", "start the flag", text="no")}], *TURNS[1:]]
     folder = loop_dir(work, turns)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     first = cli_json(capsys, "show", recorded, "--iteration", "1", "--db", str(db))
     assert first["repairs"] == 1 and len(first["prompt"]) == 4
@@ -206,9 +209,8 @@ def test_a_repaired_reply_replays_identically(work: Path, capsys: pytest.Capture
     assert again["repairs"] == 1 and again["prompt"] == first["prompt"]
 
 
-def test_a_branch_replays_its_whole_lineage(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_branch_replays_its_whole_lineage(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     root = run_flagger(capsys, folder, db)
     # Branch at 1 with a patched subgoal: at 2 it reaches notify, which the root already fired:
     # policy ask, so it waits for a person, who says reuse.
@@ -225,12 +227,11 @@ def test_a_branch_replays_its_whole_lineage(work: Path, capsys: pytest.CaptureFi
     assert fired(folder) == ["halfway"]
 
 
-def test_a_run_a_person_steered_replays_identically(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_a_person_steered_replays_identically(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     from loopterm.store import Store
 
     folder = loop_dir(work)
     edit(folder / "loop.py", "LIMIT = 100", "LIMIT = 2")  # escalates at iteration 2
-    db = work / "r.db"
     code, out, err = cli(capsys, "run", str(folder / "loop.py"), "--headless", "--no-wait", "--db", str(db))
     assert code == 4, out + err
     recorded = str(cli_json(capsys, "runs", "--db", str(db))[-1]["id"])
@@ -250,7 +251,7 @@ def test_a_run_a_person_steered_replays_identically(work: Path, capsys: pytest.C
     assert fired(folder) == ["halfway"]
 
 
-def test_a_run_a_person_resumed_in_place_replays_identically(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_a_person_resumed_in_place_replays_identically(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 
     from loopterm.core.engine import Engine
@@ -261,7 +262,6 @@ def test_a_run_a_person_resumed_in_place_replays_identically(work: Path, capsys:
 
     folder = loop_dir(work)
     edit(folder / "loop.py", "LIMIT = 100", "LIMIT = 2")  # escalates at iteration 2; the engine waits for a person
-    db = work / "r.db"
     loop, ref = load_loop(str(folder / "loop.py"))
     check_model(loop.model, loop.script)
     with Store.open(db) as store:
@@ -285,9 +285,8 @@ def test_a_run_a_person_resumed_in_place_replays_identically(work: Path, capsys:
 # ----------------------------------------------------------------------------- divergences
 
 
-def test_changed_system_prompt_diverges_at_the_first_iteration(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_system_prompt_diverges_at_the_first_iteration(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     edit(folder / "loop.py", 'SYSTEM = "You keep flag.txt in order."', 'SYSTEM = "You keep flag.txt tidy."')
 
@@ -308,9 +307,8 @@ def test_changed_system_prompt_diverges_at_the_first_iteration(work: Path, capsy
     assert "✗ diverged at iteration 1: prompt" in done.stdout
 
 
-def test_changed_goal_diverges_in_the_user_message(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_goal_diverges_in_the_user_message(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     edit(folder / "loop.py", 'GOAL = "make flag.txt say ok"', 'GOAL = "make flag.txt say ok, politely"')
     code, out, err = cli(capsys, "replay", recorded, "--json", "--db", str(db))
@@ -319,9 +317,8 @@ def test_changed_goal_diverges_in_the_user_message(work: Path, capsys: pytest.Ca
     assert (divergence["iteration"], divergence["kind"]) == (1, "prompt") and "user message" in divergence["detail"]
 
 
-def test_changed_tool_output_diverges_where_the_prompt_first_shows_it(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_tool_output_diverges_where_the_prompt_first_shows_it(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     edit(folder / "loop.py", 'WROTE = "wrote"', 'WROTE = "stored"')  # write re-runs in the replay: its output changed
     report = cli_json(capsys, "replay", recorded, "--db", str(db), expect=3)
@@ -331,9 +328,8 @@ def test_changed_tool_output_diverges_where_the_prompt_first_shows_it(work: Path
     assert "user message" in divergence["detail"] and "stored" in divergence["replayed"]
 
 
-def test_changed_invariant_diverges_where_it_now_fails(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_invariant_diverges_where_it_now_fails(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     edit(folder / "loop.py", "LIMIT = 100", "LIMIT = 2")  # now violated from iteration 2 on (and it escalates)
 
@@ -346,9 +342,8 @@ def test_changed_invariant_diverges_where_it_now_fails(work: Path, capsys: pytes
     assert report["iterations_compared"] == 2
 
 
-def test_changed_action_arguments_diverge_in_the_decision_and_never_fire(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_action_arguments_diverge_in_the_decision_and_never_fire(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     # notify now normalizes its argument (same schema, so the same prompt): the recorded reply makes
     # a call the recording never made; it must not reach the world.
@@ -364,9 +359,8 @@ def test_changed_action_arguments_diverge_in_the_decision_and_never_fire(work: P
     assert second["tool_result"]["ok"] is False and "not fired" in second["tool_result"]["error"]
 
 
-def test_a_recorded_reply_now_rejected_diverges_in_the_decision(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_recorded_reply_now_rejected_diverges_in_the_decision(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     # notify now refuses lower-case messages (same schema, same prompt): the recorded reply of iteration 2
     # would need a repair the recording does not have.
@@ -379,9 +373,8 @@ def test_a_recorded_reply_now_rejected_diverges_in_the_decision(work: Path, caps
     assert report["iterations_compared"] == 1 and fired(folder) == ["halfway"]
 
 
-def test_recorded_run_that_went_on_longer_diverges_in_length(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recorded_run_that_went_on_longer_diverges_in_length(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     recorded = run_flagger(capsys, folder, db)
     # The loop now counts itself converged once the team was told (the gates agree with the recording).
     edit(folder / "loop.py", "    max_iterations=6,\n",
@@ -396,9 +389,8 @@ def test_recorded_run_that_went_on_longer_diverges_in_length(work: Path, capsys:
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_unknown_run_is_one_line_and_exit_2(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_run_is_one_line_and_exit_2(work: Path, db: str | Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = loop_dir(work)
-    db = work / "r.db"
     run_flagger(capsys, folder, db)
     done = subprocess_cli("replay", "nosuchrun", "--db", str(db), cwd=work)
     assert done.returncode == 2

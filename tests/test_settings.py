@@ -60,6 +60,8 @@ def test_the_cli_default_db_is_the_models() -> None:
 # (field, value in the environment, value read); every field has at least one
 READS: list[tuple[str, str, Any]] = [
     ("db", "elsewhere/runs.db", Path("elsewhere/runs.db")),
+    ("db", "postgresql://u:pw@db.example/loops", "postgresql://u:pw@db.example/loops"),  # a URL stays text
+    ("workspaces", "/srv/loopterm/ws", Path("/srv/loopterm/ws")),
     ("config_dir", "/tmp/loopterm-config", Path("/tmp/loopterm-config")),
     ("daily_budget_usd", "2.5", 2.5),
     ("daily_budget_usd", "0", 0.0),

@@ -388,3 +388,13 @@ def test_cli_a_codefix_branch_round_trips_and_forks_after_import(
     capsys.readouterr()
     assert main(["fork", parent, "--at", "2", "--dry-run", "--db", str(other)]) == 0
     assert "is valid; nothing was created" in " ".join(capsys.readouterr().out.split())  # the console may wrap
+
+
+def test_a_row_the_database_refuses_is_one_line_and_imports_nothing(exported: Lines, target: Store) -> None:
+    """A tool call whose key the target already holds (keys are global): the database's own refusal, on
+    either backend, becomes the same one-line refusal as the file checks."""
+    target.tool_call_started(ToolCallRecord(key="k-root", run_id="local", iteration=1, tool="send", args={},
+                                            status="started", started_at=1.0))
+    text = refused(target, exported, r"^line \d+: .*k-root.*; nothing was imported$" if target.backend == "postgresql"
+                   else r"^line \d+: UNIQUE constraint failed: tool_calls\.key; nothing was imported$")
+    assert "Traceback" not in text

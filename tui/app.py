@@ -26,14 +26,14 @@ import inspect
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from loopterm.core.engine import Engine
 from loopterm.core.errors import LooptermError
 from loopterm.core.fold import RunView
 from loopterm.core.loop import Loop
 from loopterm.core.settings import settings
-from loopterm.store import Store
+from loopterm.store.target import StoreTarget
 from loopterm.tui.bindings import SEARCH_CLOSE, SUPERVISION_BINDINGS
 from loopterm.tui import heap
 from loopterm.tui.branching import Branching
@@ -137,7 +137,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | StoreTarget,
         *,
         start: tuple[Loop, str] | None = None,
         model: str | None = None,
@@ -152,9 +152,9 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
     ) -> None:
         super().__init__()
         self.shadow = shadow  # `start` begins a shadow run
-        self.db_path = Path(db_path)
-        self.store = Store.open(self.db_path)
-        self.workspace_root = self.db_path.resolve().parent / "workspaces"
+        self.target = StoreTarget.of(db_path)  # a SQLite file or a PostgreSQL URL (store/target.py)
+        self.store = self.target.open()
+        self.workspace_root = self.target.workspace_root()
         self.start_spec = start
         self.model = model
         self.watch_run = watch_run
@@ -177,6 +177,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         self._ticks = 0
         self._tree_sizes = TreeSizes()  # tui/tree_sizes.py
         self._poll_queued = False
+        self._unsubscribe: Callable[[], None] | None = None  # the store's notifications (PostgreSQL)
         self._spend_dirty = False
         self._tree_iterations: int | None = None  # the shown run's iteration count when the tree was drawn
         self._quitting = False
@@ -204,9 +205,21 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
             self.notify(warning, title="Keymap", severity="warning", timeout=10)
 
     def on_unmount(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         heap.release()  # what this App froze (tui/heap.py) is the collector's again
         if self.live_traces is not None:  # the spans still queued go out (bounded) before the process ends
             self.live_traces.close()
+
+    def _heard(self, loop: asyncio.AbstractEventLoop) -> Callable[[str, str], None]:
+        """On a PostgreSQL store: another process committed something; read the store now rather than at the
+        next poll (the poll stays: a notification can be missed while its connection is made again)."""
+        def heard(kind: str, run_id: str) -> None:  # on the store's listening thread
+            view = self.view
+            if view is not None and run_id == view.run_id and self._running and not loop.is_closed():
+                loop.call_soon_threadsafe(self.poll_soon)
+
+        return heard
 
     def main_ready(self) -> None:
         """The main screen is composed: show a run (or start one) and follow the store."""
@@ -233,6 +246,7 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         self.update_header()
         # Not once the App shuts down: Textual removes the screen's widgets before it stops the App's timers.
         self.set_interval(POLL_SECONDS, lambda: self._tick() if self._running else None)
+        self._unsubscribe = self.store.subscribe(self._heard(asyncio.get_running_loop()))
         self.call_after_refresh(heap.freeze)  # the start-up heap (Textual, the store, the widgets), once painted
         self.set_interval(heap.CHECK_SECONDS, lambda: self._heap.check(
             self.view if self.view is not None and not self.view.loading else None))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopterm.tui import arguments
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 
 def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
@@ -70,20 +72,19 @@ def report(store: Any, days: int, today: dt.date | None = None) -> dict[str, Any
     }
 
 
-def run(args: argparse.Namespace, db: Path) -> int:
-    from loopterm.store import Store
+def run(args: argparse.Namespace, db: StoreTarget) -> int:
     from loopterm.core.daily_budget import DAILY_BUDGET_ENV, env_daily_budget, money
 
     notes: list[str] = []
     store = None
     if args.set_daily is not None or args.clear_daily:
-        store = Store.open(db)
+        store = db.open()
         store.set_daily_budget(None if args.clear_daily else args.set_daily)
         notes.append(f"daily budget {'removed' if args.clear_daily else 'set to ' + money(args.set_daily)} in {db}")
         if env_daily_budget() is not None:
             notes.append(f"note: ${DAILY_BUDGET_ENV} is set and overrides the stored figure")
     elif db.exists():
-        store = Store.open(db, create=False)
+        store = db.open(create=False)
     try:
         figures = report(store, args.days)
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from loopterm.tui import arguments
-from loopterm.tui.console import DEFAULT_DB, USAGE_ERROR, db_path, error
+from loopterm.tui.console import DEFAULT_DB, USAGE_ERROR, error, store_target
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +34,8 @@ def _otlp_url(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     db = argparse.ArgumentParser(add_help=False)
-    db.add_argument("--db", type=Path, help=f"the SQLite store (default: $LOOPTERM_DB or {DEFAULT_DB})")
+    db.add_argument("--db", metavar="PATH|URL",
+                    help=f"the store: a SQLite file or a postgresql:// URL (default: $LOOPTERM_DB or {DEFAULT_DB})")
 
     parser = _Parser(
         prog="loopterm",
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loopterm.tui import worker_cli  # standard library only at import
 
     worker_cli.add_parser(sub, db)
+    from loopterm.tui import db_cli  # standard library only at import
+
+    db_cli.add_parser(sub, db)
     from loopterm.tui import new_cli  # standard library only at import
 
     new_cli.add_parser(sub)
@@ -225,15 +229,17 @@ def _debug() -> bool:
 
 
 def _store_failure(exc: BaseException, args: argparse.Namespace) -> tuple[str, bool] | None:
-    """One line for a SQLite error anywhere in the cause chain (a full disk mid-run, a lock held too long, a
-    page found damaged while reading), naming the database file; None if the error is not the store's."""
+    """One line for a database error anywhere in the cause chain (a full disk mid-run, a lock held too long, a
+    page found damaged while reading, a PostgreSQL server gone), naming the store (never a password); None if
+    the error is not the store's."""
     from loopterm.core.errors import LooptermError
     from loopterm.store.guard import describe_failure
 
     try:
-        db = db_path(args)
+        target = store_target(args)
     except LooptermError:  # a bad LOOPTERM_ value must not hide the error being reported
-        db = getattr(args, "db", None) or DEFAULT_DB
+        target = None
+    db = target.path if target is not None and target.path is not None else Path(getattr(args, "db", None) or DEFAULT_DB)
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     while pending:
@@ -241,7 +247,8 @@ def _store_failure(exc: BaseException, args: argparse.Namespace) -> tuple[str, b
         if id(cause) in seen:
             continue
         seen.add(id(cause))
-        described = describe_failure(cause, db)
+        described = (describe_failure(cause, db) if target is None or target.path is not None
+                     else _server_failure(cause, target.shown))
         if described is not None:
             return described
         pending.extend(e for e in (cause.__cause__, cause.__context__) if e is not None)
@@ -278,6 +285,19 @@ def _submitted(args: argparse.Namespace) -> int | None:
                                  budget_usd=args.budget_usd, budget_tokens=args.budget_tokens, shadow=args.shadow)
 
 
+def _server_failure(exc: BaseException, shown: str) -> tuple[str, bool] | None:
+    """One line for a PostgreSQL failure mid-command (the server went away, a connection dropped): exit 1."""
+    psycopg = sys.modules.get("psycopg")  # loaded only for a postgresql:// store: never imported here
+    if psycopg is None or not isinstance(exc, psycopg.Error):
+        return None
+    from loopterm.core.text import one_line
+    from loopterm.store.target import redact_text
+
+    detail = redact_text(one_line(exc, 300))
+    return (f"the PostgreSQL store {shown} failed: {detail}; check the server, then try again; nothing already "
+            f"committed is lost (`loopterm resume RUN` continues a run from its last committed iteration)"), False
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from loopterm.tui import commands
 
@@ -305,7 +325,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and (args.cases is not None or args.parallel is not None):
         from loopterm.tui import eval_cli
 
-        return eval_cli.run_batch(args.loop, db_path(args), cases_file=args.cases, parallel=args.parallel,
+        return eval_cli.run_batch(args.loop, store_target(args), cases_file=args.cases, parallel=args.parallel,
                                   model=args.model, max_iterations=args.max_iterations, budget_usd=args.budget_usd,
                                   budget_tokens=args.budget_tokens)
     if args.command == "eval":
@@ -315,74 +335,76 @@ def _dispatch(args: argparse.Namespace) -> int:
                                         min_agreement=args.min_agreement, parallel=args.parallel, model=args.model,
                                         min_convergence=args.min_convergence)
         if args.shadow:
-            return shadow_cli.eval_shadow(args.loop, db_path(args), run=args.run, as_json=args.json,
+            return shadow_cli.eval_shadow(args.loop, store_target(args), run=args.run, as_json=args.json,
                                           min_agreement=args.min_agreement)
-        return eval_cli.eval_cases(args.loop, db_path(args), cases_file=args.cases, parallel=args.parallel,
+        return eval_cli.eval_cases(args.loop, store_target(args), cases_file=args.cases, parallel=args.parallel,
                                    model=args.model, as_json=args.json, min_convergence=args.min_convergence)
     if args.command == "run" and args.approval_timeout is not None and (not args.headless or args.no_wait):
         print("loopterm: --approval-timeout goes with --headless and without --no-wait (it denies a call no one "
               "answered in time)", file=sys.stderr)
         return USAGE_ERROR
     if args.command == "run":
-        return commands.run(args.loop, db_path(args), model=args.model, headless=args.headless,
+        return commands.run(args.loop, store_target(args), model=args.model, headless=args.headless,
                             max_iterations=args.max_iterations, budget_usd=args.budget_usd,
                             budget_tokens=args.budget_tokens, otlp=args.otlp, wait=not args.no_wait, shadow=args.shadow,
                             approval_timeout=args.approval_timeout)
     if args.command == "watch":
-        return commands.watch(db_path(args), args.run)
+        return commands.watch(store_target(args), args.run)
     if args.command == "runs":
-        return commands.runs(db_path(args), as_json_out=args.json)
+        return commands.runs(store_target(args), as_json_out=args.json)
     if args.command == "show":
-        return commands.show(db_path(args), args.run, iteration=args.iteration, as_json_out=args.json)
+        return commands.show(store_target(args), args.run, iteration=args.iteration, as_json_out=args.json)
     if args.command == "resume":
-        return commands.resume(db_path(args), args.run, max_iterations=args.max_iterations,
+        return commands.resume(store_target(args), args.run, max_iterations=args.max_iterations,
                                side_effects=args.side_effects, otlp=args.otlp, wait=not args.no_wait)
     if args.command == "answer":
-        return commands.answer(db_path(args), args.run, facts=args.fact, subgoal=args.subgoal, relax=args.relax,
+        return commands.answer(store_target(args), args.run, facts=args.fact, subgoal=args.subgoal, relax=args.relax,
                                reason=args.reason, abort=args.abort, approve=args.approve, deny=args.deny)
     if args.command == "fork":
-        return commands.fork(db_path(args), args.run, at=args.at, sets=args.set, relax=args.relax, model=args.model,
+        return commands.fork(store_target(args), args.run, at=args.at, sets=args.set, relax=args.relax, model=args.model,
                              reason=args.reason, dry_run=args.dry_run, otlp=args.otlp, wait=not args.no_wait)
     if args.command == "export" and (args.format == "otlp" or args.endpoint is not None):
         if args.format != "otlp" or args.output is not None:
             wrong = "--endpoint goes with --format otlp" if args.format != "otlp" else "--output goes with --format jsonl"
             print(f"loopterm: {wrong} (see `loopterm export --help`)", file=sys.stderr)
             return USAGE_ERROR
-        return commands.export_otlp(db_path(args), args.run, endpoint=args.endpoint)
+        return commands.export_otlp(store_target(args), args.run, endpoint=args.endpoint)
     if args.command == "export":
-        return commands.export(db_path(args), args.run, output=args.output)
+        return commands.export(store_target(args), args.run, output=args.output)
     if args.command == "import":
-        return commands.import_file(db_path(args), args.file)
+        return commands.import_file(store_target(args), args.file)
     if args.command == "replay":
-        return commands.replay(db_path(args), args.run, as_json_out=args.json)
+        return commands.replay(store_target(args), args.run, as_json_out=args.json)
     if args.command == "loops":
         return commands.loops()
     if args.command == "memory":
         from loopterm.tui import memory_cli
 
-        return memory_cli.run(args, db_path(args))
+        return memory_cli.run(args, store_target(args))
     if args.command == "policy":
         from loopterm.tui import policy_cli
 
-        return policy_cli.run(args, db_path(args))
+        return policy_cli.run(args, store_target(args))
     if args.command == "budget":
         from loopterm.tui import budget_cli
 
-        return budget_cli.run(args, db_path(args))
+        return budget_cli.run(args, store_target(args))
     if args.command == "prune":
         from loopterm.tui import prune_cli
 
-        return prune_cli.run(args, db_path(args))
+        return prune_cli.run(args, store_target(args))
     if args.command == "daemon":
         from loopterm.tui import daemon_cli
 
-        from loopterm.tui.submit_cli import store_location
-
-        return daemon_cli.run(args, store_location(args))  # type: ignore[arg-type] - a URL: the daemon queues
+        return daemon_cli.run(args, store_target(args))
     if args.command == "diff":
         from loopterm.tui import diff_cli
 
-        return diff_cli.run(args, db_path(args))
+        return diff_cli.run(args, store_target(args))
+    if args.command == "db":
+        from loopterm.tui import db_cli
+
+        return db_cli.run(args, store_target(args) if args.db_action == "init" else None)
     raise AssertionError(args.command)
 
 

@@ -29,7 +29,7 @@ from loopterm.core.fold import decision_lines, fold, waiting_lines
 from loopterm.core.liveness import executing_elsewhere
 from loopterm.core.runlog import ShadowMode, to_stored
 from loopterm.core.termination import EXIT_CODES, Status
-from loopterm.store import Store
+from loopterm.store.target import StoreTarget
 from loopterm.store.footprint import size_text
 from loopterm.tui.headless import (
     ApprovalTimeout,
@@ -41,7 +41,7 @@ from loopterm.tui.headless import (
     status_text,
     summary,
 )
-from loopterm.tui.console import USAGE_ERROR, default_db
+from loopterm.tui.console import USAGE_ERROR, default_target
 from loopterm.tui.widgets.render import clean
 
 DEMO_LOOP = "demo"
@@ -65,14 +65,14 @@ def _drive(engine: Engine, console: Console, otlp: str | None = None) -> int:
 
 
 def demo() -> int:
-    return run(DEMO_LOOP, default_db(), headless=False)
+    return run(DEMO_LOOP, default_target(), headless=False)
 
 
 def _has_terminal() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _open_tui(db: Path, **kwargs: Any) -> int:
+def _open_tui(db: StoreTarget, **kwargs: Any) -> int:
     from loopterm.tui.app import LooptermApp
 
     app = LooptermApp(db, **kwargs)
@@ -99,11 +99,11 @@ def _check_before_the_screen(loop: Loop, ref: str, model: str) -> None:
         load_script(Path(script))
 
 
-def watch(db: Path, prefix: str) -> int:
+def watch(db: StoreTarget, prefix: str) -> int:
     # Closed before the screen opens its own: a second connection in one process loses its locks when the
     # other's header check closes the file (POSIX locks are per process), and another process could then
     # delete the write-ahead log in use.
-    with Store.open(db, create=False) as store:
+    with db.open(create=False) as store:
         run_record = store.resolve_run(prefix)  # a bad id is one line, before any screen
     if not _has_terminal():
         raise ConfigError("`loopterm watch` needs a terminal; use `loopterm show RUN` to read a run without one")
@@ -118,7 +118,7 @@ def _note(line: str | None) -> None:
 
 def run(
     loop_ref: str,
-    db: Path,
+    db: StoreTarget | Path,
     *,
     model: str | None = None,
     headless: bool = True,
@@ -130,6 +130,7 @@ def run(
     shadow: bool = False,
     approval_timeout: float | None = None,
 ) -> int:
+    db = StoreTarget.of(db)
     loop, ref = load_loop(loop_ref)
     chosen = model or loop.model
     screen = not headless and _has_terminal()
@@ -137,18 +138,18 @@ def run(
         _check_before_the_screen(loop, ref, chosen)  # the rest, in the App after its first frame
     else:
         service.preflight(loop, ref, chosen)  # loops calling each other, the model, its key: before the run
-    with (Store.open(db) if db.exists() else contextlib.nullcontext()) as known:
+    with (db.open() if db.exists() else contextlib.nullcontext()) as known:
         budget, note = service.new_run_budget(known, loop, usd=budget_usd, tokens=budget_tokens)
     _note(note)
     if not headless:
         if screen:
-            Store.open(db).close()  # refuse a bad database before the screen opens
+            db.open().close()  # refuse a bad database before the screen opens
             return _open_tui(db, start=(loop, ref), model=chosen, budget=budget or None, otlp=otlp, max_iterations=max_iterations,
                              **({"shadow": True} if shadow else {}))
         print("loopterm: no terminal here, so running headless (pass --headless to say so)", file=sys.stderr)
-    store = Store.open(db)
+    store = db.open()
     engine = service.create(loop, store, ref=ref, model=chosen, max_iterations=max_iterations, budget=budget,
-                            workspace_root=service.workspace_root(db), wait_on_person=wait, shadow=shadow)
+                            workspace_root=db.workspace_root(), wait_on_person=wait, shadow=shadow)
     if shadow:
         from loopterm.tui.shadow_cli import announce
 
@@ -158,9 +159,9 @@ def run(
     return _drive(engine, _console(), otlp=otlp)
 
 
-def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: str | None = None,
+def resume(db: StoreTarget, prefix: str, *, max_iterations: int | None, side_effects: str | None = None,
            wait: bool = True, otlp: str | None = None) -> int:
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     run_record = store.resolve_run(prefix)
     service.resume_guard(store, run_record)
     loop, _ = load_loop(run_record.loop_ref)
@@ -174,12 +175,12 @@ def resume(db: Path, prefix: str, *, max_iterations: int | None, side_effects: s
     return _drive(engine, console, otlp=otlp)
 
 
-def answer(db: Path, prefix: str, *, facts: list[str], subgoal: str | None, relax: list[str], reason: str,
+def answer(db: StoreTarget, prefix: str, *, facts: list[str], subgoal: str | None, relax: list[str], reason: str,
            abort: bool, approve: bool, deny: bool) -> int:
     """A person's answer from the command line, through the control channel: to the pending approval
     (--approve / --deny), else to the pending escalation (facts, subgoal, relaxations, then resume or abort).
     Refused in one line when nothing waits for that answer."""
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     run_record = store.resolve_run(prefix)
     view = fold(store.events(run_record.id))
     commands: list[Command] = []
@@ -216,9 +217,9 @@ def answer(db: Path, prefix: str, *, facts: list[str], subgoal: str | None, rela
     return 0
 
 
-def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], model: str | None, reason: str,
+def fork(db: StoreTarget, prefix: str, *, at: int, sets: list[str], relax: list[str], model: str | None, reason: str,
          dry_run: bool, wait: bool = True, otlp: str | None = None) -> int:
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     parent = store.resolve_run(prefix)
     loop, _ = load_loop(parent.loop_ref)
     plan = plan_fork(store, loop, parent, at, sets=sets, relax=relax, model=model, reason=reason)
@@ -235,7 +236,7 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
     usd = loop.budget.model_validate(parent.budget).usd if parent.budget else loop.budget.usd
     service.new_run_budget(store, loop, usd=usd, what="the branch's budget", lower=None)  # refused: nothing is created
     run_id = new_run_id()
-    branch = create_fork(store, loop, plan, run_id=run_id, workspace=service.workspace_root(db) / run_id)
+    branch = create_fork(store, loop, plan, run_id=run_id, workspace=db.workspace_root() / run_id)
     engine, note = service.continuing(store, loop, branch, what="the branch's budget", wait_on_person=wait)
     _note(note)
     asyncio.run(rebuild_workspace(loop, store, store.get_run(branch.id)))
@@ -245,14 +246,14 @@ def fork(db: Path, prefix: str, *, at: int, sets: list[str], relax: list[str], m
     return _drive(engine, console, otlp=otlp)
 
 
-def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
+def replay(db: StoreTarget, prefix: str, *, as_json_out: bool) -> int:
     """Re-drive a run's loop (its current definition) with the recorded model outputs; report the first divergence.
 
     Exit 0 when the replay is identical, 3 when it diverged.
     """
     from loopterm.core.replay import replay as replay_run
 
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     recorded = store.resolve_run(prefix)
     if recorded.iterations == 0 and not store.iterations(recorded.id):
         raise ConfigError(f"run {recorded.id} has no committed iteration to replay; `loopterm runs` lists the others")
@@ -263,7 +264,7 @@ def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
         console.print(Text(f"replaying run {recorded.id} ({recorded.iterations} iteration(s), loop {loop.name}) as run {run_id}",
                            style="cyan"))
     report = asyncio.run(replay_run(store, loop, recorded, run_id=run_id,
-                                    workspace=db.resolve().parent / "workspaces" / run_id))
+                                    workspace=db.workspace_root() / run_id))
     if as_json_out:
         print(as_json(report.as_json()))
         return 0 if report.identical else 3
@@ -284,9 +285,9 @@ def replay(db: Path, prefix: str, *, as_json_out: bool) -> int:
     return 3
 
 
-def runs(db: Path, *, as_json_out: bool) -> int:
+def runs(db: StoreTarget, *, as_json_out: bool) -> int:
     """Every run, branches indented under their parents."""
-    store = Store.open(db, create=False) if db.exists() else None
+    store = db.open(create=False) if db.exists() else None
     tree = store.tree() if store is not None else []
     shadow = store.runs_with_event(ShadowMode) if store is not None else set()
     # What waits on a person, whatever the run's status (a run stopped while it escalated still waits).
@@ -339,8 +340,8 @@ def _migrated(run_record: RunRecord, state: dict[str, Any]) -> tuple[dict[str, A
         return state, f"shown as stored: {exc}"
 
 
-def show(db: Path, prefix: str, *, iteration: int | None, as_json_out: bool) -> int:
-    store = Store.open(db, create=False)
+def show(db: StoreTarget, prefix: str, *, iteration: int | None, as_json_out: bool) -> int:
+    store = db.open(create=False)
     run_record = store.resolve_run(prefix)
     lineage = store.lineage(run_record.id)
     console = _console()
@@ -413,12 +414,10 @@ def _show_iteration(console: Console, r: Any) -> None:
     console.print(Text(json.dumps(r.state, indent=2)))
 
 
-def export(db: Path, prefix: str, *, output: Path | None) -> int:
-    store = Store.open(db, create=False)
+def export(db: StoreTarget, prefix: str, *, output: Path | None) -> int:
+    store = db.open(create=False)
     run_record = store.resolve_run(prefix)
-    from loopterm.store.transfer import export_run
-
-    lines = (json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in export_run(store, run_record.id))
+    lines = (json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in store.export_run(run_record.id))
     if output is None:
         for line in lines:
             sys.stdout.write(line)
@@ -437,22 +436,20 @@ def export(db: Path, prefix: str, *, output: Path | None) -> int:
     return 0
 
 
-def export_otlp(db: Path, prefix: str, *, endpoint: str | None) -> int:
+def export_otlp(db: StoreTarget, prefix: str, *, endpoint: str | None) -> int:
     """Send the run's lineage as OpenTelemetry traces; one line saying how many spans went where."""
     from loopterm.tui.traces import export_run
 
     return export_run(db, prefix, endpoint)
 
 
-def import_file(db: Path, path: Path) -> int:
+def import_file(db: StoreTarget, path: Path) -> int:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}; check the path") from None
-    from loopterm.store.transfer import import_lines
-
-    store = Store.open(db)
-    imported = import_lines(store, text.split("\n"))  # only \n ends a line: U+2028 and kin are text in a JSON string; checked whole first
+    store = db.open()
+    imported = store.import_lines(text.split("\n"))  # only \n ends a line: U+2028 and kin are text in a JSON string; checked whole first
     _console().print(f"imported {len(imported)} run(s) into {db}: {', '.join(imported)}")
     return 0
 

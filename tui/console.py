@@ -1,4 +1,5 @@
-"""What the command-line modules share: where the store is, exit codes, and the one-line error on stderr.
+"""What the command-line modules share: which store (a SQLite path or a PostgreSQL URL: store/target.py),
+exit codes, and the one-line error on stderr.
 
 tui/cli.py, commands.py, daemon.py, traces.py and the app import these from here, never from each other.
 Standard library only at import: `loopterm --help` must stay fast (loopterm.core loads on first error).
@@ -9,40 +10,50 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 DEFAULT_DB = Path(".loopterm") / "loopterm.db"
 USAGE_ERROR = 2
 
 
 def default_db() -> Path:
-    """The store when no --db is given: $LOOPTERM_DB, else .loopterm/loopterm.db under the working directory."""
-    from loopterm.core.settings import settings  # pydantic-settings loads on first use, never for --help
-
-    return in_existing_folder(settings().db, "LOOPTERM_DB=")
+    """The SQLite store when no --db is given: $LOOPTERM_DB, else .loopterm/loopterm.db under the working
+    directory (a PostgreSQL URL there is refused: use `default_target`)."""
+    return _sqlite_path(default_target())
 
 
 def db_path(args: argparse.Namespace) -> Path:
-    """The store a command's arguments name (--db), else the default one."""
+    """The SQLite store a command's arguments name (--db), else the default one (see `store_target`)."""
+    return _sqlite_path(store_target(args))
+
+
+def default_target() -> StoreTarget:
+    """The store when no --db is given: $LOOPTERM_DB (a path or a postgresql:// URL), else .loopterm/loopterm.db."""
+    from loopterm.core.settings import settings  # pydantic-settings loads on first use, never for --help
+    from loopterm.store.target import StoreTarget
+
+    return StoreTarget.parse(settings().db, "LOOPTERM_DB=")
+
+
+def store_target(args: argparse.Namespace) -> StoreTarget:
+    """The store a command's arguments name (--db: a path or a postgresql:// URL), else the default one."""
     given = getattr(args, "db", None)
-    return in_existing_folder(given, "--db ") if given else default_db()
+    if not given:
+        return default_target()
+    from loopterm.store.target import StoreTarget
+
+    return StoreTarget.parse(given, "--db ")
 
 
-def in_existing_folder(path: Path, named_by: str) -> Path:
-    """A store path someone typed must be in a folder that exists: a typo is refused, not made a new empty
-    store. Only the default, .loopterm/loopterm.db, has its folder created."""
-    if path.expanduser().absolute() == DEFAULT_DB.absolute():  # the default, however it is spelt
-        return path
-    folder = path.expanduser().parent
-    try:
-        folder.stat()
-    except FileNotFoundError:
+def _sqlite_path(target: StoreTarget) -> Path:
+    if target.path is None:
         from loopterm.core.errors import ConfigError
 
-        raise ConfigError(f"{named_by}{path}: the folder {folder} does not exist; create it (mkdir -p {folder}) "
-                          "or check the path") from None
-    except OSError:
-        pass  # a part of it is a file, or it cannot be read: the store says which when it opens the path
-    return path
+        raise ConfigError(f"{target.shown} is a PostgreSQL store; this needs a SQLite file")
+    return target.path
 
 
 def error(message: object, limit: int | None = None) -> None:

@@ -52,6 +52,7 @@ from loopterm.core.termination import Status, TerminationReason
 from loopterm.core.text import one_line
 from loopterm.core.triggers import Trigger, TriggersFile, change_event, command_event, schedule_event
 from loopterm.store import Store
+from loopterm.store.target import StoreTarget
 
 ORIGIN = "trigger"
 STOP_REASON = "the daemon stopped; it resumes this run when it starts again"
@@ -126,17 +127,19 @@ def prepare(config: TriggersFile, shown: str, cwd: Path) -> list[Slot]:
 class TriggerDaemon:
     """Runs the triggers of one file against one store until asked to stop."""
 
-    def __init__(self, store: Store, db: Path, triggers_file: Path, slots: list[Slot], *, cwd: Path,
+    def __init__(self, store: Store, db: StoreTarget | Path, triggers_file: Path, slots: list[Slot], *, cwd: Path,
                  grace: float = 30.0, log: Callable[[str], None] = log_line) -> None:
         self.store = store
-        self.db = db.resolve()
+        self.target = StoreTarget.of(db)
+        # The file a SQLite store keeps (ignored by change triggers), or where a server store's runs live here.
+        self.db = self.target.path.resolve() if self.target.path is not None else None
         self.triggers_file = str(triggers_file.resolve())
         self.slots = slots
         self.by_name = {slot.name: slot for slot in slots}
         self.cwd = cwd.resolve()
         self.grace = grace
         self.log = log
-        self.workspace_root = self.db.parent / "workspaces"
+        self.workspace_root = self.target.workspace_root()
         self.stopping = asyncio.Event()
         self._watch_stop = threading.Event()  # read by watchfiles' watcher thread
         self._detached: list[Slot] = []  # resumed runs whose trigger is no longer in the file
@@ -157,7 +160,8 @@ class TriggerDaemon:
             loop.add_signal_handler(sig, self.request_stop, f"{name} received")
         if self.store.heads_kept < len(self.slots) + 1:  # the store keeps one run's last state per concurrent run
             self.store.heads_kept = len(self.slots) + 1
-        self.log(f"daemon: pid {os.getpid()}, {len(self.slots)} trigger(s) from {self.triggers_file}, store {self.db}")
+        self.log(f"daemon: pid {os.getpid()}, {len(self.slots)} trigger(s) from {self.triggers_file}, "
+                 f"store {self.db or self.target.shown}")
         self.resume_interrupted()
         sources = [asyncio.create_task(self._source(slot), name=f"source {slot.name}") for slot in self.slots]
         try:
@@ -209,7 +213,8 @@ class TriggerDaemon:
 
     def _ignored(self) -> list[str]:
         """The store's own files and the runs' workspaces: a run writing files must not fire a trigger again."""
-        return [str(self.db), str(self.workspace_root), str(self.cwd / ".loopterm"), str(self.db.parent / "repos")]
+        beside = [str(self.db), str(self.db.parent / "repos")] if self.db is not None else []
+        return [*beside, str(self.workspace_root), str(self.cwd / ".loopterm")]
 
     async def _watch(self, slot: Slot) -> None:
         from watchfiles import DefaultFilter, awatch  # lazy: only a daemon with a change trigger loads it

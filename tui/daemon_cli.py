@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, IO, Any
 
 from loopterm.tui import arguments
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 DEFAULT_GRACE_S = 30.0
 
@@ -33,11 +36,12 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
                              f"cancelled (default {DEFAULT_GRACE_S:g})")
 
 
-def _lock(db: Path) -> IO[str]:
-    """One daemon per store: an exclusive lock on `<db>.daemon.lock`, held while the daemon runs."""
+def _lock(db: StoreTarget) -> IO[str]:
+    """One daemon per store (on this machine, for a server store): an exclusive lock on `<db>.daemon.lock`
+    (store/target.py's lock_path), held while the daemon runs."""
     from loopterm.core.errors import ConfigError
 
-    path = db.with_name(db.name + ".daemon.lock")
+    path = db.lock_path("daemon")
     handle = path.open("a+", encoding="utf-8")
     try:
         import fcntl
@@ -57,7 +61,7 @@ def _lock(db: Path) -> IO[str]:
     return handle
 
 
-def run(args: argparse.Namespace, db: Path) -> int:
+def run(args: argparse.Namespace, db: StoreTarget) -> int:
     import asyncio
 
     from loopterm.core.triggers import DEFAULT_FILE, load_triggers
@@ -70,12 +74,11 @@ def run(args: argparse.Namespace, db: Path) -> int:
         log_line(f"daemon: {path} is valid: " + ", ".join(f"{s.name} ({s.trigger.on.kind if s.trigger else '?'} -> "
                                                          f"{s.loop.name})" for s in slots))
         return 0
-    from loopterm.store import Store
 
-    queued = _cluster(args)
+    queued = _cluster(args, db)
     if queued is not None:
         return queued(path, slots)
-    store = Store.open(db)
+    store = db.open()
     lock = _lock(db)
     try:
         daemon = TriggerDaemon(store, db, path, slots, cwd=Path.cwd(), grace=args.grace)
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace, db: Path) -> int:
     return 0
 
 
-def _cluster(args: argparse.Namespace) -> Any:
+def _cluster(args: argparse.Namespace, db: Any) -> Any:
     """On a PostgreSQL store (or with LOOPTERM_QUEUE_DB): the daemon that queues its runs for the workers
     (tui/daemon_queue.py), as a function of (triggers file, slots); None otherwise. No file lock: several
     daemons on one triggers file make one run per firing (its id)."""
@@ -105,9 +108,8 @@ def _cluster(args: argparse.Namespace) -> Any:
         from loopterm.store import Store
         from loopterm.tui.daemon_queue import QueueingDaemon
 
-        where = Path.cwd() / ".loopterm" / "loopterm.db" if is_postgres(location) else Path(location)
         with Queues(queue_db(location, what="`loopterm daemon`")) as queues, Store.open(location) as store:
-            daemon = QueueingDaemon(store, where, path, slots, cwd=Path.cwd(), grace=args.grace, queues=queues)
+            daemon = QueueingDaemon(store, db, path, slots, cwd=Path.cwd(), grace=args.grace, queues=queues)
             asyncio.run(daemon.serve())
         return 0
 

@@ -8,13 +8,14 @@ Text built without markup, control characters escaped.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopterm.tui import arguments
 
 if TYPE_CHECKING:
     from rich.text import Text
+
+    from loopterm.store.target import StoreTarget
 
     from loopterm.core.compare import AlignedIteration, Comparison, ComparedRun, Side, StateDiff, Totals
     from loopterm.tui.widgets.render import Palette
@@ -46,12 +47,11 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
                       help="the whole comparison as JSON (with --at: the state diff as JSON)")
 
 
-def run(args: argparse.Namespace, db: Path) -> int:
+def run(args: argparse.Namespace, db: StoreTarget) -> int:
     from loopterm.core.compare import compare, state_diff
     from loopterm.core.errors import ConfigError
-    from loopterm.store import Store
 
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     try:
         a = store.resolve_run(args.run_a)
         b = store.resolve_run(args.run_b)

@@ -24,7 +24,7 @@ from loopterm.core.evaluation import evaluate
 from loopterm.core.loader import load_loop
 from loopterm.core.loop import Loop
 from loopterm.core.worktree import code_changing, require_git
-from loopterm.store import Store
+from loopterm.store.target import StoreTarget
 from loopterm.tui.headless import status_text
 
 EXIT_OK = 0
@@ -35,7 +35,11 @@ def _console() -> Console:
     return Console(highlight=False)
 
 
-def _display(path: Path) -> str:
+def _display(path: Path | StoreTarget) -> str:
+    if isinstance(path, StoreTarget):
+        if path.path is None:
+            return path.shown
+        path = path.path
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -52,18 +56,19 @@ def _prepare(loop_ref: str, cases_file: Path, model: str | None) -> tuple[Loop, 
     return loop, ref, cases
 
 
-def _within_daily_budget(db: Path, loop: Loop, cases: CaseSet, budget_usd: float | None, *,
+def _within_daily_budget(db: StoreTarget | Path, loop: Loop, cases: CaseSet, budget_usd: float | None, *,
                          lower: str | None) -> CaseSet:
     """The daily-budget gate for a batch (as `loopterm run` has for one run): the cases' USD budgets
     together must fit what is left of today's; cases without one share what is left equally (and are told).
     Refuses with one ConfigError line before anything runs."""
     from loopterm.core.daily_budget import check_daily_budget, money
 
+    db = StoreTarget.of(db)
     own = [c.budget_usd if c.budget_usd is not None else budget_usd if budget_usd is not None else loop.budget.usd
            for c in cases]
     capped = [b for b in own if b is not None]
     total = sum(capped) if len(capped) == len(own) else None
-    with (Store.open(db) if db.exists() else contextlib.nullcontext()) as known:
+    with (db.open() if db.exists() else contextlib.nullcontext()) as known:
         cap = check_daily_budget(known, total, what=f"the {len(own)} cases' USD budgets together", lower=lower)
     if cap is None or total is not None:
         return cases
@@ -143,7 +148,7 @@ def _kept(console: Console, results: list[CaseResult]) -> None:
 
 def run_batch(
     loop_ref: str,
-    db: Path,
+    db: StoreTarget,
     *,
     cases_file: Path | None,
     parallel: int | None,
@@ -165,14 +170,14 @@ def run_batch(
         budget["tokens"] = budget_tokens
     cases = _within_daily_budget(db, loop, cases, budget_usd, lower="--budget-usd (or the cases' budget_usd)")
     console = _console()
-    store = Store.open(db)
+    store = db.open()
     try:
         width = max(len(c.id) for c in cases)
         console.print(Text.assemble(("loopterm ", "bold"), (loop.name, "bold cyan"),
                                     f"  {len(cases)} case(s) from {_display(cases.path)}, {parallel} at a time; "
                                     f"runs in {_display(db)}"))
         results = asyncio.run(run_cases(
-            loop, store, cases, parallel=parallel, model=model, workspace_root=db.resolve().parent / "workspaces",
+            loop, store, cases, parallel=parallel, model=model, workspace_root=db.workspace_root(),
             loop_ref=ref, on_event=_Progress(console, width), max_iterations=max_iterations, budget=budget or None,
         ))
     finally:
@@ -237,7 +242,7 @@ def _eval_tables(report: dict[str, Any]) -> tuple[Table, Table]:
 
 def eval_cases(
     loop_ref: str,
-    db: Path,
+    db: StoreTarget,
     *,
     cases_file: Path,
     parallel: int | None = None,
@@ -250,15 +255,15 @@ def eval_cases(
     loop, ref, cases = _prepare(loop_ref, cases_file, model)
     cases = _within_daily_budget(db, loop, cases, None, lower="the cases' budget_usd")
     console = _console()
-    store = Store.open(db)
+    store = db.open()
     try:
         width = max(len(c.id) for c in cases)
         if not as_json:
             console.print(Text.assemble(("loopterm eval ", "bold"), (loop.name, "bold cyan"),
                                         f"  {len(cases)} case(s) from {_display(cases.path)}, {parallel} at a time"))
         report, results = asyncio.run(evaluate(
-            loop, store, cases, parallel=parallel, workspace_root=db.resolve().parent / "workspaces", loop_ref=ref,
-            model=model, on_event=None if as_json else _Progress(console, width), db=str(db.resolve()),
+            loop, store, cases, parallel=parallel, workspace_root=db.workspace_root(), loop_ref=ref,
+            model=model, on_event=None if as_json else _Progress(console, width), db=db.absolute(),
             min_convergence=min_convergence,
         ))
     finally:

@@ -12,9 +12,12 @@ import argparse
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopterm.tui import arguments
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 KINDS = ("fact", "decision", "document")
 SHOWN_CHARS = 100  # of a value in a table row
@@ -30,7 +33,8 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
     memory.add_argument("loop", metavar="LOOP", help="a loop name (as in `loopterm loops`)")
     # --db is accepted after the action too; SUPPRESS keeps one given before it.
     sub_db = argparse.ArgumentParser(add_help=False)
-    sub_db.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="the SQLite store")
+    sub_db.add_argument("--db", metavar="PATH|URL", default=argparse.SUPPRESS,
+                        help="the store: a SQLite file or a postgresql:// URL")
     actions = memory.add_subparsers(dest="memory_action", metavar="ACTION", parser_class=type(memory))
 
     listing = actions.add_parser("list", parents=[sub_db], help="everything the loop remembers, newest first")
@@ -71,7 +75,7 @@ def shown(text: str, *, one_line: bool = False, limit: int | None = None) -> str
     return text
 
 
-def run(args: argparse.Namespace, db: Path) -> int:
+def run(args: argparse.Namespace, db: StoreTarget) -> int:
     from loopterm.core.errors import ConfigError
     from loopterm.store.memory import check_loop
 
@@ -79,13 +83,12 @@ def run(args: argparse.Namespace, db: Path) -> int:
     action = args.memory_action or "list"
     if action == "add":
         return _add(args, db, ConfigError)
-    from loopterm.store import Store
 
     if not db.exists():  # nothing remembered yet: no database to refuse
         if action == "forget":
             raise ConfigError(f"loop {args.loop} remembers nothing yet (no database at {db}); nothing to forget")
         return _show(args, [], action)
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     try:
         if action == "forget":
             if not store.forget(args.loop, args.key_or_id):
@@ -104,9 +107,7 @@ def run(args: argparse.Namespace, db: Path) -> int:
     return _show(args, items, action)
 
 
-def _add(args: argparse.Namespace, db: Path, config_error: type[Exception]) -> int:
-    from loopterm.store import Store
-
+def _add(args: argparse.Namespace, db: StoreTarget, config_error: type[Exception]) -> int:
     if (args.value is None) == (args.file is None):
         raise config_error("give the text as VALUE or with --file PATH (one of them)")
     kind = args.kind or ("document" if args.file is not None else "fact")
@@ -119,7 +120,7 @@ def _add(args: argparse.Namespace, db: Path, config_error: type[Exception]) -> i
             raise config_error(f"cannot read {args.file}: {exc.strerror or exc}; check the path") from None
     else:
         value = args.value
-    with Store.open(db) as store:
+    with db.open() as store:
         item = store.remember(args.loop, args.key, value, kind=kind)
     verb = "remembered" if item.created_at == item.updated_at else "replaced"
     _console().print(_text(f"{verb} {shown(item.key, one_line=True, limit=80)!r} for loop {item.loop} "

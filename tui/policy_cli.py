@@ -8,8 +8,10 @@ recorded in the log of the run that made the policy, and applies at the next cal
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 
 def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
@@ -42,16 +44,15 @@ def as_dict(policy: Any) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, db: Path) -> int:
+def run(args: argparse.Namespace, db: StoreTarget) -> int:
     from loopterm.core.errors import ConfigError
-    from loopterm.store import Store
     from loopterm.store import policies as stored
 
     if args.policy_command == "list" and args.run is not None and args.loop is not None:
         raise ConfigError("give a RUN or --loop REF, not both (see `loopterm policy list --help`)")
     if not db.exists():
         raise ConfigError(f"no database at {db}; give --db, or run a loop first")
-    with Store.open(db, create=False) as store:
+    with db.open(create=False) as store:
         if args.policy_command == "revoke":
             policy = stored.revoke(store, args.id, args.reason)
             from rich.text import Text

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopterm.tui import arguments
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 
 def when(text: str) -> float:
@@ -46,13 +48,12 @@ def add_parser(sub: Any, db: argparse.ArgumentParser) -> None:
     prune.add_argument("--json", action="store_true")
 
 
-def run(args: argparse.Namespace, db: Path) -> int:
+def run(args: argparse.Namespace, db: StoreTarget) -> int:
     from loopterm.core.errors import ConfigError
-    from loopterm.store import Store
 
     if args.older_than is None and args.keep_last is None:
         raise ConfigError("prune needs --older-than DATE and/or --keep-last N (add --dry-run to see what would go)")
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     try:
         result = store.prune(older_than=args.older_than, keep_last=args.keep_last, dry_run=args.dry_run)
     finally:

@@ -22,6 +22,7 @@ from loopterm.core.records import RunRecord
 from loopterm.core.fold import fold
 from loopterm.core.shadow import REPORT_VERSION, agreement, verdicts
 from loopterm.store import Store
+from loopterm.store.target import StoreTarget
 from loopterm.tui.widgets.render import clean
 
 EXIT_OK = 0
@@ -110,13 +111,13 @@ def _table(rows: list[dict[str, Any]], first: str, key: str, totals: dict[str, A
     return table
 
 
-def eval_shadow(loop_ref: str, db: Path, *, run: str | None, as_json: bool, min_agreement: float | None) -> int:
+def eval_shadow(loop_ref: str, db: StoreTarget, *, run: str | None, as_json: bool, min_agreement: float | None) -> int:
     if not db.exists():
         raise ConfigError(f"no store at {db}; start a shadow run with `loopterm run LOOP --shadow` first")
     loop = _loop_name(loop_ref)
-    with Store.open(db, create=False) as store:
+    with db.open(create=False) as store:
         runs = shadow_runs(store, loop, run)
-        report = shadow_report(store, loop, runs, db=str(db.resolve()), min_agreement=min_agreement)
+        report = shadow_report(store, loop, runs, db=db.absolute(), min_agreement=min_agreement)
     code = EXIT_OK if report["passed"] else EXIT_NOT_MET
     if as_json:
         print(json.dumps(report, indent=2))

@@ -14,32 +14,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from loopterm.tui.console import db_path
 
 
 def store_location(args: argparse.Namespace) -> Path | str:
-    """The store the arguments name: a postgresql:// URL as given (a Path-typed --db would fold its `//`),
-    else the SQLite path as every command takes it. A parsed target (an object with `backend`, `url`,
-    `path`) is taken apart the same way."""
-    from loopterm.core.queues import is_postgres
-    from loopterm.core.settings import settings
+    """The store the arguments name (--db, else $LOOPTERM_DB): a postgresql:// URL (the password kept: it
+    connects; never printed) or the SQLite file's path."""
+    from loopterm.tui.console import store_target
 
-    given = getattr(args, "db", None)
-    plain = _plain(given)
-    if plain is not None:
-        return plain
-    text = str(given) if given else str(settings().db)
-    text = re.sub(r"^(postgres(?:ql)?):/(?!/)", r"\1://", text)
-    if is_postgres(text):
-        return text
-    chosen = db_path(args)
-    found = _plain(chosen)
-    return found if found is not None else chosen
+    found = _plain(store_target(args))
+    assert found is not None
+    return found
 
 
 def _plain(target: object) -> Path | str | None:
@@ -53,13 +41,12 @@ def _plain(target: object) -> Path | str | None:
 
 
 def _workspace(location: Path | str, run_id: str) -> Path:
-    """Where a submitted run's workspace goes: beside a SQLite store; for a PostgreSQL store, under the
-    working directory's .loopterm/workspaces (the worker that runs it makes it, on its own machine)."""
-    from loopterm.core import runs as service
-    from loopterm.core.queues import is_postgres
+    """Where a submitted run's workspace goes: where this store's runs get theirs (beside a SQLite file;
+    for a PostgreSQL store, .loopterm/workspaces or $LOOPTERM_WORKSPACES). It is made by the worker that
+    runs it, on its own machine (core/segments.py)."""
+    from loopterm.store.target import StoreTarget
 
-    root = Path.cwd() / ".loopterm" / "workspaces" if is_postgres(location) else service.workspace_root(Path(location))
-    return root / run_id
+    return StoreTarget.of(location).workspace_root() / run_id
 
 
 def _say(line: str) -> None:

@@ -11,12 +11,14 @@ import argparse
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from loopterm.core.errors import ConfigError
 from loopterm.tui.console import error
+
+if TYPE_CHECKING:
+    from loopterm.store.target import StoreTarget
 
 TRACES_PATH = "/v1/traces"
 SPANS_PER_REQUEST = 512  # a long run goes out in several requests, each well under a collector's size limit
@@ -89,11 +91,10 @@ def follow(app: Any, engine: Any) -> None:
     app.live_traces.attach(engine)
 
 
-def export_run(db: Path, prefix: str, endpoint: str | None) -> int:
+def export_run(db: StoreTarget, prefix: str, endpoint: str | None) -> int:
     """`loopterm export RUN --format otlp`: the run's lineage as spans; one line saying how many went where."""
     from loopterm.core.spans import lineage_spans
     from loopterm.core.telemetry import TelemetryError, exporter, send
-    from loopterm.store import Store
 
     chosen = endpoint or default_endpoint()
     if not chosen:
@@ -102,7 +103,7 @@ def export_run(db: Path, prefix: str, endpoint: str | None) -> int:
         url = traces_endpoint(chosen)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    store = Store.open(db, create=False)
+    store = db.open(create=False)
     run = store.resolve_run(prefix)
     lineage = store.lineage(run.id)
     spans = lineage_spans(store, run.id)
