@@ -1,8 +1,8 @@
 """Workers on DBOS queues, with real processes and a real PostgreSQL (the `pg_url` fixture).
 
-The queues live in PostgreSQL (LOOPTERM_QUEUE_DB); the store here is a SQLite file shared by the processes
-of one machine (the PostgreSQL store is tested with the same commands once it is the store: tests/pgkit).
-Every `loopterm` below is its own process: submitters, workers, a person answering, a reader.
+The `cluster` fixture is a team's setup: the store and the queues in one PostgreSQL database. `one_machine`
+keeps the store a SQLite file (the queues in PostgreSQL through LOOPTERM_QUEUE_DB). Every `loopterm` below is
+its own process: submitters, workers, a person answering; the test reads the store from its own process.
 """
 
 from __future__ import annotations
