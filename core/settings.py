@@ -23,14 +23,15 @@ read and stays where it is.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from loopterm.core.errors import ConfigError
 
@@ -40,6 +41,18 @@ ENV_PREFIX = "LOOPTERM_"
 _BOOLEAN_WORDS = "1, true, yes, on / 0, false, no, off"
 # True while settings(environ) builds from a given mapping: keyword arguments only, os.environ not read.
 _ONLY_GIVEN: ContextVar[bool] = ContextVar("loopterm_settings_only_given", default=False)
+
+
+class ProviderLimits(BaseModel):
+    """Cluster-wide caps on one provider's queue of run segments (DBOS queue limits, core/queues.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: int | None = Field(default=None, ge=1)  # segments of this provider running at once, all workers
+    starts_per_minute: int | None = Field(default=None, ge=1)  # segments of this provider started per minute
+
+
+LIMITS_EXAMPLE = '{"anthropic": {"concurrency": 4, "starts_per_minute": 30}, "openai": {"concurrency": 8}}'
 
 
 class Settings(BaseSettings):
@@ -114,6 +127,18 @@ class Settings(BaseSettings):
         default=False,
         description="the TUI draws no animation and no blinking cursor (steady screens for snapshots)",
     )
+    queue_db: str | None = Field(
+        default=None,
+        description="the PostgreSQL URL of the work queues (DBOS's system database) for `loopterm worker` and "
+                    "`--submit`; with a SQLite store it allows workers on the store's own machine only",
+        json_schema_extra={"default_text": "the store's, when `--db` is a `postgresql://` URL"},
+    )
+    provider_limits: Annotated[dict[str, ProviderLimits], NoDecode] = Field(
+        default={},  # pydantic copies it for each instance
+        description="cluster-wide caps per provider (the model's litellm prefix) on run segments: `concurrency` "
+                    f"running at once, `starts_per_minute`; e.g. `{LIMITS_EXAMPLE}`",
+        json_schema_extra={"default_text": "no caps"},
+    )
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, env_settings: Any,
@@ -159,6 +184,26 @@ class Settings(BaseSettings):
             raise ValueError(f"${var} must be a finite number of US dollars >= 0, got {value!r}; fix it or unset it")
         return usd
 
+    @field_validator("provider_limits", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        """Text is JSON (NoDecode: read here, so a blank value is unset like any other)."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"{env_name('provider_limits')} is not valid JSON: it must be "
+                             f"{expects('provider_limits')}; fix it or unset it") from None
+
+    @field_validator("queue_db")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"{env_name('queue_db')} must be a postgresql:// URL (the work queues live in PostgreSQL); "
+                             "fix it or unset it")
+        return value
+
     @model_validator(mode="after")
     def _delays_ordered(self) -> Settings:
         if self.retry_max_delay < self.retry_delay:
@@ -194,6 +239,11 @@ def settings(environ: Mapping[str, str] | None = None) -> Settings:
             _ONLY_GIVEN.reset(token)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+    except SettingsError as exc:  # a value that should be JSON and is not
+        field = next((f for f in Settings.model_fields if f'field "{f}"' in str(exc)), "")
+        name = env_name(field) if field else "a LOOPTERM_ variable"
+        raise ConfigError(f"{name} is not valid JSON: it must be {expects(field) if field else 'JSON'}; "
+                          "fix it or unset it") from None
 
 
 # ----------------------------------------------------------------------------- words for people
@@ -220,8 +270,14 @@ def _base_type(field: str) -> type:
     return args[0] if args else annotation  # type: ignore[return-value]
 
 
+def _is_mapping(field: str) -> bool:
+    return getattr(Settings.model_fields[field].annotation, "__origin__", None) is dict
+
+
 def expects(field: str) -> str:
     """What a field's variable must hold, as a person says it: "a number of seconds above 0"."""
+    if _is_mapping(field):
+        return f"a JSON object like {LIMITS_EXAMPLE}"
     kind = _base_type(field)
     if "type_text" in _extra(field):
         return f"a {_extra(field)['type_text']}"
@@ -229,6 +285,8 @@ def expects(field: str) -> str:
         return f"a boolean ({_BOOLEAN_WORDS})"
     if kind is Path:
         return "a path"
+    if kind is str:
+        return "a postgresql:// URL" if field == "queue_db" else "text"
     noun = "a whole number" if kind is int else "a number"
     unit = _extra(field).get("unit")
     bound = _bound(field)
@@ -237,6 +295,8 @@ def expects(field: str) -> str:
 
 def type_text(field: str) -> str:
     """A field's type for the README table: "seconds > 0", "whole number >= 1", "boolean", "path"."""
+    if _is_mapping(field):
+        return "JSON object"
     kind = _base_type(field)
     if "type_text" in _extra(field):
         return str(_extra(field)["type_text"])
@@ -244,6 +304,8 @@ def type_text(field: str) -> str:
         return "boolean"
     if kind is Path:
         return "path"
+    if kind is str:
+        return "URL" if field == "queue_db" else "text"
     base = _extra(field).get("unit") or ("whole number" if kind is int else "number")
     bound = _bound(field)
     return base + (f" {bound[1]}" if bound else "")
@@ -267,6 +329,9 @@ def _one_line(exc: ValidationError) -> str:
         field = str(error["loc"][0]) if error["loc"] else ""
         if error["type"] == "value_error":  # our own validators say it all
             lines.append(str(error["ctx"]["error"]))
+        elif field in Settings.model_fields and len(error["loc"]) > 1:  # inside a JSON value
+            where = ".".join(str(part) for part in error["loc"][1:])
+            lines.append(f"{env_name(field)} is not valid at {where}: {error['msg']}; it must be {expects(field)}")
         elif field in Settings.model_fields:
             lines.append(f"{env_name(field)}={error['input']!r} is not valid: it must be {expects(field)}; "
                          f"unset it for the default ({default_text(field)})")

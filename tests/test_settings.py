@@ -15,7 +15,7 @@ import pytest
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.retry import CallSettings
-from loopterm.core.settings import ENV_PREFIX, Settings, env_name, markdown_table, settings
+from loopterm.core.settings import ENV_PREFIX, ProviderLimits, Settings, env_name, markdown_table, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = list(Settings.model_fields)
@@ -76,6 +76,9 @@ READS: list[tuple[str, str, Any]] = [
     ("debug", "true", True),
     ("frozen", "1", True),
     ("frozen", "no", False),
+    ("queue_db", "postgresql://team@db.example/loopterm", "postgresql://team@db.example/loopterm"),
+    ("provider_limits", '{"anthropic": {"concurrency": 4, "starts_per_minute": 30}}',
+     {"anthropic": ProviderLimits(concurrency=4, starts_per_minute=30)}),
 ]
 
 
@@ -147,6 +150,26 @@ def test_a_bad_value_is_one_line_naming_the_variable(field: str, raw: str, words
     message = str(info.value)
     assert "\n" not in message and env_name(field) in message and words in message and repr(raw) in message
     assert "pydantic" not in message and "validation error" not in message.lower()
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    ("{nope", "LOOPTERM_PROVIDER_LIMITS is not valid JSON"),
+    ("[1]", "LOOPTERM_PROVIDER_LIMITS=[1] is not valid"),
+    ('{"openai": {"concurrency": 0}}', "LOOPTERM_PROVIDER_LIMITS is not valid at openai.concurrency"),
+    ('{"openai": {"burst": 3}}', "LOOPTERM_PROVIDER_LIMITS is not valid at openai.burst"),
+])
+def test_bad_provider_limits_are_one_line_saying_where(raw: str, words: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOPTERM_PROVIDER_LIMITS", raw)
+    with pytest.raises(ConfigError) as info:
+        settings()
+    assert "\n" not in str(info.value) and words in str(info.value) and "a JSON object like" in str(info.value)
+
+
+def test_a_queue_db_that_is_not_postgresql_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOPTERM_QUEUE_DB", "mysql://me:s3cret@host/db")
+    with pytest.raises(ConfigError, match="LOOPTERM_QUEUE_DB must be a postgresql:// URL") as info:
+        settings()
+    assert "s3cret" not in str(info.value)
 
 
 def test_delays_out_of_order_and_several_bad_values_are_still_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

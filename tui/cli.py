@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shadow", action="store_true",
                      help="shadow mode: every tool call the loop proposes goes to a person (agree, edit, deny) and "
                           "nothing is executed; `loopterm eval LOOP --shadow` reports the agreement")
+    run.add_argument("--submit", action="store_true",
+                     help="record the run and queue it for the cluster's workers (`loopterm worker`) instead of running "
+                          "it here; prints its id (a PostgreSQL store)")
     run.add_argument("--approval-timeout", type=arguments.seconds, metavar="S",
                      help="with --headless: deny a tool call no one approved within S seconds (recorded as such); "
                           "the run goes on as after any denial")
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--side-effects", choices=["reuse", "reexecute"],
                         help="answer a pending side-effecting call: reuse the recorded result or execute it again")
     resume.add_argument("--otlp", metavar="URL", type=_otlp_url, help="send OpenTelemetry traces live to this OTLP/HTTP endpoint")
+    resume.add_argument("--submit", action="store_true",
+                        help="queue the run's next segment for the cluster's workers instead of running it here")
 
     answer = sub.add_parser("answer", parents=[db], help="answer what a run waits on (an escalation or an approval), without a screen",
                             description="Answer a run's pending escalation (add facts, set the subgoal, relax an invariant, "
@@ -146,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="the report as JSON (stable keys; see README)")
     evaluate.add_argument("--min-convergence", type=arguments.fraction, metavar="R",
                           help="exit 3 when fewer than this share (0..1) of the cases converged")
+    evaluate.add_argument("--submit", action="store_true",
+                          help="record one run per case and queue them for the cluster's workers; prints `case run` "
+                               "lines (submitting the same batch again makes nothing twice)")
+    evaluate.add_argument("--batch", metavar="NAME",
+                          help="with --submit: the batch's name (default: derived from the loop, the cases file and the "
+                               "options); a new name submits the same cases again as new runs")
     evaluate.add_argument("--shadow", action="store_true",
                           help="instead of running cases: report the loop's shadow runs, per tool: proposals, agreed, "
                                "edited, denied, agreement rate")
@@ -167,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loopterm.tui import diff_cli  # standard library only at import
 
     diff_cli.add_parser(sub, db)
+    from loopterm.tui import worker_cli  # standard library only at import
+
+    worker_cli.add_parser(sub, db)
     from loopterm.tui import db_cli  # standard library only at import
 
     db_cli.add_parser(sub, db)
@@ -243,6 +257,34 @@ def _store_failure(exc: BaseException, args: argparse.Namespace) -> tuple[str, b
     return None
 
 
+def _submitted(args: argparse.Namespace) -> int | None:
+    """`--submit` (tui/submit_cli.py): handed to the cluster's workers; None when not asked for."""
+    if not getattr(args, "submit", False):
+        return None
+    from loopterm.tui import submit_cli
+
+    location = submit_cli.store_location(args)
+    if args.command == "resume":
+        if args.otlp is not None or args.no_wait or args.max_iterations is not None:
+            error("--submit goes without --otlp, --no-wait and --max-iterations (a worker runs it)")
+            return USAGE_ERROR
+        return submit_cli.submit_resume(location, args.run, side_effects=args.side_effects)
+    if args.command == "eval":
+        if args.cases is None or args.shadow or args.parallel is not None:
+            error("eval --submit needs --cases FILE, and goes without --shadow and --parallel (workers run the cases)")
+            return USAGE_ERROR
+        return submit_cli.submit_cases(args.loop, location, cases_file=args.cases, model=args.model, batch=args.batch)
+    if args.cases is not None:
+        return submit_cli.submit_cases(args.loop, location, cases_file=args.cases, model=args.model,
+                                       max_iterations=args.max_iterations, budget_usd=args.budget_usd,
+                                       budget_tokens=args.budget_tokens)
+    if args.otlp is not None or args.parallel is not None or args.approval_timeout is not None:
+        error("run --submit goes without --otlp, --parallel and --approval-timeout (a worker runs it)")
+        return USAGE_ERROR
+    return submit_cli.submit_run(args.loop, location, model=args.model, max_iterations=args.max_iterations,
+                                 budget_usd=args.budget_usd, budget_tokens=args.budget_tokens, shadow=args.shadow)
+
+
 def _server_failure(exc: BaseException, shown: str) -> tuple[str, bool] | None:
     """One line for a PostgreSQL failure mid-command (the server went away, a connection dropped): exit 1."""
     psycopg = sys.modules.get("psycopg")  # loaded only for a postgresql:// store: never imported here
@@ -265,6 +307,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import new_cli
 
         return new_cli.run(args)
+    if args.command == "worker":
+        from loopterm.tui import worker_cli
+
+        return worker_cli.run(args)
+    submitted = _submitted(args)
+    if submitted is not None:
+        return submitted
     if args.command == "run" and args.shadow and (args.cases is not None or args.parallel is not None):
         from loopterm.tui import shadow_cli
 

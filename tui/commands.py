@@ -210,6 +210,9 @@ def answer(db: StoreTarget, prefix: str, *, facts: list[str], subgoal: str | Non
     executing = executing_elsewhere(run_record, view)
     then = ("the process executing it obeys at its next step" if executing
             else f"`loopterm resume {run_record.id}` takes the answer and {'ends it' if abort else 'goes on'}")
+    if not executing and getattr(store, "backend", "sqlite") == "postgresql":
+        then = (f"a worker takes it up if the run was submitted to the cluster; else `loopterm resume "
+                f"{run_record.id}` takes the answer and {'ends it' if abort else 'goes on'}")
     _console().print(Text(f"answered {what} of run {run_record.id}: {then}", style="cyan"))
     return 0
 

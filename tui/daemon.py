@@ -307,7 +307,7 @@ class TriggerDaemon:
         engine = service.create(
             slot.loop, self.store, ref=slot.ref, model=slot.model, max_iterations=trigger.max_iterations,
             budget=budget, workspace_root=self.workspace_root, goal=trigger.goal_for(slot.loop.goal, event),
-            wait_on_person=True, workdir=self.cwd, origin=ORIGIN,
+            wait_on_person=True, workdir=self.cwd, origin=ORIGIN, run_id=self.run_id_for(slot, event),
         )
         run_id = engine.run_id
         self.store.append_event(run_id, log.TriggerFired(trigger=slot.name, on=trigger.on.kind, event=event,
@@ -322,6 +322,10 @@ class TriggerDaemon:
         capped = budget.get("usd") is not None and trigger.budget_usd is None and slot.loop.budget.usd is None
         self._launch(slot, engine, f"run {run_id} of {slot.loop.name} started (model {slot.model})"
                      + (f"; its budget is what is left of today's: ${budget['usd']:.4f}" if capped else ""))
+
+    def run_id_for(self, slot: Slot, event: str) -> str | None:
+        """The id of the run a firing starts (None: a new one); the cluster's daemon names it by the firing."""
+        return None
 
     def _launch(self, slot: Slot, engine: Engine, started: str) -> None:
         engine.subscribe(self._watcher(slot, engine.run_id))

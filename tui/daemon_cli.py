@@ -75,6 +75,9 @@ def run(args: argparse.Namespace, db: StoreTarget) -> int:
                                                          f"{s.loop.name})" for s in slots))
         return 0
 
+    queued = _cluster(args, db)
+    if queued is not None:
+        return queued(path, slots)
     store = db.open()
     lock = _lock(db)
     try:
@@ -84,3 +87,30 @@ def run(args: argparse.Namespace, db: StoreTarget) -> int:
         store.close()
         lock.close()
     return 0
+
+
+def _cluster(args: argparse.Namespace, db: Any) -> Any:
+    """On a PostgreSQL store (or with LOOPTERM_QUEUE_DB): the daemon that queues its runs for the workers
+    (tui/daemon_queue.py), as a function of (triggers file, slots); None otherwise. No file lock: several
+    daemons on one triggers file make one run per firing (its id)."""
+    from loopterm.core.queues import is_postgres
+    from loopterm.core.settings import settings
+    from loopterm.tui.submit_cli import store_location
+
+    location = store_location(args)
+    if not is_postgres(location) and not settings().queue_db:
+        return None
+
+    def serve(path: Path, slots: list[Any]) -> int:
+        import asyncio
+
+        from loopterm.core.queues import Queues, queue_db
+        from loopterm.store import Store
+        from loopterm.tui.daemon_queue import QueueingDaemon
+
+        with Queues(queue_db(location, what="`loopterm daemon`")) as queues, Store.open(location) as store:
+            daemon = QueueingDaemon(store, db, path, slots, cwd=Path.cwd(), grace=args.grace, queues=queues)
+            asyncio.run(daemon.serve())
+        return 0
+
+    return serve
