@@ -495,3 +495,29 @@ def test_a_runs_event_ids_are_committed_in_order(store: Store, pg_url: str) -> N
         thread.join(5)
         assert done.is_set() and second[0].id > first.id
         assert [e.id for e in reader.events("r1")] == [first.id, second[0].id]
+
+
+# -- the engine on PostgreSQL ---------------------------------------------------------------------
+
+
+async def test_an_engine_runs_a_loop_on_postgresql_as_on_sqlite(tmp_path: Path, pg_url: str) -> None:
+    from loopterm.core.engine import Engine
+    from loopterm.core.model import check_model
+    from tests.loopkit import decision, kinds, make_loop
+
+    outcomes = []
+    for name, target in (("sqlite", tmp_path / "db" / "loopterm.db"), ("postgresql", pg_url)):
+        turns = [{"content": decision(text=f"v{i}", subgoal=f"s{i}")} for i in range(2)] + [{"content": decision(text="ok")}]
+        (tmp_path / name).mkdir()
+        loop = make_loop(tmp_path / name, turns)
+        check_model(loop.model, loop.script)
+        with Store.open(target) as store:
+            engine = Engine.create(loop, store, loop_ref=f"test:{loop.name}", workspace_root=tmp_path / name / "ws",
+                                   workdir=tmp_path / name)
+            run = await engine.run()
+            records = store.iterations(run.id)
+            outcomes.append((run.status, run.iterations, run.tokens_in, [r.decision for r in records],
+                             [r.state["iteration"] for r in records], kinds(store.events(run.id)),
+                             [t.cost_usd for t in store.spend_by("loop")]))
+    assert outcomes[0][0] == "converged"
+    assert outcomes[0] == outcomes[1]
