@@ -519,3 +519,25 @@ def test_the_cluster_modules_load_neither_dbos_nor_psycopg_until_used() -> None:
                           env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_submitters_racing_the_daily_budget_cannot_both_take_what_is_left(cluster: Cluster) -> None:
+    """Six `run --submit` processes at once (two laptops' worth), each asking $0.30 under a daily budget of
+    $1.00: exactly three are recorded, the others refused in one line; two workers run the three, and what
+    they spend stays inside what they held."""
+    loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
+    cluster.cli("budget", "--set-daily", "1")
+    procs = [subprocess.Popen(cluster.argv("run", str(loop), "--submit", "--budget-usd", "0.3"), cwd=cluster.folder,
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    done = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    created = [out.strip() for code, out, _ in done if code == 0]
+    refused = [err for code, _, err in done if code != 0]
+    assert len(created) == 3 and len(refused) == 3, done
+    assert all(err.count("\n") == 1 and "daily budget" in err for err in refused), refused
+    assert {r["id"] for r in cluster.runs()} == set(created)  # a refused submit recorded nothing
+    cluster.worker("w1")
+    cluster.worker("w2")
+    cluster.wait("the three runs converge", lambda: all(cluster.status(r) == "converged" for r in created), 120)
+    spent = sum(r["cost_usd"] for r in cluster.runs())
+    assert 0 < spent <= 0.9
