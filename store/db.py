@@ -34,24 +34,21 @@ from typing import Any, Self
 from pydantic import TypeAdapter
 from sqlite_utils import Database
 
-from loopterm.core.daily_budget import env_daily_budget, parse_usd
 from loopterm.core.errors import ConfigError
-from loopterm.core.memory import Embed
 from loopterm.core.records import (
     CommandRecord,
     IterationRecord,
-    MemoryItem,
     RunRecord,
-    SpendTotal,
 )
 from loopterm.core.runlog import EventRecord, RunEvent, from_stored, to_stored
 import loopterm.store.ledger as ledger
-import loopterm.store.memory as memory
 import loopterm.store.policies as policies
 import loopterm.store.prune as pruning
 import loopterm.store.reservations as reservations
 import loopterm.store.transfer as transfer
 from loopterm.store.calls import CallJournal
+from loopterm.store.ledger import LedgerAccess
+from loopterm.store.memory import MemoryAccess
 from loopterm.store.coordination import Coordination
 from loopterm.store.copy import CopyResult, copy_store
 from loopterm.store.reads import LineageReads
@@ -90,7 +87,7 @@ class DuplicateIterationError(ValueError):
     """An iteration (run_id, n) was committed twice: the first is kept, the second refused."""
 
 
-class Store(LineageReads, CallJournal, Coordination):
+class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess):
     """The loopterm database: implements core's `Journal` plus the query API.
 
     On SQLite (a path) or PostgreSQL (a postgresql:// URL): one body of store logic over a connection that
@@ -549,82 +546,6 @@ class Store(LineageReads, CallJournal, Coordination):
                 raise KeyError(f"no command {command_id}")
             self._conn.execute("UPDATE commands SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL", [self._clock(), command_id])
             return [self._insert_event(rows[0]["run_id"], event, iteration) for event, iteration in events]
-
-    # -- long-term memory (memory.py) ------------------------------------------
-
-    def remember(
-        self, loop: str, key: str, value: str, kind: str = "fact", source_run: str | None = None,
-        at: float | None = None, embedding: Sequence[float] | None = None,
-    ) -> MemoryItem:
-        """Store `value` under (loop, key); remembering a key again replaces value, kind and source
-        (created_at kept, updated_at changed; a stored embedding is dropped if the value changed)."""
-        with self._write():
-            return memory.remember(self._conn, loop, key, value, kind, source_run, self._clock() if at is None else at, embedding)
-
-    def recall(self, loop: str, query: str, limit: int = 5, embed: Embed | None = None) -> list[MemoryItem]:
-        """The loop's memories matching free text, best first (score: higher is better); [] for no words.
-
-        Full-text (FTS5, bm25, key words weigh double); any text is a valid query.
-        With `embed` (texts -> vectors), the full-text candidates and the items with
-        stored embeddings are ranked by cosine similarity blended with bm25, and
-        vectors computed for items are stored for next time.
-        """
-        if embed is None:
-            return memory.search(self._query, loop, query, limit, self.backend)
-        return memory.semantic_search(self._query, loop, query, limit, embed, self._save_embeddings, self.backend)
-
-    def _save_embeddings(self, pairs: list[tuple[str, int]]) -> None:
-        with self._write():  # an item forgotten meanwhile is simply not updated
-            self._conn.executemany("UPDATE memory SET embedding = ? WHERE id = ?", pairs)
-
-    def memories(self, loop: str, kind: str | None = None) -> list[MemoryItem]:
-        """Everything the loop remembers (only `kind`, if given), most recently updated first."""
-        return memory.memories(self._query, loop, kind)
-
-    def forget(self, loop: str, key_or_id: str) -> bool:
-        """Delete the loop's memory with this key (or, failing that, this numeric id); False if there is none."""
-        with self._write():
-            return memory.forget(self._conn, loop, key_or_id)
-
-    def memory_loops(self) -> list[str]:
-        """The loops that remember anything, by name."""
-        return memory.memory_loops(self._query)
-
-    # -- spend ledger and daily budget (ledger.py) -----------------------------
-
-    def spend_by(self, group: str, since_day: str | None = None) -> list[SpendTotal]:
-        """Ledger totals grouped by "day" (oldest first), "loop" or "model" (most expensive first),
-        from since_day (YYYY-MM-DD, local) on."""
-        with self._lock:
-            return ledger.spend_by(self._conn, group, since_day)
-
-    def spend_on(self, day: str) -> float:
-        """USD spent on a local day (YYYY-MM-DD) by every run in this store."""
-        with self._lock:
-            return ledger.spend_on(self._conn, day)
-
-    def daily_budget(self) -> float | None:
-        """The daily budget in USD: $LOOPTERM_DAILY_BUDGET_USD if set, else the stored one, else None."""
-        from_env = env_daily_budget()
-        if from_env is not None:
-            return from_env
-        with self._lock:
-            return ledger.stored_daily_budget(self._conn)
-
-    def stored_daily_budget(self) -> float | None:
-        """The daily budget kept in this database (ignoring the environment)."""
-        with self._lock:
-            return ledger.stored_daily_budget(self._conn)
-
-    def set_daily_budget(self, usd: float | None) -> None:
-        """Keep a daily budget in this database (None removes it). $LOOPTERM_DAILY_BUDGET_USD still overrides it."""
-        if usd is not None:
-            usd = parse_usd(str(usd), "the daily budget")
-        with self._write():
-            if usd is None:
-                self._conn.execute("DELETE FROM meta WHERE key = ?", [ledger.DAILY_BUDGET_KEY])
-            else:
-                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [ledger.DAILY_BUDGET_KEY, repr(usd)])
 
     # -- storage meter and prune (footprint.py, prune.py) ---------------------
 

@@ -17,11 +17,12 @@ core/daily_budget.py is the gate every run goes through before it starts.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.records import SpendTotal
-from loopterm.core.daily_budget import local_day, parse_usd
+from loopterm.core.daily_budget import env_daily_budget, local_day, parse_usd
 
 DAILY_BUDGET_KEY = "daily_budget_usd"
 GROUPS = ("day", "loop", "model")
@@ -81,3 +82,48 @@ def stored_daily_budget(conn: sqlite3.Connection) -> float | None:
         return parse_usd(row[0], "the daily budget stored in the database")
     except ConfigError as exc:
         raise ConfigError(f"{exc}; set it again with `loopterm budget --set-daily X` or `--clear-daily`") from None
+
+
+class LedgerAccess:
+    """The spend ledger's and the daily budget's part of `Store` (mixed into it in store/db.py, whose
+    connection, lock and transactions it uses)."""
+
+    _conn: Any
+    _lock: Any
+
+    if TYPE_CHECKING:  # the Store's own
+        def _write(self, *, power_safe: bool = True) -> AbstractContextManager[Any]: ...
+
+    def spend_by(self, group: str, since_day: str | None = None) -> list[SpendTotal]:
+        """Ledger totals grouped by "day" (oldest first), "loop" or "model" (most expensive first),
+        from since_day (YYYY-MM-DD, local) on."""
+        with self._lock:
+            return spend_by(self._conn, group, since_day)
+
+    def spend_on(self, day: str) -> float:
+        """USD spent on a local day (YYYY-MM-DD) by every run in this store."""
+        with self._lock:
+            return spend_on(self._conn, day)
+
+    def daily_budget(self) -> float | None:
+        """The daily budget in USD: $LOOPTERM_DAILY_BUDGET_USD if set, else the stored one, else None."""
+        from_env = env_daily_budget()
+        if from_env is not None:
+            return from_env
+        with self._lock:
+            return stored_daily_budget(self._conn)
+
+    def stored_daily_budget(self) -> float | None:
+        """The daily budget kept in this database (ignoring the environment)."""
+        with self._lock:
+            return stored_daily_budget(self._conn)
+
+    def set_daily_budget(self, usd: float | None) -> None:
+        """Keep a daily budget in this database (None removes it). $LOOPTERM_DAILY_BUDGET_USD still overrides it."""
+        if usd is not None:
+            usd = parse_usd(str(usd), "the daily budget")
+        with self._write():
+            if usd is None:
+                self._conn.execute("DELETE FROM meta WHERE key = ?", [DAILY_BUDGET_KEY])
+            else:
+                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [DAILY_BUDGET_KEY, repr(usd)])

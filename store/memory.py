@@ -18,7 +18,8 @@ import re
 import sqlite3
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 Query = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
@@ -266,3 +267,56 @@ def semantic_search(
         ranked.append(item.model_copy(update={"score": COSINE_WEIGHT * cosine + (1 - COSINE_WEIGHT) * lexical}))
     ranked.sort(key=lambda item: (-(item.score or 0.0), -item.updated_at, item.id))
     return ranked[:limit]
+
+
+class MemoryAccess:
+    """Long-term memory's part of `Store` (mixed into it in store/db.py, whose connection, lock and
+    transactions it uses)."""
+
+    _conn: Any
+    _lock: Any
+    _clock: Callable[[], float]
+    backend: str
+
+    if TYPE_CHECKING:  # the Store's own
+        def _write(self, *, power_safe: bool = True) -> AbstractContextManager[Any]: ...
+
+        def _query(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]: ...
+
+    def remember(
+        self, loop: str, key: str, value: str, kind: str = "fact", source_run: str | None = None,
+        at: float | None = None, embedding: Sequence[float] | None = None,
+    ) -> MemoryItem:
+        """Store `value` under (loop, key); remembering a key again replaces value, kind and source
+        (created_at kept, updated_at changed; a stored embedding is dropped if the value changed)."""
+        with self._write():
+            return remember(self._conn, loop, key, value, kind, source_run, self._clock() if at is None else at, embedding)
+
+    def recall(self, loop: str, query: str, limit: int = 5, embed: Embed | None = None) -> list[MemoryItem]:
+        """The loop's memories matching free text, best first (score: higher is better); [] for no words.
+
+        Full-text (FTS5, bm25, key words weigh double); any text is a valid query.
+        With `embed` (texts -> vectors), the full-text candidates and the items with
+        stored embeddings are ranked by cosine similarity blended with bm25, and
+        vectors computed for items are stored for next time.
+        """
+        if embed is None:
+            return search(self._query, loop, query, limit, self.backend)
+        return semantic_search(self._query, loop, query, limit, embed, self._save_embeddings, self.backend)
+
+    def _save_embeddings(self, pairs: list[tuple[str, int]]) -> None:
+        with self._write():  # an item forgotten meanwhile is simply not updated
+            self._conn.executemany("UPDATE memory SET embedding = ? WHERE id = ?", pairs)
+
+    def memories(self, loop: str, kind: str | None = None) -> list[MemoryItem]:
+        """Everything the loop remembers (only `kind`, if given), most recently updated first."""
+        return memories(self._query, loop, kind)
+
+    def forget(self, loop: str, key_or_id: str) -> bool:
+        """Delete the loop's memory with this key (or, failing that, this numeric id); False if there is none."""
+        with self._write():
+            return forget(self._conn, loop, key_or_id)
+
+    def memory_loops(self) -> list[str]:
+        """The loops that remember anything, by name."""
+        return memory_loops(self._query)
