@@ -260,6 +260,16 @@ def test_db_init_on_postgresql_is_idempotent(pg_url: str, tmp_path: Path) -> Non
     assert runs.returncode == 0 and json.loads(runs.stdout) == []
 
 
+def test_db_before_the_command_names_the_store_too(pg_url: str, tmp_path: Path) -> None:
+    """`loopterm --db URL` opens the demo on that store; `loopterm --db URL runs` is `runs --db URL`."""
+    assert loopterm("db", "init", "--db", pg_url, cwd=tmp_path).returncode == 0
+    runs = loopterm("--db", pg_url, "runs", "--json", cwd=tmp_path)
+    assert runs.returncode == 0 and json.loads(runs.stdout) == [], runs.stderr
+    assert not (tmp_path / ".loopterm" / "loopterm.db").exists()  # not the default SQLite file
+    bad = loopterm("--db", "postgresql://nowhere.invalid:1/x", "runs", cwd=tmp_path)
+    one_line_refusal(bad, "nowhere.invalid")
+
+
 def test_db_copy_into_postgresql_then_every_command_works_there(source_store: dict[str, Any], pg_url: str,
                                                                 tmp_path: Path) -> None:
     shutil.copy(source_store["db"], tmp_path / "src.db")

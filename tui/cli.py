@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loopterm",
         description="A terminal workbench for supervised LLM loops. With no command: run the built-in demo loop offline.",
     )
+    # `loopterm --db X` (no command: the demo in the TUI) and `loopterm --db X COMMAND` name the store too;
+    # its own dest, since a subcommand's --db default would overwrite it.
+    parser.add_argument("--db", dest="main_db", metavar="PATH|URL",
+                        help="the store the demo (or the command after it) uses: a SQLite file or a postgresql:// URL")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[db], help="run a loop", description="Run a loop (a built-in name or path/to/file.py[:name]).")
@@ -302,7 +306,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from loopterm.tui import commands
 
     if args.command is None:
-        return commands.demo()
+        return commands.demo(store_target(args))
     if args.command == "new":
         from loopterm.tui import new_cli
 

@@ -64,8 +64,8 @@ def _drive(engine: Engine, console: Console, otlp: str | None = None) -> int:
     return EXIT_CODES.get(Status(final.status), 1)
 
 
-def demo() -> int:
-    return run(DEMO_LOOP, default_target(), headless=False)
+def demo(db: StoreTarget | None = None) -> int:
+    return run(DEMO_LOOP, db or default_target(), headless=False)
 
 
 def _has_terminal() -> bool:

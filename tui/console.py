@@ -40,7 +40,7 @@ def default_target() -> StoreTarget:
 
 def store_target(args: argparse.Namespace) -> StoreTarget:
     """The store a command's arguments name (--db: a path or a postgresql:// URL), else the default one."""
-    given = getattr(args, "db", None)
+    given = getattr(args, "db", None) or getattr(args, "main_db", None)  # `loopterm runs --db X` or `loopterm --db X runs`
     if not given:
         return default_target()
     from loopterm.store.target import StoreTarget
