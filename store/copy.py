@@ -153,8 +153,8 @@ def _copy_table(source: Store, target: Store, table: str, key: tuple[str, ...]) 
     body = columns.index("body") if table == "states" else None
     count = 0
     pages: Iterator[list[tuple[Any, ...]]] = _pages(source, table, key, columns)
-    if table == "runs":  # foreign keys: parents first
-        pages = iter([_parents_first([row for page in pages for row in page], columns)])
+    if table == "runs":  # in creation order (what `loopterm runs` lists by), parents first (foreign keys)
+        pages = iter([_parents_first(source._query(f"SELECT {names} FROM runs ORDER BY rowid"), columns)])
     for page in pages:
         if body is not None and target._state_body is not None:
             page = [(*row[:body], target._state_body(row[body]), *row[body + 1:]) for row in page]

@@ -521,3 +521,15 @@ async def test_an_engine_runs_a_loop_on_postgresql_as_on_sqlite(tmp_path: Path, 
                              [t.cost_usd for t in store.spend_by("loop")]))
     assert outcomes[0][0] == "converged"
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_copy_keeps_the_order_runs_were_created_in(tmp_path: Path, pg_url: str) -> None:
+    """`loopterm runs` lists by creation, not by id: a copy must keep that order, whichever ids came first."""
+    with Store.open(tmp_path / "team.db") as sqlite, Store.open(pg_url) as pg:
+        for run_id in ("zz-first", "mm-second", "aa-third"):
+            sqlite.create_run(make_run(run_id))
+        sqlite.copy_to(pg)
+        assert [r.id for r in pg.list_runs()] == [r.id for r in sqlite.list_runs()] == ["zz-first", "mm-second", "aa-third"]
+        with Store.open(tmp_path / "back.db") as back:
+            pg.copy_to(back)
+            assert [r.id for r in back.list_runs()] == ["zz-first", "mm-second", "aa-third"]
