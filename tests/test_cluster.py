@@ -257,6 +257,7 @@ def test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(cluster: Cl
     assert f"▶ run {run_id}" in out and f"■ run {run_id} converged after iteration 4" in out and "stopped" in out
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_a_worker_runs_exactly_up_to_its_concurrency_at_once(cluster: Cluster) -> None:
     loop = write_loop(cluster.folder, ["one", "two", "three", "four"])
     cluster.worker("w1", "--concurrency", "2")
@@ -276,6 +277,7 @@ def test_a_worker_runs_exactly_up_to_its_concurrency_at_once(cluster: Cluster) -
     assert most == 2, edges  # never three at once, and two at once (DBOS alone would keep one per queue)
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_workers_on_one_machine_share_a_sqlite_store(one_machine: Cluster) -> None:
     test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(one_machine)
 
@@ -349,6 +351,7 @@ def test_sigkill_a_worker_mid_side_effect_and_another_takes_the_run_over(cluster
     assert [e["kind"] for e in shown["events"]].count("run_resumed") == 1
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_a_worker_stopped_with_sigterm_leaves_a_long_segment_to_the_others(cluster: Cluster) -> None:
     run_id, stopped, survivor = _killed_mid_tool(cluster, idempotent=True, how=signal.SIGTERM)
     cluster.wait("convergence on the other worker", lambda: cluster.status(run_id) == "converged")
@@ -358,6 +361,7 @@ def test_a_worker_stopped_with_sigterm_leaves_a_long_segment_to_the_others(clust
     assert f"worker {stopped} is gone" in cluster.output(survivor)
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_a_non_idempotent_call_cut_by_a_kill_waits_for_a_person_then_converges(cluster: Cluster) -> None:
     run_id, dead, survivor = _killed_mid_tool(cluster, idempotent=False)
     cluster.wait("the question", lambda: any("side-effecting call append" in line for line in cluster.waiting(run_id)))
@@ -433,6 +437,7 @@ on.schedule = "every 1s"
 """
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_the_daemon_queues_each_firing_for_the_workers(cluster: Cluster) -> None:
     write_loop(cluster.folder, ["one", "two", "three", "four"] * 4)
     (cluster.folder / "triggers.toml").write_text(TRIGGERS)

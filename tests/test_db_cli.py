@@ -330,6 +330,7 @@ def test_db_copy_into_a_postgresql_store_with_runs_of_its_own_is_refused(source_
                      "give the SQLite file to copy")
 
 
+@pytest.mark.slow  # 30 s of subprocesses; `pytest -m slow tests/test_db_cli.py`
 def test_the_other_commands_on_a_postgresql_store(pg_url: str, tmp_path: Path) -> None:
     """memory, export / import, answer, resume, prune and policy through the console script, on PostgreSQL."""
     def ok(*args: str, codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
