@@ -19,7 +19,7 @@ from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.text import one_line
-from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES_BY_VERSION
+from loopterm.store.schema import TABLES_BY_VERSION, stored_version
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 HEADER_BYTES = 100  # the database header, at the start of page 1
@@ -181,15 +181,9 @@ def classify(db: Database, path: Path) -> int:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.OperationalError:  # a `meta` table of someone else's shape
         raise ConfigError(not_ours) from None
-    if meta.get("app") != APP:
-        raise ConfigError(not_ours)
     damaged = f"{path} is a damaged loopterm database"
-    try:
-        version = int(meta.get("schema_version", ""))
-    except ValueError:
-        raise ConfigError(f"{damaged} (schema_version {meta.get('schema_version')!r}); restore it from a backup or {OTHER_PATH}") from None
-    if version > SCHEMA_VERSION:
-        raise ConfigError(f"{path} was written by a newer loopterm (schema {version} > {SCHEMA_VERSION}); upgrade loopterm")
+    version = stored_version(meta, path, not_ours=not_ours, damaged=damaged,
+                             restore=f"restore it from a backup or {OTHER_PATH}")
     if version < 1:
         raise ConfigError(f"{damaged} (schema_version {version}); restore it from a backup or {OTHER_PATH}")
     if version not in TABLES_BY_VERSION:

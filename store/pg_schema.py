@@ -27,7 +27,7 @@ from typing import Any
 
 from loopterm.core.errors import ConfigError
 from loopterm.core.text import one_line
-from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES
+from loopterm.store.schema import APP, SCHEMA_VERSION, TABLES, stored_version
 
 INIT_LOCK = 0x6C6F6F70_7465726D  # "loopterm": pg_advisory_xact_lock key serialising two processes creating at once
 FTS_CHARS = 200_000  # characters of a memory's value indexed for full-text search (a tsvector holds at most 1 MB)
@@ -289,15 +289,8 @@ def classify(conn: Any, location: str) -> int:
     except conn.Error:
         conn.rollback()
         raise ConfigError(not_ours) from None
-    if meta.get("app") != APP:
-        raise ConfigError(not_ours)
     damaged = f"{location} holds a damaged loopterm store"
-    try:
-        version = int(meta.get("schema_version", ""))
-    except ValueError:
-        raise ConfigError(f"{damaged} (schema_version {meta.get('schema_version')!r}); restore it from a backup") from None
-    if version > SCHEMA_VERSION:
-        raise ConfigError(f"{location} was written by a newer loopterm (schema {version} > {SCHEMA_VERSION}); upgrade loopterm")
+    version = stored_version(meta, location, not_ours=not_ours, damaged=damaged, restore="restore it from a backup")
     if version != SCHEMA_VERSION:
         raise ConfigError(f"{damaged} (schema_version {version}); restore it from a backup")
     missing = [name for name in PG_TABLES if name not in present]

@@ -168,6 +168,20 @@ V4_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def stored_version(meta: dict[str, str], where: object, *, not_ours: str, damaged: str, restore: str) -> int:
+    """The schema version a store's `meta` rows give (both backends); ConfigError, in one line, when they are not
+    loopterm's, do not say a version, or say one newer than this code."""
+    if meta.get("app") != APP:
+        raise ConfigError(not_ours)
+    try:
+        version = int(meta.get("schema_version", ""))
+    except ValueError:
+        raise ConfigError(f"{damaged} (schema_version {meta.get('schema_version')!r}); {restore}") from None
+    if version > SCHEMA_VERSION:
+        raise ConfigError(f"{where} was written by a newer loopterm (schema {version} > {SCHEMA_VERSION}); upgrade loopterm")
+    return version
+
+
 def add_v4_columns(db: Database) -> None:
     """Schema 4's columns, each where it is missing (inside the caller's transaction)."""
     for table, column, declaration in V4_COLUMNS:
