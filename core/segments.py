@@ -57,16 +57,13 @@ class SegmentEnd:
 def drive(store: Any, run_id: str, *, say: Say | None = None) -> SegmentEnd:
     """Drive run `run_id` on `store` (an open Store; closed by the caller) until it ends or waits on a person."""
     began = time.monotonic()
-    holds = getattr(store, "drive", None)
-    if holds is not None and not holds(run_id):
+    if not store.drive(run_id):  # the journal's run lock (core/persistence.py): counted, so the engine shares it
         run = store.get_run(run_id)
         return SegmentEnd(run_id, run.status, skipped="another engine drives this run now")
     try:
         end = _drive_held(store, run_id, say)
     finally:
-        release = getattr(store, "undrive", None)
-        if release is not None:
-            release(run_id)
+        store.undrive(run_id)
     end.seconds = round(time.monotonic() - began, 3)
     return end
 
