@@ -18,7 +18,9 @@ from typing import Any
 
 from loopterm.core.approval_policy import Policy, PolicyRule
 from loopterm.core.control import AddFact, Approve, Command, Deny, EditState, Relax, Restore, SetSubgoal
+from loopterm.core.acp_turn import AgentTurn
 from loopterm.core.runlog import (
+    AgentTurnRecorded,
     ApprovalPending,
     Approved,
     ChildStarted,
@@ -145,6 +147,7 @@ class RunView:
     typed: bool = False  # the last engine wrote the typed log (answers name what they answer)
     policies: dict[str, Policy] = field(default_factory=dict)  # approval policies made in this run, by id
     decided_by: dict[str, str] = field(default_factory=dict)  # an approval's key -> the policy that answered it
+    agent_turns: dict[int, AgentTurn] = field(default_factory=dict)  # an ACP agent's turn, by iteration
 
     # -- what follows from it --------------------------------------------------------------------------------
 
@@ -312,6 +315,8 @@ class RunView:
             self.daemon_interrupted = True
         elif isinstance(e, MaxIterationsChanged):
             self.max_iterations_changes.append(e)
+        elif isinstance(e, AgentTurnRecorded) and n is not None:
+            self.agent_turns[n] = e.turn  # recorded again (an iteration redone after a crash): the last counts
         elif isinstance(e, InvalidReply) and n is not None:
             self.invalid_replies.setdefault(n, []).append(e)
         if isinstance(e, Forked):

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from loopterm.core.acp_turn import AgentTurn
+
 LOG_VERSION = 2  # written on run_started / run_resumed; 1 (absent) marks an engine from before the typed log
 
 
@@ -151,6 +153,13 @@ class WorktreeRemoved(_Event):
     base: str = ""
     commit: str | None = None
     files: list[dict[str, Any]] = Field(default_factory=list)  # path, change, sha256 (core/worktree.py)
+
+
+class AgentTurnRecorded(_Event):
+    """One prompt turn of the loop's ACP agent (core/acp_turn.py), committed with its iteration."""
+
+    kind: Literal["agent_turn"] = "agent_turn"
+    turn: AgentTurn
 
 
 class TriggerFired(_Event):
@@ -438,7 +447,8 @@ class Unrecognized(_Event):
 RunEvent = (
     RunCreated | RunStarted | RunResumed | RunFinished | StatusChanged | MaxIterationsChanged | BudgetCapped
     | Forked | Branched | ReplayOf | Replayed | ReplaySession | ShadowMode | CaseStarted | WorktreeAdded
-    | WorktreeKept | WorktreeRemoved | TriggerFired | TriggerRefused | DaemonInterrupted | DaemonResumed
+    | WorktreeKept | WorktreeRemoved | AgentTurnRecorded | TriggerFired | TriggerRefused | DaemonInterrupted
+    | DaemonResumed
     | ChildStarted | McpConnected | ModelRetried | PromptPruned | InvalidReply | IntentReused | CommandRejected
     | StateEdited | FactAdded | SubgoalSet | InvariantRelaxed | InvariantRestored | Approved | Denied
     | PolicyAdded | PolicyRevoked | PolicyDecided
