@@ -1,0 +1,1 @@
+"""An agent loop's example: a scripted ACP agent (scripted_agent.py) that fixes files offline."""
