@@ -152,7 +152,7 @@ class AgentActor(Hook):
         record.base_commit = base
         try:
             record.commit, record.changed_paths, record.diff = await agent_git.commit_turn(
-                engine.workspace, base, f"loopterm: run {engine.run_id} iteration {n} ({record.summary()})")
+                engine.workspace, base, f"loopterm: run {engine.run_id} iteration {n} ({record.stop_reason or record.ended_by})")
         except Exception as exc:  # noqa: BLE001 - recorded; the gates still see the files as they are
             record.note = (record.note + "; " if record.note else "") + f"not committed: {exc}"
         self.last = record
@@ -162,8 +162,8 @@ class AgentActor(Hook):
                                    tokens_cached=u.tokens_cached)
         reply = redact(record.message.strip())
         if record.ended_by != "agent" and record.ended_by != "person":
-            raise AgentTurnFailed(f"{record.summary()}" + (f"; the agent said: {reply[:2_000]}" if reply else ""))
-        return f"{reply}\n[{record.summary()}]" if reply else f"[{record.summary()}]"
+            raise AgentTurnFailed(f"{record.summary()}" + (f"\nthe agent said: {reply[:2_000]}" if reply else ""))
+        return f"{record.summary()}\n{reply}".rstrip()  # the first line is what `show` lists as the action
 
     async def _watch(self, session: AcpSession) -> None:
         """A pause or stop asked for during the turn cancels it (the agent ends it at once, by the protocol)."""

@@ -33,6 +33,7 @@ from loopterm.core.control import Deny, command_payload
 from loopterm.core.prompt_cache import hit_text
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
+from loopterm.tui.widgets.render import action_label  # noqa: F401 - `show` lists actions as `watch` does
 from loopterm.tui.widgets.render import clean
 
 PASS, FAIL, WAIT = ("✓", "green"), ("✗", "red"), ("⏸", "yellow")
@@ -52,16 +53,6 @@ STATUS_STYLE = {
 def status_text(status: str) -> Text:
     glyph, style = STATUS_STYLE.get(status, ("?", "white"))
     return Text(f"{glyph} {clean(status)}", style=style)
-
-
-def action_label(record: IterationRecord) -> str:
-    call = record.tool_call
-    if not call:
-        return "(no action)"
-    args = call.get("args") or {}
-    first = next(iter(args.values()), "") if args else ""
-    shown = redact(str(first)).splitlines()[0][:40] if first else ""
-    return f"{clean(call['tool'])}({clean(shown)})"
 
 
 def gates_text(record: IterationRecord) -> Text:
