@@ -158,8 +158,8 @@ class AgentActor(Hook):
         self.last = record
         engine.pending_events.setdefault(n, []).append(log.AgentTurnRecorded(turn=record))
         u = record.usage
-        engine.reported[n] = Spend(tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost_usd=u.cost_usd,
-                                   tokens_cached=u.tokens_cached)
+        engine.reported[n] = (Spend(tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost_usd=u.cost_usd,
+                                    tokens_cached=u.tokens_cached), (record.ended_at - record.started_at) * 1000)
         reply = redact(record.message.strip())
         if record.ended_by != "agent" and record.ended_by != "person":
             raise AgentTurnFailed(f"{record.summary()}" + (f"\nthe agent said: {reply[:2_000]}" if reply else ""))

@@ -123,7 +123,7 @@ class Engine:
         # What the act phase adds to iteration n's commit: events (an agent's turn) and spend an actor
         # reported itself (an agent's usage), beside the model's and the gates'.
         self.pending_events: dict[int, list[runlog.RunEvent]] = {}
-        self.reported: dict[int, Spend] = {}
+        self.reported: dict[int, tuple[Spend, float]] = {}  # (spend, latency in ms)
         self._spawn = functools.partial(spawn, self)
         self.executor = ToolExecutor(
             journal, run.id, clock=clock, prior=prior, replaying=replaying, answers=dict(side_effect_answers or {}),
@@ -381,7 +381,7 @@ class Engine:
         after = next_state(self, n, decision, tool_record, gates)
         state, ends = after.state, after.ends
 
-        reported = self.reported.pop(n, Spend())
+        reported, reported_ms = self.reported.pop(n, (Spend(), 0.0))
         tokens_in = intent.tokens_in + reported.tokens_in + sum(g.tokens_in for g in gates)
         tokens_out = intent.tokens_out + reported.tokens_out + sum(g.tokens_out for g in gates)
         cost = intent.cost_usd + reported.cost_usd + sum(g.cost_usd for g in gates)
@@ -395,7 +395,7 @@ class Engine:
             repairs=intent.repairs, tool_call=tool_call, tool_result=tool_record.model_dump() if tool_record else None,
             gate_results=[g.model_dump() for g in gates], invariant_status=after.invariant_status,
             remediations=[r.value for r in after.remediations], tokens_in=tokens_in, tokens_out=tokens_out,
-            cost_usd=cost, latency_ms=intent.latency_ms, model=intent.model, state=self.dumper.dump(state),
+            cost_usd=cost, latency_ms=intent.latency_ms + reported_ms, model=intent.model, state=self.dumper.dump(state),
             decision_mode=intent.decision_mode, tokens_cached=cached,
         )
         totals = {
