@@ -235,3 +235,28 @@ async def test_a_branch_at_the_parents_last_turn_forks_the_agents_session(tmp_pa
     assert run.status == "converged"
     turn = turns_of(store, branch.id)[2]
     assert turn.session_origin == "forked" and turn.session_id != turns_of(store, parent.id)[1].session_id
+
+
+def test_the_loop_in_docs_agents_md_is_a_valid_agent_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "AGENTS.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(compile(block, "AGENTS.md", "exec"), scope)
+    loop = scope["loop"]
+    assert loop.agent.command == ["claude-agent-acp"] and loop.model == "agent/claude"
+    assert [t.name for t in loop.tools] == ["agent"] and "agent-paths" in [i.name for i in loop.invariants]
+    assert loop.agent.allows("src/pkg/mod.py") and not loop.agent.allows("tests/test_x.py")
+
+
+def test_a_loop_with_an_agent_refuses_tools_of_its_own() -> None:
+    from loopterm.core import tool
+
+    @tool
+    def noop() -> str:
+        """Nothing."""
+        return ""
+
+    with pytest.raises(ValueError, match="has no tools or MCP servers of its own"):
+        Loop(name="x", goal="g", agent=AgentSpec(command=["agent"]), tools=[noop])
