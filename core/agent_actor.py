@@ -128,7 +128,7 @@ class AgentActor(Hook):
         if self.session is None or not self.session.alive:
             self.session = await self._open()
         session = self.session
-        text = (self.seed + prompt) if self.seed else prompt
+        text = f"{prompt}\n\n{self.seed}" if self.seed else prompt  # the prompt's first line names the iteration
         seeded = bool(self.seed)
         self.seed = ""
         self.turn_n = n
@@ -191,11 +191,12 @@ class AgentActor(Hook):
             return AgentPermission(**seen, outcome="reject_once", decided_by="paths",
                                    reason=f"outside the paths the agent may change ({', '.join(self.spec.paths)}): "
                                           f"{', '.join(outside[:5])}")
-        args: dict[str, Any] = {"agent": self.spec.name, "title": redact(call.title), "kind": call.kind,
-                                "paths": paths, "diff": redact(unified(call))}
+        # Not the agent's name: a replay's recorded agent asks the same question under the same key.
+        args: dict[str, Any] = {"title": redact(call.title), "kind": call.kind, "paths": paths,
+                                "diff": redact(unified(call))}
         gate = permission_tool()
         key = idempotency_key(engine.run_id, n, gate.name, args)
-        if not engine.wait_on_person and key not in engine.view.answers:
+        if not engine.wait_on_person and key not in engine.view.answers and key not in engine.preanswered:
             by_policy(engine, key, gate.name, args, n)
             if key not in engine.view.answers:  # nobody to ask mid-turn: refused, the agent told so
                 return AgentPermission(**seen, outcome="reject_once", decided_by="headless", key=key,

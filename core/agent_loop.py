@@ -51,7 +51,7 @@ def agent_tool(spec: AgentSpec) -> Tool:
 
 
 def permission_tool() -> Tool:
-    def permission(agent: str, title: str, kind: str, paths: list[str], diff: str) -> str:
+    def permission(title: str, kind: str, paths: list[str], diff: str) -> str:
         """A coding agent asks to make a change (approve: allow it once; deny: reject it once)."""
         raise RuntimeError("an agent's permission is answered, never run")
 

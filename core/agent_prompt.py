@@ -46,14 +46,14 @@ def turn_prompt(engine: Engine, n: int) -> str:
 def seed_summary(turns: dict[int, AgentTurn], upto: int, parent: str) -> str:
     """A new session's first words on a branch: what iterations 1..upto of the parent did (the agent cannot
     be rewound to that point, so it is told instead)."""
-    lines = [f"You are continuing earlier work (run {parent}, iterations 1 to {upto}); its files are as that "
-             "work left them. What each earlier turn did:"]
+    lines = [f"This continues earlier work (run {parent}, iterations 1 to {upto}); the files are as that work "
+             "left them. What each earlier turn did:"]
     for n in sorted(k for k in turns if k <= upto):
         turn = turns[n]
         files = ", ".join(turn.changed_paths[:12]) or "no files"
         reply = " ".join(turn.message.split())[:300]
         lines.append(f"- iteration {n}: {turn.summary()}; changed {files}" + (f"; said: {reply}" if reply else ""))
-    return "\n".join(lines) + "\n\n"
+    return "\n".join(lines)
 
 
 def agent_intent(engine: Engine, n: int, started: float) -> Intent:

@@ -214,10 +214,11 @@ async def test_a_branch_restores_the_workspace_at_its_fork_point(tmp_path: Path)
     await rebuild_workspace(loop, store, branch)
     assert Path(branch.workspace, "sol.py").read_text() == third  # as after iteration 1, not as the parent ended
     run = await asyncio.wait_for(Engine(loop, store, branch, workdir=tmp_path, poll_interval=0.02).run(), 60)
-    assert run.status == "converged"
+    assert run.status == "converged" and run.iterations == 2  # the branch's first turn was turn 2's
     turn = turns_of(store, branch.id)[2]
     # The parent's session went on past iteration 1: the branch's agent is told what turn 1 did instead.
-    assert turn.session_origin == "seeded" and "iteration 1" in turn.prompt and "return 43" not in turn.prompt
+    assert turn.session_origin == "seeded" and turn.prompt.startswith("loopterm iteration 2 of")
+    assert "- iteration 1: end_turn" in turn.prompt and "changed sol.py" in turn.prompt
     assert Path(branch.workspace, "sol.py").read_text() == FIXED
     assert Path(parent.workspace, "sol.py").read_text() == FIXED
 
@@ -260,3 +261,31 @@ def test_a_loop_with_an_agent_refuses_tools_of_its_own() -> None:
 
     with pytest.raises(ValueError, match="has no tools or MCP servers of its own"):
         Loop(name="x", goal="g", agent=AgentSpec(command=["agent"]), tools=[noop])
+
+
+async def test_a_replay_drives_the_loop_with_the_recorded_agent(tmp_path: Path) -> None:
+    from loopterm.core.replay import replay
+
+    loop = agent_loop(tmp_path, [
+        [{"think": "look first"}, {"plan": [{"content": "fix it", "status": "in_progress"}]}, edit("x = 0\n"),
+         {"usage": {"tokens_in": 10, "cost_total": 0.01}}, {"say": "first try"}],
+        [edit(FIXED), {"run": {"argv": ["true"]}}, {"usage": {"tokens_in": 20, "cost_total": 0.03}}],
+    ])
+    engine, store = engine_for(tmp_path, loop, wait_on_person=True)
+    engine.subscribe(answering(store, engine, ["deny", "approve"]))
+    recorded = await asyncio.wait_for(engine.run(), 60)
+    assert recorded.status == "converged" and recorded.iterations == 2
+    (tmp_path / "agent-script.json").write_text(json.dumps({"turns": [[{"crash": True}]]}))  # the agent is not asked
+    report = await asyncio.wait_for(replay(store, loop, recorded, run_id="replay1", workspace=tmp_path / "ws" / "r1",
+                                           workdir=tmp_path), 60)
+    assert report.identical, report.divergence
+    replayed, original = turns_of(store, "replay1"), turns_of(store, recorded.id)
+    assert [t.agent for t in replayed.values()] == ["recorded", "recorded"]
+    for n in (1, 2):
+        assert replayed[n].changed_paths == original[n].changed_paths and replayed[n].diff == original[n].diff
+        assert [(p.outcome, p.decided_by) for p in replayed[n].permissions] == [
+            (p.outcome, "person") for p in original[n].permissions]  # the recording's answers, given again
+        assert [c.title for c in replayed[n].tool_calls] == [c.title for c in original[n].tool_calls]
+    assert replayed[1].thoughts == "look first" and replayed[1].plan == original[1].plan
+    assert Path(tmp_path / "ws" / "r1" / "sol.py").read_text() == FIXED
+    assert store.get_run("replay1").cost_usd == pytest.approx(0.03)
