@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +26,11 @@ from loopterm.core.agent_prompt import seed_summary
 from loopterm.core.agent_spec import AgentSpec
 from loopterm.core.budget import Spend, over_budget
 from loopterm.core.control import Approve
+from loopterm.core.events import AgentTurnProgress
 from loopterm.core.fold import fold
 from loopterm.core.hooks import Hook
 from loopterm.core.policies import budget_message, spent
-from loopterm.core.secrets import redact
+from loopterm.core.secrets import redact, redact_tree
 from loopterm.core.state import LoopState
 from loopterm.core.termination import RunEnds, TerminationReason
 from loopterm.core.tools import idempotency_key
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from loopterm.core.engine import Engine
 
 PERMISSION_DIFF_CAP = 20_000
+PROGRESS_EVERY_S = 0.1
 
 
 def unified(call: AgentToolCall) -> str:
@@ -143,8 +146,18 @@ class AgentActor(Hook):
             reason = over_budget(engine.budget, spent(engine, pending))
             return budget_message(engine, reason) if reason else None
 
+        last_shown = 0.0
+
+        def progress(turn: AgentTurn) -> None:  # at most ~10 a second: a screen, not a log
+            nonlocal last_shown
+            now = time.monotonic()
+            if now - last_shown >= PROGRESS_EVERY_S:
+                last_shown = now
+                shown = AgentTurn.model_validate(redact_tree(turn.model_dump(mode="json")))  # a screen: no keys
+                engine.emit(AgentTurnProgress(run_id=engine.run_id, n=n, turn=shown))
+
         try:
-            record = await session.prompt(text, over_budget=over)
+            record = await session.prompt(text, on_update=progress, over_budget=over)
         finally:
             watcher.cancel()
         if seeded:
@@ -155,6 +168,9 @@ class AgentActor(Hook):
                 engine.workspace, base, f"loopterm: run {engine.run_id} iteration {n} ({record.stop_reason or record.ended_by})")
         except Exception as exc:  # noqa: BLE001 - recorded; the gates still see the files as they are
             record.note = (record.note + "; " if record.note else "") + f"not committed: {exc}"
+        # What the agent streamed is untrusted and may echo a key (`env`, a config file): redacted as a model's
+        # reply is, before it is recorded or shown.
+        record = AgentTurn.model_validate(redact_tree(record.model_dump(mode="json")))
         self.last = record
         engine.pending_events.setdefault(n, []).append(log.AgentTurnRecorded(turn=record))
         u = record.usage

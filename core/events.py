@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from loopterm.core.acp_turn import AgentTurn
 from loopterm.core.records import IterationRecord
 
 
@@ -86,7 +87,17 @@ class RunFinished(BaseModel):
     message: str
 
 
+class AgentTurnProgress(BaseModel):
+    """An agent's turn as it stands so far (after each update it streams): for a screen that shows it live.
+    The turn that counts is the one committed with its iteration (core/runlog.py: AgentTurnRecorded)."""
+
+    kind: Literal["agent_turn_progress"] = "agent_turn_progress"
+    run_id: str
+    n: int
+    turn: AgentTurn
+
+
 EngineEvent = (
     RunStarted | IterationStarted | ModelRetry | IterationCommitted | Escalated | StatusChanged | ApprovalNeeded
-    | CommandApplied | RunFinished
+    | CommandApplied | RunFinished | AgentTurnProgress
 )

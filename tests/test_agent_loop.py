@@ -289,3 +289,21 @@ async def test_a_replay_drives_the_loop_with_the_recorded_agent(tmp_path: Path) 
     assert replayed[1].thoughts == "look first" and replayed[1].plan == original[1].plan
     assert Path(tmp_path / "ws" / "r1" / "sol.py").read_text() == FIXED
     assert store.get_run("replay1").cost_usd == pytest.approx(0.03)
+
+
+async def test_the_turn_is_shown_live_and_recorded_without_secrets(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "sk-live-" + "q" * 40
+    monkeypatch.setenv("OPENAI_API_KEY", secret)  # loopterm knows it; the agent echoes it (it should not have it)
+    loop = agent_loop(tmp_path, [[{"say": f"my key is {secret}"}, {"sleep": 0.3}, edit(FIXED, ask=False)]])
+    engine, store = engine_for(tmp_path, loop)
+    live: list[Any] = []
+    engine.subscribe(lambda event: live.append(event) if type(event).__name__ == "AgentTurnProgress" else None)
+    run = await asyncio.wait_for(engine.run(), 60)
+    assert run.status == "converged" and live and live[0].n == 1
+    assert all(secret not in e.turn.message for e in live) and any("my key is" in e.turn.message for e in live)
+    turn = turns_of(store, run.id)[1]
+    assert "my key is" in turn.message and secret not in turn.message
+    stored = b"".join(p.read_bytes() for p in Path(store.path).parent.glob(Path(store.path).name + "*"))
+    assert b"my key is" in stored or b"x\x9c" in stored  # the turn is there (its state bodies may be packed)
+    assert secret.encode() not in stored
