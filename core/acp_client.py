@@ -137,6 +137,8 @@ class AcpSession:
         fork_session_id: str | None = None,
     ) -> AcpSession:
         """Start the agent in `cwd` and open a session: new, or `session/load`, or (unstable) `session/fork`."""
+        if fork_session_id is not None and not spec.use_fork:
+            raise AgentStartError(f"the agent `{spec.name}` is declared with use_fork=False: cannot fork")
         session = cls(spec, cwd, permission, stderr)
         try:
             await session._start()
@@ -197,8 +199,6 @@ class AcpSession:
             self.session_id, self.origin = load_id, "loaded"
             self._session_cost = self._idle.usage.session_cost_usd
         elif fork_id is not None:
-            if not self.spec.use_fork:
-                raise AgentStartError(f"the agent `{name}` is declared with use_fork=False: cannot fork")
             if not self.can_fork:
                 raise AgentStartError(f"the agent `{name}` does not offer session/fork")
             reply = await self._starting(self._conn.fork_session(session_id=fork_id, cwd=cwd, mcp_servers=[]), "fork")

@@ -12,9 +12,11 @@ import pytest
 
 pytest.importorskip("acp")
 
+from acp import update_agent_message, update_agent_message_text  # noqa: E402
+
 from loopterm.core import acp_client  # noqa: E402
 from loopterm.core.acp_client import AcpSession, AgentStartError  # noqa: E402
-from loopterm.core.acp_turn import TEXT_CAP, AgentPermission, AgentToolCall  # noqa: E402
+from loopterm.core.acp_turn import TEXT_CAP, AgentPermission, AgentToolCall, AgentTurn  # noqa: E402
 from loopterm.core.agent_spec import AgentSpec  # noqa: E402
 
 AGENT = [sys.executable, "-m", "loopterm.examples.agent_fix.scripted_agent"]
@@ -119,7 +121,7 @@ async def test_cancel_during_a_sleep_ends_the_turn_at_once(tmp_path: Path, work:
     finally:
         await session.close()
     assert turn.stop_reason == "cancelled" and turn.ended_by == "person" and turn.note == "pressed stop"
-    assert elapsed < 1.5 and turn.message == "working"
+    assert elapsed < 2.0 and turn.message == "working"
 
 
 async def test_a_runaway_is_stopped_by_max_tool_calls(tmp_path: Path, work: Path) -> None:
@@ -141,7 +143,7 @@ async def test_a_runaway_is_stopped_by_the_turn_timeout(tmp_path: Path, work: Pa
     finally:
         await session.close()
     assert turn.ended_by == "limit" and "turn_timeout_s" in turn.note and turn.stop_reason == "cancelled"
-    assert 0.5 < elapsed < 2.0 and len(turn.tool_calls) > 5
+    assert 0.5 < elapsed < 3.0 and len(turn.tool_calls) > 5
 
 
 async def test_an_agent_ignoring_the_cancel_is_killed_after_the_grace(
@@ -320,3 +322,35 @@ async def test_an_agent_exiting_at_start_names_its_stderr(tmp_path: Path, work: 
     message = str(info.value)
     assert "exited at start (code 2)" in message and "cannot read the script" in message and "\n" not in message
 
+
+
+async def test_a_rejected_edit_retried_forever_is_stopped_by_the_timeout(tmp_path: Path, work: Path) -> None:
+    session = await open_session(
+        tmp_path, work, [{"edit": {"path": "a.py", "text": "x = 9\n", "ask": True, "on_reject": "retry"}}],
+        decider=Decider("reject_once"), turn_timeout_s=0.7,
+    )
+    try:
+        turn = await session.prompt("go")
+    finally:
+        await session.close()
+    assert (work / "a.py").read_text() == "x = 1\n"
+    assert turn.ended_by == "limit" and turn.stop_reason == "cancelled" and len(turn.permissions) > 3
+    assert {p.outcome for p in turn.permissions} <= {"reject_once", "cancelled"}
+
+
+def test_apply_reads_markers_locations_and_unknown_updates(tmp_path: Path) -> None:
+    from acp.schema import AvailableCommandsUpdate, ImageContentBlock, ToolCallLocation, ToolCallProgress
+
+    from loopterm.core.acp_updates import apply
+
+    turn = AgentTurn(agent="a")
+    apply(turn, update_agent_message_text("see "), cwd=tmp_path)
+    apply(turn, update_agent_message(ImageContentBlock(type="image", data="AAAA", mime_type="image/png")), cwd=tmp_path)
+    apply(turn, ToolCallProgress(session_update="tool_call_update", tool_call_id="t", status="in_progress",
+                                 locations=[ToolCallLocation(path=str(tmp_path / "src/x.py")),
+                                            ToolCallLocation(path="/elsewhere/y.py")]), cwd=tmp_path)
+    apply(turn, AvailableCommandsUpdate(session_update="available_commands_update", available_commands=[]),
+          cwd=tmp_path)
+    assert turn.message == "see [image]" and turn.updates == 4
+    assert turn.tool_calls[0].locations == ["src/x.py", "/elsewhere/y.py"]
+    assert turn.tool_calls[0].status == "in_progress" and turn.tool_calls[0].title == ""
