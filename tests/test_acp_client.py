@@ -354,3 +354,24 @@ def test_apply_reads_markers_locations_and_unknown_updates(tmp_path: Path) -> No
     assert turn.message == "see [image]" and turn.updates == 4
     assert turn.tool_calls[0].locations == ["src/x.py", "/elsewhere/y.py"]
     assert turn.tool_calls[0].status == "in_progress" and turn.tool_calls[0].title == ""
+
+
+@pytest.mark.parametrize(
+    ("offer", "answered"),
+    [(["allow_always", "reject_once", "reject_always"], "reject_once"), (["allow_always", "reject_always"], "cancelled")],
+)
+async def test_allow_once_not_offered_is_never_answered_always(
+    tmp_path: Path, work: Path, offer: list[str], answered: str
+) -> None:
+    session = await open_session(
+        tmp_path, work, [{"edit": {"path": "a.py", "text": "x = 2\n", "ask": True, "offer": offer}}],
+        decider=Decider("allow_once"),
+    )
+    try:
+        turn = await session.prompt("go")
+    finally:
+        await session.close()
+    assert (work / "a.py").read_text() == "x = 1\n"
+    assert f"permission: {answered}" in turn.tool_calls[0].output  # what the agent actually received
+    (perm,) = turn.permissions
+    assert perm.outcome == answered and perm.offered == offer and "allow_once not offered" in perm.reason
