@@ -247,11 +247,17 @@ class AcpSession:
         return self._process is not None and self._process.returncode is None and not self._killed
 
     async def close(self) -> None:
-        """End the agent: its connection, then SIGTERM to its process group, SIGKILL after 3 s."""
+        """End the agent: its connection, then SIGTERM to its process group, SIGKILL after 3 s.
+
+        A turn in flight ends with it (by a person, noted) unless something already ended it."""
+        if self._turn is not None and not self._cancel_sent:
+            self._cancel_sent = True
+            self._turn.ended_by, self._turn.note = "person", "the agent's session was closed during the turn"
+        process = self._process
+        self._killed = self._killed or process is not None  # from here on, its exit is ours, not a crash
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()
-        process = self._process
         if process is not None and process.returncode is None:
             self._signal(signal.SIGTERM)
             assert self._exit is not None
@@ -261,7 +267,6 @@ class AcpSession:
                 self._signal(signal.SIGKILL)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._exit), CLOSE_GRACE_S)
-        self._killed = self._killed or process is not None
         if self._exit is not None and not self._exit.done():
             self._exit.cancel()
         if self._stderr is not None:

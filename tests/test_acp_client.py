@@ -240,7 +240,7 @@ async def test_an_update_before_its_tool_call_is_merged(tmp_path: Path, work: Pa
     (call,) = turn.tool_calls
     assert call.title == "grep" and call.kind == "search" and call.output == "done early"
     assert call.locations == ["a.py", "/etc/hosts"]
-    assert call.status == "pending"  # the start came later and carried its own status
+    assert call.status == "completed"  # the start came later: older news, it does not undo the update
 
 
 async def test_usage_cost_is_each_turns_delta(tmp_path: Path, work: Path) -> None:
@@ -375,3 +375,39 @@ async def test_allow_once_not_offered_is_never_answered_always(
     assert f"permission: {answered}" in turn.tool_calls[0].output  # what the agent actually received
     (perm,) = turn.permissions
     assert perm.outcome == answered and perm.offered == offer and "allow_once not offered" in perm.reason
+
+
+async def test_a_permission_pending_when_the_turn_is_cancelled_is_answered_cancelled(
+    tmp_path: Path, work: Path
+) -> None:
+    import asyncio
+
+    async def never(call: AgentToolCall, offered: list[str]) -> AgentPermission:
+        await asyncio.sleep(60)  # a person who never answers
+        raise AssertionError("not reached")
+
+    session = await AcpSession.open(
+        spec_for(script(tmp_path, [{"edit": {"path": "a.py", "text": "x = 2\n", "ask": True}}]), turn_timeout_s=0.5),
+        work, permission=never, stderr=tmp_path / "e",
+    )
+    try:
+        turn = await asyncio.wait_for(session.prompt("go"), 5)
+        assert session.alive
+    finally:
+        await session.close()
+    assert (work / "a.py").read_text() == "x = 1\n"
+    assert turn.ended_by == "limit" and turn.stop_reason == "cancelled"
+    (perm,) = turn.permissions
+    assert perm.outcome == "cancelled" and perm.decided_by == "stopped" and perm.paths == ["a.py"]
+
+
+async def test_closing_during_a_turn_ends_it(tmp_path: Path, work: Path) -> None:
+    import asyncio
+
+    session = await open_session(tmp_path, work, [{"say": "busy"}, {"sleep": 30}])
+    task = asyncio.ensure_future(session.prompt("go"))
+    await asyncio.sleep(0.5)
+    await session.close()
+    turn = await asyncio.wait_for(task, 5)
+    assert turn.ended_by == "person" and "closed" in turn.note and turn.stop_reason is None
+    assert turn.message == "busy" and not session.alive
