@@ -104,3 +104,42 @@ async def test_claude_code_denied_does_not_write(fakellm_server: Any, tmp_path: 
     assert turn.ended_by == "limit" and "max_tool_calls (3)" in turn.note
     assert turn.stop_reason == "cancelled" and session.alive is False  # Claude Code answered the cancel; closed
     assert len(turn.permissions) >= 3
+
+
+@pytest.mark.slow  # three Claude Code processes: about 4 s
+async def test_claude_code_session_loads_and_forks_in_new_processes(fakellm_server: Any, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    fakellm_server.set_rules([
+        {"name": "cc-second", "when": {"messages_contain": "SECOND-9T"}, "respond": {"content": "second reply"}},
+        {"name": "cc-first", "when": {"messages_contain": "FIRST-9T"}, "respond": {"content": "first reply"}},
+        {"name": "cc-other", "when": {}, "respond": {"content": "ok"}},
+    ])
+
+    async def allow(call: AgentToolCall, offered: list[str]) -> AgentPermission:
+        return AgentPermission(outcome="allow_once", decided_by="policy")
+
+    spec = claude_spec(fakellm_server, tmp_path / "home")
+    first = await AcpSession.open(spec, work, permission=allow, stderr=tmp_path / "e1")
+    try:
+        one = await first.prompt("FIRST-9T hello")
+    finally:
+        await first.close()
+    assert one.stop_reason == "end_turn" and "first reply" in one.message
+    loaded = await AcpSession.open(spec, work, permission=allow, stderr=tmp_path / "e2",
+                                   load_session_id=first.session_id)
+    try:
+        assert loaded.origin == "loaded" and loaded.session_id == first.session_id
+        two = await loaded.prompt("SECOND-9T again")
+    finally:
+        await loaded.close()
+    assert two.stop_reason == "end_turn" and two.message.strip() == "second reply"  # the replay is not the reply
+    assert two.session_origin == "loaded"
+    forked = await AcpSession.open(spec, work, permission=allow, stderr=tmp_path / "e3",
+                                   fork_session_id=first.session_id)
+    try:
+        assert forked.origin == "forked" and forked.session_id != first.session_id
+        three = await forked.prompt("SECOND-9T on the fork")
+    finally:
+        await forked.close()
+    assert three.stop_reason == "end_turn" and "second reply" in three.message
