@@ -333,6 +333,11 @@ class AcpSession:
                 await asyncio.wait({self._exit}, timeout=EXIT_WAIT_S)  # its stdout closed: it is exiting
             self._finish(turn, call)
         finally:
+            if not call.done() and not self._cancel_sent and self.alive:
+                # the caller gave up on the turn (its task was cancelled): the agent must stop too
+                turn.ended_by, turn.note = "person", "the turn was abandoned by its caller"
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._conn.cancel(session_id=self.session_id))
             if not call.done():
                 call.cancel()
                 with contextlib.suppress(BaseException):

@@ -411,3 +411,21 @@ async def test_closing_during_a_turn_ends_it(tmp_path: Path, work: Path) -> None
     turn = await asyncio.wait_for(task, 5)
     assert turn.ended_by == "person" and "closed" in turn.note and turn.stop_reason is None
     assert turn.message == "busy" and not session.alive
+
+
+async def test_a_caller_abandoning_the_turn_cancels_it_at_the_agent(tmp_path: Path, work: Path) -> None:
+    import asyncio
+
+    session = await open_session(tmp_path, work, [{"say": "busy"}, {"sleep": 30}, {"say": "late"}], [{"say": "next"}])
+    try:
+        task = asyncio.ensure_future(session.prompt("go"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        turn = await asyncio.wait_for(session.prompt("again"), 5)  # the agent stopped the first turn
+    finally:
+        await session.close()
+    assert turn.message == "next" and turn.stop_reason == "end_turn"
+    log = (tmp_path / "agent.stderr").read_text()
+    assert "scripted-agent: cancel\n" in log and "turn ends: cancelled" in log
