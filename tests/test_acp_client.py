@@ -429,3 +429,14 @@ async def test_a_caller_abandoning_the_turn_cancels_it_at_the_agent(tmp_path: Pa
     assert turn.message == "next" and turn.stop_reason == "end_turn"
     log = (tmp_path / "agent.stderr").read_text()
     assert "scripted-agent: cancel\n" in log and "turn ends: cancelled" in log
+
+
+async def test_an_agent_error_answer_is_a_turn_with_a_note(tmp_path: Path, work: Path) -> None:
+    session = await open_session(tmp_path, work, [{"say": "hi"}, {"dance": True}])
+    try:
+        turn = await session.prompt("go")
+        assert session.alive
+    finally:
+        await session.close()
+    assert turn.stop_reason is None and turn.ended_by == "agent" and turn.message == "hi"
+    assert "answered the prompt with an error" in turn.note and "'dance'" in turn.note

@@ -197,7 +197,10 @@ class ScriptedAgent:
             value = step[kind]
             if kind == "stop":
                 return str(value)
-            await getattr(self, f"_step_{kind}")(session, value, reply, number)
+            play = getattr(self, f"_step_{kind}", None)
+            if play is None:
+                raise RequestError.invalid_params({"details": f"the script's step {number} is unknown: {kind!r}"})
+            await play(session, value, reply, number)
         return "end_turn"
 
     async def _send(self, session: _Session, update: Any) -> None:
