@@ -175,15 +175,16 @@ class ScriptedAgent:
         reply: list[str] = []
         self.tokens = [0, 0]
         session.ignore_cancel = False
-        session.steps = asyncio.ensure_future(self._play(session, steps, reply))
+        playing = session.steps = asyncio.ensure_future(self._play(session, steps, reply))
         try:
-            stop = await session.steps
+            stop = await playing
         except asyncio.CancelledError:
-            if not session.steps.cancelled():
+            if not playing.cancelled():
                 raise
             stop = "cancelled"
         finally:
-            session.steps = None
+            if session.steps is playing:
+                session.steps = None
             session.history.append({"role": "agent", "text": "".join(reply)})
             self._save(session)
         log(f"turn ends: {stop}")
