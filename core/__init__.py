@@ -1,5 +1,7 @@
 """loopterm.core: the loop engine. Never imports textual, the TUI, or (at import time) litellm."""
 
+from loopterm.core.agent_loop import AgentState
+from loopterm.core.agent_spec import AgentSpec
 from loopterm.core.append_log import AppendLog
 from loopterm.core.budget import Budget
 from loopterm.core.decision import Action, Decision
@@ -13,6 +15,8 @@ from loopterm.core.tools import Tool, ToolContext, tool
 
 __all__ = [
     "Action",
+    "AgentSpec",
+    "AgentState",
     "AppendLog",
     "Budget",
     "CommandGate",

@@ -130,4 +130,4 @@ class AgentTurn(BaseModel):
         files = len(self.changed_paths)
         why = self.stop_reason or "no stop reason"
         by = "" if self.ended_by == "agent" else f" ({self.ended_by}{': ' + self.note if self.note else ''})"
-        return f"{why}{by}; {calls} tool call(s), {files} file(s) changed"
+        return f"{why}{by}, {calls} call{'' if calls == 1 else 's'}, {files} file{'' if files == 1 else 's'}"

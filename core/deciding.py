@@ -19,7 +19,8 @@ from loopterm.core.decision import DecisionError
 from loopterm.core.decision_modes import choose_mode, raw_reply, read_decision, request_params
 from loopterm.core.errors import ErrorKind, ModelError
 from loopterm.core.events import ModelRetry
-from loopterm.core.policies import budget_message, spent
+from loopterm.core.agent_prompt import agent_intent
+from loopterm.core.policies import budget_message, check_budget, spent
 from loopterm.core.prompt import read_rules, repair_messages
 from loopterm.core.records import Intent
 from loopterm.core.secrets import redact, redact_tree
@@ -48,6 +49,9 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
     from loopterm.core.prompt import prompt_tokens
 
     loop = engine.loop
+    if loop.agent is not None:  # the actor is a coding agent: no model decides (core/agent_prompt.py)
+        check_budget(engine)
+        return agent_intent(engine, n, started)
     rules = read_rules(engine.workdir)
     client = engine.client
     model = str(getattr(client, "model", "") or engine.run_record.model)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from loopterm.core import runlog
 from loopterm.core.acting import act
+from loopterm.core.agent_actor import AgentActor
+from loopterm.core.agent_loop import agent_for
 from loopterm.core.budget import Spend
 from loopterm.core.children import spawn
 from loopterm.core.control import Approve, Deny
@@ -84,6 +86,8 @@ class Engine:
         workspace_root: Path | None = None,
         learn: bool = True,
     ) -> None:
+        if loop.agent is not None:  # the agent this run was started with (`--agent`: core/agent_loop.py)
+            loop = loop.model_copy(update={"agent": agent_for(loop.agent, run.model)})
         self.loop = loop
         self.journal = journal
         self.run_record = run
@@ -114,7 +118,12 @@ class Engine:
         # Long-term memory (core/memory.py), when the journal keeps one (the Store does).
         memory: Any = journal if hasattr(journal, "recall") and hasattr(journal, "remember") else None
         self.hooks: list[Hook] = [*([LongTermMemory(memory)] if memory is not None else []),
-                                  *([McpServers()] if loop.mcp_servers else []), ControlFeed()]
+                                  *([McpServers()] if loop.mcp_servers else []), ControlFeed(),
+                                  *([AgentActor(loop.agent)] if loop.agent is not None else [])]
+        # What the act phase adds to iteration n's commit: events (an agent's turn) and spend an actor
+        # reported itself (an agent's usage), beside the model's and the gates'.
+        self.pending_events: dict[int, list[runlog.RunEvent]] = {}
+        self.reported: dict[int, tuple[Spend, float]] = {}  # (spend, latency in ms)
         self._spawn = functools.partial(spawn, self)
         self.executor = ToolExecutor(
             journal, run.id, clock=clock, prior=prior, replaying=replaying, answers=dict(side_effect_answers or {}),
@@ -372,10 +381,12 @@ class Engine:
         after = next_state(self, n, decision, tool_record, gates)
         state, ends = after.state, after.ends
 
-        tokens_in = intent.tokens_in + sum(g.tokens_in for g in gates)
-        tokens_out = intent.tokens_out + sum(g.tokens_out for g in gates)
-        cost = intent.cost_usd + sum(g.cost_usd for g in gates)
-        cached = intent.tokens_cached + sum(g.tokens_cached for g in gates)  # model checkers' calls count too
+        reported, reported_ms = self.reported.pop(n, (Spend(), 0.0))
+        tokens_in = intent.tokens_in + reported.tokens_in + sum(g.tokens_in for g in gates)
+        tokens_out = intent.tokens_out + reported.tokens_out + sum(g.tokens_out for g in gates)
+        cost = intent.cost_usd + reported.cost_usd + sum(g.cost_usd for g in gates)
+        # model checkers' calls count too
+        cached = intent.tokens_cached + reported.tokens_cached + sum(g.tokens_cached for g in gates)
         self.spend.add(tokens_in, tokens_out, cost, cached)
         self._tick()
         record = IterationRecord(
@@ -384,7 +395,7 @@ class Engine:
             repairs=intent.repairs, tool_call=tool_call, tool_result=tool_record.model_dump() if tool_record else None,
             gate_results=[g.model_dump() for g in gates], invariant_status=after.invariant_status,
             remediations=[r.value for r in after.remediations], tokens_in=tokens_in, tokens_out=tokens_out,
-            cost_usd=cost, latency_ms=intent.latency_ms, model=intent.model, state=self.dumper.dump(state),
+            cost_usd=cost, latency_ms=intent.latency_ms + reported_ms, model=intent.model, state=self.dumper.dump(state),
             decision_mode=intent.decision_mode, tokens_cached=cached,
         )
         totals = {
@@ -397,7 +408,8 @@ class Engine:
         packet = escalation(self, n, state, after.violated, ends.message) if waiting and ends is not None else None
         # Handed over: neither this dump nor anything in it is changed again (see core/state_dump.py). The
         # escalation commits with its iteration: a crash can never keep the iteration and lose the question.
-        written = self.journal.commit_iteration(record, totals, handover=True, events=[packet] if packet else [])
+        events = [*self.pending_events.pop(n, []), *([packet] if packet else [])]
+        written = self.journal.commit_iteration(record, totals, handover=True, events=events)
         self.view.absorb(written or [])
         self.state = state
         self.stall.add(record)

@@ -285,6 +285,11 @@ async def rebuild_workspace(loop: Loop, history: History, run: RunRecord) -> int
     never fired again, whatever its rewind policy.
     """
     workspace = Path(run.workspace)
+    if loop.agent is not None:  # an agent's turns are not replayed: its files come back from git
+        from loopterm.core.agent_fork import restore_branch
+
+        await restore_branch(history, run)
+        return 0
     workspace.mkdir(parents=True, exist_ok=True)
     if loop.workspace_files is not None:
         shutil.copytree(loop.workspace_files, workspace, dirs_exist_ok=True)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loopterm.core.agent_spec import AgentSpec
 from loopterm.core.budget import Budget
 from loopterm.core.checkers import ModelGate
 from loopterm.core.decision import Decision
@@ -92,6 +93,9 @@ class Loop(BaseModel):
     # How the model is asked for its decision (core/decision_modes.py): "auto" picks per model what litellm
     # says it supports (its own tool calls, else a JSON-schema reply, else JSON text); or force one.
     decision_mode: Literal["auto", "tools", "json_schema", "text"] = "auto"
+    # An ACP coding agent as the actor (core/agent_actor.py): each iteration is one prompt turn of the agent
+    # instead of a model's decision and a tool call; the gates still decide when the work is done.
+    agent: AgentSpec | None = None
 
     @field_validator("tools")
     @classmethod
@@ -123,6 +127,27 @@ class Loop(BaseModel):
         for t in self.tools:
             refs.extend(r for r in getattr(t, "calls", ()) if r not in refs)
         return refs
+
+    @model_validator(mode="after")
+    def _agent_is_the_actor(self) -> "Loop":
+        if self.agent is None:
+            return self
+        from loopterm.core.agent_loop import AGENT_TOOL, AgentState, agent_tool, paths_invariant
+
+        if self.mcp_servers or any(t.name != AGENT_TOOL for t in self.tools):
+            raise ValueError("a loop whose actor is an agent has no tools or MCP servers of its own: the agent "
+                             "brings its own (give the agent its MCP servers in its own configuration)")
+        if self.state is LoopState:
+            self.state = AgentState
+        elif not issubclass(self.state, AgentState):
+            raise ValueError(f"state {self.state.__name__} must subclass AgentState (loopterm.core.agent_loop) "
+                             "in a loop whose actor is an agent: the invariants read the turn's changed paths there")
+        self.tools = [agent_tool(self.agent)]
+        if not any(i.name == "agent-paths" for i in self.invariants):
+            self.invariants = [*self.invariants, paths_invariant(self.agent)]
+        if not self.model:
+            self.model = self.agent.label
+        return self
 
     @model_validator(mode="after")
     def _default_model(self) -> "Loop":

@@ -28,6 +28,7 @@ yesterday's runs, see the first iteration where they change.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel
 
 from loopterm.core import runlog as log
+from loopterm.core.agent_spec import AgentSpec
 from loopterm.core.control import Approve, Command, Deny, EditState, Restore, Resume, command_payload
 from loopterm.core.divergence import Divergence, compare
 from loopterm.core.engine import Engine
@@ -216,6 +218,8 @@ async def replay(
     recording = Recording(recorded_run.id, by_n, {r.workspace for r in lineage} | {run.workspace})
     register_recording(recording)
     replay_loop = guarded(loop)
+    if loop.agent is not None:  # the agent answers from the journal, not from its model (core/acp_replay.py)
+        replay_loop = replay_loop.model_copy(update={"agent": recorded_agent(history, loop, recorded_run, run, last)})
     prior = RecordedCalls(by_n)
     boundaries = {k for k in sessions if 0 < k < last}
 
@@ -266,6 +270,19 @@ async def replay(
         run=recorded_run.id, replay_run=run.id, identical=divergence is None, iterations_compared=compared,
         divergence=divergence, loop_changed=loop.spec_hash() != recorded_run.spec_hash,
     )
+
+
+def recorded_agent(history: History, loop: Loop, recorded: RunRecord, run: RunRecord, last: int) -> AgentSpec:
+    """The recorded agent for a replay of an agent loop: the recording's turns (its lineage's), by iteration."""
+    from loopterm.core.acp_replay import write_turns
+    from loopterm.core.agent_fork import lineage_turns
+
+    assert loop.agent is not None
+    turns = {n: turn for n, (_, turn) in lineage_turns(history, recorded.id, last).items()}
+    path = write_turns(Path(run.workspace).parent / f"{run.id}.recorded-agent.json", turns)
+    return loop.agent.model_copy(update={"name": "recorded", "command": [sys.executable, "-m", "loopterm.core.acp_replay",
+                                                                        str(path)], "env": {}, "env_from": [],
+                                         "use_fork": False})
 
 
 def _start_session(engine: Engine, session: Session, history: History, run_id: str) -> None:

@@ -33,7 +33,17 @@ def preflight_model(loop: Loop, model: str, script: Path | None = None) -> None:
     from loopterm.core.checkers import preflight_roles
     from loopterm.core.model import check_model
 
-    check_model(model, script)
+    if loop.agent is not None:  # the actor is a coding agent: its program, not a model, must be there
+        from loopterm.core.agent_loop import agent_for, check_agent
+
+        check_agent(agent_for(loop.agent, model))
+    elif model.startswith("agent:"):
+        from loopterm.core.errors import ConfigError
+
+        raise ConfigError(f"loop {loop.name!r} is driven by a model, not a coding agent; --agent goes with a loop "
+                          "that declares `agent=AgentSpec(...)` (e.g. `loopterm run agent-fix --agent CMD`)")
+    else:
+        check_model(model, script)
     preflight_roles(loop.gates, model)
 
 

@@ -49,6 +49,7 @@ class ToolContext:
     loop: str = ""  # the loop's name (long-term memory is kept per loop)
     memory: Any = None  # a LongTermMemory (core/memory.py) when the journal keeps one
     spawn: Any = None  # starts a child run: see nesting.Spawn
+    agent: Any = None  # the run's coding agent (core/agent_actor.py), in a loop whose actor is one
 
 
 @dataclass

@@ -8,6 +8,7 @@ BUILTIN_LOOPS: dict[str, str] = {
     "review-file": "loopterm.examples.review.analyze:loop",
     "support": "loopterm.examples.support.loop:loop",
     "mcp-git": "loopterm.examples.mcp_git.loop:loop",
+    "agent-fix": "loopterm.examples.agent_fix.loop:loop",
 }
 
 # What `loopterm` with no arguments runs: the demo shows every supervision feature offline.

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[db], help="run a loop", description="Run a loop (a built-in name or path/to/file.py[:name]).")
     run.add_argument("loop", metavar="LOOP", help="a built-in loop name or path/to/file.py[:name]")
     run.add_argument("--model", help="a litellm model string, e.g. openai/gpt-4o-mini (default: the loop's)")
+    run.add_argument("--agent", metavar="CMD",
+                     help="a loop whose actor is an ACP coding agent: start this agent instead of the loop's "
+                          "(a shell-quoted command line, e.g. 'claude-agent-acp')")
     run.add_argument("--headless", action="store_true", help="no TUI: live progress on the terminal, exit code = outcome")
     run.add_argument("--max-iterations", type=arguments.positive_int, metavar="N")
     run.add_argument("--budget-usd", type=arguments.usd, metavar="X", help="cap on model spend for this run")
@@ -322,6 +325,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from loopterm.tui import shadow_cli
 
         shadow_cli.refuse_with_cases()
+    if args.command == "run" and args.agent is not None:
+        if args.model is not None:
+            print("loopterm: --agent and --model do not go together (an agent loop's actor is the agent)",
+                  file=sys.stderr)
+            return USAGE_ERROR
+        from loopterm.core.agent_loop import AGENT_MODEL
+        from loopterm.core.agent_spec import AgentSpec
+
+        try:
+            AgentSpec.from_command_line(args.agent)
+        except ValueError as exc:
+            print(f"loopterm: {exc}", file=sys.stderr)
+            return USAGE_ERROR
+        args.model = AGENT_MODEL + args.agent  # recorded as the run's model: a resume starts the same agent
     if args.command == "run" and args.otlp is not None and (args.cases is not None or args.parallel is not None):
         print("loopterm: --otlp does not go with --cases or --parallel yet; run the cases, then "
               "`loopterm export RUN --format otlp` the runs you want to see", file=sys.stderr)

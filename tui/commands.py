@@ -91,6 +91,11 @@ def _check_before_the_screen(loop: Loop, ref: str, model: str) -> None:
     from loopterm.core.nesting import check_calls
 
     check_calls(loop, ref)
+    if loop.agent is not None:  # a coding agent's loop: no model to check, its program is (core/runs.py)
+        from loopterm.core.agent_loop import agent_for, check_agent
+
+        check_agent(agent_for(loop.agent, model))
+        return
     script = loop.script if model.startswith("scripted/") else None
     check_model_name(model, script)
     if script is not None:

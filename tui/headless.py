@@ -29,12 +29,15 @@ from loopterm.core.events import (
     StatusChanged,
     ApprovalNeeded,
 )
+from loopterm.core.agent_loop import PERMISSION_TOOL
 from loopterm.core.control import Deny, command_payload
 from loopterm.core.prompt_cache import hit_text
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
-from loopterm.tui.widgets.render import clean
+from loopterm.tui.widgets.render import action_label  # noqa: F401 - `show` lists actions as `watch` does
+from loopterm.tui.widgets.render import clean, first_line
 
+DIFF_LINES = 12  # of an agent's permission request, printed under it
 PASS, FAIL, WAIT = ("✓", "green"), ("✗", "red"), ("⏸", "yellow")
 STATUS_STYLE = {
     "converged": ("✓", "green"),
@@ -52,16 +55,6 @@ STATUS_STYLE = {
 def status_text(status: str) -> Text:
     glyph, style = STATUS_STYLE.get(status, ("?", "white"))
     return Text(f"{glyph} {clean(status)}", style=style)
-
-
-def action_label(record: IterationRecord) -> str:
-    call = record.tool_call
-    if not call:
-        return "(no action)"
-    args = call.get("args") or {}
-    first = next(iter(args.values()), "") if args else ""
-    shown = redact(str(first)).splitlines()[0][:40] if first else ""
-    return f"{clean(call['tool'])}({clean(shown)})"
 
 
 def gates_text(record: IterationRecord) -> Text:
@@ -119,11 +112,27 @@ class HeadlessProgress:
             self.console.print(Text("  ").append_text(line))
         elif isinstance(event, ApprovalNeeded):
             self._stop_spin()
+            if event.tool == PERMISSION_TOOL:
+                self._agent_asks(event)
+                return
             asks = "is proposed (shadow: nothing will run)" if event.shadow else "needs approval"
             self.console.print(Text(f"  ? tool {clean(event.tool)} {asks} (iteration {event.n}); args: "
                                     f"{redact(json.dumps(event.args))[:100]}", style="yellow"))
         elif isinstance(event, RunFinished):
             self._stop_spin()
+
+    def _agent_asks(self, event: ApprovalNeeded) -> None:
+        """A coding agent's permission request: what it wants to do, where, and the first lines of its diff."""
+        args = event.args
+        paths = ", ".join(clean(str(p)) for p in args.get("paths") or []) or "no path named"
+        self.console.print(Text(f"  ? the agent asks (iteration {event.n}): {first_line(args.get('title', ''), 60)} "
+                                f"[{clean(str(args.get('kind', '')))}: {paths}]", style="yellow"))
+        lines = redact(str(args.get("diff") or "")).splitlines()
+        for line in lines[:DIFF_LINES]:
+            style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
+            self.console.print(Text(f"      {clean(line)[:100]}", style=style))
+        if len(lines) > DIFF_LINES:
+            self.console.print(Text(f"      … {len(lines) - DIFF_LINES} more lines of diff", style="dim"))
 
     def _row(self, r: IterationRecord) -> Text:
         """Two lines that fit 80 columns: what was done and verified; why, and what it cost."""

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from rich.text import Text
 
+from loopterm.core.agent_loop import AGENT_TOOL
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.secrets import redact
 from loopterm.core.prompt_cache import hit_text
@@ -187,6 +188,10 @@ def action_label(record: IterationRecord, width: int = 40) -> str:
     call = record.tool_call
     if not call:
         return "(no action)"
+    if call.get("tool") == AGENT_TOOL:  # a coding agent's turn: how it ended, not the prompt loopterm wrote
+        result = record.tool_result or {}
+        said = result.get("output") or str(result.get("error") or "").removeprefix("AgentTurnFailed: ")
+        return f"agent: {first_line(said, width)}" if said else "agent"
     args = call.get("args") or {}
     first = next(iter(args.values()), "") if args else ""
     shown = first_line(first, width) if first != "" else ""
