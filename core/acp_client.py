@@ -137,6 +137,8 @@ class AcpSession:
         fork_session_id: str | None = None,
     ) -> AcpSession:
         """Start the agent in `cwd` and open a session: new, or `session/load`, or (unstable) `session/fork`."""
+        if fork_session_id is not None and not spec.use_fork:
+            raise AgentStartError(f"the agent `{spec.name}` is declared with use_fork=False: cannot fork")
         session = cls(spec, cwd, permission, stderr)
         try:
             await session._start()
@@ -197,8 +199,6 @@ class AcpSession:
             self.session_id, self.origin = load_id, "loaded"
             self._session_cost = self._idle.usage.session_cost_usd
         elif fork_id is not None:
-            if not self.spec.use_fork:
-                raise AgentStartError(f"the agent `{name}` is declared with use_fork=False: cannot fork")
             if not self.can_fork:
                 raise AgentStartError(f"the agent `{name}` does not offer session/fork")
             reply = await self._starting(self._conn.fork_session(session_id=fork_id, cwd=cwd, mcp_servers=[]), "fork")
@@ -247,11 +247,17 @@ class AcpSession:
         return self._process is not None and self._process.returncode is None and not self._killed
 
     async def close(self) -> None:
-        """End the agent: its connection, then SIGTERM to its process group, SIGKILL after 3 s."""
+        """End the agent: its connection, then SIGTERM to its process group, SIGKILL after 3 s.
+
+        A turn in flight ends with it (by a person, noted) unless something already ended it."""
+        if self._turn is not None and not self._cancel_sent:
+            self._cancel_sent = True
+            self._turn.ended_by, self._turn.note = "person", "the agent's session was closed during the turn"
+        process = self._process
+        self._killed = self._killed or process is not None  # from here on, its exit is ours, not a crash
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()
-        process = self._process
         if process is not None and process.returncode is None:
             self._signal(signal.SIGTERM)
             assert self._exit is not None
@@ -261,7 +267,6 @@ class AcpSession:
                 self._signal(signal.SIGKILL)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._exit), CLOSE_GRACE_S)
-        self._killed = self._killed or process is not None
         if self._exit is not None and not self._exit.done():
             self._exit.cancel()
         if self._stderr is not None:
@@ -328,6 +333,11 @@ class AcpSession:
                 await asyncio.wait({self._exit}, timeout=EXIT_WAIT_S)  # its stdout closed: it is exiting
             self._finish(turn, call)
         finally:
+            if not call.done() and not self._cancel_sent and self.alive:
+                # the caller gave up on the turn (its task was cancelled): the agent must stop too
+                turn.ended_by, turn.note = "person", "the turn was abandoned by its caller"
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._conn.cancel(session_id=self.session_id))
             if not call.done():
                 call.cancel()
                 with contextlib.suppress(BaseException):

@@ -41,13 +41,20 @@ def apply(turn: AgentTurn, update: Any, *, cwd: Path) -> None:
 
 def merge_tool_call(turn: AgentTurn, update: Any, *, cwd: Path) -> AgentToolCall:
     """Merge a tool call's start or update (or a permission request's tool call) into the turn's call with
-    that id: only the fields the update carries override; content appends (diffs replace by path)."""
+    that id: only the fields the update carries override; content appends (diffs replace by path).
+
+    A start that arrives after updates for its id (the protocol does not order them) is older news: it
+    fills only what no update set, and its text goes before theirs."""
+    late_start = getattr(update, "session_update", None) == "tool_call" and any(
+        c.id == update.tool_call_id for c in turn.tool_calls
+    )
     call = turn.tool_call(update.tool_call_id)
-    if update.title is not None:
+    blank = AgentToolCall(id=call.id)
+    if update.title is not None and not (late_start and call.title != blank.title):
         call.title = capped(update.title, 2_000)
-    if update.kind is not None:
+    if update.kind is not None and not (late_start and call.kind != blank.kind):
         call.kind = str(update.kind)
-    if update.status is not None:
+    if update.status is not None and not (late_start and call.status != blank.status):
         call.status = str(update.status)
     if update.locations is not None:
         paths = [relative_path(loc.path, cwd) for loc in update.locations]
@@ -67,10 +74,9 @@ def merge_tool_call(turn: AgentTurn, update: Any, *, cwd: Path) -> AgentToolCall
                 new_text=capped(item.new_text),
             )
             call.diffs = [d for d in call.diffs if d.path != diff.path] + [diff]
-        elif item_type == "content":
-            call.output = capped(call.output + _content_text(item.content))
-        elif item_type == "terminal":
-            call.output = capped(call.output + f"[terminal {item.terminal_id}]")
+        elif item_type in ("content", "terminal"):
+            text = _content_text(item.content) if item_type == "content" else f"[terminal {item.terminal_id}]"
+            call.output = capped(text + call.output if late_start else call.output + text)
     return call
 
 

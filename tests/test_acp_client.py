@@ -12,9 +12,11 @@ import pytest
 
 pytest.importorskip("acp")
 
+from acp import update_agent_message, update_agent_message_text  # noqa: E402
+
 from loopterm.core import acp_client  # noqa: E402
 from loopterm.core.acp_client import AcpSession, AgentStartError  # noqa: E402
-from loopterm.core.acp_turn import TEXT_CAP, AgentPermission, AgentToolCall  # noqa: E402
+from loopterm.core.acp_turn import TEXT_CAP, AgentPermission, AgentToolCall, AgentTurn  # noqa: E402
 from loopterm.core.agent_spec import AgentSpec  # noqa: E402
 
 AGENT = [sys.executable, "-m", "loopterm.examples.agent_fix.scripted_agent"]
@@ -119,7 +121,7 @@ async def test_cancel_during_a_sleep_ends_the_turn_at_once(tmp_path: Path, work:
     finally:
         await session.close()
     assert turn.stop_reason == "cancelled" and turn.ended_by == "person" and turn.note == "pressed stop"
-    assert elapsed < 1.5 and turn.message == "working"
+    assert elapsed < 2.0 and turn.message == "working"
 
 
 async def test_a_runaway_is_stopped_by_max_tool_calls(tmp_path: Path, work: Path) -> None:
@@ -141,7 +143,7 @@ async def test_a_runaway_is_stopped_by_the_turn_timeout(tmp_path: Path, work: Pa
     finally:
         await session.close()
     assert turn.ended_by == "limit" and "turn_timeout_s" in turn.note and turn.stop_reason == "cancelled"
-    assert 0.5 < elapsed < 2.0 and len(turn.tool_calls) > 5
+    assert 0.5 < elapsed < 3.0 and len(turn.tool_calls) > 5
 
 
 async def test_an_agent_ignoring_the_cancel_is_killed_after_the_grace(
@@ -238,7 +240,7 @@ async def test_an_update_before_its_tool_call_is_merged(tmp_path: Path, work: Pa
     (call,) = turn.tool_calls
     assert call.title == "grep" and call.kind == "search" and call.output == "done early"
     assert call.locations == ["a.py", "/etc/hosts"]
-    assert call.status == "pending"  # the start came later and carried its own status
+    assert call.status == "completed"  # the start came later: older news, it does not undo the update
 
 
 async def test_usage_cost_is_each_turns_delta(tmp_path: Path, work: Path) -> None:
@@ -320,3 +322,121 @@ async def test_an_agent_exiting_at_start_names_its_stderr(tmp_path: Path, work: 
     message = str(info.value)
     assert "exited at start (code 2)" in message and "cannot read the script" in message and "\n" not in message
 
+
+
+async def test_a_rejected_edit_retried_forever_is_stopped_by_the_timeout(tmp_path: Path, work: Path) -> None:
+    session = await open_session(
+        tmp_path, work, [{"edit": {"path": "a.py", "text": "x = 9\n", "ask": True, "on_reject": "retry"}}],
+        decider=Decider("reject_once"), turn_timeout_s=0.7,
+    )
+    try:
+        turn = await session.prompt("go")
+    finally:
+        await session.close()
+    assert (work / "a.py").read_text() == "x = 1\n"
+    assert turn.ended_by == "limit" and turn.stop_reason == "cancelled" and len(turn.permissions) > 3
+    assert {p.outcome for p in turn.permissions} <= {"reject_once", "cancelled"}
+
+
+def test_apply_reads_markers_locations_and_unknown_updates(tmp_path: Path) -> None:
+    from acp.schema import AvailableCommandsUpdate, ImageContentBlock, ToolCallLocation, ToolCallProgress
+
+    from loopterm.core.acp_updates import apply
+
+    turn = AgentTurn(agent="a")
+    apply(turn, update_agent_message_text("see "), cwd=tmp_path)
+    apply(turn, update_agent_message(ImageContentBlock(type="image", data="AAAA", mime_type="image/png")), cwd=tmp_path)
+    apply(turn, ToolCallProgress(session_update="tool_call_update", tool_call_id="t", status="in_progress",
+                                 locations=[ToolCallLocation(path=str(tmp_path / "src/x.py")),
+                                            ToolCallLocation(path="/elsewhere/y.py")]), cwd=tmp_path)
+    apply(turn, AvailableCommandsUpdate(session_update="available_commands_update", available_commands=[]),
+          cwd=tmp_path)
+    assert turn.message == "see [image]" and turn.updates == 4
+    assert turn.tool_calls[0].locations == ["src/x.py", "/elsewhere/y.py"]
+    assert turn.tool_calls[0].status == "in_progress" and turn.tool_calls[0].title == ""
+
+
+@pytest.mark.parametrize(
+    ("offer", "answered"),
+    [(["allow_always", "reject_once", "reject_always"], "reject_once"), (["allow_always", "reject_always"], "cancelled")],
+)
+async def test_allow_once_not_offered_is_never_answered_always(
+    tmp_path: Path, work: Path, offer: list[str], answered: str
+) -> None:
+    session = await open_session(
+        tmp_path, work, [{"edit": {"path": "a.py", "text": "x = 2\n", "ask": True, "offer": offer}}],
+        decider=Decider("allow_once"),
+    )
+    try:
+        turn = await session.prompt("go")
+    finally:
+        await session.close()
+    assert (work / "a.py").read_text() == "x = 1\n"
+    assert f"permission: {answered}" in turn.tool_calls[0].output  # what the agent actually received
+    (perm,) = turn.permissions
+    assert perm.outcome == answered and perm.offered == offer and "allow_once not offered" in perm.reason
+
+
+async def test_a_permission_pending_when_the_turn_is_cancelled_is_answered_cancelled(
+    tmp_path: Path, work: Path
+) -> None:
+    import asyncio
+
+    async def never(call: AgentToolCall, offered: list[str]) -> AgentPermission:
+        await asyncio.sleep(60)  # a person who never answers
+        raise AssertionError("not reached")
+
+    session = await AcpSession.open(
+        spec_for(script(tmp_path, [{"edit": {"path": "a.py", "text": "x = 2\n", "ask": True}}]), turn_timeout_s=0.5),
+        work, permission=never, stderr=tmp_path / "e",
+    )
+    try:
+        turn = await asyncio.wait_for(session.prompt("go"), 5)
+        assert session.alive
+    finally:
+        await session.close()
+    assert (work / "a.py").read_text() == "x = 1\n"
+    assert turn.ended_by == "limit" and turn.stop_reason == "cancelled"
+    (perm,) = turn.permissions
+    assert perm.outcome == "cancelled" and perm.decided_by == "stopped" and perm.paths == ["a.py"]
+
+
+async def test_closing_during_a_turn_ends_it(tmp_path: Path, work: Path) -> None:
+    import asyncio
+
+    session = await open_session(tmp_path, work, [{"say": "busy"}, {"sleep": 30}])
+    task = asyncio.ensure_future(session.prompt("go"))
+    await asyncio.sleep(0.5)
+    await session.close()
+    turn = await asyncio.wait_for(task, 5)
+    assert turn.ended_by == "person" and "closed" in turn.note and turn.stop_reason is None
+    assert turn.message == "busy" and not session.alive
+
+
+async def test_a_caller_abandoning_the_turn_cancels_it_at_the_agent(tmp_path: Path, work: Path) -> None:
+    import asyncio
+
+    session = await open_session(tmp_path, work, [{"say": "busy"}, {"sleep": 30}, {"say": "late"}], [{"say": "next"}])
+    try:
+        task = asyncio.ensure_future(session.prompt("go"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        turn = await asyncio.wait_for(session.prompt("again"), 5)  # the agent stopped the first turn
+    finally:
+        await session.close()
+    assert turn.message == "next" and turn.stop_reason == "end_turn"
+    log = (tmp_path / "agent.stderr").read_text()
+    assert "scripted-agent: cancel\n" in log and "turn ends: cancelled" in log
+
+
+async def test_an_agent_error_answer_is_a_turn_with_a_note(tmp_path: Path, work: Path) -> None:
+    session = await open_session(tmp_path, work, [{"say": "hi"}, {"dance": True}])
+    try:
+        turn = await session.prompt("go")
+        assert session.alive
+    finally:
+        await session.close()
+    assert turn.stop_reason is None and turn.ended_by == "agent" and turn.message == "hi"
+    assert "answered the prompt with an error" in turn.note and "'dance'" in turn.note

@@ -10,8 +10,9 @@ prompt of the session plays turns[N-1]; past the end, the last turn. Steps:
   {"plan": [{"content", "status"}]} the plan
   {"tool": {"id", "title", "kind", "locations", "status"}}  a tool call starts
   {"update": {"id", "status", "output"}}                    a tool call update (may precede its tool)
-  {"edit": {"path", "text", "ask", "via_client", "on_reject"}}  an edit tool call with its diff; if ask,
-        session/request_permission (allow_once, allow_always, reject_once, reject_always); allowed: the file
+  {"edit": {"path", "text", "ask", "via_client", "on_reject", "offer"}}  an edit tool call with its diff; if
+        ask, session/request_permission offering the kinds in "offer" (default: allow_once, allow_always,
+        reject_once, reject_always); allowed: the file
         is written (by the agent itself, or through the client's fs/write_text_file when via_client);
         rejected: the call fails and on_reject "retry" asks again, forever; "stop" gives the edit up
   {"run": {"argv": [...]}}          an execute tool call that runs the command in the session's folder
@@ -174,15 +175,16 @@ class ScriptedAgent:
         reply: list[str] = []
         self.tokens = [0, 0]
         session.ignore_cancel = False
-        session.steps = asyncio.ensure_future(self._play(session, steps, reply))
+        playing = session.steps = asyncio.ensure_future(self._play(session, steps, reply))
         try:
-            stop = await session.steps
+            stop = await playing
         except asyncio.CancelledError:
-            if not session.steps.cancelled():
+            if not playing.cancelled():
                 raise
             stop = "cancelled"
         finally:
-            session.steps = None
+            if session.steps is playing:
+                session.steps = None
             session.history.append({"role": "agent", "text": "".join(reply)})
             self._save(session)
         log(f"turn ends: {stop}")
@@ -196,7 +198,10 @@ class ScriptedAgent:
             value = step[kind]
             if kind == "stop":
                 return str(value)
-            await getattr(self, f"_step_{kind}")(session, value, reply, number)
+            play = getattr(self, f"_step_{kind}", None)
+            if play is None:
+                raise RequestError.invalid_params({"details": f"the script's step {number} is unknown: {kind!r}"})
+            await play(session, value, reply, number)
         return "end_turn"
 
     async def _send(self, session: _Session, update: Any) -> None:
@@ -258,7 +263,8 @@ class ScriptedAgent:
             ),
         )
         while edit.get("ask"):
-            options = [PermissionOption(option_id=f"opt-{k}", name=k.replace("_", " "), kind=k) for k in PERMISSION_KINDS]  # type: ignore[arg-type]
+            kinds = edit.get("offer", PERMISSION_KINDS)
+            options = [PermissionOption(option_id=f"opt-{k}", name=k.replace("_", " "), kind=k) for k in kinds]  # type: ignore[arg-type]
             answer = await self.client.request_permission(
                 session_id=session.id,
                 tool_call=ToolCallUpdate(tool_call_id=call_id, title=f"Edit {edit['path']}", kind="edit"),
