@@ -307,3 +307,27 @@ async def test_the_turn_is_shown_live_and_recorded_without_secrets(tmp_path: Pat
     stored = b"".join(p.read_bytes() for p in Path(store.path).parent.glob(Path(store.path).name + "*"))
     assert b"my key is" in stored or b"x\x9c" in stored  # the turn is there (its state bodies may be packed)
     assert secret.encode() not in stored
+
+
+async def test_pause_during_a_turn_cancels_it_and_resume_goes_on(tmp_path: Path) -> None:
+    from loopterm.core.control import Pause, Resume
+    from loopterm.core.events import StatusChanged
+
+    loop = agent_loop(tmp_path, [[{"say": "slow"}, {"sleep": 30}], [edit(FIXED, ask=False)]])
+    engine, store = engine_for(tmp_path, loop, wait_on_person=True)
+
+    def person(event: EngineEvent) -> None:
+        def send(command: Any) -> None:
+            store.add_command(engine.run_id, *command_payload(command))
+            engine.wake()
+
+        if isinstance(event, IterationStarted) and event.n == 1:
+            asyncio.get_running_loop().call_later(1.0, send, Pause())
+        if isinstance(event, StatusChanged) and event.status == "paused":
+            asyncio.get_running_loop().call_later(0.2, send, Resume())
+
+    engine.subscribe(person)
+    run = await asyncio.wait_for(engine.run(), 60)
+    assert run.status == "converged" and run.iterations == 2
+    turn = turns_of(store, run.id)[1]
+    assert (turn.stop_reason, turn.ended_by, turn.note) == ("cancelled", "person", "paused by a person")
