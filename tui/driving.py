@@ -59,6 +59,10 @@ class Driving:
                 self.update_header()
 
         try:
+            if loop.agent is not None:  # a coding agent is the actor: no model library, only its program
+                say("checking the agent …")
+                await asyncio.to_thread(service.preflight_model, loop, model)
+                return True
             if not litellm_loaded():
                 say("loading the model library …")
                 await asyncio.to_thread(load_litellm)
