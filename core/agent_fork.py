@@ -53,3 +53,16 @@ async def restore_branch(history: Any, branch: RunRecord) -> str:
         commit = await agent_git.baseline(source)
     await agent_git.restore(source, Path(branch.workspace), commit)
     return commit
+
+
+def shell_calls_after(history: Any, run_id: str, at: int) -> list[tuple[str, int, str]]:
+    """(run, iteration, command) of the shell commands the agent ran itself after `at` in this run's lineage:
+    what a branch's agent may run again. loopterm never re-runs them (a branch restores files from git and
+    a replay only plays the record), but the agent may, so a person is asked to look before branching."""
+    found: list[tuple[str, int, str]] = []
+    for run in history.lineage(run_id):
+        for n, turn in fold(history.events(run.id)).agent_turns.items():
+            if n > at:
+                found.extend((run.id, n, call.title or call.raw_input or call.id)
+                             for call in turn.tool_calls if call.kind == "execute")
+    return found

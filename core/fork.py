@@ -235,6 +235,11 @@ def plan_fork(
 def side_effects_after(history: History, loop: Loop, parent: RunRecord, at: int) -> list[SideEffectCall]:
     """The side-effecting calls the parent's lineage made after `at`: what a branch may reach again."""
     calls: list[SideEffectCall] = []
+    if loop.agent is not None:  # an agent's own shell commands, not the turn that ran them (core/agent_fork.py)
+        from loopterm.core.agent_fork import shell_calls_after
+
+        return [SideEffectCall(run_id=run_id, n=n, tool="agent shell", args={"command": command}, policy="ask")
+                for run_id, n, command in shell_calls_after(history, parent.id, at)]
     effects = {t.name for t in loop.tools if t.side_effects}
     if not effects and not loop.mcp_servers:
         return calls

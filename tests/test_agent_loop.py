@@ -205,11 +205,13 @@ async def test_the_agents_reported_cost_ends_the_turn_at_the_budget(tmp_path: Pa
 
 async def test_a_branch_restores_the_workspace_at_its_fork_point(tmp_path: Path) -> None:
     third = "def answer() -> int:\n    return 43\n"
-    loop = agent_loop(tmp_path, [[edit(third, ask=False)], [edit(FIXED, ask=False)]])
+    loop = agent_loop(tmp_path, [[edit(third, ask=False)], [edit(FIXED, ask=False), {"run": {"argv": ["true"]}}]])
     engine, store = engine_for(tmp_path, loop)
     parent = await asyncio.wait_for(engine.run(), 60)
     assert parent.status == "converged" and parent.iterations == 2
     plan = plan_fork(store, loop, parent, 1)
+    # The agent's own shell command in turn 2 is what the branch's agent may run again: the person is asked.
+    assert [(c.n, c.tool, c.args["command"], c.policy) for c in plan.may_repeat] == [(2, "agent shell", "true", "ask")]
     branch = create_fork(store, loop, plan, run_id="branch1", workspace=tmp_path / "ws" / "branch1")
     await rebuild_workspace(loop, store, branch)
     assert Path(branch.workspace, "sol.py").read_text() == third  # as after iteration 1, not as the parent ended
