@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.containers import VerticalScroll
 from textual.widgets import TabbedContent, TextArea
 
 from loopterm.core.acp_turn import AgentPermission, AgentToolCall, AgentTurn, AgentUsage, FileDiff, PlanItem
@@ -84,12 +85,13 @@ def agent_turn(*, diff: str = GIT_DIFF, message: str = "Lowercased and hyphenate
     )
 
 
-async def a_run_with_turn(tmp_path: Path, the_turn: AgentTurn, *, pending: dict[str, Any] | None = None) -> Path:
+async def a_run_with_turn(tmp_path: Path, the_turn: AgentTurn, *, pending: dict[str, Any] | None = None,
+                          texts: tuple[str, ...] = ("ok",)) -> Path:
     """A finished one-iteration run (fixed id; its times and latencies normalised as the snapshots' are) whose
     iteration 1 has an agent's turn; optionally an approval of an agent's permission request waiting at it."""
     from loopterm.core.model import check_model
 
-    loop = make_loop(tmp_path, [turn("ok")])
+    loop = make_loop(tmp_path, [turn(text) for text in texts])
     check_model(loop.model, loop.script)
     source = Store.open(tmp_path / "source.db")
     engine = Engine.create(loop, source, loop_ref="test:t", workspace_root=tmp_path / "ws", workdir=tmp_path)
@@ -97,7 +99,7 @@ async def a_run_with_turn(tmp_path: Path, the_turn: AgentTurn, *, pending: dict[
     store = Store.open(db_of(tmp_path))
     _copy_normalised(source, store, engine.run_id, RUN, tmp_path)
     source.close()
-    store.append_event(RUN, AgentTurnRecorded(turn=the_turn), 1)
+    store.append_event(RUN, AgentTurnRecorded(turn=the_turn), len(texts))  # the last iteration's
     if pending is not None:
         store.append_event(RUN, ApprovalPending(key="acp-k1", tool="acp.permission", args=pending), 1)
     store.close()
@@ -158,6 +160,18 @@ async def test_the_agent_tab_shows_the_whole_turn(tmp_path: Path) -> None:
         assert "Agent" in shown and "scripted-agent" in shown
 
 
+async def test_at_80x24_the_agent_tab_scrolls_down_and_never_sideways(tmp_path: Path) -> None:
+    app = app_of(await a_run_with_turn(tmp_path, agent_turn(message="x" * 300)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_agent_tab(pilot)
+        scroll = app.detail.query_one("#scroll-agent", VerticalScroll)
+        await pilot.pause()
+        assert scroll.max_scroll_y > 0 and scroll.max_scroll_x == 0
+        scroll.scroll_end(animate=False)
+        await pilot.pause()
+        assert "thoughts" in app.export_screenshot()
+
+
 async def test_diff_lines_are_coloured_and_the_tool_call_diffs_stand_in_for_a_missing_git_diff(tmp_path: Path) -> None:
     palette = Palette()
     text = agent_turn_text(agent_turn(diff=""), palette)
@@ -172,18 +186,28 @@ async def test_diff_lines_are_coloured_and_the_tool_call_diffs_stand_in_for_a_mi
 
 
 async def test_the_agent_tab_is_there_only_for_an_iteration_with_an_agent_turn(tmp_path: Path) -> None:
-    from tests.test_tui import finished_run
-
-    _, run_id = await finished_run(tmp_path, [turn("ok")])
-    app = LooptermApp(db_of(tmp_path), watch_run=run_id, theme="loopterm-dark", frozen=True)
+    app = app_of(await a_run_with_turn(tmp_path, agent_turn(), texts=("no", "ok")))  # a turn at iteration 2 only
     async with app.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: loaded(app) and app.timeline.row_count == 1, "the run loaded")
-        app.timeline.move_cursor(row=0)
-        await until(pilot, lambda: app.detail.detail_context is not None, "the iteration's detail")
+        await until(pilot, lambda: loaded(app) and app.timeline.row_count == 2, "the run loaded")
         tabs = app.detail.query_one(TabbedContent)
+        app.timeline.move_cursor(row=0)
+        await until(pilot, lambda: app.view is not None and app.view.detail_n == 1, "iteration 1's detail")
+        await pilot.pause()
         assert tabs.get_tab("tab-agent").has_class("-hidden")
         assert not tabs.get_tab("tab-reasoning").has_class("-hidden")
         assert "no agent's turn" in app.detail.body("agent").plain
+        app.timeline.move_cursor(row=1)
+        await until(pilot, lambda: app.view is not None and app.view.detail_n == 2, "iteration 2's detail")
+        await pilot.pause()
+        assert not tabs.get_tab("tab-agent").has_class("-hidden")
+        tabs.active = "tab-agent"
+        await pilot.pause()
+        assert "fix slugify" in str(app.detail.query_one("#body-agent").render())
+        app.timeline.move_cursor(row=0)  # back to an iteration without one, the Agent tab open: another opens
+        await until(pilot, lambda: app.view is not None and app.view.detail_n == 1, "iteration 1's detail")
+        await pilot.pause()
+        assert tabs.get_tab("tab-agent").has_class("-hidden")
+        assert app.detail.active_tab != "agent"
 
 
 async def test_agent_text_with_markup_shows_literally(tmp_path: Path) -> None:

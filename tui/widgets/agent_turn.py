@@ -161,7 +161,7 @@ def tool_call_text(call: AgentToolCall, palette: Palette) -> Text:
     text.append(literal(first_line(call.kind, 12) or "other", "dim"))
     text.append(" ")
     text.append(literal(first_line(call.title, 200) or call.id or "(untitled)", "bold"))
-    text.append(f"  {call.status.replace('_', ' ')}", style=colour)
+    text.append(f"  {first_line(call.status, 20).replace('_', ' ')}", style=colour)
     text.append("\n")
     for path in call.locations:
         text.append("     @ ", style="dim")
