@@ -21,7 +21,7 @@ from loopterm.core.runlog import AgentTurnRecorded, ApprovalPending
 from loopterm.store import Store
 from loopterm.tui.app import LooptermApp
 from loopterm.tui.screens.approval import ApprovalScreen
-from loopterm.tui.widgets.agent_turn import agent_turn_text
+from loopterm.tui.widgets.agent_turn import agent_turn_text, unified_diff_text
 from loopterm.tui.widgets.render import Palette
 from tests.loopkit import make_loop
 from tests.test_tui import db_of, loaded, turn, until
@@ -183,6 +183,17 @@ async def test_diff_lines_are_coloured_and_the_tool_call_diffs_stand_in_for_a_mi
     assert any(span.start <= start < span.end and palette.ok in str(span.style) for span in text.spans)
     removed = plain.index("-    return text\n")
     assert any(span.start <= removed < span.end and palette.bad in str(span.style) for span in text.spans)
+
+
+def test_a_removed_line_that_looks_like_a_header_is_still_a_removal() -> None:
+    palette = Palette()
+    diff = ("--- a/q.sql\n+++ b/q.sql\n@@ -1,2 +1,2 @@\n select 1;\n--- old comment\n+-- new comment\n"
+            "--- a/r.sql\n+++ b/r.sql\n@@ -1 +1 @@\n-x\n+y\n")
+    text = unified_diff_text(diff, palette)
+    styles = {line.plain: [str(span.style) for span in line.spans] for line in text.split("\n")}
+    assert styles["--- old comment"] == [palette.bad] and styles["+-- new comment"] == [palette.ok]
+    assert styles["--- a/r.sql"] == ["bold"] and styles["-x"] == [palette.bad]
+    assert "\n\n--- a/r.sql" in text.plain, "a blank line between two files"
 
 
 async def test_the_agent_tab_is_there_only_for_an_iteration_with_an_agent_turn(tmp_path: Path) -> None:

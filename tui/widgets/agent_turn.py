@@ -10,6 +10,7 @@ then the diffs. Everything in a turn came from the agent: it is appended as lite
 from __future__ import annotations
 
 import difflib
+import re
 
 from rich.text import Text
 
@@ -221,26 +222,48 @@ def _file_diff_lines(diff: FileDiff) -> list[str]:
     return list(difflib.unified_diff(old, new, before, f"b/{diff.path}", lineterm="", n=3))
 
 
+GIT_DETAILS = ("index ", "new file", "deleted file", "similarity", "rename ", "old mode", "new mode", "\\")
+_HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
 def unified_diff_text(diff: str, palette: Palette, limit: int = DIFF_LINES) -> Text:
-    """Unified diff text (git's or difflib's), +/- coloured, file headers bold; at most `limit` lines shown."""
+    """Unified diff text (git's or difflib's), +/- coloured, file headers bold, a blank line between files; at most
+    `limit` lines shown. A hunk's lines are told apart by the hunk's counts, so a removed "-- x" is not a header."""
     text = Text()
     lines = diff.splitlines()
+    old_left = new_left = 0  # lines of the current hunk still to come
+    files = 0
+    in_git_header = False  # between "diff --git" and its "--- ": the same file
     for line in lines[:limit]:
         style = ""
-        if line.startswith(("diff --git", "+++", "---")):
-            style = "bold"
-        elif line.startswith("+"):
-            style = palette.ok
-        elif line.startswith("-"):
-            style = palette.bad
-        elif line.startswith("@@"):
+        if old_left > 0 or new_left > 0:
+            if line.startswith("+"):
+                style, new_left = palette.ok, new_left - 1
+            elif line.startswith("-"):
+                style, old_left = palette.bad, old_left - 1
+            elif line.startswith("\\"):
+                style = "dim"  # \ No newline at end of file
+            else:
+                old_left, new_left = old_left - 1, new_left - 1
+        elif (hunk := _HUNK.match(line)) is not None:
             style = palette.accent
-        elif line.startswith(("index ", "new file", "deleted file", "similarity", "rename ")):
+            old_left = int(hunk.group(1)) if hunk.group(1) is not None else 1
+            new_left = int(hunk.group(2)) if hunk.group(2) is not None else 1
+        elif line.startswith("diff --git") or (line.startswith("--- ") and not in_git_header):
+            files += 1
+            if files > 1:
+                text.append("\n")
+            in_git_header = line.startswith("diff --git")
+            style = "bold"
+        elif line.startswith(("+++ ", "--- ")):
+            in_git_header = False
+            style = "bold"
+        elif line.startswith(GIT_DETAILS):
             style = "dim"
         text.append(literal(line, style))
         text.append("\n")
     if len(lines) > limit:
-        text.append(f"… {len(lines) - limit} more diff line(s) (the whole diff: loopterm show)\n", style="dim italic")
+        text.append(f"… {len(lines) - limit} more diff line(s) not shown here\n", style="dim italic")
     return text
 
 
