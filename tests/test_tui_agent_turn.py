@@ -63,7 +63,8 @@ def agent_turn(*, diff: str = GIT_DIFF, message: str = "Lowercased and hyphenate
               PlanItem(content="run the tests", status="pending")],
         tool_calls=[
             AgentToolCall(id="c1", title="Read tests/test_slug.py", kind="read", status="completed",
-                          locations=["tests/test_slug.py"], output="def test_slug():\n    assert slugify('A B') == 'a-b'"),
+                          locations=["tests/test_slug.py"],
+                          output="def test_slug():\n    assert slugify('A B') == 'a-b'"),
             AgentToolCall(id="c2", title="Edit src/slug.py", kind="edit", status="completed", locations=["src/slug.py"],
                           diffs=[FileDiff(path="src/slug.py", old_text="def slugify(text):\n    return text\n",
                                           new_text="def slugify(text):\n    return text.lower().replace(' ', '-')\n")]),

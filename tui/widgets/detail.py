@@ -159,6 +159,7 @@ class IterationDetail(Vertical):
         super().__init__(**kwargs)
         self.detail_context: DetailContext | None = None
         self._rendered: set[str] = set()
+        self._agent_shown: bool | None = None  # whether the Agent tab is there (None: not decided yet)
 
     def compose(self) -> ComposeResult:
         with TabbedContent(id="detail-tabs"):
@@ -181,6 +182,9 @@ class IterationDetail(Vertical):
     def _agent_tab(self, shown: bool) -> None:
         """The Agent tab is there only while the iteration has an agent's turn (hiding it while it is active
         activates the next tab)."""
+        if shown == self._agent_shown:
+            return
+        self._agent_shown = shown
         tabs = self.query_one(TabbedContent)
         if shown:
             tabs.show_tab("tab-agent")
