@@ -38,6 +38,8 @@ OUTPUT_LINES = 6  # of a tool call's output (the whole output is in the record: 
 LINE_WIDTH = 160  # a shown output line, at most
 BAR = 20  # cells of the context gauge
 DIFF_LINES = 400  # per turn in the tab; the rest is counted
+CHANGED_SHOWN = 5  # changed paths named in the diff's heading
+PROMPT_LINES = 40  # of the prompt loopterm sent, at the end of the tab
 
 
 def _colour(palette: Palette, attribute: str) -> str:
@@ -303,7 +305,9 @@ def agent_turn_text(turn: AgentTurn, palette: Palette) -> Text:
             text.append(literal(first_line(path, 200)))
             text.append("  (outside the worktree)\n", style="dim")
     diff, origin = turn_diff(turn)
-    files = ", ".join(first_line(p, 60) for p in turn.changed_paths)
+    files = ", ".join(first_line(p, 60) for p in turn.changed_paths[:CHANGED_SHOWN])
+    if len(turn.changed_paths) > CHANGED_SHOWN:
+        files += f" and {len(turn.changed_paths) - CHANGED_SHOWN} more"
     _section(text, "diff", palette, origin + (f"; changed: {files}" if files else ""))
     if diff:
         text.append_text(unified_diff_text(diff, palette))
@@ -317,7 +321,14 @@ def agent_turn_text(turn: AgentTurn, palette: Palette) -> Text:
         _section(text, "thoughts", palette)
         text.append(literal(turn.thoughts.strip(), "italic dim"))
         text.append("\n")
+    if turn.prompt.strip():
+        lines = turn.prompt.strip().splitlines()
+        _section(text, "prompt", palette, "what loopterm sent the agent")
+        text.append(literal("\n".join(lines[:PROMPT_LINES]), "dim"))
+        text.append("\n")
+        if len(lines) > PROMPT_LINES:
+            text.append(f"… {len(lines) - PROMPT_LINES} more line(s)\n", style="dim italic")
     if turn.commit or turn.base_commit:
-        text.append(f"\ncommit {first_line(turn.base_commit or '?', 10)} → {first_line(turn.commit or 'none', 10)}\n",
-                    style="dim")
+        before, after = first_line(turn.base_commit or "?", 200)[:10], first_line(turn.commit or "none", 200)[:10]
+        text.append(f"\nworktree commit {before} → {after}\n", style="dim")
     return text
