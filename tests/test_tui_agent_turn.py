@@ -270,6 +270,24 @@ async def test_an_agent_permission_request_shows_its_diff_and_is_approved_as_ask
         assert answered[0].key == "acp-k1" and answered[0].args is None
 
 
+async def test_an_agent_permission_denied_with_a_reason_sends_exactly_that(tmp_path: Path) -> None:
+    app = app_of(await a_run_with_turn(tmp_path, agent_turn(), pending={**PERMISSION, "diff": ""}))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: loaded(app) and app.view is not None and app.view.log.approvals, "the approval")
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ApprovalScreen), "the approval dialog")
+        await pilot.pause()
+        assert "no diff given" in app.screen.query_one("#no-diff").render().plain  # type: ignore[union-attr]
+        assert not app.screen.query("#agent-diff")
+        await pilot.press(*"not that file")
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not isinstance(app.screen, ApprovalScreen), "the dialog closed")
+        await until(pilot, lambda: app.store.pending_commands(RUN), "the answer sent")
+        command = app.store.pending_commands(RUN)[-1]
+        assert command.kind == "deny" and command.payload["key"] == "acp-k1"
+        assert command.payload["reason"] == "not that file"
+
+
 # ---------------------------------------------------------------------- snapshots
 
 

@@ -119,7 +119,8 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             yield Input(self.asked.tool, placeholder="the tool that should be called", id="tool")
         if self.agent:
             diff = str(self.asked.args.get("diff") or "")
-            yield Static(Text("its diff" if diff.strip() else "no diff given with the request"), classes="label")
+            yield Static(Text("its diff" if diff.strip() else "no diff given with the request"), classes="label",
+                         id="agent-diff-label" if diff.strip() else "no-diff")
             if diff.strip():
                 with VerticalScroll(id="agent-diff"):
                     yield Static(unified_diff_text(diff, Palette.from_app(self.app), DIFF_DIALOG_LINES),
