@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 from loopterm.core import events as notices
 from loopterm.core.fold import RunView, fold, news, outcome
 from loopterm.core.records import RunRecord
-from loopterm.core.runlog import EventRecord
+from loopterm.core.runlog import AgentTurnRecorded, EventRecord
 from loopterm.store import Store
 from loopterm.tui.view import EngineNotice, View, on_screen
 from loopterm.tui.widgets.detail import DetailContext
@@ -92,8 +92,8 @@ class Following:
             self.refresh_bindings()
             self._paint_spend(view)
             self.update_header()
-            if self.timeline.selected_n is not None and view.detail_n is None:
-                self._show_detail(self.timeline.selected_n)
+            if self.timeline.selected_n is not None and (view.detail_n is None or view.detail_n in log.agent_turns):
+                self._show_detail(self.timeline.selected_n)  # (shown while loading: its agent's turn was not folded)
             self.poll()
 
     @on_screen
@@ -178,8 +178,9 @@ class Following:
         self._arrived(view.run_id, new)
         if set(log.approvals) != approvals:
             self.refresh_bindings()
-        if log.relaxed != relaxed and view.detail_n is not None:
-            self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed
+        if view.detail_n is not None and (log.relaxed != relaxed or any(
+                isinstance(r.event, AgentTurnRecorded) and r.iteration == view.detail_n for r in new)):
+            self._show_detail(view.detail_n)  # the Invariants tab says which are relaxed; the Agent tab, its turn
         return True
 
     def _announce(self, view: View, record: EventRecord) -> None:
@@ -286,7 +287,8 @@ class Following:
         if at_fork is not None and at_fork.state is not None:
             previous = at_fork.state
         return DetailContext.of(record, previous, invariants=self._invariant_infos(view.run),
-                                relaxed=dict(view.log.relaxed), palette=self.palette, fork=at_fork)
+                                relaxed=dict(view.log.relaxed), palette=self.palette, fork=at_fork,
+                                agent_turn=view.log.agent_turns.get(n))
 
     def _invariant_infos(self, run: RunRecord) -> list[InvariantInfo]:
         loop = self.loop_for(run)

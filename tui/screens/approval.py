@@ -6,6 +6,10 @@ ctrl+s denies with that reason. Then the arguments (JSON), then "answer calls li
 rest of this run, or every run of this loop, with one glob per argument (prefilled with this call's values,
 e.g. `path=src/app.py`, to widen as `path=src/*.py`).
 
+An ACP agent's permission request (the pseudo-tool `acp.permission`, args title, kind, paths, diff, agent) shows
+what the agent asks and its diff, +/- coloured; it is approved or denied as asked (loopterm answers the agent
+allow once or reject once: there are no arguments to edit), so it has no arguments editor.
+
 In a shadow run (core/shadow.py) the same dialog asks what should happen, and says that nothing will run:
 agree (as proposed), edit the arguments (what should have happened instead) or deny (with why). A shadow run
 asks about every call, so it offers no policy.
@@ -19,6 +23,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.containers import VerticalScroll
 from textual.widgets import Button, Input, RadioButton, RadioSet, Static, TextArea
 
 from loopterm.core.approval_policy import SCOPES, PolicyRule, globs_text, parse_globs, prefill
@@ -26,12 +31,31 @@ from loopterm.core.control import Approve, Deny
 from loopterm.core.decision import unreadable_json
 from loopterm.core.fold import PendingApproval
 from loopterm.tui.screens.dialog import Dialog, JsonEditor
-from loopterm.tui.widgets.render import literal, pretty
+from loopterm.tui.widgets.agent_turn import unified_diff_text
+from loopterm.tui.widgets.render import Palette, first_line, literal, pretty
 
 # (tool, args) -> None when the arguments fit the tool, else why not.
 ArgsValidator = Callable[[str, dict[str, Any]], str | None]
 # The choices of "answer calls like this", in order: (scope or None for this call only, label).
 REMEMBER: list[tuple[str | None, str]] = [(None, "only this call"), ("run", "rest of this run"), ("loop", SCOPES["loop"])]
+ACP_PERMISSION = "acp.permission"  # the pseudo-tool an ACP agent's permission request is asked as
+DIFF_DIALOG_LINES = 300  # of an agent's diff in the dialog (it scrolls)
+
+
+def agent_request_text(args: dict[str, Any]) -> Text:
+    """What an agent asks permission for: title, kind, agent, paths (all untrusted: literal)."""
+    text = Text()
+    text.append("agent ", style="dim")
+    text.append(literal(first_line(args.get("agent", "?"), 60), "bold"))
+    text.append("  kind ", style="dim")
+    text.append(literal(first_line(args.get("kind", "other"), 30), "bold"))
+    text.append("\n")
+    text.append(literal(first_line(args.get("title", ""), 300) or "(untitled)", "bold"))
+    paths = args.get("paths") or []
+    for path in paths if isinstance(paths, list) else [paths]:
+        text.append("\n  @ ", style="dim")
+        text.append(literal(first_line(path, 300)))
+    return text
 
 
 class ApprovalScreen(Dialog[Approve | Deny]):
@@ -42,6 +66,8 @@ class ApprovalScreen(Dialog[Approve | Deny]):
     ApprovalScreen #remember { layout: horizontal; height: auto; width: 1fr; border: none; padding: 0; }
     ApprovalScreen #remember RadioButton { width: auto; margin-right: 1; }
     ApprovalScreen .label { color: $text-muted; padding: 0; }
+    ApprovalScreen #agent-diff { height: auto; max-height: 16; border: round $panel; padding: 0 1; }
+    ApprovalScreen.-short #agent-diff { max-height: 7; border: none; padding: 0; }
     ApprovalScreen.-short #dialog-title { padding: 0; }
     ApprovalScreen.-short #dialog-buttons { padding-top: 0; }
     ApprovalScreen.-short #dialog-keys { padding: 0; }
@@ -60,13 +86,15 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         self.validate = validate
         self.tools = tools  # the loop's tool names (shadow: another tool may be named); None: not known here
         self.shadow = self.asked.shadow
+        self.agent = self.asked.tool == ACP_PERMISSION and not self.shadow  # approve or deny only
         self.submit_label = ("deny" if deny else "agree") if self.shadow else ("deny" if deny else "approve")
         if self.shadow:
             self.title_text = (f"◐ shadow: nothing will run · run {run_id} proposes a tool call "
                                f"(iteration {pending.iteration})")
         else:
             verb = "Deny" if deny else "Approve"
-            self.title_text = f"{verb}? Run {run_id} asks to call a tool (iteration {pending.iteration})"
+            what = "its agent asks permission" if self.agent else "asks to call a tool"
+            self.title_text = f"{verb}? Run {run_id} {what} (iteration {pending.iteration})"
 
     def fields(self) -> ComposeResult:
         head = Text("tool  ", style="bold")
@@ -82,11 +110,24 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             why = "why (optional for agree or edit, recorded; a denial says why to the model)"
         else:
             why = "why (optional, recorded; a denial says why to the model)"
+        if self.agent:  # what is asked first, then the reason (focus starts there), then the diff (it scrolls)
+            yield Static(agent_request_text(self.asked.args), id="agent-request")
+            yield Static(Text("an agent's request: approve or deny it as asked (nothing to edit)"), classes="label",
+                         id="no-args")
         yield Input(placeholder=why, id="reason")
         if self.shadow:
             yield Input(self.asked.tool, placeholder="the tool that should be called", id="tool")
-        yield Static(Text("arguments (JSON; edit them to approve a changed call)"), classes="label")
-        yield JsonEditor(pretty(self.asked.args), id="args", show_line_numbers=False)
+        if self.agent:
+            diff = str(self.asked.args.get("diff") or "")
+            yield Static(Text("its diff" if diff.strip() else "no diff given with the request"), classes="label",
+                         id="agent-diff-label" if diff.strip() else "no-diff")
+            if diff.strip():
+                with VerticalScroll(id="agent-diff"):
+                    yield Static(unified_diff_text(diff, Palette.from_app(self.app), DIFF_DIALOG_LINES),
+                                 id="agent-diff-text")
+        else:
+            yield Static(Text("arguments (JSON; edit them to approve a changed call)"), classes="label")
+            yield JsonEditor(pretty(self.asked.args), id="args", show_line_numbers=False)
         if self.shadow:
             return
         yield Static(Text("answer calls of this tool with arguments like these"), classes="label")
@@ -94,7 +135,7 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             for i, (_, label) in enumerate(REMEMBER):
                 yield RadioButton(label, value=i == 0, id=f"remember-{i}")
         yield Static(Text("globs, one name=glob a line (* matches anything, also /)"), classes="label")
-        yield TextArea(globs_text(prefill(self.asked.args)), id="globs", tab_behavior="focus", soft_wrap=False,
+        yield TextArea(globs_text(prefill(self.policy_args())), id="globs", tab_behavior="focus", soft_wrap=False,
                        show_line_numbers=False)
 
     def on_mount(self) -> None:
@@ -103,10 +144,18 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             self.add_class("-short")
             for widget in [*self.query(Input), *self.query(TextArea), *self.query(Button)]:
                 widget.compact = True
+        if self.agent:  # focusing the reason scrolled the request out of sight: what is asked stays on top
+            self.call_after_refresh(self.query_one("#dialog").scroll_home, animate=False)
 
     def buttons(self) -> ComposeResult:
         yield Button("Agree" if self.shadow else "Approve", variant="success", id="approve")
         yield Button("Deny", variant="error", id="deny")
+
+    def policy_args(self) -> dict[str, Any]:
+        """The arguments a policy's globs start from (an agent's diff is no thing to match on)."""
+        if self.agent:
+            return {name: value for name, value in self.asked.args.items() if name != "diff"}
+        return self.asked.args
 
     def remember(self) -> str | None:
         """The scope chosen for a policy; None: answer only this call."""
@@ -145,6 +194,18 @@ class ApprovalScreen(Dialog[Approve | Deny]):
                 self.refuse(exc)
                 return
             self.dismiss(denial)
+            return
+        if self.agent:  # as asked: the agent is answered allow once
+            rule = self.policy("approve", {}, reason)
+            if isinstance(rule, str):
+                self.fail(f"{rule}; nothing was sent")
+                return
+            try:
+                command = Approve(key=key, args=None, reason=reason, policy=rule)
+            except ValidationError as exc:
+                self.refuse(exc)
+                return
+            self.dismiss(command)
             return
         text = self.query_one("#args", TextArea).text
         try:

@@ -12,8 +12,10 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Static, TabbedContent, TabPane, Tree
 from textual.widgets.tree import TreeNode
 
+from loopterm.core.acp_turn import AgentTurn
 from loopterm.core.fold import ForkPoint
 from loopterm.core.records import IterationRecord
+from loopterm.tui.widgets.agent_turn import agent_turn_text
 from loopterm.tui.widgets.render import (
     InvariantInfo,
     Palette,
@@ -33,6 +35,7 @@ from loopterm.tui.widgets.render import (
 
 TABS = [
     ("reasoning", "Reasoning"),
+    ("agent", "Agent"),  # shown only for an iteration an ACP agent's turn acted in
     ("prompt", "Prompt"),
     ("response", "Response"),
     ("tool", "Tool"),
@@ -57,6 +60,7 @@ class DetailContext:
     relaxed: dict[str, str] = field(default_factory=dict)
     palette: Palette = field(default_factory=Palette)
     fork: ForkPoint | None = None  # set for a branch's first iteration: what the fork changed, shown on the Diff
+    agent_turn: AgentTurn | None = None  # the ACP agent's turn of this iteration (RunView.agent_turns), if any
 
     @classmethod
     def of(cls, record: IterationRecord, previous_state: dict[str, Any] | None, **kwargs: Any) -> "DetailContext":
@@ -155,6 +159,7 @@ class IterationDetail(Vertical):
         super().__init__(**kwargs)
         self.detail_context: DetailContext | None = None
         self._rendered: set[str] = set()
+        self._agent_shown: bool | None = None  # whether the Agent tab is there (None: not decided yet)
 
     def compose(self) -> ComposeResult:
         with TabbedContent(id="detail-tabs"):
@@ -171,9 +176,25 @@ class IterationDetail(Vertical):
         active = self.query_one(TabbedContent).active or "tab-reasoning"
         return active.removeprefix("tab-")
 
+    def on_mount(self) -> None:
+        self._agent_tab(False)
+
+    def _agent_tab(self, shown: bool) -> None:
+        """The Agent tab is there only while the iteration has an agent's turn (hiding it while it is active
+        activates the next tab)."""
+        if shown == self._agent_shown:
+            return
+        self._agent_shown = shown
+        tabs = self.query_one(TabbedContent)
+        if shown:
+            tabs.show_tab("tab-agent")
+        else:
+            tabs.hide_tab("tab-agent")
+
     def show(self, context: DetailContext | None) -> None:
         self.detail_context = context
         self._rendered.clear()
+        self._agent_tab(context is not None and context.agent_turn is not None)
         self._render_tab(self.active_tab)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -200,6 +221,10 @@ class IterationDetail(Vertical):
             return diff if ctx.fork is None else fork_note(ctx.fork, ctx.palette) + diff
         if tab == "invariants":
             return invariants_detail(record, ctx.invariants, ctx.relaxed, ctx.palette)
+        if tab == "agent":
+            if ctx.agent_turn is None:
+                return Text("no agent's turn in this iteration", style="dim")
+            return agent_turn_text(ctx.agent_turn, ctx.palette)
         return Text("")
 
     def _render_tab(self, tab: str) -> None:
