@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
+from loopterm.core.acp_turn import AgentTurn
+from loopterm.core.agent_loop import PERMISSION_TOOL
 from loopterm.core.engine import Engine
 from loopterm.core.errors import LooptermError
 from loopterm.core.fold import RunView
@@ -46,6 +48,7 @@ from loopterm.tui.screens.dialog import Dialog
 from loopterm.tui.screens.escalations import EscalationScreen, InboxScreen
 from loopterm.tui.screens.help import HelpScreen
 from loopterm.tui.view import FINISHED, EditInFlight, View, on_screen
+from loopterm.tui.widgets.agent_turn import live_turn_line
 from loopterm.tui.widgets.detail import IterationDetail
 from loopterm.tui.widgets.render import (
     Palette,
@@ -184,6 +187,8 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         self._escalated_count = 0  # runs across the database that wait on a person (the inbox)
         self._folds: dict[str, RunView] = {}  # run id -> the fold of its log, kept up to date as it is read
         self._answering: dict[str, int] = {}  # runs this window sent commands to -> their log's last id then
+        # An agent's turn in flight in an engine of this window, as it streams (core/events.py AgentTurnProgress).
+        self._live_turns: dict[str, tuple[int, AgentTurn]] = {}
         self._edits: dict[str, EditInFlight] = {}  # run id -> the state edit sent to it, until its outcome
         self._remember_theme = False
         self._last_theme = ""
@@ -350,6 +355,12 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
         log = view.log
         if log.approvals:
             asked = next(iter(log.approvals.values())).asked
+            if asked.tool == PERMISSION_TOOL and not asked.shadow:
+                text = Text("⚑ the agent asks: ", style=f"bold {palette.warn}")
+                paths = ", ".join(str(p) for p in asked.args.get("paths") or [])
+                text.append(literal(f"{first_line(asked.args.get('title', ''), 50)} [{first_line(paths, 40)}]"))
+                text.append("   x inbox shows the diff · a approve · d deny", style="italic")
+                return text
             text = Text("◐ shadow proposal: " if asked.shadow else "⚑ waiting for approval: ",
                         style=f"bold {palette.warn}")
             first = next(iter(asked.args.values()), "") if asked.args else ""
@@ -372,6 +383,9 @@ class LooptermApp(Following, Driving, Controls, Branching, Comparing, App[None])
             return text
         if status == "paused":
             return Text("⏸ paused   space resumes · n steps one iteration · e edits the state", style=f"{palette.warn}")
+        live = self._live_turns.get(view.run_id)
+        if live is not None and status == "running":
+            return live_turn_line(*live, palette)
         if status in FINISHED or status == "escalated":
             if view.run_id not in self.engines and not log.lifecycle_open and status != "converged":
                 return Text("not executing   r resumes it in this window · b branches from the selected iteration",

@@ -214,6 +214,15 @@ class Following:
     def on_engine_notice(self, message: EngineNotice) -> None:
         event = message.event
         view = self.view
+        if isinstance(event, notices.AgentTurnProgress):  # the header says what the agent does now; no poll
+            self._live_turns[event.run_id] = (event.n, event.turn)
+            if view is not None and view.run_id == event.run_id:
+                self.update_header()
+            return
+        if isinstance(event, notices.IterationCommitted):
+            self._live_turns.pop(event.record.run_id, None)
+        elif isinstance(event, notices.RunFinished):
+            self._live_turns.pop(event.run_id, None)
         if isinstance(event, notices.IterationCommitted) and view is not None and event.record.run_id == view.run_id \
                 and not view.loading:
             self._append(view, [(summarize(event.record), event.record.cost_usd)])

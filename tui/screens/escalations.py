@@ -13,10 +13,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 
+from loopterm.core.agent_loop import PERMISSION_TOOL
 from loopterm.core.fold import Pending, PendingApproval, PendingEscalation, PendingSideEffect, RunView
 from loopterm.core.records import IterationRecord, RunRecord
 from loopterm.core.runlog import Escalated
 from loopterm.tui.widgets.keyhints import KeyHints
+from loopterm.tui.widgets.agent_turn import unified_diff_text
 from loopterm.tui.widgets.render import Palette, first_line, literal, pretty, status_text
 
 if TYPE_CHECKING:
@@ -332,6 +334,20 @@ class EscalationScreen(Screen[bool]):
                     text.append("• ")
                     text.append(literal(suggestion))
                     text.append("\n")
+        elif isinstance(now, PendingApproval) and now.asked.tool == PERMISSION_TOOL and not now.asked.shadow:
+            args = now.asked.args  # an agent's permission request (core/agent_actor.py): what, where, the diff
+            text.append("The agent asks permission", style="bold")
+            text.append(f" (iteration {now.iteration})\n", style="dim")
+            text.append(literal(first_line(args.get("title", ""), 100), "bold"))
+            text.append("  ")
+            text.append(literal(first_line(args.get("kind", ""), 20), "dim"))
+            text.append("\n")
+            text.append(literal(", ".join(str(p) for p in args.get("paths") or []) or "no path named"))
+            text.append("\n\n")
+            diff = str(args.get("diff") or "")
+            text.append_text(unified_diff_text(diff, palette) if diff else Text("no diff given with the request",
+                                                                               style="dim"))
+            text.append("\n")
         elif isinstance(now, PendingApproval):
             call = now.asked
             text.append("◐ Shadow proposal (nothing will run)" if call.shadow else "Tool call waiting for approval",

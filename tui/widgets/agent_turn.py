@@ -332,3 +332,21 @@ def agent_turn_text(turn: AgentTurn, palette: Palette) -> Text:
         before, after = first_line(turn.base_commit or "?", 200)[:10], first_line(turn.commit or "none", 200)[:10]
         text.append(f"\nworktree commit {before} → {after}\n", style="dim")
     return text
+
+
+def live_turn_line(n: int, turn: AgentTurn, palette: Palette) -> Text:
+    """The header's one line while an agent's turn streams: what it is doing now."""
+    text = Text(f"▸ agent, iteration {n}: ", style=f"bold {palette.accent}")
+    current = turn.tool_calls[-1] if turn.tool_calls else None
+    if current is not None:
+        glyph = KIND_GLYPHS.get(current.kind, KIND_GLYPHS["other"])
+        text.append(literal(f"{glyph} {first_line(current.title or current.kind, 50)} ({current.status})"))
+    elif turn.plan:
+        doing = next((p for p in turn.plan if p.status == "in_progress"), turn.plan[0])
+        text.append(literal(first_line(doing.content, 60)))
+    else:
+        text.append("thinking", style="italic")
+    done = sum(1 for p in turn.plan if p.status == "completed")
+    plan = f" · plan {done}/{len(turn.plan)}" if turn.plan else ""
+    text.append(f"   {len(turn.tool_calls)} calls{plan} · ${turn.usage.cost_usd:.4f} reported", style="dim")
+    return text

@@ -188,6 +188,8 @@ class IterationDetail(Vertical):
         tabs = self.query_one(TabbedContent)
         if shown:
             tabs.show_tab("tab-agent")
+            if self.active_tab == "reasoning":  # an agent loop's reasoning is the agent's turn: show it first
+                tabs.active = "tab-agent"
         else:
             tabs.hide_tab("tab-agent")
 
