@@ -101,7 +101,8 @@ def precondition(engine: Engine, tool: Tool, args: dict[str, Any]) -> str | None
     return None if reason is None else one_line(str(reason), 1_000)
 
 
-async def approval(engine: Engine, tool: Tool, args: dict[str, Any], n: int) -> Approve | Deny:
+async def approval(engine: Engine, tool: Tool, args: dict[str, Any], n: int, *, asking: str | None = None
+                   ) -> Approve | Deny:
     """A person's verdict on a call that needs approval; waits for it (or ends the run, waiting).
 
     The question stays pending in the log until a person answers it, whatever happens meanwhile."""
@@ -113,7 +114,7 @@ async def approval(engine: Engine, tool: Tool, args: dict[str, Any], n: int) -> 
             engine.log(log.ApprovalPending(key=key, tool=tool.name, args=args, shadow=engine.shadow), n)
         engine.emit(ApprovalNeeded(run_id=engine.run_id, n=n, key=key, tool=tool.name, args=args, shadow=engine.shadow))
         message = (f"shadow: the loop proposes tool {tool.name!r} (iteration {n}); nothing will run"
-                   if engine.shadow else f"tool {tool.name!r} needs approval (iteration {n})")
+                   if engine.shadow else f"{asking or f'tool {tool.name!r} needs approval'} (iteration {n})")
         if not engine.wait_on_person:
             what = "agree, edit or deny" if engine.shadow else "approve or deny"
             raise RunEnds(TerminationReason.WAITING, f"{message}; {what} it from `loopterm watch {engine.run_id}`")

@@ -33,6 +33,7 @@ from loopterm.core.policies import budget_message, spent
 from loopterm.core.secrets import redact, redact_tree
 from loopterm.core.state import LoopState
 from loopterm.core.termination import RunEnds, TerminationReason
+from loopterm.core.text import one_line
 from loopterm.core.tools import idempotency_key
 
 if TYPE_CHECKING:
@@ -218,7 +219,8 @@ class AgentActor(Hook):
                 return AgentPermission(**seen, outcome="reject_once", decided_by="headless", key=key,
                                        reason="no person to ask (headless) and no approval policy covers it")
         try:
-            verdict = await approval(engine, gate, args, n)
+            verdict = await approval(engine, gate, args, n,
+                                     asking=f"the agent asks permission: {one_line(args['title'] or call.kind, 80)}")
         except RunEnds as ends:  # stopped while waiting: the watcher cancels the turn
             return AgentPermission(**seen, outcome="cancelled", decided_by="stopped", key=key, reason=ends.message)
         who = "policy" if key in engine.view.decided_by else "person"

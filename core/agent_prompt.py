@@ -34,6 +34,11 @@ def turn_prompt(engine: Engine, n: int) -> str:
     if checks:
         lines += ["", "When you end your turn, loopterm runs these checks in this folder; the work is done only "
                       "when all pass:", *(f"- {g.name}: {' '.join(g.argv)}" for g in checks)]
+    last = engine.view.agent_turns.get(n - 1)
+    refused = [p for p in last.permissions if p.outcome != "allow_once"] if last is not None else []
+    if refused:  # the protocol's answer carries no reason: the agent hears it here
+        lines += ["", "Refused in your last turn:", *(f"- {p.title or p.kind}: {p.reason or p.decided_by}"
+                                                       for p in refused)]
     if state.last_gate_failure:
         lines += ["", "The checks failed after your last turn:", state.last_gate_failure[:FAILURE_CAP]]
     kept = [i for i in loop.invariants if i.name not in engine.relaxed and i.description]

@@ -94,6 +94,7 @@ async def test_permissions_go_through_approvals_and_the_gates_decide(tmp_path: P
     assert first.changed_paths == [] and "done, trust me" in first.message
     assert [(p.outcome, p.decided_by) for p in second.permissions] == [("allow_once", "person")]
     assert second.changed_paths == ["sol.py"] and "+    return 42" in second.diff
+    assert "Refused in your last turn:\n- Edit sol.py: not that" in second.prompt  # why, which ACP cannot say
     assert second.commit is not None and second.base_commit == first.commit
     assert Path(run.workspace, "sol.py").read_text() == FIXED
     assert len(git_log(Path(run.workspace))) == 3  # the baseline and one commit per turn

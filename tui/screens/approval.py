@@ -6,7 +6,7 @@ ctrl+s denies with that reason. Then the arguments (JSON), then "answer calls li
 rest of this run, or every run of this loop, with one glob per argument (prefilled with this call's values,
 e.g. `path=src/app.py`, to widen as `path=src/*.py`).
 
-An ACP agent's permission request (the pseudo-tool `acp.permission`, args title, kind, paths, diff, agent) shows
+An ACP agent's permission request (the pseudo-tool `acp.permission`, args title, kind, paths, diff) shows
 what the agent asks and its diff, +/- coloured; it is approved or denied as asked (loopterm answers the agent
 allow once or reject once: there are no arguments to edit), so it has no arguments editor.
 
@@ -43,11 +43,13 @@ DIFF_DIALOG_LINES = 300  # of an agent's diff in the dialog (it scrolls)
 
 
 def agent_request_text(args: dict[str, Any]) -> Text:
-    """What an agent asks permission for: title, kind, agent, paths (all untrusted: literal)."""
+    """What an agent asks permission for: title, kind, paths (all untrusted: literal)."""
     text = Text()
-    text.append("agent ", style="dim")
-    text.append(literal(first_line(args.get("agent", "?"), 60), "bold"))
-    text.append("  kind ", style="dim")
+    if args.get("agent"):
+        text.append("agent ", style="dim")
+        text.append(literal(first_line(args["agent"], 60), "bold"))
+        text.append("  ")
+    text.append("kind ", style="dim")
     text.append(literal(first_line(args.get("kind", "other"), 30), "bold"))
     text.append("\n")
     text.append(literal(first_line(args.get("title", ""), 300) or "(untitled)", "bold"))
@@ -108,6 +110,8 @@ class ApprovalScreen(Dialog[Approve | Deny]):
             why = "why you deny it (the model is told; recorded)"
         elif self.shadow:
             why = "why (optional for agree or edit, recorded; a denial says why to the model)"
+        elif self.agent:
+            why = "why (optional, recorded; told to the agent next turn)"
         else:
             why = "why (optional, recorded; a denial says why to the model)"
         if self.agent:  # what is asked first, then the reason (focus starts there), then the diff (it scrolls)
