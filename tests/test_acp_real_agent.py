@@ -3,6 +3,8 @@
 Needs `claude-agent-acp` on PATH (`npm install -g @agentclientprotocol/claude-agent-acp@0.49.0`, Node 20);
 CI does not install npm packages, so there it is skipped. fakellm answers Claude Code's Anthropic
 requests: the first asks for a Write tool call, the one carrying its result gets the final reply.
+The client alone (AcpSession), then the built-in agent-fix loop on the engine with Claude Code as its agent
+(the gates decide, permissions go through the engine's approvals), then `loopterm run agent-fix --agent`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +298,29 @@ async def test_agent_fix_refuses_claude_codes_write_outside_its_paths_before_ask
     assert call.status == "failed"  # Claude Code was told no and did not write
     assert tests.read_text() == before and turn.changed_paths == []
     assert fakellm_server.hits("cc-other") >= 1  # it went on after the refusal and ended its turn
+
+
+@pytest.mark.slow  # a loopterm process and Claude Code: about 5 s
+def test_loopterm_run_agent_fix_with_agent_claude_passes_none_of_loopterms_environment(fakellm_server: Any,
+                                                                                       tmp_path: Path) -> None:
+    """`loopterm run agent-fix --headless --agent claude-agent-acp` as a person types it, with Claude Code's
+    provider set up in their shell: the agent gets only declared variables, and `--agent` declares none (it
+    keeps the loop's env_from, which agent-fix leaves empty), so Claude Code never hears of the key or the URL.
+    Today it answers every prompt "Authentication required"; the journal keeps that, the screen does not say it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    claude_env = claude_spec(fakellm_server, home).env
+    env = {**os.environ, **claude_env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "120"}
+    fakellm_server.set_rules([{"name": "cc-any", "when": {}, "respond": {"content": "ok"}}])
+    db = tmp_path / "lt.db"
+    done = subprocess.run([sys.executable, "-m", "loopterm.tui.cli", "run", "agent-fix", "--headless", "--no-wait",
+                           "--agent", "claude-agent-acp", "--max-iterations", "1", "--db", str(db)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "model agent:claude-agent-acp" in done.stdout, done.stdout + done.stderr
+    assert fakellm_server.hits("cc-any") == 0  # the exported ANTHROPIC_BASE_URL never reached Claude Code
+    with Store.open(db) as store:
+        (run,) = store.list_runs()
+        turn = fold(store.events(run.id)).agent_turns[1]
+    assert run.model == "agent:claude-agent-acp" and run.status != "converged"
+    assert "Authentication required" in turn.note and turn.stop_reason is None
+    assert claude_env["ANTHROPIC_API_KEY"] not in db.read_bytes().decode("latin-1")
