@@ -195,10 +195,12 @@ def agent_fix_with_claude(server: Any, home: Path) -> tuple[Loop, str]:
     return loop.model_copy(update={"agent": spec}), ref
 
 
-def agent_fix_engine(server: Any, tmp_path: Path, **kwargs: Any) -> tuple[Engine, Store, list[ApprovalNeeded]]:
+def agent_fix_engine(server: Any, tmp_path: Path, loop: Loop | None = None,
+                     **kwargs: Any) -> tuple[Engine, Store, list[ApprovalNeeded]]:
     """An engine for a new agent-fix run, with a person at the inbox approving every question it asks
     (ApprovalNeeded -> Approve, as the TUI's dialog and `loopterm answer` send it)."""
-    loop, ref = agent_fix_with_claude(server, tmp_path / "home")
+    built, ref = agent_fix_with_claude(server, tmp_path / "home")
+    loop = loop or built
     store = Store.open(tmp_path / "db" / "loopterm.db")
     engine = Engine.create(loop, store, loop_ref=ref, workspace_root=tmp_path / "ws", workdir=tmp_path,
                            poll_interval=0.02, wait_on_person=True, **kwargs)
@@ -277,9 +279,19 @@ async def test_agent_fix_driven_by_claude_code_converges_when_the_gates_pass(fak
     assert [it.model for it in (first, second)] == ["agent/claude", "agent/claude"]
 
 
-async def test_agent_fix_refuses_claude_codes_write_outside_its_paths_before_asking(fakellm_server: Any,
-                                                                                   tmp_path: Path) -> None:
-    engine, store, asked = agent_fix_engine(fakellm_server, tmp_path, max_iterations=1)
+async def test_agent_fix_refuses_claude_codes_write_outside_its_paths_before_asking(
+        fakellm_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started the way `--agent claude-agent-acp` starts it (the run's model "agent:CMD"): the loop's spec with
+    # that command and none of its `env`; what Claude Code needs reaches it only as names in `env_from`.
+    loop, ref = agent_fix_with_claude(fakellm_server, tmp_path / "home")
+    assert loop.agent is not None
+    needed = claude_spec(fakellm_server, tmp_path / "home").env
+    for name, value in needed.items():
+        monkeypatch.setenv(name, value)
+    declared = loop.agent.model_copy(update={"env_from": sorted(needed)})
+    engine, store, asked = agent_fix_engine(fakellm_server, tmp_path, max_iterations=1, model="agent:claude-agent-acp",
+                                            loop=loop.model_copy(update={"agent": declared}))
+    assert engine.loop.agent is not None and engine.loop.agent.env == {}  # `--agent` dropped the loop's env
     tests = engine.workspace / "test_stats.py"
     before = tests.read_text()
     fakellm_server.set_rules([
@@ -298,6 +310,7 @@ async def test_agent_fix_refuses_claude_codes_write_outside_its_paths_before_ask
     assert call.status == "failed"  # Claude Code was told no and did not write
     assert tests.read_text() == before and turn.changed_paths == []
     assert fakellm_server.hits("cc-other") >= 1  # it went on after the refusal and ended its turn
+    assert [it.model for it in store.iterations(run.id)] == ["agent/claude-agent-acp"]
 
 
 @pytest.mark.slow  # a loopterm process and Claude Code: about 5 s
