@@ -3,12 +3,17 @@
 Needs `claude-agent-acp` on PATH (`npm install -g @agentclientprotocol/claude-agent-acp@0.49.0`, Node 20);
 CI does not install npm packages, so there it is skipped. fakellm answers Claude Code's Anthropic
 requests: the first asks for a Write tool call, the one carrying its result gets the final reply.
+The client alone (AcpSession), then the built-in agent-fix loop on the engine with Claude Code as its agent
+(the gates decide, permissions go through the engine's approvals), then `loopterm run agent-fix --agent`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,14 @@ if shutil.which("claude-agent-acp") is None:
 from loopterm.core.acp_client import AcpSession  # noqa: E402
 from loopterm.core.acp_turn import AgentPermission, AgentToolCall  # noqa: E402
 from loopterm.core.agent_spec import AgentSpec  # noqa: E402
+from loopterm.core.control import Approve, command_payload  # noqa: E402
+from loopterm.core.engine import Engine  # noqa: E402
+from loopterm.core.events import ApprovalNeeded, EngineEvent  # noqa: E402
+from loopterm.core.fold import fold  # noqa: E402
+from loopterm.core.loader import load_loop  # noqa: E402
+from loopterm.core.loop import Loop  # noqa: E402
+from loopterm.core.records import RunRecord  # noqa: E402
+from loopterm.store import Store  # noqa: E402
 
 
 
@@ -143,3 +156,184 @@ async def test_claude_code_session_loads_and_forks_in_new_processes(fakellm_serv
     finally:
         await forked.close()
     assert three.stop_reason == "end_turn" and "second reply" in three.message
+
+
+# --- The built-in agent-fix loop, driven by Claude Code: the engine, the approvals, the gates ---------------
+
+WRONG_MEDIAN = '''"""Small statistics helpers (the agent-fix example's code under repair)."""
+
+
+def median(values: list[float]) -> float:
+    """The middle value of `values` (the mean of the two middle ones for an even count)."""
+    if not values:
+        raise ValueError("median of an empty list")
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+'''
+RIGHT_MEDIAN = '''"""Small statistics helpers (the agent-fix example's code under repair)."""
+
+
+def median(values: list[float]) -> float:
+    """The middle value of `values` (the mean of the two middle ones for an even count)."""
+    if not values:
+        raise ValueError("median of an empty list")
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+'''
+
+
+def agent_fix_with_claude(server: Any, home: Path) -> tuple[Loop, str]:
+    """The built-in loop as shipped (goal, gates, paths, limits) with Claude Code as its agent: only the command,
+    the name and the environment change (the agent gets only declared variables, so they go in the spec)."""
+    loop, ref = load_loop("agent-fix")
+    assert loop.agent is not None
+    claude = claude_spec(server, home)
+    spec = loop.agent.model_copy(update={"name": claude.name, "command": claude.command, "env": claude.env})
+    return loop.model_copy(update={"agent": spec}), ref
+
+
+def agent_fix_engine(server: Any, tmp_path: Path, loop: Loop | None = None,
+                     **kwargs: Any) -> tuple[Engine, Store, list[ApprovalNeeded]]:
+    """An engine for a new agent-fix run, with a person at the inbox approving every question it asks
+    (ApprovalNeeded -> Approve, as the TUI's dialog and `loopterm answer` send it)."""
+    built, ref = agent_fix_with_claude(server, tmp_path / "home")
+    loop = loop or built
+    store = Store.open(tmp_path / "db" / "loopterm.db")
+    engine = Engine.create(loop, store, loop_ref=ref, workspace_root=tmp_path / "ws", workdir=tmp_path,
+                           poll_interval=0.02, wait_on_person=True, **kwargs)
+    asked: list[ApprovalNeeded] = []
+
+    def person(event: EngineEvent) -> None:
+        if isinstance(event, ApprovalNeeded):
+            asked.append(event)
+            store.add_command(engine.run_id, *command_payload(Approve(key=event.key)))
+            engine.wake()
+
+    engine.subscribe(person)
+    return engine, store, asked
+
+
+def read(path: Path) -> dict[str, Any]:
+    return {"tool_calls": [{"name": "Read", "arguments": {"file_path": str(path)}}]}
+
+
+def write(path: Path, content: str) -> dict[str, Any]:
+    return {"tool_calls": [{"name": "Write", "arguments": {"file_path": str(path), "content": content}}]}
+
+
+def claude_stderr(run: RunRecord) -> str:
+    path = Path(run.workspace).parent / f"{run.id}.agent-stderr.log"
+    return path.read_text()[-3000:] if path.exists() else ""
+
+
+async def test_agent_fix_driven_by_claude_code_converges_when_the_gates_pass(fakellm_server: Any,
+                                                                             tmp_path: Path) -> None:
+    engine, store, asked = agent_fix_engine(fakellm_server, tmp_path)
+    stats = engine.workspace / "stats.py"
+    # One session, so one fakellm conversation; `turn` counts its requests. Claude Code reads a file before it
+    # may write it (else its Write fails without asking), and keeps what it read for the next prompt turn.
+    fakellm_server.set_rules([
+        # iteration 1: a fix that sorts and forgets the even count, then "done" (which decides nothing)
+        {"name": "cc-read", "when": {"turn": 1}, "respond": read(stats)},
+        {"name": "cc-sort", "when": {"turn": 2}, "respond": write(stats, WRONG_MEDIAN)},
+        {"name": "cc-done", "when": {"turn": 3}, "respond": {"content": "median sorts its input. All done."}},
+        # iteration 2: its prompt carries the gate's failure; Claude Code writes the right median
+        {"name": "cc-fix", "when": {"turn": 4, "messages_contain": "test_even_count"},
+         "respond": write(stats, RIGHT_MEDIAN)},
+        {"name": "cc-fixed", "when": {"turn": 5}, "respond": {"content": "median handles an even count now."}},
+        {"name": "cc-other", "when": {}, "respond": {"content": "ok"}},
+    ])
+    run = await asyncio.wait_for(engine.run(), 120)
+    assert run.status == "converged" and run.iterations == 2, (run.termination_reason, fakellm_server.stats(),
+                                                               claude_stderr(run))
+    first, second = store.iterations(run.id)
+    assert [g["passed"] for g in first.gate_results] == [False]  # "All done" after turn 1 decided nothing
+    assert "test_even_count" in second.prompt[0]["content"]  # turn 2 was told the gate's failure
+    assert fakellm_server.hits("cc-fix") == 1
+    turns = fold(store.events(run.id)).agent_turns
+    assert "All done" in turns[1].message
+    for n, fix in ((1, WRONG_MEDIAN), (2, RIGHT_MEDIAN)):
+        turn = turns[n]
+        assert turn.stop_reason == "end_turn" and turn.session_id == turns[1].session_id  # one session, two turns
+        (call,) = [c for c in turn.tool_calls if c.title == "Write stats.py"]
+        assert call.kind == "edit" and call.status == "completed" and call.diffs[0].new_text in fix
+        assert [(p.paths, p.outcome, p.decided_by) for p in turn.permissions] == [
+            (["stats.py"], "allow_once", "person")]
+        assert turn.changed_paths == ["stats.py"] and turn.commit and turn.commit != turn.base_commit
+    assert turns[2].base_commit == turns[1].commit
+    assert "+    return (ordered[middle - 1] + ordered[middle]) / 2" in turns[2].diff
+    # The person was asked once a turn, through the engine's approvals, and saw the change.
+    assert [(a.n, a.tool, a.args["paths"]) for a in asked] == [(1, "acp.permission", ["stats.py"]),
+                                                               (2, "acp.permission", ["stats.py"])]
+    assert "+    return (ordered[middle - 1] + ordered[middle]) / 2" in asked[1].args["diff"]
+    assert Path(run.workspace, "stats.py").read_text() == RIGHT_MEDIAN
+    # Claude Code's reported cost (cumulative over its session) is each iteration's delta and the run's total.
+    costs = [turns[n].usage.cost_usd for n in (1, 2)]
+    assert all(c > 0 for c in costs) and turns[2].usage.session_cost_usd == pytest.approx(sum(costs))
+    assert [it.cost_usd for it in (first, second)] == pytest.approx(costs)
+    assert run.cost_usd == pytest.approx(sum(costs))
+    assert run.tokens_out == sum(t.usage.tokens_out for t in turns.values()) > 0
+    assert [it.model for it in (first, second)] == ["agent/claude", "agent/claude"]
+
+
+async def test_agent_fix_refuses_claude_codes_write_outside_its_paths_before_asking(
+        fakellm_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started the way `--agent claude-agent-acp` starts it (the run's model "agent:CMD"): the loop's spec with
+    # that command and none of its `env`; what Claude Code needs reaches it only as names in `env_from`.
+    loop, ref = agent_fix_with_claude(fakellm_server, tmp_path / "home")
+    assert loop.agent is not None
+    needed = claude_spec(fakellm_server, tmp_path / "home").env
+    for name, value in needed.items():
+        monkeypatch.setenv(name, value)
+    declared = loop.agent.model_copy(update={"env_from": sorted(needed)})
+    engine, store, asked = agent_fix_engine(fakellm_server, tmp_path, max_iterations=1, model="agent:claude-agent-acp",
+                                            loop=loop.model_copy(update={"agent": declared}))
+    assert engine.loop.agent is not None and engine.loop.agent.env == {}  # `--agent` dropped the loop's env
+    tests = engine.workspace / "test_stats.py"
+    before = tests.read_text()
+    fakellm_server.set_rules([
+        {"name": "cc-read", "when": {"turn": 1}, "respond": read(tests)},
+        {"name": "cc-cheat", "when": {"turn": 2}, "respond": write(tests, "def test_nothing() -> None:\n    pass\n")},
+        {"name": "cc-other", "when": {}, "respond": {"content": "I may not change the tests."}},
+    ])
+    run = await asyncio.wait_for(engine.run(), 120)
+    assert run.termination_reason == "max_iterations", (run.termination_reason, claude_stderr(run))
+    turn = fold(store.events(run.id)).agent_turns[1]
+    (permission,) = turn.permissions
+    assert (permission.paths, permission.outcome, permission.decided_by) == (["test_stats.py"], "reject_once", "paths")
+    assert "outside the paths the agent may change (stats.py)" in permission.reason
+    assert asked == []  # refused before anyone was asked
+    (call,) = [c for c in turn.tool_calls if c.kind == "edit"]
+    assert call.status == "failed"  # Claude Code was told no and did not write
+    assert tests.read_text() == before and turn.changed_paths == []
+    assert fakellm_server.hits("cc-other") >= 1  # it went on after the refusal and ended its turn
+    assert [it.model for it in store.iterations(run.id)] == ["agent/claude-agent-acp"]
+
+
+@pytest.mark.slow  # a loopterm process and Claude Code: about 5 s
+def test_loopterm_run_agent_fix_with_agent_claude_passes_none_of_loopterms_environment(fakellm_server: Any,
+                                                                                       tmp_path: Path) -> None:
+    """`loopterm run agent-fix --headless --agent claude-agent-acp` as a person types it, with Claude Code's
+    provider set up in their shell: the agent gets only declared variables, and `--agent` declares none (it
+    keeps the loop's env_from, which agent-fix leaves empty), so Claude Code never hears of the key or the URL.
+    Today it answers every prompt "Authentication required"; the journal keeps that, the screen does not say it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    claude_env = claude_spec(fakellm_server, home).env
+    env = {**os.environ, **claude_env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "120"}
+    fakellm_server.set_rules([{"name": "cc-any", "when": {}, "respond": {"content": "ok"}}])
+    db = tmp_path / "lt.db"
+    done = subprocess.run([sys.executable, "-m", "loopterm.tui.cli", "run", "agent-fix", "--headless", "--no-wait",
+                           "--agent", "claude-agent-acp", "--max-iterations", "1", "--db", str(db)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "model agent:claude-agent-acp" in done.stdout, done.stdout + done.stderr
+    assert fakellm_server.hits("cc-any") == 0  # the exported ANTHROPIC_BASE_URL never reached Claude Code
+    with Store.open(db) as store:
+        (run,) = store.list_runs()
+        turn = fold(store.events(run.id)).agent_turns[1]
+    assert run.model == "agent:claude-agent-acp" and run.status != "converged"
+    assert "Authentication required" in turn.note and turn.stop_reason is None
+    assert claude_env["ANTHROPIC_API_KEY"] not in db.read_bytes().decode("latin-1")
