@@ -367,6 +367,8 @@ class AcpSession:
             self._killed = True
             return
         exc = call.exception() if call.done() and not call.cancelled() else None
+        if turn.ended_by == "agent":  # not a way for a turn to end: said as an error, not as a turn like others
+            turn.ended_by = "error"
         turn.note = capped(f"the agent answered the prompt with an error: {_error_text(exc)}", 500)
 
     async def cancel(self, ended_by: EndedBy = "person", note: str = "") -> None:

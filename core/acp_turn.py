@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 TEXT_CAP = 64_000  # one message, thought or tool output kept per turn (the rest is cut, marked)
 DIFF_CAP = 200_000  # the worktree's diff after the turn
 
-EndedBy = Literal["agent", "person", "limit", "budget", "crash"]
+EndedBy = Literal["agent", "person", "limit", "budget", "crash", "error"]
 PermissionOutcome = Literal["allow_once", "reject_once", "cancelled"]
 DecidedBy = Literal["person", "policy", "paths", "headless", "stopped"]
 
@@ -95,7 +95,8 @@ class AgentTurn(BaseModel):
     usage: AgentUsage = Field(default_factory=AgentUsage)
     # The protocol's stop reason (end_turn, max_tokens, max_turn_requests, refusal, cancelled); None: no answer
     stop_reason: str | None = None
-    ended_by: EndedBy = "agent"  # who ended the turn: the agent itself, a person, a limit, the budget, a crash
+    # who ended the turn: the agent itself, a person, a limit, the budget, a crash, or an error the agent answered
+    ended_by: EndedBy = "agent"
     note: str = ""  # one line: which limit, what crashed
     updates: int = 0  # session/update notifications received
     started_at: float = 0.0

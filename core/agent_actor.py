@@ -65,6 +65,7 @@ class AgentActor(Hook):
         self.seed = ""  # a branch's summary of its parent's turns, sent with its first prompt
         self.turn_n = 0
         self.last: AgentTurn | None = None
+        self.failed: str | None = None  # the last turn's error, which ends the run at the next boundary
 
     @property
     def workspace(self) -> Path:
@@ -173,6 +174,7 @@ class AgentActor(Hook):
         # reply is, before it is recorded or shown.
         record = AgentTurn.model_validate(redact_tree(record.model_dump(mode="json")))
         self.last = record
+        self.failed = record.note if record.ended_by == "error" else None
         engine.pending_events.setdefault(n, []).append(log.AgentTurnRecorded(turn=record))
         u = record.usage
         engine.reported[n] = (Spend(tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost_usd=u.cost_usd,
@@ -208,6 +210,10 @@ class AgentActor(Hook):
             return AgentPermission(**seen, outcome="reject_once", decided_by="paths",
                                    reason=f"outside the paths the agent may change ({', '.join(self.spec.paths)}): "
                                           f"{', '.join(outside[:5])}")
+        # An agent may send a write's new text without the old (Claude Code does): the old side is the file.
+        call = call.model_copy(update={"diffs": [d if d.old_text is not None else
+                                                 d.model_copy(update={"old_text": self._on_disk(d.path)})
+                                                 for d in call.diffs]})
         # Not the agent's name: a replay's recorded agent asks the same question under the same key.
         args: dict[str, Any] = {"title": redact(call.title), "kind": call.kind, "paths": paths,
                                 "diff": redact(unified(call))}
@@ -227,6 +233,25 @@ class AgentActor(Hook):
         allowed = isinstance(verdict, Approve)
         return AgentPermission(**seen, outcome="allow_once" if allowed else "reject_once", decided_by=who, key=key,
                                reason=verdict.reason or "")
+
+    def _on_disk(self, path: str) -> str | None:
+        """A workspace file's text as it is now (None: not a file there, outside the workspace, or not text)."""
+        root = self.workspace.resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file() or target.stat().st_size > 1_000_000:
+            return None
+        try:
+            return target.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def boundary(self, engine: Engine) -> None:
+        """An agent that answered its prompt with an error (no key, a broken install) ends the run, resumable:
+        prompting it again would only repeat the error."""
+        failed, self.failed = self.failed, None
+        if failed is not None:
+            raise RunEnds(TerminationReason.FATAL_ERROR, f"{failed}; fix the agent (a key it needs goes in the "
+                          f"loop's env_from) and `loopterm resume {engine.run_id}`")
 
     def observed(self, engine: Engine, state: LoopState) -> LoopState:
         turn, self.last = self.last, None

@@ -33,10 +33,6 @@ class AgentState(LoopState):
     ended_by: str = ""
 
 
-class AgentTurnFailed(Exception):
-    """A turn that did not end by itself (a limit, the budget, a crash): the tool's record is a failure."""
-
-
 def agent_tool(spec: AgentSpec) -> Tool:
     async def agent(ctx: ToolContext, prompt: str) -> str:
         """Give the coding agent one prompt turn in the run's workspace."""

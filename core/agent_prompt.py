@@ -7,6 +7,7 @@ change. The agent's own reply never decides anything: the gates do.
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING
 
 from loopterm.core.acp_turn import AgentTurn
@@ -33,7 +34,7 @@ def turn_prompt(engine: Engine, n: int) -> str:
     checks = [g for g in loop.gates if not isinstance(g, ModelGate)]
     if checks:
         lines += ["", "When you end your turn, loopterm runs these checks in this folder; the work is done only "
-                      "when all pass:", *(f"- {g.name}: {' '.join(g.argv)}" for g in checks)]
+                      "when all pass:", *(f"- {g.name}: {shlex.join(g.command(engine.workspace))}" for g in checks)]
     last = engine.view.agent_turns.get(n - 1)
     refused = [p for p in last.permissions if p.outcome != "allow_once"] if last is not None else []
     if refused:  # the protocol's answer carries no reason: the agent hears it here

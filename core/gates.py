@@ -84,8 +84,12 @@ class CommandGate(BaseModel):
     async def check(self, ctx: "GateContext") -> GateResult:
         return await self.run(ctx.workspace)
 
+    def command(self, workspace: Path) -> list[str]:
+        """The argv as it runs: `{workspace}` and `{python}` filled in."""
+        return [a.replace("{workspace}", str(workspace)).replace("{python}", sys.executable) for a in self.argv]
+
     async def run(self, workspace: Path) -> GateResult:
-        argv = [a.replace("{workspace}", str(workspace)).replace("{python}", sys.executable) for a in self.argv]
+        argv = self.command(workspace)
         done = await run_process(argv, workspace, {**scrubbed_env(), **self.env}, self.timeout, self.output_cap)
         return GateResult(
             name=self.name, passed=done.exit_code == 0 and done.error is None, exit_code=done.exit_code,

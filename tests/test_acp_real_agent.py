@@ -269,6 +269,9 @@ async def test_agent_fix_driven_by_claude_code_converges_when_the_gates_pass(fak
     assert [(a.n, a.tool, a.args["paths"]) for a in asked] == [(1, "acp.permission", ["stats.py"]),
                                                                (2, "acp.permission", ["stats.py"])]
     assert "+    return (ordered[middle - 1] + ordered[middle]) / 2" in asked[1].args["diff"]
+    # Claude Code sends a write's new text only: the old side the person sees is the file as it is.
+    assert asked[0].args["diff"].startswith("--- a/stats.py") and "-    return values[len(values) // 2]" in \
+        asked[0].args["diff"]
     assert Path(run.workspace, "stats.py").read_text() == RIGHT_MEDIAN
     # Claude Code's reported cost (cumulative over its session) is each iteration's delta and the run's total.
     costs = [turns[n].usage.cost_usd for n in (1, 2)]
@@ -314,12 +317,11 @@ async def test_agent_fix_refuses_claude_codes_write_outside_its_paths_before_ask
 
 
 @pytest.mark.slow  # a loopterm process and Claude Code: about 5 s
-def test_loopterm_run_agent_fix_with_agent_claude_passes_none_of_loopterms_environment(fakellm_server: Any,
-                                                                                       tmp_path: Path) -> None:
+def test_loopterm_run_agent_fix_with_agent_claude_reaches_the_provider_through_declared_variables(
+        fakellm_server: Any, tmp_path: Path) -> None:
     """`loopterm run agent-fix --headless --agent claude-agent-acp` as a person types it, with Claude Code's
-    provider set up in their shell: the agent gets only declared variables, and `--agent` declares none (it
-    keeps the loop's env_from, which agent-fix leaves empty), so Claude Code never hears of the key or the URL.
-    Today it answers every prompt "Authentication required"; the journal keeps that, the screen does not say it."""
+    provider set up in their shell: agent-fix declares the provider's key and endpoint in env_from (copied
+    only when set), so Claude Code reaches its provider; the key is in neither the store nor the output."""
     home = tmp_path / "home"
     home.mkdir()
     claude_env = claude_spec(fakellm_server, home).env
@@ -330,10 +332,11 @@ def test_loopterm_run_agent_fix_with_agent_claude_passes_none_of_loopterms_envir
                            "--agent", "claude-agent-acp", "--max-iterations", "1", "--db", str(db)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "model agent:claude-agent-acp" in done.stdout, done.stdout + done.stderr
-    assert fakellm_server.hits("cc-any") == 0  # the exported ANTHROPIC_BASE_URL never reached Claude Code
+    assert fakellm_server.hits("cc-any") >= 1  # the declared ANTHROPIC_BASE_URL reached Claude Code
     with Store.open(db) as store:
         (run,) = store.list_runs()
         turn = fold(store.events(run.id)).agent_turns[1]
-    assert run.model == "agent:claude-agent-acp" and run.status != "converged"
-    assert "Authentication required" in turn.note and turn.stop_reason is None
+    assert run.model == "agent:claude-agent-acp" and run.termination_reason == "max_iterations"  # the gate said no
+    assert turn.stop_reason == "end_turn" and turn.ended_by == "agent" and "ok" in turn.message
     assert claude_env["ANTHROPIC_API_KEY"] not in db.read_bytes().decode("latin-1")
+    assert claude_env["ANTHROPIC_API_KEY"] not in done.stdout + done.stderr

@@ -70,3 +70,7 @@ def test_agent_goes_with_agent_loops_only(tmp_path: Path) -> None:
     assert said.returncode == 2 and "--agent and --model do not go together" in said.stderr
     said = loopterm("run", "agent-fix", "--agent", "'unclosed", cwd=tmp_path)
     assert said.returncode == 2 and "is not a valid command line" in said.stderr
+    key = "sk-ant-api03-" + "k" * 40
+    said = loopterm("run", "agent-fix", "--agent", f"env ANTHROPIC_API_KEY={key} claude-agent-acp", cwd=tmp_path)
+    assert said.returncode == 2 and "--agent holds what looks like a key" in said.stderr and key not in said.stderr
+    assert not (tmp_path / ".loopterm").exists()  # nothing was recorded

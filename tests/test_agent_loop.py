@@ -334,3 +334,14 @@ async def test_pause_during_a_turn_cancels_it_and_resume_goes_on(tmp_path: Path)
     assert run.status == "converged" and run.iterations == 2
     turn = turns_of(store, run.id)[1]
     assert (turn.stop_reason, turn.ended_by, turn.note) == ("cancelled", "person", "paused by a person")
+
+
+async def test_an_agent_that_answers_its_prompt_with_an_error_ends_the_run_in_one_line(tmp_path: Path) -> None:
+    loop = agent_loop(tmp_path, [[{"say": "x"}, {"no_such_step": True}]])
+    engine, store = engine_for(tmp_path, loop)
+    run = await asyncio.wait_for(engine.run(), 60)
+    assert run.termination_reason == "fatal_error" and run.iterations == 1  # not prompted again and again
+    turn = turns_of(store, run.id)[1]
+    assert turn.ended_by == "error" and "no_such_step" in turn.note
+    assert run.message is not None and "answered the prompt with an error" in run.message
+    assert f"loopterm resume {run.id}" in run.message

@@ -338,6 +338,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"loopterm: {exc}", file=sys.stderr)
             return USAGE_ERROR
+        from loopterm.core.secrets import redact
+
+        if redact(args.agent) != args.agent:  # it would be stored as the run's model and shown on every screen
+            print("loopterm: --agent holds what looks like a key; set it in the environment instead (the loop's "
+                  "AgentSpec env_from names what the agent gets)", file=sys.stderr)
+            return USAGE_ERROR
         args.model = AGENT_MODEL + args.agent  # recorded as the run's model: a resume starts the same agent
     if args.command == "run" and args.otlp is not None and (args.cases is not None or args.parallel is not None):
         print("loopterm: --otlp does not go with --cases or --parallel yet; run the cases, then "
