@@ -117,6 +117,7 @@ class AcpSession:
         self._kill_at: float | None = None
         self._wake = asyncio.Event()
         self._permission_tasks: set[asyncio.Task[AgentPermission]] = set()
+        self._waited_s = 0.0  # this turn's time spent waiting on permission decisions
         self.session_id = ""
         self.origin = "new"
         self.can_load = False
@@ -307,11 +308,15 @@ class AcpSession:
         self._turn, self._on_update, self._over_budget = turn, on_update, over_budget
         self._cancel_sent, self._kill_at = False, None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.spec.turn_timeout_s
+        self._waited_s = 0.0
+        started = loop.time()
         call = asyncio.ensure_future(self._conn.prompt(session_id=self.session_id, prompt=[text_block(text)]))
         try:
             while not call.done():
                 now = loop.time()
+                # the limit counts the agent's time, not a person's: none while a permission waits on one
+                deadline = (now + self.spec.turn_timeout_s if self._permission_tasks
+                            else started + self._waited_s + self.spec.turn_timeout_s)
                 if self._kill_at is not None and now >= self._kill_at:
                     self._kill()
                     turn.note = (turn.note + "; " if turn.note else "") + (
@@ -422,6 +427,7 @@ class AcpSession:
         else:
             task = asyncio.ensure_future(self._permission(call.model_copy(deep=True), offered))
             self._permission_tasks.add(task)
+            asked_at = asyncio.get_running_loop().time()
             try:
                 decision = await task
             except asyncio.CancelledError:
@@ -434,6 +440,9 @@ class AcpSession:
                 )
             finally:
                 self._permission_tasks.discard(task)
+                # A person deciding is not the agent working: the turn's time limit does not count it.
+                self._waited_s += asyncio.get_running_loop().time() - asked_at
+                self._wake.set()  # the turn's loop recomputes its deadline
         answered = decision.outcome
         if answered != "cancelled" and answered not in ids:
             answered = "reject_once" if "reject_once" in ids else "cancelled"

@@ -391,12 +391,16 @@ async def test_a_permission_pending_when_the_turn_is_cancelled_is_answered_cance
         work, permission=never, stderr=tmp_path / "e",
     )
     try:
-        turn = await asyncio.wait_for(session.prompt("go"), 5)
+        task = asyncio.ensure_future(session.prompt("go"))
+        await asyncio.sleep(1.5)  # past turn_timeout_s: a person deciding does not count against it
+        assert not task.done()
+        await session.cancel("person", "stopped by a person")
+        turn = await asyncio.wait_for(task, 5)
         assert session.alive
     finally:
         await session.close()
     assert (work / "a.py").read_text() == "x = 1\n"
-    assert turn.ended_by == "limit" and turn.stop_reason == "cancelled"
+    assert turn.ended_by == "person" and turn.stop_reason == "cancelled"
     (perm,) = turn.permissions
     assert perm.outcome == "cancelled" and perm.decided_by == "stopped" and perm.paths == ["a.py"]
 
@@ -431,12 +435,12 @@ async def test_a_caller_abandoning_the_turn_cancels_it_at_the_agent(tmp_path: Pa
     assert "scripted-agent: cancel\n" in log and "turn ends: cancelled" in log
 
 
-async def test_an_agent_error_answer_is_a_turn_with_a_note(tmp_path: Path, work: Path) -> None:
+async def test_an_agent_error_answer_is_a_turn_ended_by_error(tmp_path: Path, work: Path) -> None:
     session = await open_session(tmp_path, work, [{"say": "hi"}, {"dance": True}])
     try:
         turn = await session.prompt("go")
         assert session.alive
     finally:
         await session.close()
-    assert turn.stop_reason is None and turn.ended_by == "agent" and turn.message == "hi"
+    assert turn.stop_reason is None and turn.ended_by == "error" and turn.message == "hi"
     assert "answered the prompt with an error" in turn.note and "'dance'" in turn.note

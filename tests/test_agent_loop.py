@@ -345,3 +345,19 @@ async def test_an_agent_that_answers_its_prompt_with_an_error_ends_the_run_in_on
     assert turn.ended_by == "error" and "no_such_step" in turn.note
     assert run.message is not None and "answered the prompt with an error" in run.message
     assert f"loopterm resume {run.id}" in run.message
+
+
+async def test_a_person_deciding_slowly_does_not_count_against_the_turns_time_limit(tmp_path: Path) -> None:
+    loop = agent_loop(tmp_path, [[edit(FIXED)]], spec={"turn_timeout_s": 1.0})
+    engine, store = engine_for(tmp_path, loop, wait_on_person=True)
+
+    def slow_person(event: EngineEvent) -> None:
+        if isinstance(event, ApprovalNeeded):
+            asyncio.get_running_loop().call_later(2.5, lambda: (store.add_command(
+                engine.run_id, *command_payload(Approve(key=event.key))), engine.wake()))
+
+    engine.subscribe(slow_person)
+    run = await asyncio.wait_for(engine.run(), 60)
+    turn = turns_of(store, run.id)[1]
+    assert turn.ended_by == "agent" and [p.outcome for p in turn.permissions] == ["allow_once"]
+    assert run.status == "converged"
