@@ -50,6 +50,10 @@ def test_agent_fix_converges_headless_with_a_person_answering_from_another_proce
         (record,) = store.list_runs()
         assert record.model == "agent/scripted" and record.cost_usd > 0
         assert Path(record.workspace, "stats.py").read_text().count("sorted(values)") == 1
+    shown = loopterm("show", record.id, "--iteration", "2", "--db", str(db), cwd=tmp_path)
+    assert shown.returncode == 0 and "agent's turn" in shown.stdout  # the whole turn, without the agent
+    assert "allowed once by a person" in shown.stdout
+    assert "+    middle = len(ordered) // 2" in shown.stdout
 
 
 def test_an_agent_command_that_does_not_exist_is_one_line(tmp_path: Path) -> None:

@@ -361,6 +361,13 @@ def show(db: StoreTarget, prefix: str, *, iteration: int | None, as_json_out: bo
             print(json.dumps(record.model_dump(), indent=2, default=str))
             return 0
         _show_iteration(console, record)
+        turn = fold(store.events(run_record.id)).agent_turns.get(iteration)
+        if turn is not None:  # an agent's turn: the whole of it, as the TUI's Agent tab shows it
+            from loopterm.tui.widgets.agent_turn import agent_turn_text
+            from loopterm.tui.widgets.render import Palette
+
+            console.print(Text("agent's turn", style="bold"))
+            console.print(agent_turn_text(turn, Palette()))
         if note:
             console.print(Text(note, style="yellow"))
         return 0
