@@ -19,11 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loopterm.store.delta import content_hash, dumps, loads
+from loopterm.store.delta import content_hash, dumps_fast, loads
 
 INLINE_MAX = 64
 LIST_INLINE_MAX = 4
 SEPARATOR = "\n\n"
+
+
+# A text content's refs and the blobs they name, by the text: a loop's system message is the same every
+# iteration and most of its user message's sections too, so hashing them again was most of this module's
+# time per iteration. Bounded by total characters; cleared when full (the next iteration refills it).
+_MEMO_CHARS = 4_000_000
+_refs_memo: dict[str, tuple[list[str], dict[str, str]]] = {}
+_memo_chars = 0
 
 
 def encode_prompt(messages: list[dict[str, Any]], new_blobs: dict[str, str]) -> list[dict[str, Any]]:
@@ -31,31 +39,61 @@ def encode_prompt(messages: list[dict[str, Any]], new_blobs: dict[str, str]) -> 
     encoded: list[dict[str, Any]] = []
     for message in messages:
         content = message.get("content")
-        rest = {key: value for key, value in message.items() if key != "content"}
         if isinstance(content, str):
-            refs = [_ref(section, new_blobs) for section in content.split(SEPARATOR)]
-            item: dict[str, Any] = {"role": message["role"]} if len(message) == 2 and isinstance(message.get("role"), str) else {"m": rest}
+            refs, blobs = _content_refs(content)
+            new_blobs.update(blobs)
+            if len(message) == 2 and isinstance(message.get("role"), str):
+                item: dict[str, Any] = {"role": message["role"]}
+            else:
+                item = {"m": {key: value for key, value in message.items() if key != "content"}}
             if len(refs) > LIST_INLINE_MAX:
-                body = dumps(refs)
-                digest = content_hash(body)
-                new_blobs[digest] = body
+                digest = next(iter(blobs))  # the ref list's own blob comes first
                 item["l"] = digest
             else:
-                item["s"] = refs
+                item["s"] = list(refs)
             encoded.append(item)
         elif "content" in message:
-            encoded.append({"m": rest, "v": content})
+            encoded.append({"m": {key: value for key, value in message.items() if key != "content"}, "v": content})
         else:
-            encoded.append({"m": rest})
+            encoded.append({"m": dict(message)})
     return encoded
 
 
-def _ref(section: str, new_blobs: dict[str, str]) -> str:
-    if len(section) <= INLINE_MAX:
-        return "=" + section
-    digest = content_hash(section)
-    new_blobs[digest] = section
-    return "#" + digest
+def _content_refs(content: str) -> tuple[list[str], dict[str, str]]:
+    """A text content's refs and the blobs they need (hash -> text; the ref list's own first, when it is
+    one), from the memo or computed (then remembered, a section at a time as well as the whole text)."""
+    known = _refs_memo.get(content)
+    if known is not None:
+        return known
+    sections: dict[str, str] = {}
+    refs = []
+    for section in content.split(SEPARATOR):
+        if len(section) <= INLINE_MAX:
+            refs.append("=" + section)
+            continue
+        hit = _refs_memo.get(section)
+        digest = next(iter(hit[1])) if hit is not None and len(hit[0]) == 1 and hit[0][0][:1] == "#" else content_hash(section)
+        sections[digest] = section
+        refs.append("#" + digest)
+        if hit is None and section != content:
+            _remember(section, (["#" + digest], {digest: section}))
+    blobs: dict[str, str] = {}
+    if len(refs) > LIST_INLINE_MAX:
+        body = dumps_fast(refs)  # orjson: the same text as the standard library's for a list of strings
+        blobs[content_hash(body)] = body
+    blobs.update(sections)
+    found = (refs, blobs)
+    _remember(content, found)
+    return found
+
+
+def _remember(text: str, found: tuple[list[str], dict[str, str]]) -> None:
+    global _memo_chars
+    if _memo_chars + len(text) > _MEMO_CHARS:
+        _refs_memo.clear()
+        _memo_chars = 0
+    _refs_memo[text] = found
+    _memo_chars += len(text)
 
 
 def decode_prompt(
