@@ -26,12 +26,15 @@ LIST_INLINE_MAX = 4
 SEPARATOR = "\n\n"
 
 
-# A text content's refs and the blobs they name, by the text: a loop's system message is the same every
-# iteration and most of its user message's sections too, so hashing them again was most of this module's
-# time per iteration. Bounded by total characters; cleared when full (the next iteration refills it).
-_MEMO_CHARS = 4_000_000
-_refs_memo: dict[str, tuple[list[str], dict[str, str]]] = {}
-_memo_chars = 0
+# Hashing a prompt's sections again each iteration was most of this module's time: a loop's system message
+# is the same every iteration (whole texts: a few kept, by the text) and most of its user message's
+# sections too (each section's digest, by the section: strings only, bounded by characters held). Both
+# cleared when full; the next iteration refills them.
+_TEXTS_KEPT = 32
+_SECTION_CHARS = 4_000_000
+_texts: dict[str, tuple[list[str], dict[str, str]]] = {}
+_digests: dict[str, str] = {}
+_digest_chars = [0]
 
 
 def encode_prompt(messages: list[dict[str, Any]], new_blobs: dict[str, str]) -> list[dict[str, Any]]:
@@ -61,8 +64,8 @@ def encode_prompt(messages: list[dict[str, Any]], new_blobs: dict[str, str]) -> 
 
 def _content_refs(content: str) -> tuple[list[str], dict[str, str]]:
     """A text content's refs and the blobs they need (hash -> text; the ref list's own first, when it is
-    one), from the memo or computed (then remembered, a section at a time as well as the whole text)."""
-    known = _refs_memo.get(content)
+    one); the caller must not change them (they may be the memo's)."""
+    known = _texts.get(content)
     if known is not None:
         return known
     sections: dict[str, str] = {}
@@ -71,29 +74,25 @@ def _content_refs(content: str) -> tuple[list[str], dict[str, str]]:
         if len(section) <= INLINE_MAX:
             refs.append("=" + section)
             continue
-        hit = _refs_memo.get(section)
-        digest = next(iter(hit[1])) if hit is not None and len(hit[0]) == 1 and hit[0][0][:1] == "#" else content_hash(section)
+        digest = _digests.get(section)
+        if digest is None:
+            digest = content_hash(section)
+            if _digest_chars[0] + len(section) > _SECTION_CHARS:
+                _digests.clear()
+                _digest_chars[0] = 0
+            _digests[section] = digest
+            _digest_chars[0] += len(section)
         sections[digest] = section
         refs.append("#" + digest)
-        if hit is None and section != content:
-            _remember(section, (["#" + digest], {digest: section}))
     blobs: dict[str, str] = {}
     if len(refs) > LIST_INLINE_MAX:
         body = dumps_fast(refs)  # orjson: the same text as the standard library's for a list of strings
         blobs[content_hash(body)] = body
     blobs.update(sections)
-    found = (refs, blobs)
-    _remember(content, found)
+    if len(_texts) >= _TEXTS_KEPT:
+        _texts.clear()
+    _texts[content] = found = (refs, blobs)
     return found
-
-
-def _remember(text: str, found: tuple[list[str], dict[str, str]]) -> None:
-    global _memo_chars
-    if _memo_chars + len(text) > _MEMO_CHARS:
-        _refs_memo.clear()
-        _memo_chars = 0
-    _refs_memo[text] = found
-    _memo_chars += len(text)
 
 
 def decode_prompt(

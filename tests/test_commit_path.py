@@ -201,7 +201,8 @@ def test_prompt_sections_remembered_encode_as_computed() -> None:
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
         {"role": "user", "content": long + " b"},  # a whole text that is also a section seen above
     ]
-    prompts._refs_memo.clear()
+    prompts._texts.clear()
+    prompts._digests.clear()
     fresh_blobs: dict[str, str] = {}
     fresh = prompts.encode_prompt(messages, fresh_blobs)
     again_blobs: dict[str, str] = {}
