@@ -44,7 +44,7 @@ EARLY = 100
 SAMPLE_FROM, SAMPLE = 150, 100  # iterations 150-249: where commits are counted (after the window at 100)
 
 
-def run(workload: str, n: int, root: Path, *, profile: bool, fork: bool) -> dict[str, Any]:
+def run(workload: str, n: int, root: Path, *, profile: bool, fork: bool, profile_out: Path | None = None) -> dict[str, Any]:
     from loopterm.core.creation import new_run_id
     from loopterm.core.engine import Engine
     from loopterm.core.events import IterationStarted
@@ -94,6 +94,8 @@ def run(workload: str, n: int, root: Path, *, profile: bool, fork: bool) -> dict
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        if profile_out is not None:
+            profiler.dump_stats(profile_out.with_suffix(f".{workload}.prof"))
         result["profile"] = out.getvalue()
     if fork:
         at = n // 2
@@ -140,6 +142,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10_000)
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-out", type=Path, default=None,
+                        help="with --profile, also write each workload's stats to PATH.WORKLOAD.prof (for pstats)")
     parser.add_argument("--fork", action="store_true", help="also time a load at the middle and a fork + 10")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dir", type=Path, default=None,
@@ -148,7 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hot_path_", dir=args.dir) as tmp:
         for workload in args.workload or list(WORKLOADS):
-            result = run(workload, args.iterations, Path(tmp), profile=args.profile, fork=args.fork)
+            result = run(workload, args.iterations, Path(tmp), profile=args.profile, fork=args.fork,
+                         profile_out=args.profile_out)
             if args.json:
                 print(json.dumps({k: v for k, v in result.items() if k != "profile"}))
             else:

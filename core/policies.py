@@ -38,7 +38,10 @@ def spent(engine: Engine, spend: Spend | None = None) -> Spend:
 
 def check_budget(engine: Engine, projected: tuple[int, float] | None = None) -> None:
     """End the run when its budget is spent, or would be by a call projected at (tokens, cost)."""
-    reason = over_budget(engine.budget, spent(engine), *(projected or (0, 0.0)))
+    budget = engine.budget
+    if budget.tokens is None and budget.usd is None and budget.wall_seconds is None:
+        return  # no cap: nothing to add up
+    reason = over_budget(budget, spent(engine), *(projected or (0, 0.0)))
     if reason:
         raise RunEnds(TerminationReason(reason), budget_message(engine, reason, projected))
 
@@ -89,7 +92,8 @@ class Stall:
         self.recent: deque[Outcome] = deque((outcome(r) for r in recent) if window else (), maxlen=window or 1)
 
     def add(self, record: IterationRecord) -> None:
-        self.recent.append(outcome(record))
+        if self.window:  # stall detection off: no outcome to build (a JSON dump and a hash per iteration)
+            self.recent.append(outcome(record))
 
     def clear(self) -> None:
         self.recent.clear()

@@ -16,6 +16,8 @@ what changes every iteration, slowest first, the iteration number last.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,12 +37,39 @@ def approx_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
+_RULES_READ: dict[str, tuple[tuple[int, ...], str | None]] = {}  # path -> (its stat when read, the text)
+_RULES_PATHS: dict[Path, str] = {}
+_SETTLED_NS = 1_000_000_000
+
+
 def read_rules(workdir: Path) -> str | None:
-    path = workdir / RULES_FILE
+    """The project's rules, read again only when the file's stat changed (every iteration asks: opening
+    it, or failing to, cost 7-15 us; a stat 2-4)."""
+    path = _RULES_PATHS.get(workdir)
+    if path is None:
+        if len(_RULES_PATHS) > 64:
+            _RULES_PATHS.clear()
+        path = _RULES_PATHS[workdir] = os.path.join(workdir, RULES_FILE)
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip() or None
+        info = os.stat(path)
     except OSError:
         return None
+    key = (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino, info.st_dev)
+    known = _RULES_READ.get(path)
+    if known is not None and known[0] == key:
+        return known[1]
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read().strip() or None
+    except OSError:
+        return None
+    # A file written in the last moments may be written again within the clock's granularity (a few ms)
+    # with the same size: its stat would not tell, so it is read again until it is older (as git does).
+    if time.time_ns() - info.st_mtime_ns > _SETTLED_NS:
+        if len(_RULES_READ) > 64:
+            _RULES_READ.clear()
+        _RULES_READ[path] = (key, text)
+    return text
 
 
 # In tools mode the tools are the provider's functions (their schemas travel with the request, not here).

@@ -65,10 +65,11 @@ class CallJournal:
         if self._queued_starts:
             starts, self._queued_starts = self._queued_starts, {}
             for key, record in starts.items():
-                if key in finishes:  # started and finished since the last write: one row, as finished
-                    result, finished_at = finishes.pop(key)
-                    record = record.model_copy(update={"status": "done", "result": result, "finished_at": finished_at})
-                self._insert_call(record)
+                # Started and finished since the last write: one row, as finished (its fields set in the row:
+                # a model_copy of the record cost more than the row's other work).
+                done = finishes.pop(key, None)
+                self._insert_call(record, None if done is None else {"status": "done", "result": done[0],
+                                                                     "finished_at": done[1]})
         for key, (result, finished_at) in finishes.items():
             self._finish_call(key, result, finished_at)
 
@@ -147,9 +148,12 @@ class CallJournal:
         if (existing and existing[0] == "done") or key in self._queued_finishes:
             raise ValueError(f"tool call {key} already finished; reuse its result instead of running it again")
 
-    def _insert_call(self, record: ToolCallRecord) -> None:
+    def _insert_call(self, record: ToolCallRecord, finished: dict[str, Any] | None = None) -> None:
         self._absent_call = None
-        self._insert_row("tool_calls", {**to_row("tool_calls", record), "args_hash": args_hash(record.args)}, replace=True)
+        fields = record.model_dump()
+        if finished is not None:
+            fields.update(finished)
+        self._insert_row("tool_calls", {**encode("tool_calls", fields), "args_hash": args_hash(record.args)}, replace=True)
 
     def tool_call_finished(self, key: str, result: dict[str, Any], finished_at: float, *, durable: bool = True) -> None:
         """Record a call's result. durable=False queues it for the next write transaction (see save_intent):

@@ -301,10 +301,7 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
     def _insert_row(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
         """INSERT one encoded row with plain SQL (sqlite-utils' insert introspects the table on every call,
         which was most of an iteration's store time); returns its rowid."""
-        names = ", ".join(f"[{name}]" for name in row)
-        marks = ", ".join("?" * len(row))
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
-        cursor = self._conn.execute(f"{verb} INTO [{table}] ({names}) VALUES ({marks})", list(row.values()))
+        cursor = self._conn.execute(_insert_sql(table, replace, tuple(row)), list(row.values()))
         return int(cursor.lastrowid or 0)
 
     def _rows(self, table: str, where: str, args: list[Any], order_by: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -370,7 +367,7 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
         """
         if not fields:
             return
-        unknown = sorted(set(fields) - set(RunRecord.model_fields))
+        unknown = sorted(fields.keys() - _RUN_FIELDS)
         if unknown or "id" in fields:
             raise ValueError(f"cannot update run field(s): {', '.join(unknown or ['id'])}")
         changed = {name: _run_field(name).validate_python(value) for name, value in fields.items()}
@@ -378,8 +375,7 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
             at = spend_at if spend_at is not None else changed.get("updated_at") or self._clock()
             ledger.record_change(self._conn, run_id, changed, model=spend_model, at=at)
         row = encode("runs", changed)
-        sets = ", ".join(f"[{name}] = ?" for name in row)
-        cursor = self._conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*row.values(), run_id])
+        cursor = self._conn.execute(_update_run_sql(tuple(row)), [*row.values(), run_id])
         if cursor.rowcount == 0:
             raise KeyError(f"no run {run_id!r}")
         if "parent_run" in fields or "fork_iteration" in fields:
@@ -577,6 +573,20 @@ def _event_record(row: dict[str, Any]) -> EventRecord:
     data = loads(row["data"]) if row["data"] is not None else {}
     return EventRecord(id=row["id"], run_id=row["run_id"], iteration=row["iteration"], ts=row["ts"],
                        event=from_stored(row["kind"], data))
+
+
+_RUN_FIELDS = frozenset(RunRecord.model_fields)
+
+
+@functools.lru_cache(maxsize=256)  # statements by table and columns: each iteration writes the same few
+def _insert_sql(table: str, replace: bool, names: tuple[str, ...]) -> str:
+    columns, marks = ", ".join(f"[{name}]" for name in names), ", ".join("?" * len(names))
+    return f"{'INSERT OR REPLACE' if replace else 'INSERT'} INTO [{table}] ({columns}) VALUES ({marks})"
+
+
+@functools.lru_cache(maxsize=256)
+def _update_run_sql(names: tuple[str, ...]) -> str:
+    return f"UPDATE runs SET {', '.join(f'[{name}] = ?' for name in names)} WHERE id = ?"
 
 
 @functools.cache

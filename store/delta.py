@@ -153,17 +153,20 @@ def _diff_dict(old: dict[str, Any], new: dict[str, Any], path: Path, ops: list[l
         for key in old:
             if key not in new:
                 ops.append([DELETE, path + [key]])
-    differ = [key for key, value in new.items() if get(key, _ABSENT) != value]
+    # The same object (a dump reusing the previous one's entries) needs no `==`: a dict's `!=` walks its
+    # entries even against itself (200 records: 30 -> 12 us).
+    moved = [key for key, value in new.items() if get(key, _ABSENT) is not value]
+    differ = [key for key in moved if get(key, _ABSENT) != new[key]]
     for key in differ:
         before = get(key, _ABSENT)
         if before is _ABSENT:
             ops.append([SET, path + [key], new[key]])
         else:
             _diff(before, new[key], path + [key], ops)
-    if len(differ) == len(new):
+    if len(differ) == len(moved):
         return
     skip = set(differ)
-    alike = [key for key, value in new.items() if key not in skip and get(key) is not value]
+    alike = [key for key in moved if key not in skip]
     if alike and not _json_same([old[key] for key in alike], [new[key] for key in alike]):
         for key in alike:  # rare: 1 against 1.0 or True somewhere (or what orjson cannot write)
             if not _json_same(old[key], new[key]):

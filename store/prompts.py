@@ -19,11 +19,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loopterm.store.delta import content_hash, dumps, loads
+from loopterm.store.delta import content_hash, dumps_fast, loads
 
 INLINE_MAX = 64
 LIST_INLINE_MAX = 4
 SEPARATOR = "\n\n"
+
+
+# Hashing a prompt's sections again each iteration was most of this module's time: a loop's system message
+# is the same every iteration (whole texts: a few kept, by the text) and most of its user message's
+# sections too (each section's digest, by the section: strings only, bounded by characters held). Both
+# cleared when full; the next iteration refills them.
+_TEXTS_KEPT = 32
+_SECTION_CHARS = 4_000_000
+_texts: dict[str, tuple[list[str], dict[str, str]]] = {}
+_digests: dict[str, str] = {}
+_digest_chars = [0]
 
 
 def encode_prompt(messages: list[dict[str, Any]], new_blobs: dict[str, str]) -> list[dict[str, Any]]:
@@ -31,31 +42,57 @@ def encode_prompt(messages: list[dict[str, Any]], new_blobs: dict[str, str]) -> 
     encoded: list[dict[str, Any]] = []
     for message in messages:
         content = message.get("content")
-        rest = {key: value for key, value in message.items() if key != "content"}
         if isinstance(content, str):
-            refs = [_ref(section, new_blobs) for section in content.split(SEPARATOR)]
-            item: dict[str, Any] = {"role": message["role"]} if len(message) == 2 and isinstance(message.get("role"), str) else {"m": rest}
+            refs, blobs = _content_refs(content)
+            new_blobs.update(blobs)
+            if len(message) == 2 and isinstance(message.get("role"), str):
+                item: dict[str, Any] = {"role": message["role"]}
+            else:
+                item = {"m": {key: value for key, value in message.items() if key != "content"}}
             if len(refs) > LIST_INLINE_MAX:
-                body = dumps(refs)
-                digest = content_hash(body)
-                new_blobs[digest] = body
+                digest = next(iter(blobs))  # the ref list's own blob comes first
                 item["l"] = digest
             else:
-                item["s"] = refs
+                item["s"] = list(refs)
             encoded.append(item)
         elif "content" in message:
-            encoded.append({"m": rest, "v": content})
+            encoded.append({"m": {key: value for key, value in message.items() if key != "content"}, "v": content})
         else:
-            encoded.append({"m": rest})
+            encoded.append({"m": dict(message)})
     return encoded
 
 
-def _ref(section: str, new_blobs: dict[str, str]) -> str:
-    if len(section) <= INLINE_MAX:
-        return "=" + section
-    digest = content_hash(section)
-    new_blobs[digest] = section
-    return "#" + digest
+def _content_refs(content: str) -> tuple[list[str], dict[str, str]]:
+    """A text content's refs and the blobs they need (hash -> text; the ref list's own first, when it is
+    one); the caller must not change them (they may be the memo's)."""
+    known = _texts.get(content)
+    if known is not None:
+        return known
+    sections: dict[str, str] = {}
+    refs = []
+    for section in content.split(SEPARATOR):
+        if len(section) <= INLINE_MAX:
+            refs.append("=" + section)
+            continue
+        digest = _digests.get(section)
+        if digest is None:
+            digest = content_hash(section)
+            if _digest_chars[0] + len(section) > _SECTION_CHARS:
+                _digests.clear()
+                _digest_chars[0] = 0
+            _digests[section] = digest
+            _digest_chars[0] += len(section)
+        sections[digest] = section
+        refs.append("#" + digest)
+    blobs: dict[str, str] = {}
+    if len(refs) > LIST_INLINE_MAX:
+        body = dumps_fast(refs)  # orjson: the same text as the standard library's for a list of strings
+        blobs[content_hash(body)] = body
+    blobs.update(sections)
+    if len(_texts) >= _TEXTS_KEPT:
+        _texts.clear()
+    _texts[content] = found = (refs, blobs)
+    return found
 
 
 def decode_prompt(

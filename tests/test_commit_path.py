@@ -185,3 +185,56 @@ def test_a_call_found_absent_is_not_looked_up_again_yet_a_finished_one_is_never_
         with pytest.raises(ValueError, match="already finished"):
             store.tool_call_started(start(key))
     store.close()
+
+
+def test_prompt_sections_remembered_encode_as_computed() -> None:
+    """Encoding a prompt from the memo (a text seen before, or its sections) gives the same stored form and
+    names the same blobs as computing it afresh, whatever the message's shape."""
+    from loopterm.store import prompts
+
+    long = "x" * 100
+    messages = [
+        {"role": "system", "content": "\n\n".join(f"section {i} " + long for i in range(6))},
+        {"role": "user", "content": f"short\n\n{long} a\n\n{long} b"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": long},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "user", "content": long + " b"},  # a whole text that is also a section seen above
+    ]
+    prompts._texts.clear()
+    prompts._digests.clear()
+    fresh_blobs: dict[str, str] = {}
+    fresh = prompts.encode_prompt(messages, fresh_blobs)
+    again_blobs: dict[str, str] = {}
+    again = prompts.encode_prompt([dict(m) for m in messages], again_blobs)
+    assert again == fresh and again_blobs == fresh_blobs
+    assert len(fresh_blobs) == 6 + 1 + 2 + 1  # the system's sections and its ref list; the users'; the tool's
+    blobs = dict(fresh_blobs)
+    decoded = prompts.decode_prompt(again, blobs, lambda hashes: {h: blobs[h] for h in hashes})
+    assert decoded == messages
+    again[1]["s"].append("=x")  # what a caller does with the result does not reach the memo
+    assert prompts.encode_prompt(messages, {}) == prompts.encode_prompt(messages, {})
+    assert prompts.encode_prompt(messages, {})[1]["s"][-1] != "=x"
+
+
+def test_rules_are_read_again_when_the_file_changes(tmp_path: Path) -> None:
+    """read_rules answers from its cache only while the file's stat is unchanged and old enough; a
+    rewrite of the same size right after a read is seen."""
+    import os
+
+    from loopterm.core.prompt import read_rules
+
+    assert read_rules(tmp_path) is None
+    rules = tmp_path / ".loopterm" / "RULES.md"
+    rules.parent.mkdir()
+    rules.write_text("Never use tabs.")
+    assert read_rules(tmp_path) == "Never use tabs."
+    rules.write_text("Always use tabs")  # the same size, within the clock's granularity
+    assert read_rules(tmp_path) == "Always use tabs"
+    old = time.time() - 10
+    os.utime(rules, (old, old))  # settled: now cached by its stat
+    assert read_rules(tmp_path) == "Always use tabs"
+    rules.write_text("Spaces, four.")
+    assert read_rules(tmp_path) == "Spaces, four."
+    rules.unlink()
+    assert read_rules(tmp_path) is None

@@ -26,6 +26,23 @@ def test_equal_containers_still_differ_by_type(before: Any, after: Any) -> None:
     assert type(result) is type(after) and repr(result) == repr(after)
 
 
+def test_entries_shared_by_identity_are_skipped_and_the_rest_still_compared() -> None:
+    """A dump that reuses the previous one's entries (core/state_dump.py) is diffed without `==` on them;
+    an entry that is a new object is compared as before, type-strictly, whether equal or not."""
+    old = {"t": {f"k{i}": {"v": i, "s": "x"} for i in range(50)}}
+    new = {"t": dict(old["t"])}
+    new["t"]["k3"] = {"v": 3, "s": "x"}  # a new object, equal: no op
+    new["t"]["k4"] = {"v": 4.0, "s": "x"}  # a new object, equal by == but not by type
+    new["t"]["k5"] = {"v": 50, "s": "x"}  # a new object, different
+    new["t"]["k99"] = {"v": 99, "s": "x"}  # added
+    del new["t"]["k8"]
+    ops = diff(old, new)
+    assert apply_copy(old, ops) == new
+    assert type(apply_copy(old, ops)["t"]["k4"]["v"]) is float
+    assert sorted(str(op[1]) for op in ops) == sorted(str(p) for p in (["t", "k8"], ["t", "k4", "v"], ["t", "k5", "v"], ["t", "k99"]))
+    assert diff(old, {"t": dict(old["t"])}) == []
+
+
 def test_same_content_in_another_key_order_is_no_change() -> None:
     old = {"a": {"x": 1, "y": 2}, "b": [1, 2]}
     assert diff(old, {"a": {"y": 2, "x": 1}, "b": [1, 2]}) == []
