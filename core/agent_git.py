@@ -21,17 +21,23 @@ async def ensure_repo(workspace: Path) -> str:
     they are committed as the baseline the agent's first turn is compared with."""
     if not (workspace / ".git").exists():
         await git("init", "-q", cwd=workspace)
-        _exclude(workspace)
+        await _exclude(workspace)
         await git("add", "-A", cwd=workspace)
         await git("commit", "-q", "--allow-empty", "-m", "loopterm: the workspace before the agent's first turn",
                   cwd=workspace)
+    else:  # a worktree loopterm made (eval, batch) or a repository of the user's: excluded there too
+        await _exclude(workspace)
     return await head(workspace)
 
 
-def _exclude(workspace: Path) -> None:
-    info = workspace / ".git" / "info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "exclude").write_text("".join(f"{p}\n" for p in EXCLUDED))
+async def _exclude(workspace: Path) -> None:
+    """EXCLUDED in the repository's own exclude file (a worktree's is its main repository's)."""
+    exclude = workspace / (await git("rev-parse", "--git-path", "info/exclude", cwd=workspace)).strip()
+    have = exclude.read_text().splitlines() if exclude.is_file() else []
+    missing = [p for p in EXCLUDED if p not in have]
+    if missing:
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        exclude.write_text("".join(f"{line}\n" for line in [*have, *missing]))
 
 
 async def head(workspace: Path) -> str:
@@ -60,7 +66,7 @@ async def restore(parent_workspace: Path, workspace: Path, commit: str) -> None:
     workspace.parent.mkdir(parents=True, exist_ok=True)
     await git("clone", "-q", "--no-checkout", str(parent_workspace), str(workspace), cwd=workspace.parent)
     await git("checkout", "-q", "--detach", commit, cwd=workspace)
-    _exclude(workspace)
+    await _exclude(workspace)
 
 
 async def baseline(workspace: Path) -> str:

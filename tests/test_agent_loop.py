@@ -361,3 +361,24 @@ async def test_a_person_deciding_slowly_does_not_count_against_the_turns_time_li
     turn = turns_of(store, run.id)[1]
     assert turn.ended_by == "agent" and [p.outcome for p in turn.permissions] == ["allow_once"]
     assert run.status == "converged"
+
+
+async def test_what_gates_leave_behind_is_never_the_agents_change_in_a_worktree_too(tmp_path: Path) -> None:
+    from loopterm.core import agent_git
+    from loopterm.core.worktree import git
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "sol.py").write_text(BROKEN)
+    base_commit = await agent_git.ensure_repo(base)  # a new repository: the baseline
+    await git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), cwd=base)  # as eval and batch make them
+    for workspace in (base, tmp_path / "wt"):
+        start = await agent_git.ensure_repo(workspace)
+        assert start == base_commit
+        (workspace / "__pycache__").mkdir()
+        (workspace / "__pycache__" / "sol.cpython-311.pyc").write_bytes(b"\0")
+        (workspace / ".pytest_cache").mkdir()
+        (workspace / ".pytest_cache" / "x").write_text("x")
+        (workspace / "sol.py").write_text(FIXED)
+        _, changed, diff = await agent_git.commit_turn(workspace, start, "turn")
+        assert changed == ["sol.py"] and "+    return 42" in diff
