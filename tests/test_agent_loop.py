@@ -370,9 +370,11 @@ async def test_what_gates_leave_behind_is_never_the_agents_change_in_a_worktree_
     base = tmp_path / "base"
     base.mkdir()
     (base / "sol.py").write_text(BROKEN)
-    base_commit = await agent_git.ensure_repo(base)  # a new repository: the baseline
-    await git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), cwd=base)  # as eval and batch make them
-    for workspace in (base, tmp_path / "wt"):
+    for args in (("init", "-q"), ("add", "-A"), ("commit", "-q", "-m", "base")):  # as core/worktree.py makes it
+        await git(*args, cwd=base)
+    base_commit = await agent_git.head(base)
+    await git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), cwd=base)  # a case's worktree
+    for workspace in (tmp_path / "wt", base):
         start = await agent_git.ensure_repo(workspace)
         assert start == base_commit
         (workspace / "__pycache__").mkdir()
