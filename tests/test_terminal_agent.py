@@ -27,8 +27,10 @@ def test_a_person_approves_the_agents_edits_from_the_diff_and_the_gate_converges
     tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", "-c", str(tmp_path))
     try:
         tmux("send-keys", "-t", session, f"env {env} {loopterm} run agent-fix; echo EXIT=$?", "Enter")
-        for diff_line in ("+    ordered = sorted(values)", "+    middle = len(ordered) // 2"):
-            wait_for(session, lambda s: "the agent asks: Edit stats.py" in s, timeout=120)  # the header
+        for turn, diff_line in enumerate(("+    ordered = sorted(values)", "+    middle = len(ordered) // 2"), 1):
+            # the header asks again for the second turn only once the first turn's row is on the timeline
+            wait_for(session, lambda s: "the agent asks: Edit stats.py" in s and s.count("agent: end_turn") == turn - 1,
+                     timeout=120)
             tmux("send-keys", "-t", session, "x")
             wait_for(session, lambda s: "inbox" in s.lower())
             tmux("send-keys", "-t", session, "Enter")
