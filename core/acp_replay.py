@@ -127,9 +127,10 @@ class RecordedAgent:
                               for d in call.diffs]
         if call.output:
             content.append(tool_content(text_block(call.output)))
+        locations = [ToolCallLocation(path=self._abs(session_id, p)) for p in call.locations]
         return ToolCallStart(session_update="tool_call", tool_call_id=call.id, title=call.title,
                              kind=call.kind, status=call.status, content=content or None,  # type: ignore[arg-type]
-                             locations=[ToolCallLocation(path=self._abs(session_id, p)) for p in call.locations] or None)
+                             locations=locations or None)
 
     async def _ask(self, session_id: str, turn: AgentTurn, call_id: str) -> None:
         from acp.schema import PermissionOption, ToolCallUpdate

@@ -166,8 +166,9 @@ class AgentActor(Hook):
             record.session_origin = "seeded"
         record.base_commit = base
         try:
-            record.commit, record.changed_paths, record.diff = await agent_git.commit_turn(
-                engine.workspace, base, f"loopterm: run {engine.run_id} iteration {n} ({record.stop_reason or record.ended_by})")
+            message = f"loopterm: run {engine.run_id} iteration {n} ({record.stop_reason or record.ended_by})"
+            record.commit, record.changed_paths, record.diff = await agent_git.commit_turn(engine.workspace, base,
+                                                                                           message)
         except Exception as exc:  # noqa: BLE001 - recorded; the gates still see the files as they are
             record.note = (record.note + "; " if record.note else "") + f"not committed: {exc}"
         # What the agent streamed is untrusted and may echo a key (`env`, a config file): redacted as a model's

@@ -32,8 +32,9 @@ AGENT = AgentSpec(
     env={"LOOPTERM_SCRIPTED_AGENT_SESSIONS": str(Path(tempfile.gettempdir()) / "loopterm-scripted-agent")},
     # Copied only when set, so `--agent 'claude-agent-acp'` (or another real agent) finds its provider's key
     # and endpoint; nothing else of loopterm's environment reaches the agent.
-    env_from=["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-              "IS_SANDBOX", "OPENAI_API_KEY", "OPENAI_BASE_URL", "GEMINI_API_KEY", "GOOGLE_API_KEY"],
+    env_from=["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "CLAUDE_CONFIG_DIR",
+              "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "IS_SANDBOX", "OPENAI_API_KEY", "OPENAI_BASE_URL",
+              "GEMINI_API_KEY", "GOOGLE_API_KEY"],
     paths=["stats.py"],
     turn_timeout_s=120.0,
     max_tool_calls=30,
