@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+PERMISSION_TOOL = "acp.permission"  # an agent's permission request, as a loopterm approval (core/agent_actor.py)
 TEXT_CAP = 64_000  # one message, thought or tool output kept per turn (the rest is cut, marked)
 DIFF_CAP = 200_000  # the worktree's diff after the turn
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from loopterm.core.acp_turn import PERMISSION_TOOL
 from loopterm.core.agent_spec import AgentSpec
 from loopterm.core.errors import ConfigError
 from loopterm.core.invariants import Invariant, Remediation
@@ -16,7 +17,6 @@ from loopterm.core.state import LoopState
 from loopterm.core.tools import Tool, ToolContext, tool
 
 AGENT_TOOL = "agent"
-PERMISSION_TOOL = "acp.permission"  # what an agent's permission request is, as an approval
 
 
 class AgentTurnFailed(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 
 from loopterm.core.approval_policy import Policy, PolicyRule
 from loopterm.core.control import AddFact, Approve, Command, Deny, EditState, Relax, Restore, SetSubgoal
-from loopterm.core.acp_turn import AgentTurn
+from loopterm.core.acp_turn import PERMISSION_TOOL, AgentTurn
 from loopterm.core.runlog import (
     AgentTurnRecorded,
     ApprovalPending,
@@ -399,6 +399,9 @@ def news(record: EventRecord) -> News | None:
     if isinstance(event, ApprovalPending):
         if event.shadow:
             return News(f"proposes tool {event.tool} (shadow: nothing will run; a agree or edit, d deny)", True)
+        if event.tool == PERMISSION_TOOL:
+            return News(f"the agent asks permission: {' '.join(str(event.args.get('title', '')).split())[:80]} "
+                        "(x shows the diff; a / d)", True)
         return News(f"tool {event.tool} needs approval (a / d)", True)
     if isinstance(event, StrategyChanged):
         return News(f"changed strategy to {event.to}: {' '.join(event.why.split())[:120]}", False)

@@ -98,6 +98,11 @@ async def test_permissions_go_through_approvals_and_the_gates_decide(tmp_path: P
     assert second.commit is not None and second.base_commit == first.commit
     assert Path(run.workspace, "sol.py").read_text() == FIXED
     assert len(git_log(Path(run.workspace))) == 3  # the baseline and one commit per turn
+    from loopterm.core.fold import news
+    from loopterm.core.runlog import ApprovalPending
+
+    said = [news(r) for r in store.events(run.id) if isinstance(r.event, ApprovalPending)]
+    assert [n.text for n in said if n] == ["the agent asks permission: Edit sol.py (x shows the diff; a / d)"] * 2
     # What the agent reported counts: the run's totals and its iterations, the turn's cost as its delta.
     assert (second.usage.cost_usd, second.usage.tokens_in) == (pytest.approx(0.015), 150)
     assert run.cost_usd == pytest.approx(0.025) and run.tokens_in == 250

@@ -81,6 +81,8 @@ class Waiting:
             call = now.asked
             if call.shadow:  # core/shadow.py: a proposal to judge; nothing will run
                 return f"◐ shadow: the loop proposes tool {call.tool}; agree, edit or deny (nothing runs)"
+            if call.tool == PERMISSION_TOOL:
+                return f"the agent asks permission: {first_line(call.args.get('title', ''), 80)}"
             return f"tool {call.tool} needs approval"
         if isinstance(now, PendingSideEffect):
             return f"tool {now.asked.tool} may repeat a side effect: reuse its result or execute it again?"
