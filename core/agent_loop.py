@@ -17,6 +17,7 @@ from loopterm.core.state import LoopState
 from loopterm.core.tools import Tool, ToolContext, tool
 
 AGENT_TOOL = "agent"
+TURN_WITH_PEOPLE_S = 7 * 24 * 3600.0  # the executor's bound on a whole turn, people's decisions included
 
 
 class AgentTurnFailed(Exception):
@@ -41,9 +42,10 @@ def agent_tool(spec: AgentSpec) -> Tool:
         return str(await ctx.agent.turn(ctx.iteration, prompt))
 
     # The turn's effects live in the workspace, which a branch restores from git, so a rewound run runs the
-    # agent again rather than reusing a turn whose files it does not have.
+    # agent again rather than reusing a turn whose files it does not have. No executor timeout of its own: the
+    # client limits the agent's time (turn_timeout_s), and a person deciding a permission takes what it takes.
     return tool(agent, name=AGENT_TOOL, side_effects=True, workspace_only=True, idempotent=False,
-                timeout=spec.turn_timeout_s + 120.0, on_rewind="reexecute", output_cap=4_000)
+                timeout=TURN_WITH_PEOPLE_S, on_rewind="reexecute", output_cap=4_000)
 
 
 def permission_tool() -> Tool:

@@ -362,6 +362,8 @@ async def test_a_person_deciding_slowly_does_not_count_against_the_turns_time_li
                 engine.run_id, *command_payload(Approve(key=event.key))), engine.wake()))
 
     engine.subscribe(slow_person)
+    # Nor does the executor's own bound on a tool call cut a turn short while a person decides.
+    assert engine.loop.tool("agent").timeout >= 24 * 3600  # type: ignore[union-attr]
     run = await asyncio.wait_for(engine.run(), 60)
     turn = turns_of(store, run.id)[1]
     assert turn.ended_by == "agent" and [p.outcome for p in turn.permissions] == ["allow_once"]
