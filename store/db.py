@@ -58,7 +58,7 @@ from loopterm.store.guard import OTHER_PATH, check_file, classify, is_busy, open
 from loopterm.store.migrations import upgrade
 from loopterm.store.pg import is_url, log_lock_key
 from loopterm.store.prompts import encode_prompt
-from loopterm.store.rows import dump_json, encode, from_row, to_row
+from loopterm.store.rows import dump_json, encode, from_row, insert_sql, to_row, update_run_sql
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
 from loopterm.store.states import (
     LINEAGE_SQL,
@@ -301,7 +301,7 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
     def _insert_row(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
         """INSERT one encoded row with plain SQL (sqlite-utils' insert introspects the table on every call,
         which was most of an iteration's store time); returns its rowid."""
-        cursor = self._conn.execute(_insert_sql(table, replace, tuple(row)), list(row.values()))
+        cursor = self._conn.execute(insert_sql(table, replace, tuple(row)), list(row.values()))
         return int(cursor.lastrowid or 0)
 
     def _rows(self, table: str, where: str, args: list[Any], order_by: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -375,7 +375,7 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
             at = spend_at if spend_at is not None else changed.get("updated_at") or self._clock()
             ledger.record_change(self._conn, run_id, changed, model=spend_model, at=at)
         row = encode("runs", changed)
-        cursor = self._conn.execute(_update_run_sql(tuple(row)), [*row.values(), run_id])
+        cursor = self._conn.execute(update_run_sql(tuple(row)), [*row.values(), run_id])
         if cursor.rowcount == 0:
             raise KeyError(f"no run {run_id!r}")
         if "parent_run" in fields or "fork_iteration" in fields:
@@ -576,17 +576,6 @@ def _event_record(row: dict[str, Any]) -> EventRecord:
 
 
 _RUN_FIELDS = frozenset(RunRecord.model_fields)
-
-
-@functools.lru_cache(maxsize=256)  # statements by table and columns: each iteration writes the same few
-def _insert_sql(table: str, replace: bool, names: tuple[str, ...]) -> str:
-    columns, marks = ", ".join(f"[{name}]" for name in names), ", ".join("?" * len(names))
-    return f"{'INSERT OR REPLACE' if replace else 'INSERT'} INTO [{table}] ({columns}) VALUES ({marks})"
-
-
-@functools.lru_cache(maxsize=256)
-def _update_run_sql(names: tuple[str, ...]) -> str:
-    return f"UPDATE runs SET {', '.join(f'[{name}] = ?' for name in names)} WHERE id = ?"
 
 
 @functools.cache

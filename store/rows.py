@@ -7,6 +7,7 @@ reading a row back validates into a model equal to the one written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any, TypeVar
@@ -57,3 +58,14 @@ def from_row(table: str, model: type[M], row: dict[str, Any]) -> M:
         for name, value in row.items()
     }
     return model.model_validate(decoded)
+
+
+@functools.lru_cache(maxsize=256)  # statements by table and columns: each iteration writes the same few
+def insert_sql(table: str, replace: bool, names: tuple[str, ...]) -> str:
+    columns, marks = ", ".join(f"[{name}]" for name in names), ", ".join("?" * len(names))
+    return f"{'INSERT OR REPLACE' if replace else 'INSERT'} INTO [{table}] ({columns}) VALUES ({marks})"
+
+
+@functools.lru_cache(maxsize=256)
+def update_run_sql(names: tuple[str, ...]) -> str:
+    return f"UPDATE runs SET {', '.join(f'[{name}] = ?' for name in names)} WHERE id = ?"
