@@ -395,8 +395,8 @@ class Engine:
             repairs=intent.repairs, tool_call=tool_call, tool_result=tool_record.model_dump() if tool_record else None,
             gate_results=[g.model_dump() for g in gates], invariant_status=after.invariant_status,
             remediations=[r.value for r in after.remediations], tokens_in=tokens_in, tokens_out=tokens_out,
-            cost_usd=cost, latency_ms=intent.latency_ms + reported_ms, model=intent.model, state=self.dumper.dump(state),
-            decision_mode=intent.decision_mode, tokens_cached=cached,
+            cost_usd=cost, latency_ms=intent.latency_ms + reported_ms, model=intent.model,
+            state=self.dumper.dump(state), decision_mode=intent.decision_mode, tokens_cached=cached,
         )
         totals = {
             "iterations": n, "tokens_in": self.spend.tokens_in, "tokens_out": self.spend.tokens_out,

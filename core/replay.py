@@ -280,8 +280,8 @@ def recorded_agent(history: History, loop: Loop, recorded: RunRecord, run: RunRe
     assert loop.agent is not None
     turns = {n: turn for n, (_, turn) in lineage_turns(history, recorded.id, last).items()}
     path = write_turns(Path(run.workspace).parent / f"{run.id}.recorded-agent.json", turns)
-    return loop.agent.model_copy(update={"name": "recorded", "command": [sys.executable, "-m", "loopterm.core.acp_replay",
-                                                                        str(path)], "env": {}, "env_from": [],
+    command = [sys.executable, "-m", "loopterm.core.acp_replay", str(path)]
+    return loop.agent.model_copy(update={"name": "recorded", "command": command, "env": {}, "env_from": [],
                                          "use_fork": False})
 
 
