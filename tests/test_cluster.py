@@ -282,6 +282,7 @@ def test_workers_on_one_machine_share_a_sqlite_store(one_machine: Cluster) -> No
     test_a_submitted_run_is_listed_at_once_and_converges_on_a_worker(one_machine)
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_eval_submit_twice_makes_one_run_per_case(cluster: Cluster, pg_url: str) -> None:
     write_loop(cluster.folder, ["one", "two", "three", "four"])
     cases = cluster.folder / "cases.json"
@@ -526,6 +527,7 @@ def test_the_cluster_modules_load_neither_dbos_nor_psycopg_until_used() -> None:
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # CI runs the cluster's core trials; `pytest -m slow tests/test_cluster.py` runs these
 def test_submitters_racing_the_daily_budget_cannot_both_take_what_is_left(cluster: Cluster) -> None:
     """Six `run --submit` processes at once (two laptops' worth), each asking $0.30 under a daily budget of
     $1.00: exactly three are recorded, the others refused in one line; two workers run the three, and what
