@@ -6,6 +6,7 @@ live in core/agent_actor.py, which only a running engine loads.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def agent_tool(spec: AgentSpec) -> Tool:
                 timeout=TURN_WITH_PEOPLE_S, on_rewind="reexecute", output_cap=4_000)
 
 
+@functools.cache  # one pseudo-tool (its argument model is built once, not per request)
 def permission_tool() -> Tool:
     def permission(title: str, kind: str, paths: list[str], diff: str) -> str:
         """A coding agent asks to make a change (approve: allow it once; deny: reject it once)."""

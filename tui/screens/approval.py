@@ -26,6 +26,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Button, Input, RadioButton, RadioSet, Static, TextArea
 
+from loopterm.core.acp_turn import PERMISSION_TOOL
 from loopterm.core.approval_policy import SCOPES, PolicyRule, globs_text, parse_globs, prefill
 from loopterm.core.control import Approve, Deny
 from loopterm.core.decision import unreadable_json
@@ -38,7 +39,6 @@ from loopterm.tui.widgets.render import Palette, first_line, literal, pretty
 ArgsValidator = Callable[[str, dict[str, Any]], str | None]
 # The choices of "answer calls like this", in order: (scope or None for this call only, label).
 REMEMBER: list[tuple[str | None, str]] = [(None, "only this call"), ("run", "rest of this run"), ("loop", SCOPES["loop"])]
-ACP_PERMISSION = "acp.permission"  # the pseudo-tool an ACP agent's permission request is asked as
 DIFF_DIALOG_LINES = 300  # of an agent's diff in the dialog (it scrolls)
 
 
@@ -88,7 +88,7 @@ class ApprovalScreen(Dialog[Approve | Deny]):
         self.validate = validate
         self.tools = tools  # the loop's tool names (shadow: another tool may be named); None: not known here
         self.shadow = self.asked.shadow
-        self.agent = self.asked.tool == ACP_PERMISSION and not self.shadow  # approve or deny only
+        self.agent = self.asked.tool == PERMISSION_TOOL and not self.shadow  # approve or deny only
         self.submit_label = ("deny" if deny else "agree") if self.shadow else ("deny" if deny else "approve")
         if self.shadow:
             self.title_text = (f"◐ shadow: nothing will run · run {run_id} proposes a tool call "
