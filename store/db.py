@@ -35,11 +35,7 @@ from pydantic import TypeAdapter
 from sqlite_utils import Database
 
 from loopterm.core.errors import ConfigError
-from loopterm.core.records import (
-    CommandRecord,
-    IterationRecord,
-    RunRecord,
-)
+from loopterm.core.records import CommandRecord, IterationRecord, RunRecord
 from loopterm.core.runlog import EventRecord, RunEvent, from_stored, to_stored
 import loopterm.store.ledger as ledger
 import loopterm.store.policies as policies
@@ -60,15 +56,7 @@ from loopterm.store.pg import is_url, log_lock_key
 from loopterm.store.prompts import encode_prompt
 from loopterm.store.rows import dump_json, encode, from_row, insert_sql, to_row, update_run_sql
 from loopterm.store.schema import SCHEMA_VERSION, create_schema
-from loopterm.store.states import (
-    LINEAGE_SQL,
-    DamagedStateError,
-    Head,
-    load_head,
-    owner,
-    put_state,
-    segments,
-)
+from loopterm.store.states import LINEAGE_SQL, DamagedStateError, Head, load_head, owner, put_state, segments
 from loopterm.store.delta import loads
 from loopterm.store.footprint import Meter, RunSize
 
@@ -114,6 +102,8 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
             self._state_body = state_body
         self._lineages: dict[str, list[tuple[str, str | None, int | None]]] = {}  # see _lineage
         self._known = Known()  # what commits may skip: see known.py
+        # Runs found with no pending command, and the file's data_version then: see pending_commands.
+        self._no_commands: dict[str, int] = {}
         self._init_queue()  # writes the engine chose not to wait for: see calls.py
         self.migrated_from: int | None = None  # the schema version this open upgraded the file from
         self.backup_path: Path | None = None  # the copy of the file made before that upgrade
@@ -526,12 +516,24 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
         command = CommandRecord(run_id=run_id, ts=self._clock(), kind=kind, payload=payload)
         with self._write():
             command.id = self._insert_row("commands", to_row("commands", command, exclude={"id"}))
+        self._no_commands.clear()
         return command
 
     def pending_commands(self, run_id: str) -> list[CommandRecord]:
-        """Unconsumed commands for the run, in the order they were sent."""
-        rows = self._rows("commands", "run_id = ? AND consumed_at IS NULL", [run_id], order_by="id")
-        return [from_row("commands", CommandRecord, row) for row in rows]
+        """Unconsumed commands for the run, in the order they were sent. Asked before every iteration: on
+        SQLite a run's "none" stands, without a SELECT, while no other connection has committed (`PRAGMA
+        data_version` unchanged) and this Store has sent no command."""
+        with self._lock:
+            if self._url is None:
+                version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+                if self._no_commands.get(run_id) == version:
+                    return []
+            rows = self._rows("commands", "run_id = ? AND consumed_at IS NULL", [run_id], order_by="id")
+            if self._url is None and not rows:
+                if len(self._no_commands) > 4096:
+                    self._no_commands.clear()
+                self._no_commands[run_id] = version
+            return [from_row("commands", CommandRecord, row) for row in rows]
 
     def consume_command(self, command_id: int, events: Sequence[tuple[RunEvent, int | None]] = ()) -> list[EventRecord]:
         """Mark a command handled and record what it did, in one transaction: a crash between the two

@@ -238,3 +238,34 @@ def test_rules_are_read_again_when_the_file_changes(tmp_path: Path) -> None:
     assert read_rules(tmp_path) == "Spaces, four."
     rules.unlink()
     assert read_rules(tmp_path) is None
+
+
+async def test_pending_commands_skip_the_select_only_while_nothing_could_have_sent_one(tmp_path: Path) -> None:
+    """The engine asks for commands before every iteration; the answer "none" is reused only while no other
+    connection has committed and this Store has sent none (a pause from anywhere is still seen at once)."""
+    from loopterm.store import Store
+
+    loop = make_loop(tmp_path, [{"content": decision("done")}], gates=[], max_iterations=1)
+    engine, store = make_engine(tmp_path, loop)
+    await engine.run()
+    run_id = engine.run_id
+    selects: list[str] = []
+    store._conn.set_trace_callback(lambda sql: selects.append(sql) if "commands" in sql and sql.startswith("SELECT") else None)
+    other = Store.open(store.path)  # another connection, as another process would have
+    try:
+        assert store.pending_commands(run_id) == []
+        assert store.pending_commands(run_id) == []
+        assert len(selects) <= 1  # once at most (the engine's last check may already stand), then data_version
+        selects.clear()
+        other.add_command(run_id, "pause", {})
+        assert [c.kind for c in store.pending_commands(run_id)] == ["pause"]
+        assert len(selects) == 1
+        store.consume_command(store.pending_commands(run_id)[0].id or 0)
+        assert store.pending_commands(run_id) == []
+        selects.clear()
+        assert store.pending_commands(run_id) == []
+        assert selects == []  # nothing committed since by anyone: the answer stands
+        store.add_command(run_id, "stop", {})  # this Store's own connection: data_version does not move
+        assert [c.kind for c in store.pending_commands(run_id)] == ["stop"]
+    finally:
+        other.close()
