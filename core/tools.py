@@ -237,9 +237,12 @@ class ToolExecutor:
     answers: dict[str, str] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)  # extra ToolContext fields: loop, memory, spawn
 
-    async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path) -> tuple[ToolRecord, str]:
-        """Run (or recall) one call; returns the record and its idempotency key."""
-        key = idempotency_key(self.run_id, iteration, tool.name, args)
+    async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path,
+                      key: str | None = None) -> tuple[ToolRecord, str]:
+        """Run (or recall) one call; returns the record and its idempotency key (`key`: the caller's, when it
+        already computed it for these very arguments; hashing them again cost about 5 us a call)."""
+        if key is None:
+            key = idempotency_key(self.run_id, iteration, tool.name, args)
         known = self.journal.tool_call(key)
         if known is not None and known.status == "done" and known.result is not None:
             return ToolRecord.model_validate({**known.result, "reused": True}), key
@@ -252,8 +255,9 @@ class ToolExecutor:
                 return record, key
             if answer != "reexecute":
                 raise InterruptedSideEffect(known)
+        shown = redact_tree(args)  # what the journal and the record keep of the arguments
         started = ToolCallRecord(
-            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=redact_tree(args),
+            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=shown,
             status="started", started_at=self.clock(),
         )
         earlier = self._earlier(tool, args, iteration)
@@ -269,12 +273,12 @@ class ToolExecutor:
         # QUEUE_FOR_S, when the reply and the start are written then, so a crash does not pay for it again.
         if tool.side_effects:
             self.journal.tool_call_started(started)
-            record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
+            record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services), shown)
         else:
             self.journal.tool_call_started(started, durable=False)
             timer = asyncio.get_running_loop().call_later(QUEUE_FOR_S, self.journal.flush)
             try:
-                record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
+                record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services), shown)
             finally:
                 timer.cancel()
         # Queued: committed with the iteration, or earlier by the engine's flush before gates.
@@ -295,11 +299,12 @@ class ToolExecutor:
             raise SideEffectNeedsDecision(key, tool.name, args, earlier)
         return policy
 
-    async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext) -> ToolRecord:
+    async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext, shown: dict[str, Any] | None = None
+                   ) -> ToolRecord:
         """Run the tool: its result (output or error) is redacted (core/secrets.py) before it is capped,
-        journalled or put in the state."""
+        journalled or put in the state. `shown`: the arguments redacted (the caller's, if it has them)."""
         call_args = (ctx,) if tool.wants_context else ()
-        base = {"iteration": ctx.iteration, "tool": tool.name, "args": redact_tree(args)}
+        base = {"iteration": ctx.iteration, "tool": tool.name, "args": redact_tree(args) if shown is None else shown}
         in_thread = not inspect.iscoroutinefunction(tool.fn)
         try:
             if in_thread:
