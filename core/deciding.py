@@ -79,13 +79,15 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
     while True:
         messages = [*base, *tail]
         projected = client.estimate(messages, loop.max_output_tokens, **counted)
-        pending = Spend(tokens_in=engine.spend.tokens_in + tokens_in, tokens_out=engine.spend.tokens_out + tokens_out,
-                        cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s,
-                        tokens_cached=engine.spend.tokens_cached + cached)  # it replaces the run's spend when over budget
-        reason = over_budget(engine.budget, spent(engine, pending), *projected)
-        if reason:
-            engine.spend = pending  # a repair that was paid for still counts
-            raise RunEnds(TerminationReason(reason), budget_message(engine, reason, projected))
+        caps = engine.budget
+        if caps.tokens is not None or caps.usd is not None or caps.wall_seconds is not None:  # else nothing to add up
+            run = engine.spend  # `pending` replaces it when over budget
+            pending = Spend(tokens_in=run.tokens_in + tokens_in, tokens_out=run.tokens_out + tokens_out,
+                            cost_usd=run.cost_usd + cost, elapsed_s=run.elapsed_s, tokens_cached=run.tokens_cached + cached)
+            reason = over_budget(caps, spent(engine, pending), *projected)
+            if reason:
+                engine.spend = pending  # a repair that was paid for still counts
+                raise RunEnds(TerminationReason(reason), budget_message(engine, reason, projected))
         if getattr(client, "temperature", None) is not None:
             client.temperature = engine.temperature
         try:
