@@ -272,8 +272,10 @@ class ToolExecutor:
         # with the iteration's commit (one commit per iteration), unless it runs longer than
         # QUEUE_FOR_S, when the reply and the start are written then, so a crash does not pay for it again.
         self.journal.tool_call_started(started, durable=tool.side_effects)
-        ctx = ToolContext(self.run_id, iteration, workspace, key, **self.services)
-        record = await self._run(tool, args, ctx, shown, flush=None if tool.side_effects else self.journal.flush)
+        # Built only for a tool that takes it (a frozen dataclass of 8 fields: a few microseconds).
+        ctx = ToolContext(self.run_id, iteration, workspace, key, **self.services) if tool.wants_context else None
+        flush = None if tool.side_effects else self.journal.flush
+        record = await self._run(tool, args, iteration, ctx, shown, flush)
         # Queued: committed with the iteration, or earlier by the engine's flush before gates.
         self.journal.tool_call_finished(key, record.model_dump(), self.clock(), durable=False)
         return record, key
@@ -292,13 +294,13 @@ class ToolExecutor:
             raise SideEffectNeedsDecision(key, tool.name, args, earlier)
         return policy
 
-    async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext, shown: dict[str, Any] | None = None,
-                   flush: Callable[[], None] | None = None) -> ToolRecord:
+    async def _run(self, tool: Tool, args: dict[str, Any], iteration: int, ctx: ToolContext | None,
+                   shown: dict[str, Any] | None = None, flush: Callable[[], None] | None = None) -> ToolRecord:
         """Run the tool: its result (output or error) is redacted (core/secrets.py) before it is capped,
         journalled or put in the state. `shown`: the arguments redacted (the caller's, if it has them);
         `flush`: called if the call is still running after QUEUE_FOR_S (its queued start is written then)."""
         call_args = (ctx,) if tool.wants_context else ()
-        base = {"iteration": ctx.iteration, "tool": tool.name, "args": redact_tree(args) if shown is None else shown}
+        base = {"iteration": iteration, "tool": tool.name, "args": redact_tree(args) if shown is None else shown}
         in_thread = not inspect.iscoroutinefunction(tool.fn)
         try:
             if in_thread:
