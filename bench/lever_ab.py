@@ -51,6 +51,8 @@ LEVERS = [
     ("loopterm.core.engine", "act", "core/acting.py", "act", "executor"),
     ("loopterm.core.engine", "decide", "core/deciding.py", "decide"),
     ("loopterm.core.decision", "json_problem", "core/decision.py", "json_problem"),
+    ("loopterm.store.calls", "CallJournal.tool_call", "store/calls.py", "CallJournal.tool_call"),
+    ("loopterm.core.tools", "ToolExecutor.execute", "core/tools.py", "ToolExecutor.execute", "self"),
 ]
 
 
@@ -77,14 +79,13 @@ def resolve(owner: Any, dotted: str) -> tuple[Any, str]:
     return owner, name
 
 
-def base_executor(engine: Any, bases: dict[str, Any]) -> Any:
-    """The engine's ToolExecutor as BASE's class (same journal, run, answers and services), made once."""
-    made = getattr(engine, "_lever_ab_base_executor", None)
+def base_executor(now: Any, bases: dict[str, Any]) -> Any:
+    """An engine's ToolExecutor as BASE's class (same journal, run, answers and services), made once."""
+    made = getattr(now, "_lever_ab_base", None)
     if made is None:
         cls = bases.setdefault("core/tools.py", base_module(BASE[0], "core/tools.py")).ToolExecutor
-        now = engine.executor
         made = cls(**{f.name: getattr(now, f.name) for f in dataclasses.fields(now)})
-        engine._lever_ab_base_executor = made
+        now._lever_ab_base = made
     return made
 
 
@@ -96,7 +97,8 @@ def alternate(owner: Any, name: str, base: Callable[..., Any], times: dict[str, 
     """Each call goes to `base` or to this tree's function at random (a function called twice an iteration
     from two places would give each side one place if they simply took turns), timed into times[side].
     A coroutine function is timed to its end, event-loop turns included. context "executor": the base side
-    runs with the engine's (first argument's) executor swapped for BASE's."""
+    runs with the engine's (first argument's) executor swapped for BASE's; "self": the base side's first
+    argument (an executor) is BASE's."""
     now = getattr(owner, name)
     coin = random.Random(15).random
     clock = time.perf_counter
@@ -114,7 +116,9 @@ def alternate(owner: Any, name: str, base: Callable[..., Any], times: dict[str, 
         swapped = None
         if side == "base" and context == "executor":
             engine = args[0]
-            swapped, engine.executor = engine.executor, base_executor(engine, bases or {})
+            swapped, engine.executor = engine.executor, base_executor(engine.executor, bases or {})
+        elif side == "base" and context == "self":
+            args = (base_executor(args[0], bases or {}), *args[1:])
         start = clock()
         try:
             return await fn(*args, **kwargs)
