@@ -117,8 +117,8 @@ def alternate(owner: Any, name: str, base: Callable[..., Any], times: dict[str, 
         if side == "base" and context == "executor":
             engine = args[0]
             swapped, engine.executor = engine.executor, base_executor(engine.executor, bases or {})
-        elif side == "base" and context == "self":
-            args = (base_executor(args[0], bases or {}), *args[1:])
+        elif side == "base" and context == "self":  # an argument BASE's method does not take yet is left off
+            args = (base_executor(args[0], bases or {}), *args[1:])[:len(inspect.signature(base).parameters)]
         start = clock()
         try:
             return await fn(*args, **kwargs)
