@@ -1,6 +1,6 @@
 """Each hot-path lever against its base revision, call by call inside the real engine (issue 15).
 
-    python bench/lever_ab.py BASE [--workloads list,nested,chat] [--iterations 2000]
+    python bench/lever_ab.py BASE [--workloads list,nested,chat] [--iterations 2000] [--levers f,g]
 
 On a machine shared with other people's test runs, two runs of hot_path.py a minute apart differ by more
 than a lever moves them (10-30% under a load average of 3-5), and even hot_path_ab.py's interleaved runs
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
+import inspect
 import os
 import random
 import statistics
@@ -44,6 +46,13 @@ LEVERS = [
     ("loopterm.store.calls", "CallJournal._write_queued", "store/calls.py", "CallJournal._write_queued"),
     ("loopterm.core.policies", "Stall.add", "core/policies.py", "Stall.add"),
     ("loopterm.core.policies", "check_budget", "core/policies.py", "check_budget"),
+    # Third round (hotpath): the act phase whole (BASE's act with BASE's ToolExecutor, so its key hashing,
+    # wait_for and flush timer all go with it), the decide phase whole, and the reply's JSON check.
+    ("loopterm.core.engine", "act", "core/acting.py", "act", "executor"),
+    ("loopterm.core.engine", "decide", "core/deciding.py", "decide"),
+    ("loopterm.core.decision", "json_problem", "core/decision.py", "json_problem"),
+    ("loopterm.store.calls", "CallJournal.tool_call", "store/calls.py", "CallJournal.tool_call"),
+    ("loopterm.core.tools", "ToolExecutor.execute", "core/tools.py", "ToolExecutor.execute", "self"),
 ]
 
 
@@ -70,9 +79,26 @@ def resolve(owner: Any, dotted: str) -> tuple[Any, str]:
     return owner, name
 
 
-def alternate(owner: Any, name: str, base: Callable[..., Any], times: dict[str, list[float]]) -> None:
+def base_executor(now: Any, bases: dict[str, Any]) -> Any:
+    """An engine's ToolExecutor as BASE's class (same journal, run, answers and services), made once."""
+    made = getattr(now, "_lever_ab_base", None)
+    if made is None:
+        cls = bases.setdefault("core/tools.py", base_module(BASE[0], "core/tools.py")).ToolExecutor
+        made = cls(**{f.name: getattr(now, f.name) for f in dataclasses.fields(now)})
+        now._lever_ab_base = made
+    return made
+
+
+BASE = [""]
+
+
+def alternate(owner: Any, name: str, base: Callable[..., Any], times: dict[str, list[float]],
+              context: str | None = None, bases: dict[str, Any] | None = None) -> None:
     """Each call goes to `base` or to this tree's function at random (a function called twice an iteration
-    from two places would give each side one place if they simply took turns), timed into times[side]."""
+    from two places would give each side one place if they simply took turns), timed into times[side].
+    A coroutine function is timed to its end, event-loop turns included. context "executor": the base side
+    runs with the engine's (first argument's) executor swapped for BASE's; "self": the base side's first
+    argument (an executor) is BASE's."""
     now = getattr(owner, name)
     coin = random.Random(15).random
     clock = time.perf_counter
@@ -85,7 +111,23 @@ def alternate(owner: Any, name: str, base: Callable[..., Any], times: dict[str, 
         finally:
             times[side].append(clock() - start)
 
-    setattr(owner, name, either)
+    async def either_async(*args: Any, **kwargs: Any) -> Any:
+        side, fn = ("base", base) if coin() < 0.5 else ("now", now)
+        swapped = None
+        if side == "base" and context == "executor":
+            engine = args[0]
+            swapped, engine.executor = engine.executor, base_executor(engine.executor, bases or {})
+        elif side == "base" and context == "self":  # an argument BASE's method does not take yet is left off
+            args = (base_executor(args[0], bases or {}), *args[1:])[:len(inspect.signature(base).parameters)]
+        start = clock()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            times[side].append(clock() - start)
+            if swapped is not None:
+                args[0].executor = swapped
+
+    setattr(owner, name, either_async if inspect.iscoroutinefunction(now) else either)
 
 
 def main() -> None:
@@ -94,18 +136,23 @@ def main() -> None:
     parser.add_argument("--workloads", default="list,nested,chat")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--dir", default="/dev/shm")
+    parser.add_argument("--levers", default="", help="only these functions (their dotted names, comma-separated)")
     args = parser.parse_args()
     from loopterm.core.engine import Engine
     from loopterm.store import Store
 
     bases: dict[str, Any] = {}
     timed: dict[str, dict[str, list[float]]] = {}
-    for module, dotted, path, base_dotted in LEVERS:
+    BASE[0] = args.base
+    chosen = set(args.levers.split(",")) if args.levers else None
+    for module, dotted, path, base_dotted, *context in LEVERS:
+        if chosen is not None and dotted not in chosen:
+            continue
         bases.setdefault(path, base_module(args.base, path))
         base_owner, base_name = resolve(bases[path], base_dotted)
         owner, name = resolve(importlib.import_module(module), dotted)
         timed[dotted] = {"base": [], "now": []}
-        alternate(owner, name, getattr(base_owner, base_name), timed[dotted])
+        alternate(owner, name, getattr(base_owner, base_name), timed[dotted], *context, bases=bases)
     print(f"| workload | function | calls/it | base us/call | now us/call | now / base | saved us/it |")
     print("|---|---|---|---|---|---|---|")
     for workload in args.workloads.split(","):

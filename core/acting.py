@@ -54,9 +54,10 @@ async def act(engine: Engine, n: int, decision: Decision) -> tuple[ToolRecord | 
                             error=verdict.reason if key in engine.view.decided_by
                             else f"denied by a person: {verdict.reason}")
     else:
+        same = True  # the executor keys the call as `key` unless a person edited the arguments
         if isinstance(verdict, Approve) and verdict.args is not None:
-            args = tool.validate_args(verdict.args)
-        record, key = await engine.executor.execute(tool, args, n, engine.workspace)
+            args, same = tool.validate_args(verdict.args), False
+        record, key = await engine.executor.execute(tool, args, n, engine.workspace, key if same else None)
     call: dict[str, Any] = {"tool": tool.name, "args": args, "key": key}
     if refused is not None:
         call["refused"] = refused

@@ -23,7 +23,7 @@ from loopterm.core.agent_prompt import agent_intent
 from loopterm.core.policies import budget_message, check_budget, spent
 from loopterm.core.prompt import read_rules, repair_messages
 from loopterm.core.records import Intent
-from loopterm.core.secrets import redact, redact_tree
+from loopterm.core.secrets import redact, redact_tree, secrets_known
 from loopterm.core.termination import RunEnds, TerminationReason
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
             decision_mode=mode,
         )
 
+    known = secrets_known()
     base = prompt()
     tail: list[dict[str, Any]] = []  # a repair's turns, after the prompt
     budget, pruned = loop.prompt_token_budget, 0
@@ -78,13 +79,15 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
     while True:
         messages = [*base, *tail]
         projected = client.estimate(messages, loop.max_output_tokens, **counted)
-        pending = Spend(tokens_in=engine.spend.tokens_in + tokens_in, tokens_out=engine.spend.tokens_out + tokens_out,
-                        cost_usd=engine.spend.cost_usd + cost, elapsed_s=engine.spend.elapsed_s,
-                        tokens_cached=engine.spend.tokens_cached + cached)  # it replaces the run's spend when over budget
-        reason = over_budget(engine.budget, spent(engine, pending), *projected)
-        if reason:
-            engine.spend = pending  # a repair that was paid for still counts
-            raise RunEnds(TerminationReason(reason), budget_message(engine, reason, projected))
+        caps = engine.budget
+        if caps.tokens is not None or caps.usd is not None or caps.wall_seconds is not None:  # else nothing to add up
+            run = engine.spend  # `pending` replaces it when over budget
+            pending = Spend(tokens_in=run.tokens_in + tokens_in, tokens_out=run.tokens_out + tokens_out,
+                            cost_usd=run.cost_usd + cost, elapsed_s=run.elapsed_s, tokens_cached=run.tokens_cached + cached)
+            reason = over_budget(caps, spent(engine, pending), *projected)
+            if reason:
+                engine.spend = pending  # a repair that was paid for still counts
+                raise RunEnds(TerminationReason(reason), budget_message(engine, reason, projected))
         if getattr(client, "temperature", None) is not None:
             client.temperature = engine.temperature
         try:
@@ -134,9 +137,12 @@ async def decide(engine: Engine, n: int, started: float) -> Intent:
             repairs += 1
             tail = repair_messages(messages, reply.text, str(exc), getattr(reply, "tool_calls", None), mode)[len(base):]
             continue
+        # The prompt was built redacted: only a repair's turns are redacted here, unless a secret was found
+        # since (then all of it again).
+        journalled = [*base, *redact_tree(tail)] if secrets_known() is known else redact_tree(messages)
         return Intent(
             # Redacted before it is journalled: the tool runs with, and every record keeps, what is here.
-            run_id=engine.run_id, n=n, prompt=redact_tree(messages), raw_response=redact(raw), decision_mode=mode,
+            run_id=engine.run_id, n=n, prompt=journalled, raw_response=redact(raw), decision_mode=mode,
             decision=redact_tree(decision.model_dump(mode="json")), repairs=repairs, tokens_in=tokens_in,
             tokens_out=tokens_out, cost_usd=cost, latency_ms=latency, model=reply.model, started_at=started,
             tokens_cached=cached,  # every call of this decision's, repairs included, like tokens_in

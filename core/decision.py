@@ -82,36 +82,46 @@ def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
     """What would keep this JSON-like value from being stored, loaded and shown as it is; None if nothing.
 
     One line naming the place (e.g. "NaN at action.args.x ..."). Walks the value without recursion,
-    so a hostile depth costs no stack.
+    so a hostile depth costs no stack; the place is spelled out only for a problem (every reply is
+    walked: spelling each key's path cost most of the walk).
     """
-    stack: list[tuple[Any, int, list[str]]] = [(value, 0, [])]
+    stack: list[tuple[Any, int, Any]] = [(value, 0, None)]  # (node, depth, (its parent's place, its key))
     while stack:
-        node, depth, path = stack.pop()
+        node, depth, place = stack.pop()
         if isinstance(node, float):
             if not math.isfinite(node):
-                return (f"{node!r} at {_where(path)}: JSON has no NaN or Infinity (stored, it would silently become "
-                        "null); use a number or null")
+                return (f"{node!r} at {_place(place)}: JSON has no NaN or Infinity (stored, it would silently "
+                        "become null); use a number or null")
         elif isinstance(node, int) and not isinstance(node, bool):
             if not -(2**63) <= node < 2**63:
-                return (f"an integer beyond 64 bits at {_where(path)}: it would not be read back exactly (nor fit "
+                return (f"an integer beyond 64 bits at {_place(place)}: it would not be read back exactly (nor fit "
                         "SQLite or JavaScript); write it as a string")
         elif isinstance(node, str):
-            found = _SURROGATE.search(node)
+            found = None if node.isascii() else _SURROGATE.search(node)
             if found:
-                return (f"an unpaired surrogate {found.group()!r} at {_where(path)}: not valid Unicode (it cannot be "
+                return (f"an unpaired surrogate {found.group()!r} at {_place(place)}: not valid Unicode (it cannot be "
                         "stored as UTF-8)")
         elif isinstance(node, (dict, list, tuple)):
             if depth >= max_depth:
-                return f"nesting deeper than {max_depth} levels at {_where(path)}"
+                return f"nesting deeper than {max_depth} levels at {_place(place)}"
             if isinstance(node, dict):
                 for key, item in node.items():
-                    if isinstance(key, str) and _SURROGATE.search(key):
-                        return (f"an unpaired surrogate in a key at {_where(path)}: not valid Unicode (it cannot "
+                    if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                        return (f"an unpaired surrogate in a key at {_place(place)}: not valid Unicode (it cannot "
                                 "be stored as UTF-8)")
-                    stack.append((item, depth + 1, [*path, _key(key)]))
+                    stack.append((item, depth + 1, (place, key)))
             else:
-                stack.extend((item, depth + 1, [*path, f"[{i}]"]) for i, item in enumerate(node))
+                stack.extend((item, depth + 1, (place, i)) for i, item in enumerate(node))
     return None
+
+
+def _place(place: Any) -> str:
+    """json_problem's place, spelled out: `_where` of the keys from the top (an index is an int: `[3]`)."""
+    keys = []
+    while place is not None:
+        place, key = place
+        keys.append(_key(key))
+    return _where(keys[::-1])
 
 
 def unreadable_json(exc: BaseException) -> str:

@@ -104,6 +104,12 @@ def _env_secrets() -> tuple[tuple[str, str], ...]:
     return _env_ordered
 
 
+def secrets_known() -> object:
+    """A token for the environment's secrets as redaction knows them now: the very same object until a new one
+    is found. A value redacted while it was current needs no second pass while it still is."""
+    return _env_secrets()
+
+
 def secret_values() -> dict[str, str]:
     """The environment's secret values known so far, by value (for tests and diagnostics: handle with care)."""
     _env_secrets()

@@ -237,9 +237,12 @@ class ToolExecutor:
     answers: dict[str, str] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)  # extra ToolContext fields: loop, memory, spawn
 
-    async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path) -> tuple[ToolRecord, str]:
-        """Run (or recall) one call; returns the record and its idempotency key."""
-        key = idempotency_key(self.run_id, iteration, tool.name, args)
+    async def execute(self, tool: Tool, args: dict[str, Any], iteration: int, workspace: Path,
+                      key: str | None = None) -> tuple[ToolRecord, str]:
+        """Run (or recall) one call; returns the record and its idempotency key (`key`: the caller's, when it
+        already computed it for these very arguments; hashing them again cost about 5 us a call)."""
+        if key is None:
+            key = idempotency_key(self.run_id, iteration, tool.name, args)
         known = self.journal.tool_call(key)
         if known is not None and known.status == "done" and known.result is not None:
             return ToolRecord.model_validate({**known.result, "reused": True}), key
@@ -252,8 +255,9 @@ class ToolExecutor:
                 return record, key
             if answer != "reexecute":
                 raise InterruptedSideEffect(known)
+        shown = redact_tree(args)  # what the journal and the record keep of the arguments
         started = ToolCallRecord(
-            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=redact_tree(args),
+            key=key, run_id=self.run_id, iteration=iteration, tool=tool.name, args=shown,
             status="started", started_at=self.clock(),
         )
         earlier = self._earlier(tool, args, iteration)
@@ -267,16 +271,11 @@ class ToolExecutor:
         # fires. A call without side effects may run twice without harm: its start is queued to ride
         # with the iteration's commit (one commit per iteration), unless it runs longer than
         # QUEUE_FOR_S, when the reply and the start are written then, so a crash does not pay for it again.
-        if tool.side_effects:
-            self.journal.tool_call_started(started)
-            record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
-        else:
-            self.journal.tool_call_started(started, durable=False)
-            timer = asyncio.get_running_loop().call_later(QUEUE_FOR_S, self.journal.flush)
-            try:
-                record = await self._run(tool, args, ToolContext(self.run_id, iteration, workspace, key, **self.services))
-            finally:
-                timer.cancel()
+        self.journal.tool_call_started(started, durable=tool.side_effects)
+        # Built only for a tool that takes it (a frozen dataclass of 8 fields: a few microseconds).
+        ctx = ToolContext(self.run_id, iteration, workspace, key, **self.services) if tool.wants_context else None
+        flush = None if tool.side_effects else self.journal.flush
+        record = await self._run(tool, args, iteration, ctx, shown, flush)
         # Queued: committed with the iteration, or earlier by the engine's flush before gates.
         self.journal.tool_call_finished(key, record.model_dump(), self.clock(), durable=False)
         return record, key
@@ -295,18 +294,19 @@ class ToolExecutor:
             raise SideEffectNeedsDecision(key, tool.name, args, earlier)
         return policy
 
-    async def _run(self, tool: Tool, args: dict[str, Any], ctx: ToolContext) -> ToolRecord:
+    async def _run(self, tool: Tool, args: dict[str, Any], iteration: int, ctx: ToolContext | None,
+                   shown: dict[str, Any] | None = None, flush: Callable[[], None] | None = None) -> ToolRecord:
         """Run the tool: its result (output or error) is redacted (core/secrets.py) before it is capped,
-        journalled or put in the state."""
+        journalled or put in the state. `shown`: the arguments redacted (the caller's, if it has them);
+        `flush`: called if the call is still running after QUEUE_FOR_S (its queued start is written then)."""
         call_args = (ctx,) if tool.wants_context else ()
-        base = {"iteration": ctx.iteration, "tool": tool.name, "args": redact_tree(args)}
+        base = {"iteration": iteration, "tool": tool.name, "args": redact_tree(args) if shown is None else shown}
         in_thread = not inspect.iscoroutinefunction(tool.fn)
         try:
             if in_thread:
-                awaitable: Awaitable[Any] = in_daemon_thread(tool.fn, *call_args, **args)
+                output = await _within(in_daemon_thread(tool.fn, *call_args, **args), tool.timeout, flush)
             else:
-                awaitable = tool.fn(*call_args, **args)
-            output = await asyncio.wait_for(awaitable, timeout=tool.timeout)
+                output = await _within(tool.fn(*call_args, **args), tool.timeout, flush)
         except asyncio.TimeoutError:
             # An async tool is cancelled; a thread cannot be stopped: it is abandoned (a daemon thread
             # never keeps loopterm from exiting), and what it does from now on is not recorded.
@@ -316,6 +316,44 @@ class ToolExecutor:
             return ToolRecord(**base, ok=False, error=redact_capped(f"{exc.__class__.__name__}: {exc}", tool.output_cap))
         text = output if isinstance(output, str) else json.dumps(output, default=str)
         return ToolRecord(**base, ok=True, output=redact_capped(text, tool.output_cap))
+
+
+async def _within(awaitable: Awaitable[Any], timeout: float, flush: Callable[[], None] | None) -> Any:
+    """`asyncio.wait_for(awaitable, timeout)` (a coroutine runs as a task of its own, in a copy of the context;
+    cancelled at the timeout, which is then asyncio.TimeoutError unless it returns or raises anyway), with
+    `flush` called if it still runs after QUEUE_FOR_S. One timer at a time for both, and the task awaited
+    directly: wait_for's own future, callback and extra turn of the event loop cost more than a no-op call."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(awaitable)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    now = loop.time()
+    plan = [(now + timeout, expire)]
+    if flush is not None:
+        plan.append((now + QUEUE_FOR_S, flush))
+        plan.sort(key=lambda step: step[0])
+
+    def due() -> None:
+        nonlocal timer
+        _, action = plan.pop(0)
+        if plan:
+            timer = loop.call_at(plan[0][0], due)
+        action()
+
+    timer = loop.call_at(plan[0][0], due)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if expired and task.cancelled():
+            raise asyncio.TimeoutError() from None
+        raise
+    finally:
+        timer.cancel()
 
 
 class _DaemonThreads:
