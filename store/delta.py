@@ -64,14 +64,39 @@ def pack(text: str) -> str | bytes:
 
 def loads(text: str | bytes) -> Any:
     """JSON text (or a `pack`ed body) to Python: orjson for speed (decoding dominates reading a state
-    back), the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits)."""
-    raw = text.encode() if isinstance(text, str) else zlib.decompress(text) if text[:1] == b"x" else text
-    if raw.translate(_DIGITS).find(_LONG_NUMBER) >= 0:
-        return json.loads(raw)
+    back), the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits).
+
+    orjson reads such an integer as a float, so a result without a float needs no second look; only one
+    with a float has its text searched for a run of 19 digits (a list chunk of 64 strings: 25 -> 8 us)."""
+    raw = zlib.decompress(text) if isinstance(text, bytes) and text[:1] == b"x" else text
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+    if _has_float(value):
+        data = raw.encode() if isinstance(raw, str) else raw
+        if data.translate(_DIGITS).find(_LONG_NUMBER) >= 0:
+            return json.loads(raw)
+    return value
+
+
+def _has_float(value: Any) -> bool:
+    """Whether a tree orjson read holds a float (containers' item types taken at C speed)."""
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is not dict and kind is not list:
+        return False
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        items = node.values() if type(node) is dict else node
+        kinds = set(map(type, items))
+        if float in kinds:
+            return True
+        if dict in kinds or list in kinds:
+            stack.extend([item for item in items if type(item) is dict or type(item) is list])
+    return False
 
 
 def dumps(value: Any) -> str:
