@@ -15,8 +15,8 @@ iteration (which leaves out waiting for the disk: on a shared machine, fsync lat
 from 0.2 to 4 ms), SQLite commits per iteration (counted with the connection's trace callback
 over iterations 150-249), and with --fork the load of the state at the middle iteration from a
 fresh Store (first, then the median of 5 more) and a fork there plus 10 iterations, with its steps
-as bench/peers.py times them (plan_fork, create_fork, rebuild_workspace, Engine init, the 10 iterations). --profile prints cProfile's top
-functions by own time instead of timing windows.
+as bench/peers.py times them (plan_fork, create_fork, rebuild_workspace, Engine init, the 10
+iterations). --profile prints cProfile's top functions by own time instead of timing windows.
 """
 
 from __future__ import annotations
