@@ -57,6 +57,13 @@ def pack(text: str) -> str | bytes:
     return packed if len(packed) < len(raw) else text
 
 
+def unpack(text: str | bytes) -> bytes:
+    """The JSON text of a stored body (see `pack`), as UTF-8."""
+    if isinstance(text, str):
+        return text.encode()
+    return zlib.decompress(text) if text[:1] == b"x" else text
+
+
 def loads(text: str | bytes) -> Any:
     """JSON text (or a `pack`ed body) to Python: orjson for speed (decoding dominates reading a state
     back), the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits).
@@ -65,8 +72,7 @@ def loads(text: str | bytes) -> Any:
     (a list chunk, most often) is right as read; any other text goes to the standard library when it holds
     a run of 19 digits (found at C speed: digits mapped to "0", the rest to "."). Searching a chunk of 64
     strings cost twice orjson's parse of it (list load at 5,000: -2.4 ms)."""
-    raw = zlib.decompress(text) if isinstance(text, bytes) and text[:1] == b"x" else text
-    data = raw.encode() if isinstance(raw, str) else raw
+    data = unpack(text)
     try:
         value = orjson.loads(data) if data[:1] == b"[" else _UNREAD
     except orjson.JSONDecodeError:
