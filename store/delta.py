@@ -116,7 +116,7 @@ def copy_tree(value: Any) -> Any:
 
     Sharing the leaves is what keeps `diff` fast next time: an unchanged string
     in a long list is then the same object on both sides, compared by identity.
-    A container of leaves only is copied at C speed (a list of 5,000 strings: 1.1 -> 0.05 ms).
+    A container of leaves only is copied at C speed (a state of 5,000 strings: 0.67 -> 0.11 ms).
     """
     if isinstance(value, dict):
         if set(map(type, value.values())) <= IMMUTABLE:

@@ -15,7 +15,8 @@ little. Sizes in the keyframe rule are the stored (packed) bytes.
 
 Reading the state at n: the keyframe at or below n (one indexed query, its
 chunks in one `IN` query), then the deltas after it (one range query per
-lineage segment, at most MAX_CHAIN - 1 rows in all).
+lineage segment, at most MAX_CHAIN - 1 rows in all). A Store keeps parsed chunks
+of strings and numbers (ChunkCache), so a state read again costs its deltas.
 
 Everything here takes a `query(sql, params) -> rows` function, so the Store
 decides locking, and runs inside the caller's transaction.
@@ -23,6 +24,7 @@ decides locking, and runs inside the caller's transaction.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -213,26 +215,28 @@ class ChunkCache:
     def __init__(self) -> None:
         self._chunks: OrderedDict[str, tuple[list[Any], int]] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def get(self, digest: str) -> list[Any] | None:
-        found = self._chunks.get(digest)
-        if found is None:
-            return None
-        self._chunks.move_to_end(digest)
-        return found[0]
+        with self._lock:
+            found = self._chunks.get(digest)
+            if found is None:
+                return None
+            self._chunks.move_to_end(digest)
+            return found[0]
 
     def put(self, digest: str, items: list[Any], size: int) -> bool:
         """Keep a chunk just parsed (not to be changed by the caller); whether it was kept."""
-        if digest in self._chunks:
-            return True
         if size > self.MAX_BYTES or not set(map(type, items)) <= IMMUTABLE:
             return False
-        self._chunks[digest] = (items, size)
-        self._bytes += size
-        while self._bytes > self.MAX_BYTES:
-            _, (_, dropped) = self._chunks.popitem(last=False)
-            self._bytes -= dropped
-        return True
+        with self._lock:  # a Store's streamed reads (Store.iter_iterations) hold no lock between rows
+            if digest not in self._chunks:
+                self._chunks[digest] = (items, size)
+                self._bytes += size
+                while self._bytes > self.MAX_BYTES:
+                    _, (_, dropped) = self._chunks.popitem(last=False)
+                    self._bytes -= dropped
+            return True
 
 
 def decode_keyframe(query: Query, body_text: str | bytes, cache: dict[str, list[Any]] | None,
