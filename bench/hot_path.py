@@ -14,8 +14,9 @@ the blobs their keyframes refer to, divided by the iterations), the process's CP
 iteration (which leaves out waiting for the disk: on a shared machine, fsync latency swings
 from 0.2 to 4 ms), SQLite commits per iteration (counted with the connection's trace callback
 over iterations 150-249), and with --fork the load of the state at the middle iteration from a
-fresh Store and a fork there plus 10 iterations. --profile prints cProfile's top
-functions by own time instead of timing windows.
+fresh Store (first, then the median of 5 more) and a fork there plus 10 iterations, with its steps
+as bench/peers.py times them (plan_fork, create_fork, rebuild_workspace, Engine init, the 10
+iterations). --profile prints cProfile's top functions by own time instead of timing windows.
 """
 
 from __future__ import annotations
@@ -103,20 +104,40 @@ def run(workload: str, n: int, root: Path, *, profile: bool, fork: bool, profile
         t0 = time.perf_counter()
         fresh.state_at(done.id, at)
         result["load_ms"] = (time.perf_counter() - t0) * 1e3
+        again = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fresh.state_at(done.id, at)
+            again.append((time.perf_counter() - t0) * 1e3)
+        result["load_again_ms"] = statistics.median(again)
+        steps: dict[str, float] = {}
 
-        async def fork_and_run() -> Any:
+        def lap(name: str, since: float) -> float:
+            now = time.perf_counter()
+            steps[name] = (now - since) * 1e3
+            return now
+
+        async def fork_and_run() -> Any:  # as bench/peers.py times it: what `loopterm fork` does
+            t = time.perf_counter()
             plan = plan_fork(fresh, loop, fresh.get_run(done.id), at, reason="bench")
+            t = lap("plan", t)
             branch_id = new_run_id()
             branch = create_fork(fresh, loop, plan, run_id=branch_id, workspace=root / "ws" / branch_id)
             fresh.update_run(branch.id, max_iterations=at + 10)
             branch = fresh.get_run(branch.id)
+            t = lap("create", t)
             await rebuild_workspace(loop, fresh, branch)
+            t = lap("rebuild", t)
             child = Engine(loop, fresh, branch, client=InstantClient(), workdir=root, prior=AncestorCalls(fresh, branch))
-            return await child.run()
+            t = lap("init", t)
+            ran = await child.run()
+            lap("run10", t)
+            return ran
 
         t0 = time.perf_counter()
         branch = asyncio.run(fork_and_run())
         result["fork_ms"] = (time.perf_counter() - t0) * 1e3
+        result["fork_steps_ms"] = steps
         assert branch.iterations == at + 10, branch
         fresh.close()
     return result
@@ -157,7 +178,9 @@ def main() -> None:
             if args.json:
                 print(json.dumps({k: v for k, v in result.items() if k != "profile"}))
             else:
-                extra = (f"  load@{args.iterations // 2} {result['load_ms']:.1f} ms  fork+10 {result['fork_ms']:.0f} ms"
+                extra = (f"  load@{args.iterations // 2} {result['load_ms']:.2f} ms (again {result['load_again_ms']:.2f})"
+                         f"  fork+10 {result['fork_ms']:.1f} ms ("
+                         + " ".join(f"{k} {v:.1f}" for k, v in result["fork_steps_ms"].items()) + ")"
                          if args.fork else "")
                 print(f"{workload:5} n={args.iterations}  @{EARLY}: {result['early_ms']:.3f} ms  last: "
                       f"{result['late_ms']:.3f} ms  (x{result['late_ms'] / result['early_ms']:.2f})  mean "

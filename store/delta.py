@@ -42,11 +42,6 @@ MAX_SHIFT = 64  # a window that slid by up to this many items is found (a transc
 Path = list[str | int]
 
 
-# A run of 19 digits may be an integer outside [-2**63, 2**64), which orjson (3.13) reads as a float without
-# complaint: such texts go to the standard library. Found at C speed (digits mapped to "0", the rest to ".").
-_DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x2E for c in range(256))
-_LONG_NUMBER = b"0" * 19
-
 
 PACK_ABOVE = 200  # bytes: a stored state body longer than this is kept zlib-compressed when that is smaller
 PACK_LEVEL = 6
@@ -62,16 +57,45 @@ def pack(text: str) -> str | bytes:
     return packed if len(packed) < len(raw) else text
 
 
+def unpack(text: str | bytes) -> bytes:
+    """The JSON text of a stored body (see `pack`), as UTF-8."""
+    if isinstance(text, str):
+        return text.encode()
+    return zlib.decompress(text) if text[:1] == b"x" else text
+
+
 def loads(text: str | bytes) -> Any:
     """JSON text (or a `pack`ed body) to Python: orjson for speed (decoding dominates reading a state
-    back), the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits)."""
-    raw = text.encode() if isinstance(text, str) else zlib.decompress(text) if text[:1] == b"x" else text
-    if raw.translate(_DIGITS).find(_LONG_NUMBER) >= 0:
-        return json.loads(raw)
+    back), the standard library for what orjson refuses (NaN) or would read wrong (integers beyond 64 bits).
+
+    orjson reads an integer beyond 64 bits as a float, so a list of strings, integers, booleans and nulls
+    (a list chunk, most often) is right as read; any other text goes to the standard library when it holds
+    a run of 19 digits (found at C speed: digits mapped to "0", the rest to "."). Searching a chunk of 64
+    strings cost twice orjson's parse of it (list load at 5,000: -2.4 ms)."""
+    raw = zlib.decompress(text) if isinstance(text, bytes) and text[:1] == b"x" else text
+    value = _UNREAD
+    if raw[:1] in ("[", b"["):  # orjson reads a str's UTF-8 as it is: no copy of a chunk's text
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return json.loads(raw)
+        if set(map(type, value)) <= _NO_FLOAT:
+            return value
+    data = raw.encode() if isinstance(raw, str) else raw
+    if data.translate(_DIGITS).find(_LONG_NUMBER) >= 0:
+        return json.loads(data)
+    if value is not _UNREAD:
+        return value
     try:
-        return orjson.loads(raw)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(raw)
+        return json.loads(data)
+
+
+_UNREAD = object()
+_NO_FLOAT = frozenset({str, int, bool, type(None)})
+_DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x2E for c in range(256))
+_LONG_NUMBER = b"0" * 19
 
 
 def dumps(value: Any) -> str:
@@ -84,15 +108,23 @@ def content_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+IMMUTABLE = frozenset({str, int, float, bool, type(None)})  # leaves a copy may share
+
+
 def copy_tree(value: Any) -> Any:
     """A copy of the containers of a JSON tree (tuples become lists); scalars are shared, being immutable.
 
     Sharing the leaves is what keeps `diff` fast next time: an unchanged string
     in a long list is then the same object on both sides, compared by identity.
+    A container of leaves only is copied at C speed (a state of 5,000 strings: 0.67 -> 0.11 ms).
     """
     if isinstance(value, dict):
+        if set(map(type, value.values())) <= IMMUTABLE:
+            return dict(value)
         return {key: copy_tree(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
+        if set(map(type, value)) <= IMMUTABLE:
+            return list(value)
         return [copy_tree(item) for item in value]
     return value
 

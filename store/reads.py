@@ -20,7 +20,9 @@ from loopterm.store.states import (
     LINEAGE_SQL,
     NO_END,
     DamagedStateError,
+    ChunkCache,
     Head,
+    chain_head,
     decode_keyframe,
     fetch_blobs,
     load_state,
@@ -44,6 +46,14 @@ class LineageReads:
     _lock: threading.RLock
     _heads: OrderedDict[str, Head]
     _path: Any
+    _kept: ChunkCache | None = None  # created at the first read that needs it
+
+    @property
+    def _chunk_cache(self) -> ChunkCache:
+        """Parsed list chunks kept across reads (a state read twice, a fork's plan then its engine)."""
+        if self._kept is None:
+            self._kept = ChunkCache()
+        return self._kept
 
     if TYPE_CHECKING:  # the Store's own
         def _query(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]: ...
@@ -67,7 +77,7 @@ class LineageReads:
             rows = self._rows("iterations", "run_id = ? AND n = ?", [holder, n])
             if not rows:
                 return None
-            return self._record(rows[0], load_state(self._query, segs, n), {})
+            return self._record(rows[0], load_state(self._query, segs, n, self._chunk_cache), {})
 
     def last_iterations(self, run_id: str, k: int) -> list[IterationRecord]:
         """The last k committed iterations of the run's lineage, oldest first."""
@@ -91,7 +101,8 @@ class LineageReads:
                 # What a resuming engine (or a branch's first iteration) will take its next delta
                 # against: keep a copy now rather than rebuild that state again at its commit.
                 last = records[-1]
-                self._heads[run_id] = Head(last.n, copy_tree(last.state))
+                segs = segments(self._query, run_id, last.n)
+                self._heads[run_id] = chain_head(self._query, segs, last.n, copy_tree(last.state))
             return records
 
     def iterations(self, run_id: str, own_only: bool = False) -> list[IterationRecord]:
@@ -156,11 +167,11 @@ class LineageReads:
                     if len(chunks) > SECTIONS_KEPT:
                         chunks.clear()
                     if keyframe:
-                        state = decode_keyframe(self._query, body, chunks)
+                        state = decode_keyframe(self._query, body, chunks, self._chunk_cache)
                     elif state is not None and at == n - 1:
                         state = apply_copy(state, decode_delta(body))
                     else:
-                        state = load_state(self._query, segments(self._query, holder, n), n)
+                        state = load_state(self._query, segments(self._query, holder, n), n, self._chunk_cache)
                     at = n
                     if len(sections) > SECTIONS_KEPT:
                         sections.clear()
@@ -191,7 +202,7 @@ class LineageReads:
             if n == 0:
                 return None
             try:
-                return load_state(self._query, segs, n)
+                return load_state(self._query, segs, n, self._chunk_cache)
             except KeyError:
                 raise KeyError(f"run {run_id} has no iteration {n}") from None
 

@@ -15,7 +15,8 @@ little. Sizes in the keyframe rule are the stored (packed) bytes.
 
 Reading the state at n: the keyframe at or below n (one indexed query, its
 chunks in one `IN` query), then the deltas after it (one range query per
-lineage segment, at most MAX_CHAIN - 1 rows in all).
+lineage segment, at most MAX_CHAIN - 1 rows in all). A Store keeps parsed chunks
+of strings and numbers (ChunkCache), so a state read again costs its deltas.
 
 Everything here takes a `query(sql, params) -> rows` function, so the Store
 decides locking, and runs inside the caller's transaction.
@@ -23,14 +24,18 @@ decides locking, and runs inside the caller's transaction.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loopterm.store.delta import (
+    IMMUTABLE,
     apply,
     apply_delta,
     copy_tree,
+    decode_delta,
     diff,
     encode_delta,
     join_keyframe,
@@ -39,6 +44,7 @@ from loopterm.store.delta import (
     pack,
     split_keyframe,
     touched,
+    unpack,
 )
 
 MAX_CHAIN = 32  # a keyframe at least every this many iterations: a read applies fewer deltas than this
@@ -198,20 +204,76 @@ def _keyframe(query: Query, segs: list[Segment], n: int) -> tuple[str, int, str]
     return None
 
 
-def decode_keyframe(query: Query, body_text: str, cache: dict[str, list[Any]] | None) -> dict[str, Any]:
+class ChunkCache:
+    """Parsed list chunks by hash, kept across reads of one Store: only chunks of immutable items (strings,
+    numbers), so a state built from them is still fresh (its lists are new, only the items are shared).
+    A chunk's hash names its content, so an entry never goes stale. The least recently used go first once
+    the texts they were parsed from pass MAX_BYTES."""
+
+    MAX_BYTES = 8 << 20
+
+    def __init__(self) -> None:
+        self._chunks: OrderedDict[str, tuple[list[Any], int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> list[Any] | None:
+        with self._lock:
+            found = self._chunks.get(digest)
+            if found is None:
+                return None
+            self._chunks.move_to_end(digest)
+            return found[0]
+
+    def put(self, digest: str, items: list[Any], size: int) -> bool:
+        """Keep a chunk just parsed (not to be changed by the caller); whether it was kept."""
+        if size > self.MAX_BYTES or not set(map(type, items)) <= IMMUTABLE:
+            return False
+        with self._lock:  # a Store's streamed reads (Store.iter_iterations) hold no lock between rows
+            if digest not in self._chunks:
+                self._chunks[digest] = (items, size)
+                self._bytes += size
+                while self._bytes > self.MAX_BYTES:
+                    _, (_, dropped) = self._chunks.popitem(last=False)
+                    self._bytes -= dropped
+            return True
+
+
+def decode_keyframe(query: Query, body_text: str | bytes, cache: dict[str, list[Any]] | None,
+                    kept: ChunkCache | None = None) -> dict[str, Any]:
     """The state of a keyframe. With `cache` (parsed chunks by hash, filled here), chunk items are
-    shared with other states decoded through the same cache; without, everything is fresh."""
+    shared with other states decoded through the same cache; without, everything is fresh. `kept`
+    (a Store's ChunkCache) answers first, and keeps what was fetched."""
     body = loads(body_text)
     hashes = keyframe_hashes(body)
     if not hashes:
         return join_keyframe(body, lambda digest: [])
+    parsed: dict[str, list[Any]] = {}
+    if kept is not None:
+        for digest in hashes:
+            items = kept.get(digest)
+            if items is not None:
+                parsed[digest] = items
     if cache is None:  # one state: fresh objects for the caller, even where two lists share a chunk
-        texts = fetch_blobs(query, hashes)
-        return join_keyframe(body, lambda digest: loads(texts[digest]))
+        missing = [digest for digest in hashes if digest not in parsed]
+        texts = fetch_blobs(query, missing) if missing else {}
+
+        def chunk(digest: str) -> list[Any]:
+            items = parsed.get(digest)  # kept: immutable items, which two lists may share
+            if items is None:
+                items = loads(texts[digest])
+                if kept is not None and kept.put(digest, items, len(texts[digest])):
+                    parsed[digest] = items
+            return items
+
+        return join_keyframe(body, chunk)
+    cache.update(parsed)
     missing = [digest for digest in hashes if digest not in cache]
     if missing:
         for digest, text in fetch_blobs(query, missing).items():
             cache[digest] = loads(text)
+            if kept is not None:
+                kept.put(digest, cache[digest], len(text))
     return join_keyframe(body, cache.__getitem__)
 
 
@@ -231,18 +293,41 @@ def _rows(query: Query, segs_root_first: list[Segment], after: int, upto: int) -
             start = rows[-1][0]
 
 
-def load_state(query: Query, segs: list[Segment], n: int) -> dict[str, Any]:
+def chain_head(query: Query, segs: list[Segment], n: int, state: dict[str, Any]) -> Head:
+    """A Head for `state`, the state at iteration n, with the chain behind it read from the rows (no chunk is
+    fetched): the next iteration is then a delta, not a keyframe re-serialising every list (a branch's first
+    iteration, a resumed run's), and a later keyframe writes only new chunks. Without a keyframe: a bare Head."""
+    found = _keyframe(query, segs, n)
+    if found is None:
+        return Head(n, state)
+    _, at, body = found
+    memo: dict[tuple[str | int, ...], list[str]] = {}
+    text = unpack(body)
+    if b'"c":' in text:  # chunked lists (else the body need not be parsed: a whole state, 0.3 ms for 200 records)
+        # Every chunk but a list's last is full (see delta._chunks): these hashes stay valid while the list grows.
+        memo = {tuple(path): hashes[:-1] for path, hashes in loads(text).get("c", ()) if len(hashes) > 1}
+    chain, delta_bytes = 0, 0
+    for _, m, keyframe, delta in _rows(query, segs[::-1], at, n):
+        if keyframe or m != at + 1:
+            return Head(n, state)
+        if memo:
+            touched(memo, decode_delta(delta))
+        at, chain, delta_bytes = m, chain + 1, delta_bytes + len(delta)
+    return Head(n, state, memo, chain, delta_bytes, len(body)) if at == n else Head(n, state)
+
+
+def load_state(query: Query, segs: list[Segment], n: int, kept: ChunkCache | None = None) -> dict[str, Any]:
     """The state at iteration n of the lineage `segs` (fresh objects); KeyError if n is not stored."""
-    return load_head(query, segs, n).state
+    return load_head(query, segs, n, kept).state
 
 
-def load_head(query: Query, segs: list[Segment], n: int) -> Head:
+def load_head(query: Query, segs: list[Segment], n: int, kept: ChunkCache | None = None) -> Head:
     """The state at iteration n with the chain behind it (for the next put_state); KeyError if n is not stored."""
     found = _keyframe(query, segs, n)
     if found is None:
         raise KeyError(n)
     _, at, body = found
-    state = decode_keyframe(query, body, None)
+    state = decode_keyframe(query, body, None, kept)
     chain, delta_bytes = 0, 0
     for _, m, keyframe, text in _rows(query, segs[::-1], at, n):
         if keyframe or m != at + 1:
