@@ -11,16 +11,15 @@ by each tool's rewind policy instead of being fired again silently.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from loopterm.core.decision import MAX_STATE_DEPTH, json_path, json_problem, short_repr, unreadable_json
+from loopterm.core.decision import MAX_STATE_DEPTH, json_path, json_problem, short_repr, surely_storable, unreadable_json
 from loopterm.core.errors import ConfigError
 from loopterm.core.loop import Loop
 from loopterm.core.mcp_tools import McpToolError
@@ -29,7 +28,6 @@ from loopterm.core import runlog as log
 from loopterm.core.fold import fold
 from loopterm.core.records import IterationRecord, RunRecord, ToolCallRecord
 from loopterm.core.runlog import EventRecord
-from loopterm.core.shadow import mark_shadow
 from loopterm.core.termination import Status
 from loopterm.core.tools import ToolContext
 
@@ -41,7 +39,7 @@ class History(Protocol):
 
     def get_run(self, run_id: str) -> RunRecord: ...
 
-    def create_run(self, run: RunRecord) -> None: ...
+    def create_run(self, run: RunRecord, events: Sequence[tuple[str, log.RunEvent, int | None]] = ()) -> None: ...
 
     def append_event(self, run_id: str, event: log.RunEvent, iteration: int | None = None) -> Any: ...
 
@@ -233,50 +231,6 @@ def plan_fork(
     )
 
 
-_LEAVES = frozenset({str, int, bool, float, type(None), dict, list})
-
-
-def surely_storable(value: Any, max_depth: int) -> bool:
-    """True when `json_problem(value, max_depth)` would find nothing, decided a container at a time at C
-    speed (a state of 5,000 strings: 10.2 -> 0.6 ms); False means "not known": json_problem then says what.
-
-    Plain JSON types only; a float must be finite, an integer within 64 bits, a string (or key) without
-    a surrogate, no container at max_depth or below."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    texts: list[str] = []
-    while stack:
-        node, depth = stack.pop()
-        if depth >= max_depth:
-            return False
-        if type(node) is dict:
-            if not set(map(type, node)) <= {str}:
-                return False
-            texts.extend(node)
-            items: Any = node.values()
-        elif type(node) is list:
-            items = node
-        else:
-            return False
-        kinds = set(map(type, items))
-        if not kinds <= _LEAVES:
-            return False
-        if float in kinds and not all(map(math.isfinite, [x for x in items if type(x) is float])):
-            return False
-        if int in kinds:
-            ints = [x for x in items if type(x) is int]
-            if min(ints) < -(2**63) or max(ints) >= 2**63:
-                return False
-        if str in kinds:
-            texts.extend([x for x in items if type(x) is str])
-        if dict in kinds or list in kinds:
-            stack.extend([(x, depth + 1) for x in items if type(x) is dict or type(x) is list])
-    try:  # a surrogate is what UTF-8 cannot encode; ASCII text (flagged by CPython) cannot hold one
-        "".join([text for text in texts if not text.isascii()]).encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def side_effects_after(history: History, loop: Loop, parent: RunRecord, at: int) -> list[SideEffectCall]:
     """The side-effecting calls the parent's lineage made after `at`: what a branch may reach again."""
     calls: list[SideEffectCall] = []
@@ -313,17 +267,16 @@ def create_fork(history: History, loop: Loop, plan: ForkPlan, *, run_id: str, wo
         parent_run=parent.id, fork_iteration=plan.at, origin="fork",
         max_iterations=max(parent.max_iterations, plan.at + 1), budget=parent.budget, iterations=plan.at,
     )
-    history.create_run(run)
-    history.append_event(run_id, log.Forked(
+    events: list[tuple[str, log.RunEvent, int | None]] = [(run_id, log.Forked(
         parent=parent.id, at=plan.at, reason=plan.reason, model=plan.model,
         patches=[{"path": path, "value": value} for path, value in plan.patches], relaxed=plan.relaxed,
         patched_state=plan.state if plan.patches else None,
-    ), plan.at)
-    for name, why in plan.relaxed.items():
-        history.append_event(run_id, log.InvariantRelaxed(invariant=name, reason=why), plan.at)
+    ), plan.at)]
+    events += [(run_id, log.InvariantRelaxed(invariant=name, reason=why), plan.at) for name, why in plan.relaxed.items()]
     if fold(history.events(parent.id)).shadow:  # a branch of a shadow run is one too: it proposes, nothing runs
-        mark_shadow(history, run_id, why=f"branch of shadow run {parent.id}")
-    history.append_event(parent.id, log.Branched(child=run_id, at=plan.at, reason=plan.reason), plan.at)
+        events.append((run_id, log.ShadowMode(why=f"branch of shadow run {parent.id}"), None))
+    events.append((parent.id, log.Branched(child=run_id, at=plan.at, reason=plan.reason), plan.at))
+    history.create_run(run, events)  # one transaction: a crash leaves the whole branch or none of it
     return run
 
 

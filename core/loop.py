@@ -10,6 +10,7 @@ traceback halfway through a run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -181,7 +182,7 @@ class Loop(BaseModel):
         spec: dict[str, Any] = {
             "name": self.name,
             "goal": self.goal,
-            "state": self.state.model_json_schema(),
+            "state": _state_schema(self.state),
             "tools": {t.name: t.schema() for t in self.tools},
             "gates": [g.model_dump() for g in self.gates],
             "invariants": [i.name for i in self.invariants],
@@ -190,3 +191,10 @@ class Loop(BaseModel):
         if self.mcp_servers:  # the declarations, not the tools they list (a server's list may change)
             spec["mcp_servers"] = [s.model_dump(mode="json") for s in self.mcp_servers]
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _state_schema(state: type[LoopState]) -> dict[str, Any]:
+    """A state class's JSON schema (read, never changed, by spec_hash): building it took 2.4 ms of a fork's
+    4.3 on a 5,000-item state, and a class's fields are fixed once it is defined."""
+    return state.model_json_schema()

@@ -320,9 +320,10 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
 
     # -- runs ------------------------------------------------------------------
 
-    def create_run(self, run: RunRecord) -> None:
-        """Record a new run; under a daily budget, checked against it and what active runs hold in this same
-        transaction, so two processes or hosts cannot both pass it (store/reservations.py)."""
+    def create_run(self, run: RunRecord, events: Sequence[tuple[str, RunEvent, int | None]] = ()) -> None:
+        """Record a new run, and `events` (run id, event, iteration: a branch's Forked, its parent's Branched)
+        with it: all or nothing. Under a daily budget, checked against it and what active runs hold in this
+        same transaction, so two processes or hosts cannot both pass it (store/reservations.py)."""
         with self._write():
             daily = self.daily_budget()
             if daily is not None:
@@ -330,6 +331,8 @@ class Store(LineageReads, CallJournal, Coordination, MemoryAccess, LedgerAccess)
                     self._conn.execute("SELECT pg_advisory_xact_lock(?)", [reservations.DAILY_LOCK])
                 reservations.check_new_run(self._conn, run, daily)
             self._insert_row("runs", to_row("runs", run))
+            for run_id, event, iteration in events:
+                self._insert_event(run_id, event, iteration)
 
     def held_usd(self, exclude: str | None = None) -> float:
         """What active runs (all but `exclude`) may still spend under their USD budgets (reservations.py)."""

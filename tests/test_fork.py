@@ -301,3 +301,36 @@ def test_the_fold_says_what_was_patched_and_relaxed_at_the_fork(
     assert point.relaxed == {"solution_only": "a reviewer said so"}
     assert point.state is not None and point.state["memory"]["subgoal"] == "advice" and point.state["max_facts"] == 3
     assert fold(store.events(parent)).fork_point is None  # the parent is no branch
+
+
+def test_a_branch_is_created_whole_or_not_at_all(codefix_db: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The branch's run, its Forked and relaxed-invariant events and the parent's Branched are one transaction:
+    a failure while writing the last leaves no run without the events that say what it is."""
+    from loopterm.core.fork import create_fork, plan_fork
+    from loopterm.core.loader import load_loop
+    from loopterm.core.runlog import Branched
+    from loopterm.store import Store
+
+    db, parent = codefix_db
+    loop, _ = load_loop("codefix")
+    store = Store.open(db, create=False)
+    try:
+        plan = plan_fork(store, loop, store.get_run(parent), 1, relax=["solution_only"], reason="try")
+        insert_event = Store._insert_event
+
+        def failing(self: Store, run_id: str, event: Any, iteration: int | None) -> Any:
+            if isinstance(event, Branched):
+                raise OSError("disk full")
+            return insert_event(self, run_id, event, iteration)
+
+        monkeypatch.setattr(Store, "_insert_event", failing)
+        with pytest.raises(OSError):
+            create_fork(store, loop, plan, run_id="b0000000000a", workspace=Path("ws") / "b")
+        assert [r.id for r in store.list_runs()] == [parent]
+        monkeypatch.setattr(Store, "_insert_event", insert_event)
+        branch = create_fork(store, loop, plan, run_id="b0000000000a", workspace=Path("ws") / "b")
+        kinds = [type(e.event).__name__ for e in store.events(branch.id)]
+        assert kinds == ["Forked", "InvariantRelaxed"]
+        assert [e.event.child for e in store.events(parent) if isinstance(e.event, Branched)] == [branch.id]
+    finally:
+        store.close()
