@@ -152,3 +152,23 @@ def test_deltas_as_big_as_the_state_keyframe_often(tmp_path: Path) -> None:
     assert gaps and max(gaps) <= states_module.KEYFRAME_AFTER + 1
     assert store.state_at("run-0001", 98) == {"rows": [f"98-{i}" for i in range(20)]}
     store.close()
+
+
+@pytest.mark.parametrize("text", [
+    '{"note":"4fd799567537654599933662","n":1}',  # a long run of digits in a string: orjson reads it right
+    '{"a":"12345678901234567890123","b":12345678901234567890123}',
+    '{"x": [1, -18446744073709551617], "y": {"z":\n 18446744073709551616}}',
+    '-12345678901234567890', '[ "a", 99999999999999999999 ]', '{"f":1.00000000000000000000001}',
+    '{"t":"x:1234567890123456789012","u":[1.5, 9223372036854775807, -9223372036854775808]}',
+])
+def test_stored_json_reads_back_exactly_with_long_digit_runs(text: str) -> None:
+    """Integers beyond 64 bits go to the standard library (orjson would read a float); a run of digits in a
+    string does not send the text there, and nothing is read differently either way."""
+    import json
+
+    from loopterm.store.delta import loads, pack
+
+    expected = json.loads(text)
+    for stored in (text, text.encode(), pack(text)):
+        value = loads(stored)
+        assert value == expected and repr(value) == repr(expected)
