@@ -302,10 +302,17 @@ def chain_head(query: Query, segs: list[Segment], n: int, state: dict[str, Any])
         return Head(n, state)
     _, at, body = found
     memo: dict[tuple[str | int, ...], list[str]] = {}
+    cost = len(body)  # what the next keyframe will write, as put_state counts a keyframe's cost
     text = unpack(body)
     if b'"c":' in text:  # chunked lists (else the body need not be parsed: a whole state, 0.3 ms for 200 records)
+        refs = loads(text).get("c", ())
         # Every chunk but a list's last is full (see delta._chunks): these hashes stay valid while the list grows.
-        memo = {tuple(path): hashes[:-1] for path, hashes in loads(text).get("c", ()) if len(hashes) > 1}
+        memo = {tuple(path): hashes[:-1] for path, hashes in refs if len(hashes) > 1}
+        lasts = list({hashes[-1] for _, hashes in refs if hashes})  # written again by the next keyframe
+        for start in range(0, len(lasts), IN_BATCH):
+            batch = lasts[start : start + IN_BATCH]
+            cost += sum(size for (size,) in query(
+                f"SELECT length(body) FROM blobs WHERE hash IN ({','.join('?' * len(batch))})", batch))
     chain, delta_bytes = 0, 0
     for _, m, keyframe, delta in _rows(query, segs[::-1], at, n):
         if keyframe or m != at + 1:
@@ -313,7 +320,7 @@ def chain_head(query: Query, segs: list[Segment], n: int, state: dict[str, Any])
         if memo:
             touched(memo, decode_delta(delta))
         at, chain, delta_bytes = m, chain + 1, delta_bytes + len(delta)
-    return Head(n, state, memo, chain, delta_bytes, len(body)) if at == n else Head(n, state)
+    return Head(n, state, memo, chain, delta_bytes, cost) if at == n else Head(n, state)
 
 
 def load_state(query: Query, segs: list[Segment], n: int, kept: ChunkCache | None = None) -> dict[str, Any]:

@@ -802,3 +802,59 @@ def test_intent_prompts_are_unchanged(store: Store) -> None:
     intent = Intent(**{**make_intent("run-0001", 1).model_dump(), "prompt": [{"role": "system", "content": "a\n\nb" * 100}]})
     store.save_intent(intent)
     assert store.load_intent("run-0001", 1) == intent
+
+
+# -- what a Store keeps between reads (issue 15, third round) ---------------------------
+
+
+def strings_state(n: int) -> dict[str, Any]:
+    """A list of strings long enough to be chunked in keyframes (chunks of strings are kept parsed)."""
+    return {"step": n, "items": [f"item {i:05d} " + "y" * 40 for i in range(n)]}
+
+
+def test_states_built_from_kept_chunks_are_still_independent(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.db") as s:
+        s.create_run(make_run())
+        for n in range(1, 301):
+            s.commit_iteration(it("run-0001", n, strings_state(n)), {})
+    with Store.open(tmp_path / "s.db") as s:  # fresh: the first read parses the chunks, the next reuse them
+        first = s.state_at("run-0001", 250)
+        second = s.state_at("run-0001", 250)
+        assert first == second == strings_state(250) and first["items"] is not second["items"]
+        first["items"][0] = "changed"
+        first["items"].append("appended")
+        assert s.state_at("run-0001", 250) == strings_state(250)
+        assert s.state_at("run-0001", 200) == strings_state(200)  # the shared chunks, another length
+
+
+def test_a_reopened_run_stores_what_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    """A resumed (or branched) run's first iteration extends the chain it found (a delta, new chunks only),
+    as if the process had never stopped: reopening changes nothing that is stored."""
+    with Store.open(tmp_path / "a.db") as a:
+        a.create_run(make_run())
+        for n in range(1, 161):
+            a.commit_iteration(it("run-0001", n, strings_state(n)), {})
+        flags = dict(a._conn.execute("SELECT n, keyframe FROM states").fetchall())
+    stop = next(n for n in range(100, 150) if not flags[n + 1] and not flags[n])  # the next one is a delta
+    with Store.open(tmp_path / "b.db") as b:
+        b.create_run(make_run())
+        for n in range(1, stop + 1):
+            b.commit_iteration(it("run-0001", n, strings_state(n)), {})
+    with Store.open(tmp_path / "b.db") as b:
+        assert [r.n for r in b.last_iterations("run-0001", 1)] == [stop]  # what a resuming engine reads
+        for n in range(stop + 1, 161):
+            b.commit_iteration(it("run-0001", n, strings_state(n)), {})
+        assert dict(b._conn.execute("SELECT n, keyframe FROM states").fetchall()) == flags
+        assert b.state_at("run-0001", 160) == strings_state(160)
+
+
+def test_the_chunk_cache_keeps_scalars_only_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loopterm.store.states import ChunkCache
+
+    monkeypatch.setattr(ChunkCache, "MAX_BYTES", 100)
+    cache = ChunkCache()
+    assert not cache.put("dicts", [{"a": 1}], 10)  # a mutable item would be shared between states
+    assert cache.put("a", ["x"], 40) and cache.put("b", ["y"], 40)
+    assert cache.get("a") == ["x"]  # now the most recently used
+    assert cache.put("c", ["z"], 40)  # over 100 bytes: the least recently used goes
+    assert cache.get("b") is None and cache.get("a") == ["x"] and cache.get("c") == ["z"]
