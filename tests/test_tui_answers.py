@@ -194,8 +194,8 @@ async def edit_unchanged_after_the_run_moved(pilot: Any, app: LooptermApp, run_i
     facts = len(app.store.state_at(run_id, m)["memory"]["facts"])
     editor.query_one("#reason", Input).value = "keep it as it was"
     await pilot.press("ctrl+s")
-    await until(pilot, lambda: isinstance(app.screen, EditStateScreen) and app.screen is not editor,
-                "the editor again, after the refusal", 30)
+    await until(pilot, lambda: isinstance(app.screen, EditStateScreen) and app.screen is not editor
+                and bool(app.screen.query("#state-json")), "the editor again, after the refusal, composed", 30)
     return k, m, facts
 
 
