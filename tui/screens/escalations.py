@@ -54,6 +54,11 @@ class Waiting:
         return self.now is not None
 
     @property
+    def pending_ids(self) -> frozenset[int]:
+        """The event ids of everything unanswered (what it waits on now and anything older)."""
+        return frozenset(p.event_id for p in (self.escalation, *self.approvals, self.side_effect) if p is not None)
+
+    @property
     def what(self) -> str:
         now = self.now
         if isinstance(now, PendingApproval):
@@ -210,7 +215,9 @@ class EscalationScreen(Screen[bool]):
         self.run_id = run_id
         self.waiting_item: Waiting | None = None
         self._shown = ""
-        self._answered_here = False  # an approval was answered from here: close once nothing waits
+        # An approval answered from here: the event ids of all that waited then. The screen closes once none of
+        # them waits any more, whatever the run asked after (so where the person lands never depends on timing).
+        self._answered_here: frozenset[int] | None = None
 
     @property
     def lapp(self) -> "LooptermApp":
@@ -243,7 +250,7 @@ class EscalationScreen(Screen[bool]):
         item = self.waiting_item
         if bool(item.approvals) != had_approvals:
             self.refresh_bindings()
-        if self._answered_here and not item.waiting:
+        if self._answered_here is not None and not self._answered_here & item.pending_ids:
             self.close_answered()
             return
         palette = self.lapp.palette
@@ -411,12 +418,15 @@ class EscalationScreen(Screen[bool]):
         self.lapp.open_edit_state(self.run_id)
 
     def action_approve(self) -> None:
-        self._answered_here = True
-        self.lapp.open_approval(self.run_id, deny=False)
+        self._answer_approval(deny=False)
 
     def action_deny(self) -> None:
-        self._answered_here = True
-        self.lapp.open_approval(self.run_id, deny=True)
+        self._answer_approval(deny=True)
+
+    def _answer_approval(self, *, deny: bool) -> None:
+        if self.waiting_item is not None:
+            self._answered_here = self.waiting_item.pending_ids
+        self.lapp.open_approval(self.run_id, deny=deny)
 
     def action_resume(self) -> None:
         refusal = self.lapp.resume_refusal(self.run_id)
