@@ -119,26 +119,25 @@ _LEAVES = frozenset({str, int, bool, float, type(None), dict, list})
 
 
 def surely_storable(value: Any, max_depth: int) -> bool:
-    """True when `json_problem(value, max_depth)` would find nothing, decided a container at a time at C
-    speed (a state of 5,000 strings: 10.2 -> 0.6 ms); False means "not known": json_problem then says what.
+    """True when `json_problem(value, max_depth)` would find nothing, decided a whole level of the tree at a
+    time at C speed (a state of 5,000 strings: 10.2 -> 0.6 ms; of 200 records of 5 fields: 0.3 -> 0.18 ms,
+    where a container at a time took 0.46); False means "not known": json_problem then says what.
 
     Plain JSON types only; a float must be finite, an integer within 64 bits, a string (or key) without
     a surrogate, no container at max_depth or below."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    if type(value) is not dict and type(value) is not list:
+        return False
+    level: list[Any] = [value]
     texts: list[str] = []
-    while stack:
-        node, depth = stack.pop()
-        if depth >= max_depth:
+    for _ in range(max_depth):  # `level`: every container at this depth, each a dict or a list
+        dicts = [node for node in level if type(node) is dict]
+        try:
+            texts.append("".join([key for node in dicts for key in node]))  # refuses a key that is not text
+        except TypeError:
             return False
-        if type(node) is dict:
-            if not set(map(type, node)) <= {str}:
-                return False
-            texts.extend(node)
-            items: Any = node.values()
-        elif type(node) is list:
-            items = node
-        else:
-            return False
+        items = [item for node in dicts for item in node.values()]
+        if len(dicts) < len(level):
+            items.extend([item for node in level if type(node) is list for item in node])
         kinds = set(map(type, items))
         if not kinds <= _LEAVES:
             return False
@@ -150,10 +149,14 @@ def surely_storable(value: Any, max_depth: int) -> bool:
                 return False
         if str in kinds:
             texts.extend([x for x in items if type(x) is str])
-        if dict in kinds or list in kinds:
-            stack.extend([(x, depth + 1) for x in items if type(x) is dict or type(x) is list])
+        if dict not in kinds and list not in kinds:
+            break
+        level = [x for x in items if type(x) is dict or type(x) is list]
+    else:
+        return False  # a container at max_depth
+    text = "".join(texts)
     try:  # a surrogate is what UTF-8 cannot encode; ASCII text (flagged by CPython) cannot hold one
-        "".join([text for text in texts if not text.isascii()]).encode()
+        text.isascii() or text.encode()
     except UnicodeEncodeError:
         return False
     return True
