@@ -20,7 +20,8 @@ new database, alternating loopterm and LangGraph so that drift in the machine hi
 run gives the median of the 50 intervals around iteration 100; the long run's own figure is kept as
 context and for the growth ratio); the first load of the state at N/2 and the fork at N/2 + 10 are
 repeated R times in each long phase, each on a freshly opened store or saver (a new branch each
-time). A default full run takes about 15 minutes on 2 cores (see bench/README.md).
+time). A default full run took 3.3 minutes on 2 cores (2026-12-08), of which the repeats are about
+40 s (the 30 short runs' child processes, about 1 s each); see bench/README.md.
 
 LangGraph's growing-list database grows with the square of the run (about 10 GB at 10,000): the
 free disk is checked first, and `--langgraph-iterations` runs LangGraph shorter on every
