@@ -1,10 +1,12 @@
 """One system on one workload, in a child process: the measuring half of timetravel.py and shapes.py.
 
-`run_phase(system, workload, n, at, ...)` starts a fresh interpreter on this file, which runs the
-workload (bench/workloads.py) for n iterations on that system, loads the state at `at` from a
-freshly opened store, forks there for 10 more iterations, and hands back the figures as JSON.
-Each phase gets its own process so neither system's heap or RSS high-water mark leaks into the
-other's figures.
+`run_phase(system, workload, n, at, ..., repeats=R)` starts a fresh interpreter on this file, which
+runs the workload (bench/workloads.py) for n iterations on that system, then R times opens the store
+afresh, loads the state at `at` (the first call on that store) and forks there for 10 more
+iterations (a new branch each time), and hands back the figures as JSON: medians, and every sample.
+`run_phase(..., short=True)` only runs n iterations on a new database (`short_phase`), for the time
+per iteration around iteration 100 from many short runs. Each phase gets its own process so neither
+system's heap or RSS high-water mark leaks into the other's figures.
 
   loopterm   the real engine (`Engine`) on the real store (`Store`, SQLite, each iteration
              committed), an in-process client answering instantly (as in engine_overhead.py),
@@ -18,9 +20,10 @@ other's figures.
 Measured: per-iteration start-to-start wall time (node entries for LangGraph, `IterationStarted`
 events for loopterm); on-disk bytes per table from SQLite's `dbstat`; find (LangGraph's
 `get_state_history(filter={"step": at})`; loopterm addresses an iteration by (run, n)); load
-(`Store.state_at` / `graph.get_state`, fresh store, checked against the workload's expected
-values); fork + 10 (plan_fork, create_fork, rebuild_workspace and an Engine run, what
-`loopterm fork` does / update_state + invoke(None)); ru_maxrss.
+(`Store.state_at` / `graph.get_state`, first call on a freshly opened store or saver, checked
+against the workload's expected values; then 5 more on the same one); fork + 10 (plan_fork,
+create_fork, rebuild_workspace and an Engine run, what `loopterm fork` does / update_state on the
+same checkpoint + invoke(None), each fork's end state checked); ru_maxrss.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ WINDOW = 50
 EARLY = 100
 FORK_STEPS = 10
 LOAD_REPEATS = 5
+SHORT = EARLY + WINDOW + 50  # a short run: enough for the window around iteration 100, and a margin
+THREAD = {"configurable": {"thread_id": "bench"}}  # LangGraph's one thread
 
 
 def rss_mb() -> float:
@@ -129,16 +134,13 @@ def loopterm_loop(workload: Workload, n: int) -> tuple[Any, Any]:
     return loop, InstantClient
 
 
-def loopterm_phase(workload: Workload, n: int, at: int, root: Path) -> dict[str, Any]:
-    from loopterm.core.creation import new_run_id
+def loopterm_run(workload: Workload, n: int, root: Path, db: Path) -> tuple[Any, Any, Any, list[float], float]:
+    """Run the workload for n iterations on a new store at `db`: (loop, client class, run, intervals, seconds)."""
     from loopterm.core.engine import Engine
     from loopterm.core.events import IterationStarted
-    from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
     from loopterm.store import Store
 
-    baseline = rss_mb()
     loop, InstantClient = loopterm_loop(workload, n)
-    db = root / "loopterm.db"
     store = Store.open(db)
     engine = Engine.create(loop, store, loop_ref=f"bench/peers.py:{workload.name}", workspace_root=root / "ws",
                            workdir=root, client=InstantClient())
@@ -155,45 +157,36 @@ def loopterm_phase(workload: Workload, n: int, at: int, root: Path) -> dict[str,
     run = asyncio.run(engine.run())
     ended = time.perf_counter()
     assert run.iterations == n, run
-    times = intervals(starts, ended)
     store.close()
-    run_rss = rss_mb()
+    return loop, InstantClient, run, intervals(starts, ended), ended - began
 
-    sizes, method = table_bytes(db)
-    state_tables = loopterm_state_bytes(db, sizes)
 
-    # Load the state at `at` from a freshly opened Store.
-    expected = workload.expected(at)
-    fresh = Store.open(db, create=False)
-    t0 = time.perf_counter()
-    state = fresh.state_at(run.id, at)
-    load_first = time.perf_counter() - t0
-    assert state is not None and same(state, expected), f"{workload.name}: wrong state at {at}"
-    load_times = []
-    for _ in range(LOAD_REPEATS):
-        t0 = time.perf_counter()
-        fresh.state_at(run.id, at)
-        load_times.append(time.perf_counter() - t0)
+def loopterm_fork(workload: Workload, loop: Any, InstantClient: Any, store: Any, run_id: str, at: int,
+                  root: Path) -> tuple[float, dict[str, float]]:
+    """Fork at `at` and run 10 iterations the way `loopterm fork` does (tui/commands.py), on a new branch
+    id; checks the branch's end state. (seconds, seconds per step)."""
+    from loopterm.core.creation import new_run_id
+    from loopterm.core.engine import Engine
+    from loopterm.core.fork import AncestorCalls, create_fork, plan_fork, rebuild_workspace
 
-    # Fork at `at` and run 10 iterations, the way `loopterm fork` does (tui/commands.py).
     steps: dict[str, float] = {}
 
     async def fork_and_run() -> Any:
         t = time.perf_counter()
-        parent = fresh.get_run(run.id)
-        plan = plan_fork(fresh, loop, parent, at, reason="bench")
+        parent = store.get_run(run_id)
+        plan = plan_fork(store, loop, parent, at, reason="bench")
         steps["plan_fork"] = time.perf_counter() - t
         t = time.perf_counter()
         branch_id = new_run_id()
-        branch = create_fork(fresh, loop, plan, run_id=branch_id, workspace=root / "ws" / branch_id)
-        fresh.update_run(branch.id, max_iterations=at + FORK_STEPS)
-        branch = fresh.get_run(branch.id)
+        branch = create_fork(store, loop, plan, run_id=branch_id, workspace=root / "ws" / branch_id)
+        store.update_run(branch.id, max_iterations=at + FORK_STEPS)
+        branch = store.get_run(branch.id)
         steps["create_fork"] = time.perf_counter() - t
         t = time.perf_counter()
-        await rebuild_workspace(loop, fresh, branch)
+        await rebuild_workspace(loop, store, branch)
         steps["rebuild_workspace"] = time.perf_counter() - t
         t = time.perf_counter()
-        child = Engine(loop, fresh, branch, client=InstantClient(), workdir=root, prior=AncestorCalls(fresh, branch))
+        child = Engine(loop, store, branch, client=InstantClient(), workdir=root, prior=AncestorCalls(store, branch))
         steps["engine_init"] = time.perf_counter() - t
         t = time.perf_counter()
         done = await child.run()
@@ -204,18 +197,72 @@ def loopterm_phase(workload: Workload, n: int, at: int, root: Path) -> dict[str,
     done = asyncio.run(fork_and_run())
     fork_s = time.perf_counter() - t0
     assert done.iterations == at + FORK_STEPS, done
-    end_state = fresh.state_at(done.id, at + FORK_STEPS)
+    end_state = store.state_at(done.id, at + FORK_STEPS)
     assert end_state is not None and same(end_state, workload.expected(at + FORK_STEPS)), \
         f"{workload.name}: the fork did not continue from the state"
-    fresh.close()
+    return fork_s, steps
+
+
+def loopterm_phase(workload: Workload, n: int, at: int, root: Path, repeats: int = 1) -> dict[str, Any]:
+    from loopterm.store import Store
+
+    baseline = rss_mb()
+    db = root / "loopterm.db"
+    loop, InstantClient, run, times, run_s = loopterm_run(workload, n, root, db)
+    run_rss = rss_mb()
+
+    sizes, method = table_bytes(db)
+    state_tables = loopterm_state_bytes(db, sizes)
+
+    # `repeats` times: open the store afresh, load the state at `at` (the first call, timed and
+    # checked), then fork there on a new branch and run 10 iterations (timed and checked).
+    expected = workload.expected(at)
+    loads: list[float] = []
+    load_times: list[float] = []
+    forks: list[tuple[float, dict[str, float]]] = []
+    for k in range(repeats):
+        fresh = Store.open(db, create=False)
+        try:
+            t0 = time.perf_counter()
+            state = fresh.state_at(run.id, at)
+            loads.append(time.perf_counter() - t0)
+            assert state is not None and same(state, expected), f"{workload.name}: wrong state at {at}"
+            if k == 0:  # "load it again": the same store, warm
+                for _ in range(LOAD_REPEATS):
+                    t0 = time.perf_counter()
+                    fresh.state_at(run.id, at)
+                    load_times.append(time.perf_counter() - t0)
+            forks.append(loopterm_fork(workload, loop, InstantClient, fresh, run.id, at, root))
+        finally:
+            fresh.close()
 
     return {
-        "system": "loopterm", "workload": workload.name, "iterations": n, "at": at, "run_s": ended - began,
+        "system": "loopterm", "workload": workload.name, "iterations": n, "at": at, "run_s": run_s,
         "times": times, "state_bytes": sum(state_tables.values()), "state_tables": state_tables, "all_tables": sizes,
-        "bytes_method": method, "find_s": None, "load_first_s": load_first,
-        "load_median_s": statistics.median(load_times), "fork_s": fork_s, "fork_steps": steps,
+        "bytes_method": method, "find_s": None, **repeated(loads, load_times, forks),
         "rss_baseline_mb": baseline, "rss_after_run_mb": run_rss, "rss_peak_mb": rss_mb(),
     }
+
+
+def repeated(loads: list[float], load_times: list[float], forks: list[tuple[float, dict[str, float]]]) -> dict[str, Any]:
+    """The load and fork figures of a phase: medians (the keys timetravel.py reads) and every sample."""
+    fork_samples = [f for f, _ in forks]
+    return {
+        "load_first_s": statistics.median(loads), "load_first_samples": loads,
+        "load_median_s": statistics.median(load_times),
+        "fork_s": statistics.median(fork_samples), "fork_samples": fork_samples,
+        "fork_steps": {k: statistics.median(s[k] for _, s in forks) for k in forks[0][1]},
+    }
+
+
+def short_phase(system: str, workload: Workload, n: int, root: Path, durability: str = "sync") -> dict[str, Any]:
+    """A short run on a new database: its intervals and the median of the 50 around iteration 100."""
+    if system == "loopterm":
+        *_, times, run_s = loopterm_run(workload, n, root, root / "loopterm.db")
+    else:
+        times, run_s = langgraph_run(workload, n, root / "langgraph.db", durability)[2:4]
+    return {"system": "loopterm" if system == "loopterm" else "LangGraph", "workload": workload.name,
+            "iterations": n, "times": times, "run_s": run_s, "early_ms": window(times, EARLY)}
 
 
 def loopterm_state_bytes(db: Path, sizes: dict[str, int]) -> dict[str, int]:
@@ -243,13 +290,17 @@ def loopterm_state_bytes(db: Path, sizes: dict[str, int]) -> dict[str, int]:
 # --------------------------------------------------------------------------- LangGraph
 
 
-def langgraph_phase(workload: Workload, n: int, at: int, root: Path, durability: str) -> dict[str, Any]:
+def langgraph_run(workload: Workload, n: int, db: Path, durability: str) -> tuple[Any, list[float], list[float], float]:
+    """Run the workload for n steps on a new SqliteSaver at `db`.
+
+    (a function opening a fresh saver on `db`, returning (graph, connection); the node's entry times,
+    which later runs on the graph append to; the run's intervals; its seconds).
+    """
     from typing import TypedDict
 
     from langgraph.checkpoint.sqlite import SqliteSaver
     from langgraph.graph import END, START, StateGraph
 
-    baseline = rss_mb()
     annotations = workload.langgraph_channels()
     annotations["stop_at"] = int  # where the conditional edge ends the loop (the fork moves it)
     State = TypedDict("State", annotations)  # type: ignore[misc]
@@ -270,21 +321,26 @@ def langgraph_phase(workload: Workload, n: int, at: int, root: Path, durability:
     builder.add_edge(START, "work")
     builder.add_conditional_edges("work", route, ["work", END])
 
-    db = root / "langgraph.db"
-
     def graph() -> Any:
         conn = sqlite3.connect(db, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")  # the same journal mode as loopterm's store
         return builder.compile(checkpointer=SqliteSaver(conn)), conn
 
-    thread = {"configurable": {"thread_id": "bench"}}
     g, conn = graph()
     began = time.perf_counter()
-    g.invoke({**workload.initial(), "stop_at": n}, {**thread, "recursion_limit": n + 10}, durability=durability)
+    g.invoke({**workload.initial(), "stop_at": n}, {**THREAD, "recursion_limit": n + 10}, durability=durability)
     ended = time.perf_counter()
     assert len(starts) == n, len(starts)
-    times = intervals(starts, ended)
     conn.close()
+    return graph, starts, intervals(starts, ended), ended - began
+
+
+
+def langgraph_phase(workload: Workload, n: int, at: int, root: Path, durability: str,
+                    repeats: int = 1) -> dict[str, Any]:
+    baseline = rss_mb()
+    db = root / "langgraph.db"
+    graph, starts, times, run_s = langgraph_run(workload, n, db, durability)
     run_rss = rss_mb()
 
     sizes, method = table_bytes(db)
@@ -293,46 +349,50 @@ def langgraph_phase(workload: Workload, n: int, at: int, root: Path, durability:
     # Find the checkpoint of step `at` (metadata filter, evaluated in SQL), on a fresh saver.
     g, conn = graph()
     t0 = time.perf_counter()
-    found = list(g.get_state_history(thread, filter={"step": at}))
+    found = list(g.get_state_history(THREAD, filter={"step": at}))
     find_s = time.perf_counter() - t0
     assert len(found) == 1, f"{len(found)} checkpoints at step {at}"
     target = found[0].config
     conn.close()
 
-    # Load it on another fresh saver.
+    # `repeats` times, on another fresh saver each: load it (the first call, timed and checked), then
+    # fork: update_state on that checkpoint (a new branch in the thread) and run 10 steps from it.
     expected = workload.expected(at)
-    g, conn = graph()
-    t0 = time.perf_counter()
-    snapshot = g.get_state(target)
-    load_first = time.perf_counter() - t0
-    assert same(snapshot.values, expected), f"{workload.name}: wrong state at {at}"
-    load_times = []
-    for _ in range(LOAD_REPEATS):
-        t0 = time.perf_counter()
-        g.get_state(target)
-        load_times.append(time.perf_counter() - t0)
-
-    # Fork: update_state on that checkpoint (a new branch in the thread), then run 10 steps from it.
-    starts.clear()
-    steps: dict[str, float] = {}
-    t0 = time.perf_counter()
-    branch = g.update_state(target, {"stop_at": at + FORK_STEPS})
-    steps["update_state"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    g.invoke(None, {**branch, "recursion_limit": FORK_STEPS + 10}, durability=durability)
-    steps["invoke_10"] = time.perf_counter() - t
-    fork_s = time.perf_counter() - t0
-    assert len(starts) == FORK_STEPS, len(starts)
-    latest = g.get_state(thread)
-    assert same(latest.values, workload.expected(at + FORK_STEPS)), \
-        f"{workload.name}: the fork did not continue from the checkpoint"
-    conn.close()
+    loads: list[float] = []
+    load_times: list[float] = []
+    forks: list[tuple[float, dict[str, float]]] = []
+    for k in range(repeats):
+        g, conn = graph()
+        try:
+            t0 = time.perf_counter()
+            snapshot = g.get_state(target)
+            loads.append(time.perf_counter() - t0)
+            assert same(snapshot.values, expected), f"{workload.name}: wrong state at {at}"
+            if k == 0:  # "load it again": the same saver, warm
+                for _ in range(LOAD_REPEATS):
+                    t0 = time.perf_counter()
+                    g.get_state(target)
+                    load_times.append(time.perf_counter() - t0)
+            starts.clear()
+            steps: dict[str, float] = {}
+            t0 = time.perf_counter()
+            branch = g.update_state(target, {"stop_at": at + FORK_STEPS})
+            steps["update_state"] = time.perf_counter() - t0
+            t = time.perf_counter()
+            g.invoke(None, {**branch, "recursion_limit": FORK_STEPS + 10}, durability=durability)
+            steps["invoke_10"] = time.perf_counter() - t
+            forks.append((time.perf_counter() - t0, steps))
+            assert len(starts) == FORK_STEPS, len(starts)
+            latest = g.get_state(THREAD)  # the newest checkpoint of the thread: this fork's end
+            assert same(latest.values, workload.expected(at + FORK_STEPS)), \
+                f"{workload.name}: the fork did not continue from the checkpoint"
+        finally:
+            conn.close()
 
     return {
-        "system": "LangGraph", "workload": workload.name, "iterations": n, "at": at, "run_s": ended - began,
+        "system": "LangGraph", "workload": workload.name, "iterations": n, "at": at, "run_s": run_s,
         "times": times, "state_bytes": sum(state_tables.values()), "state_tables": state_tables, "all_tables": sizes,
-        "bytes_method": method, "find_s": find_s, "load_first_s": load_first,
-        "load_median_s": statistics.median(load_times), "fork_s": fork_s, "fork_steps": steps,
+        "bytes_method": method, "find_s": find_s, **repeated(loads, load_times, forks),
         "rss_baseline_mb": baseline, "rss_after_run_mb": run_rss, "rss_peak_mb": rss_mb(),
     }
 
@@ -340,17 +400,26 @@ def langgraph_phase(workload: Workload, n: int, at: int, root: Path, durability:
 # --------------------------------------------------------------------------- driving a phase
 
 
-def run_phase(system: str, workload: str, n: int, at: int, tmp: Path, durability: str = "sync") -> dict[str, Any]:
-    """Run one system on one workload in a fresh interpreter; its figures (the databases are deleted)."""
-    work = tmp / f"{system}-{workload}"
+def run_phase(system: str, workload: str, n: int, at: int, tmp: Path, durability: str = "sync", repeats: int = 1,
+              short: bool = False, tag: str = "") -> dict[str, Any]:
+    """Run one system on one workload in a fresh interpreter; its figures (the databases are deleted).
+
+    `short`: only run n iterations on a new database (`short_phase`), no sizes, load or fork;
+    `tag` keeps several such runs' directories apart.
+    """
+    name = f"{system}-{workload}{tag}"
+    work = tmp / name
     work.mkdir()
-    out = tmp / f"{system}-{workload}.json"
+    out = tmp / f"{name}.json"
     cmd = [sys.executable, os.path.abspath(__file__), "--system", system, "--workload", workload, "--n", str(n),
-           "--at", str(at), "--workdir", str(work), "--out", str(out), "--durability", durability]
-    print(f"{system} {workload}: {n} iterations ...", file=sys.stderr, flush=True)
+           "--at", str(at), "--workdir", str(work), "--out", str(out), "--durability", durability,
+           "--repeats", str(repeats), *(["--short"] if short else [])]
+    print(f"{system} {workload}: {n} iterations{' (short run)' if short else ''} ...", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
     shutil.rmtree(work, ignore_errors=True)  # LangGraph's file can be gigabytes; free it before the next phase
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
 
 
 def ms(seconds: float | None) -> str:
@@ -381,12 +450,16 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--durability", default="sync", choices=["sync", "async", "exit"])
+    parser.add_argument("--repeats", type=int, default=1, help="loads on a fresh store and forks, each timed")
+    parser.add_argument("--short", action="store_true", help="only the run, for its time per iteration at 100")
     args = parser.parse_args()
     workload, root = WORKLOADS[args.workload], Path(args.workdir)
-    if args.system == "loopterm":
-        result = loopterm_phase(workload, args.n, args.at, root)
+    if args.short:
+        result = short_phase(args.system, workload, args.n, root, args.durability)
+    elif args.system == "loopterm":
+        result = loopterm_phase(workload, args.n, args.at, root, args.repeats)
     else:
-        result = langgraph_phase(workload, args.n, args.at, root, args.durability)
+        result = langgraph_phase(workload, args.n, args.at, root, args.durability, args.repeats)
     Path(args.out).write_text(json.dumps(result))
 
 

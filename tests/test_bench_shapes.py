@@ -4,13 +4,16 @@
 item, the nested dict keeps 200 records of 5 fields with exactly 5 changed per iteration, the chat
 transcript grows and is pruned and never holds more than 40 messages; every state equals the
 workload's expected values. LangGraph's node updates, folded by the reducers the bench gives them,
-reach the same values; with LangGraph installed (the `bench` extra) its phase runs too.
+reach the same values; with LangGraph installed (the `bench` extra) its phase runs too. The repeated
+samples shapes.py judges on (first loads and forks, each on a freshly opened store, and short runs,
+one through a child process as shapes.py runs them) run twice on loopterm, and the table takes them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import operator
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,7 +108,40 @@ def test_both_phases_run(name: str, tmp_path: Path) -> None:
     workload = workloads.WORKLOADS[name]
     (tmp_path / "lt").mkdir()
     (tmp_path / "lg").mkdir()
-    lt = peers.loopterm_phase(workload, N, N // 2, tmp_path / "lt")
-    lg = peers.langgraph_phase(workload, N, N // 2, tmp_path / "lg", "sync")
+    lt = peers.loopterm_phase(workload, N, N // 2, tmp_path / "lt", repeats=2)
+    lg = peers.langgraph_phase(workload, N, N // 2, tmp_path / "lg", "sync", repeats=2)
     assert len(lt["times"]) == len(lg["times"]) == N
     assert lt["state_bytes"] > 0 and lg["state_bytes"] > 0
+    assert len(lg["load_first_samples"]) == len(lg["fork_samples"]) == 2
+    assert set(lg["fork_steps"]) == {"update_state", "invoke_10"}
+    (tmp_path / "lg-short").mkdir()
+    short = peers.short_phase("langgraph", workload, peers.SHORT, tmp_path / "lg-short")
+    assert len(short["times"]) == peers.SHORT and short["early_ms"] > 0
+
+
+def test_repeated_samples_reach_the_table(tmp_path: Path) -> None:
+    """Two first loads and two forks on freshly opened stores (each fork checked against the expected
+    state by the phase), two short runs (one in a child process), and the table's median (range) cells."""
+    workload = workloads.WORKLOADS["nested"]
+    (tmp_path / "lt").mkdir()
+    lt = peers.loopterm_phase(workload, N, N // 2, tmp_path / "lt", repeats=2)
+    assert len(lt["load_first_samples"]) == len(lt["fork_samples"]) == 2
+    assert lt["load_first_s"] == statistics.median(lt["load_first_samples"])
+    assert lt["fork_s"] == statistics.median(lt["fork_samples"])
+    assert set(lt["fork_steps"]) == {"plan_fork", "create_fork", "rebuild_workspace", "engine_init", "run_10"}
+    (tmp_path / "short").mkdir()
+    in_process = peers.short_phase("loopterm", workload, peers.SHORT, tmp_path / "short")
+    child = peers.run_phase("loopterm", "nested", peers.SHORT, 0, tmp_path, short=True, tag="-short1")
+    for short in (in_process, child):
+        assert len(short["times"]) == peers.SHORT
+        assert short["early_ms"] == peers.window(short["times"], peers.EARLY) > 0
+    lt["early_short_ms"] = [in_process["early_ms"], child["early_ms"]]
+    lg = {**lt, "system": "LangGraph", "find_s": 0.001}  # loopterm's figures stand in for LangGraph's here
+    shapes = _bench("shapes")
+    lines = shapes.table([(lt, lg)])
+    cells = {line.split(" | ")[1]: line.split(" | ")[2] for line in lines[2:]}
+    early = cells["ms/iteration at 100: median of 2 short runs (each the median of 50 around 100)"]
+    assert early == shapes.spread(lt["early_short_ms"]) and "-" in early and early.startswith(
+        f"{statistics.median(lt['early_short_ms']):.2f} (")
+    assert cells[f"fork at {N // 2} + 10 iterations, ms (median of 2)"].count("-") == 1
+    assert shapes.spread([0.0012], 1e3) == "1.20"
