@@ -291,11 +291,9 @@ def loopterm_state_bytes(db: Path, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def langgraph_run(workload: Workload, n: int, db: Path, durability: str) -> tuple[Any, list[float], list[float], float]:
-    """Run the workload for n steps on a new SqliteSaver at `db`.
-
-    (a function opening a fresh saver on `db`, returning (graph, connection); the node's entry times,
-    which later runs on the graph append to; the run's intervals; its seconds).
-    """
+    """Run the workload for n steps on a new SqliteSaver at `db`. Returns a function that opens a fresh saver
+    on `db` (giving the compiled graph and its connection), the node's entry times (later runs of such a
+    graph append to them), the run's intervals and its seconds."""
     from typing import TypedDict
 
     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -333,7 +331,6 @@ def langgraph_run(workload: Workload, n: int, db: Path, durability: str) -> tupl
     assert len(starts) == n, len(starts)
     conn.close()
     return graph, starts, intervals(starts, ended), ended - began
-
 
 
 def langgraph_phase(workload: Workload, n: int, at: int, root: Path, durability: str,
