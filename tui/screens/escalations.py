@@ -54,9 +54,13 @@ class Waiting:
         return self.now is not None
 
     @property
+    def pending(self) -> list[Pending]:
+        """Everything unanswered: what it waits on now and anything older."""
+        return [p for p in (self.escalation, *self.approvals, self.side_effect) if p is not None]
+
+    @property
     def pending_ids(self) -> frozenset[int]:
-        """The event ids of everything unanswered (what it waits on now and anything older)."""
-        return frozenset(p.event_id for p in (self.escalation, *self.approvals, self.side_effect) if p is not None)
+        return frozenset(p.event_id for p in self.pending)
 
     @property
     def what(self) -> str:
@@ -297,7 +301,7 @@ class EscalationScreen(Screen[bool]):
             text.append("esc goes back · o opens the run", style="dim")
             return text
         cls._pending_text(text, item.now, palette)
-        older = [p for p in (item.escalation, *item.approvals, item.side_effect) if p is not None and p is not item.now]
+        older = [p for p in item.pending if p is not item.now]
         if older:
             text.append("\nAlso unanswered (asked earlier)\n", style="bold")
             for pending in older:
